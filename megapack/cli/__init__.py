@@ -1,0 +1,72 @@
+"""The `megapack` command: one subcommand per job, each a thin layer of argument parsing over library functions."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from megapack.errors import MegapackError
+
+# subcommand -> (module under megapack.cli, one-line help). Each module defines add_arguments(parser) and run(args).
+SUBCOMMANDS = {
+    "preprocess": ("preprocess", "tokenize, pack and write indexed shards from chat datasets"),
+    "train": ("train", "packed SFT with megatron-core (launch with torchrun or srun)"),
+    "convert": ("convert", "convert checkpoints between Hugging Face and megatron torch_dist"),
+    "inspect": ("inspect", "show statistics of a shard directory, verify it, print a pack"),
+    "demo": ("demo", "run the quickstart's main job on embedded defaults"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every available subcommand."""
+    parser = argparse.ArgumentParser(prog="megapack", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        module = _load(module_name)
+        if module is None:
+            sub.set_defaults(_run=_not_built(name))
+        else:
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
+    return parser
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(f"megapack.cli.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"megapack.cli.{module_name}":
+            return None
+        raise
+
+
+def _not_built(name: str):
+    def run(_args: argparse.Namespace) -> int:
+        print(f"megapack {name}: not built yet", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `megapack` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except MegapackError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

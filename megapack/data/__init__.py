@@ -1,0 +1,1 @@
+"""Offline data stage: readers, chat templates, tokenizers, packing and shards."""

@@ -1,0 +1,74 @@
+"""The records every reader yields and every chat template consumes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Roles after normalisation. function_call / observation follow LLaMA-Factory's ShareGPT definition
+# (a tool call made by the assistant, and the tool's answer).
+SYSTEM, USER, ASSISTANT, FUNCTION_CALL, OBSERVATION = "system", "user", "assistant", "function_call", "observation"
+ROLES = (SYSTEM, USER, ASSISTANT, FUNCTION_CALL, OBSERVATION)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation, with a normalised role."""
+
+    role: str
+    content: str
+
+
+@dataclass
+class Conversation:
+    """A validated chat: optional system prompt, then alternating prompt / response turns ending on a response."""
+
+    messages: list[Message]
+    system: str | None = None
+    tools: str | None = None
+    source: str = ""  # "file:line" (or "file:index") for error reports
+
+
+@dataclass
+class Document:
+    """Plain text for pre-training style samples (the `plain` template trains on every token)."""
+
+    text: str
+    source: str = ""
+
+
+@dataclass
+class BadRecord:
+    """A record a reader could not turn into a sample; counted by reason, never dropped silently."""
+
+    source: str
+    reason: str  # a stable category ("invalid JSON", "unknown role", ...) used as the count key
+    detail: str = ""  # the specifics, shown in the first few examples
+
+
+Sample = Conversation | Document
+
+
+@dataclass
+class SkipReport:
+    """Counts skipped records per reason and keeps the first few as `file:line: reason` lines."""
+
+    max_examples: int = 5
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, bad: BadRecord) -> None:
+        """Count one bad record."""
+        self.counts[bad.reason] = self.counts.get(bad.reason, 0) + 1
+        if len(self.examples) < self.max_examples:
+            detail = f" ({bad.detail})" if bad.detail else ""
+            self.examples.append(f"{bad.source}: {bad.reason}{detail}")
+
+    def merge(self, other: "SkipReport") -> None:
+        """Add another report's counts (e.g. from a worker process)."""
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+        self.examples.extend(other.examples[: max(0, self.max_examples - len(self.examples))])
+
+    @property
+    def total(self) -> int:
+        """Number of skipped records."""
+        return sum(self.counts.values())

@@ -1,0 +1,41 @@
+"""megapack: packed-sequence SFT of LLaMA-3 models with megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megapack",
+    version="0.1.0",
+    description="Supervised fine-tuning of LLaMA-3 with packed sequences at Megatron scale",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megapack", "megapack.*"]),
+    package_data={"megapack": ["data/FORMAT.md", "configs/*.yaml"]},
+    install_requires=[
+        # torch is installed first, explicitly (torch==2.13.0 CPU here); a bare requirement would pull a CUDA build.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "psutil>=5.9",  # megatron-core's dist_checkpointing needs it but does not declare it
+        "numpy>=1.26",
+        "tiktoken>=0.7",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "pydantic>=2.6",
+        "tqdm>=4.66",
+        "ijson>=3.2",
+        "pyarrow>=14",
+        "tensorboard>=2.15",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "plot": ["matplotlib>=3.8"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "transformers>=4.45",
+            "tokenizers>=0.19",
+            "matplotlib>=3.8",
+        ],
+    },
+    entry_points={"console_scripts": ["megapack=megapack.cli:main"]},
+)
