@@ -13,8 +13,13 @@ stamp="$venv/.megapack-install-stamp"
 want="$(sha256sum "$root/setup.py" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing torch==2.13.0, then megapack[test]"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"
+  log="$venv/megapack-install.log"
+  if ! { "$venv/bin/python" -m pip install --disable-pip-version-check "torch==2.13.0" \
+         && "$venv/bin/python" -m pip install --disable-pip-version-check -e "$root[test]"; } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "[setup] install failed; full log: $log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
