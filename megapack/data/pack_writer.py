@@ -1,0 +1,244 @@
+"""Turn tokenized samples plus a packing plan into shard files, streaming in bounded chunks.
+
+Samples live in one or more flat token/mask arrays ("parts": memory maps of the tokenize step's files, or plain
+arrays); a `SampleStore` locates sample i as (part, offset, length). Writing gathers each chunk of packs with one
+vectorized index per part, so the cost per token is a few numpy operations, not Python loops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megapack.data.packing import PackPlan
+from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, ShardWriter
+
+CHUNK_TOKENS = 1 << 22  # tokens gathered per write step (bounds memory)
+
+
+@dataclass
+class SampleStore:
+    """Tokenized samples: flat per-part arrays and, per sample, its part, offset and length."""
+
+    tokens: list[np.ndarray]  # per part, flat token ids
+    masks: list[np.ndarray]  # per part, flat uint8 loss mask
+    part: np.ndarray  # int32 [num_samples]
+    offset: np.ndarray  # int64 [num_samples]
+    length: np.ndarray  # int64 [num_samples]
+
+    @classmethod
+    def from_samples(cls, samples: list[tuple[np.ndarray, np.ndarray]]) -> "SampleStore":
+        """A store over in-memory (ids, mask) pairs (tests, small jobs)."""
+        lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(samples) else lengths
+        cat = lambda xs, dt: np.concatenate([np.asarray(x, dtype=dt) for x in xs]) if xs else np.zeros(0, dt)  # noqa: E731
+        return cls(
+            tokens=[cat([s[0] for s in samples], np.int64)],
+            masks=[cat([s[1] for s in samples], np.uint8)],
+            part=np.zeros(len(samples), dtype=np.int32),
+            offset=offsets,
+            length=lengths,
+        )
+
+    def subset(self, indices: np.ndarray) -> "SampleStore":
+        """The samples at `indices`, renumbered 0..len-1 (shares the part arrays)."""
+        return SampleStore(self.tokens, self.masks, self.part[indices], self.offset[indices], self.length[indices])
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of sample i."""
+        p, o, n = int(self.part[i]), int(self.offset[i]), int(self.length[i])
+        return self.tokens[p][o : o + n], self.masks[p][o : o + n]
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + c) for each (s, c)."""
+    counts = counts.astype(np.int64)
+    shift = starts.astype(np.int64) - (np.cumsum(counts) - counts)
+    return np.repeat(shift, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+
+def write_plan(
+    store: SampleStore,
+    plan: PackPlan,
+    out_dir: str | Path,
+    split: str,
+    dtype: np.dtype,
+    pad_id: int,
+    max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS,
+    progress=None,
+) -> dict:
+    """Write the packs of `plan` (pack order) as shards of `split`; returns shard list and token statistics."""
+    writer = ShardWriter(out_dir, split, dtype, max_shard_tokens)
+    pack_len = plan.pack_lengths()
+    pack_end_tok = np.cumsum(pack_len)
+    loss_tokens = 0
+    try:
+        p0 = 0
+        while p0 < plan.num_packs:
+            base = int(pack_end_tok[p0 - 1]) if p0 else 0
+            p1 = max(p0 + 1, int(np.searchsorted(pack_end_tok, base + CHUNK_TOKENS, side="right")))
+            p1 = min(p1, plan.num_packs)
+            a, b = int(plan.pack_offsets[p0]), int(plan.pack_offsets[p1])
+            tokens, mask = _gather(store, plan, a, b, pad_id, dtype)
+            loss_tokens += int(mask.sum(dtype=np.int64))
+            writer.add_packs(tokens, mask, plan.seg_length[a:b], np.diff(plan.pack_offsets[p0 : p1 + 1]))
+            if progress is not None:
+                progress.update(p1 - p0)
+            p0 = p1
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"shards": shards, "num_loss_tokens": loss_tokens}
+
+
+def _gather(
+    store: SampleStore, plan: PackPlan, a: int, b: int, pad_id: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and mask of pieces a..b laid end to end, each piece padded to its segment length."""
+    sample, start = plan.sample[a:b], plan.start[a:b]
+    length, seg = plan.length[a:b], plan.seg_length[a:b]
+    total = int(seg.sum())
+    tokens = np.full(total, pad_id, dtype=dtype)
+    mask = np.zeros(total, dtype=np.uint8)
+    out_start = np.cumsum(seg) - seg
+    parts = store.part[sample]
+    src_start = store.offset[sample] + start
+    for p in np.unique(parts).tolist():
+        sel = parts == p
+        src = _ranges(src_start[sel], length[sel])
+        d = _ranges(out_start[sel], length[sel])
+        tokens[d] = store.tokens[p][src]
+        mask[d] = store.masks[p][src]
+    return tokens, mask
+
+
+def split_train_val(num_samples: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and val sample indices; the val set is a seeded random round(val_fraction * n) samples."""
+    n_val = int(round(val_fraction * num_samples))
+    if val_fraction > 0 and n_val == 0 and num_samples >= 2:
+        n_val = 1
+    n_val = min(n_val, num_samples - 1) if num_samples else 0
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(num_samples)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def pack_split(
+    store: SampleStore,
+    out_dir: str | Path,
+    split: str,
+    *,
+    seq_length: int,
+    packing: str,
+    seed: int,
+    pad_to_multiple: int,
+    drop_long: bool,
+    dtype: np.dtype,
+    pad_id: int,
+    max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS,
+    progress_factory=None,
+) -> dict:
+    """Plan and write one split; returns its statistics and shard list (the `splits.<split>` entry of meta.json)."""
+    from megapack.data.packing import lower_bound, plan_packs
+
+    plan = plan_packs(
+        store.length, seq_length, packing, seed=seed, pad_to_multiple=pad_to_multiple, drop_long=drop_long
+    )
+    bar = progress_factory(total=plan.num_packs, desc=f"write {split}", unit="pack") if progress_factory else None
+    try:
+        written = write_plan(store, plan, out_dir, split, dtype, pad_id, max_shard_tokens, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    sample_tokens = int(plan.length.sum())
+    padded_tokens = int(plan.seg_length.sum())
+    return {
+        "num_samples": int(len(store.length)) - plan.dropped,
+        "num_tokens": sample_tokens,
+        "num_padding_tokens": padded_tokens - sample_tokens,
+        "num_loss_tokens": written["num_loss_tokens"],
+        "num_packs": plan.num_packs,
+        "num_segments": int(len(plan.sample)),
+        "lower_bound_packs": lower_bound(plan.seg_length, seq_length),
+        "packing_efficiency": sample_tokens / (plan.num_packs * seq_length) if plan.num_packs else 0.0,
+        "max_pack_tokens": int(plan.pack_lengths().max(initial=0)),
+        "truncated": plan.truncated,
+        "truncated_tokens": plan.truncated_tokens,
+        "dropped": plan.dropped,
+        "dropped_tokens": plan.dropped_tokens,
+        "shards": written["shards"],
+    }
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON under a temporary name, fsync, rename."""
+    import json
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard_dir(
+    store: SampleStore,
+    out_dir: str | Path,
+    *,
+    seq_length: int,
+    packing: str = "bfd",
+    seed: int = 0,
+    pad_to_multiple: int = 1,
+    drop_long: bool = False,
+    val_fraction: float = 0.0,
+    vocab_size: int,
+    pad_id: int,
+    info: dict | None = None,
+    max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS,
+    progress_factory=None,
+) -> dict:
+    """Pack `store` into train (and val) shard sets in `out_dir` and write meta.json last; returns the meta dict.
+
+    `info` adds keys to meta.json (tokenizer, template, skipped, inputs, ...). Top-level statistics describe the
+    train split; `splits` holds every split's statistics and shard list.
+    """
+    from megapack.data.shards import FORMAT_VERSION, META_NAME, token_dtype
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(vocab_size)
+    train_idx, val_idx = split_train_val(len(store.length), val_fraction, seed)
+    common = dict(
+        seq_length=seq_length, packing=packing, seed=seed, pad_to_multiple=pad_to_multiple, drop_long=drop_long,
+        dtype=dtype, pad_id=pad_id, max_shard_tokens=max_shard_tokens, progress_factory=progress_factory,
+    )
+    splits = {"train": pack_split(store.subset(train_idx), out_dir, "train", **common)}
+    if len(val_idx):
+        splits["val"] = pack_split(store.subset(val_idx), out_dir, "val", **common)
+    train = splits["train"]
+    files = {name: sha for s in splits.values() for shard in s["shards"] for name, sha in shard["files"].items()}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        **{k: train[k] for k in ("num_samples", "num_tokens", "num_loss_tokens", "num_packs")},
+        "seq_length": seq_length,
+        "packing": packing,
+        "seed": seed,
+        "pad_to_multiple": pad_to_multiple,
+        "drop_long": drop_long,
+        "val_fraction": val_fraction,
+        **{k: train[k] for k in ("lower_bound_packs", "packing_efficiency", "truncated", "truncated_tokens",
+                                 "dropped", "dropped_tokens", "num_padding_tokens", "num_segments")},
+        "skipped": {},
+        "vocab_size": vocab_size,
+        "pad_id": pad_id,
+        "dtype": dtype.name,
+        **(info or {}),
+        "splits": splits,
+        "sha256": files,
+    }
+    write_json_atomic(out_dir / META_NAME, meta)
+    return meta

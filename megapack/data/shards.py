@@ -1,0 +1,282 @@
+"""Packed shards: Megatron MMIDIDX token files plus a uint8 loss-mask twin; one sequence per segment, one document
+per pack (byte layout in FORMAT.md). `ShardWriter` streams packs into bounded shard files, `ShardDataset` reads them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megapack.errors import MegapackError
+
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+MMIDIDX_HEADER = b"MMIDIDX\x00\x00"
+# Megatron's DType codes (megatron.core.datasets.indexed_dataset.DType).
+DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4, np.dtype(np.uint16): 8}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+DEFAULT_MAX_SHARD_TOKENS = 1 << 30
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def shard_prefix(split: str, index: int) -> str:
+    """File-name prefix of shard `index` of `split`, e.g. train-00000."""
+    return f"{split}-{index:05d}"
+
+
+class _HashingFile:
+    """A binary file written under a temporary name, hashed as it goes, renamed into place on commit."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.file = open(self.tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.nbytes += len(data)
+
+    def commit(self) -> str:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.sha.hexdigest()
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _write_idx(path: Path, dtype: np.dtype, seq_lengths: np.ndarray, doc_index: np.ndarray) -> str:
+    """Write one MMIDIDX .idx file atomically; returns its sha256."""
+    out = _HashingFile(path)
+    try:
+        pointers = np.zeros(len(seq_lengths), dtype=np.int64)
+        if len(seq_lengths) > 1:
+            np.cumsum(seq_lengths[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
+        out.write(MMIDIDX_HEADER + struct.pack("<QB", 1, DTYPE_CODES[dtype]))
+        out.write(struct.pack("<QQ", len(seq_lengths), len(doc_index)))
+        out.write(np.ascontiguousarray(seq_lengths, dtype="<i4").tobytes())
+        out.write(pointers.astype("<i8").tobytes())
+        out.write(np.ascontiguousarray(doc_index, dtype="<i8").tobytes())
+        return out.commit()
+    except BaseException:
+        out.abort()
+        raise
+
+
+class ShardWriter:
+    """Streams packs of one split into shard files of at most `max_shard_tokens` tokens (a pack is never split)."""
+
+    def __init__(self, out_dir: str | Path, split: str, dtype: np.dtype, max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS):
+        self.out_dir, self.split, self.dtype = Path(out_dir), split, np.dtype(dtype)
+        self.max_shard_tokens = max_shard_tokens
+        self.shards: list[dict] = []  # per finished shard: prefix, num_packs, num_tokens, files {name: sha256}
+        self._open = False
+
+    def _start(self) -> None:
+        prefix = shard_prefix(self.split, len(self.shards))
+        self._prefix = prefix
+        self._tok = _HashingFile(self.out_dir / f"{prefix}.tokens.bin")
+        self._mask = _HashingFile(self.out_dir / f"{prefix}.mask.bin")
+        self._seq_lengths: list[np.ndarray] = []
+        self._doc_ends: list[int] = [0]
+        self._num_seqs = 0
+        self._tokens = 0
+        self._open = True
+
+    def add_pack(self, tokens: np.ndarray, mask: np.ndarray, seg_lengths: np.ndarray) -> None:
+        """Append one pack: its tokens, loss mask (same length) and segment lengths (summing to that length)."""
+        self.add_packs(tokens, mask, seg_lengths, np.array([len(seg_lengths)]))
+
+    def add_packs(self, tokens: np.ndarray, mask: np.ndarray, seg_lengths: np.ndarray, segs_per_pack: np.ndarray) -> None:
+        """Append several packs laid end to end; pack k has segs_per_pack[k] segments of seg_lengths."""
+        seg_lengths = np.asarray(seg_lengths, dtype=np.int64)
+        seg_end = np.cumsum(segs_per_pack)
+        seg_tok_end = np.concatenate([[0], np.cumsum(seg_lengths)])
+        pack_tok_end = seg_tok_end[seg_end]
+        if len(tokens) != len(mask) or (len(seg_end) and pack_tok_end[-1] != len(tokens)):
+            raise ValueError(f"{len(tokens)} tokens, {len(mask)} mask values, segments summing to {seg_tok_end[-1]}")
+        if np.any(np.diff(np.concatenate([[0], pack_tok_end])) <= 0):
+            raise ValueError("empty pack")
+        k, t0 = 0, 0
+        while k < len(seg_end):
+            if not self._open:
+                self._start()
+            room = self.max_shard_tokens - self._tokens
+            fit = int(np.searchsorted(pack_tok_end[k:], t0 + room, side="right"))
+            if fit == 0 and self._tokens:
+                self._finish()
+                continue
+            fit = max(fit, 1)  # a pack larger than a whole shard still gets a shard of its own
+            s0 = int(seg_end[k - 1]) if k else 0
+            s1 = int(seg_end[k + fit - 1])
+            t1 = int(pack_tok_end[k + fit - 1])
+            self._tok.write(np.ascontiguousarray(tokens[t0:t1], dtype=self.dtype.newbyteorder("<")).tobytes())
+            self._mask.write(np.ascontiguousarray(mask[t0:t1], dtype=np.uint8).tobytes())
+            self._seq_lengths.append(seg_lengths[s0:s1].astype(np.int32))
+            self._doc_ends.extend((seg_end[k : k + fit] - s0 + self._num_seqs).tolist())
+            self._num_seqs += s1 - s0
+            self._tokens += t1 - t0
+            k, t0 = k + fit, t1
+
+    def _finish(self) -> None:
+        lengths = np.concatenate(self._seq_lengths) if self._seq_lengths else np.zeros(0, np.int32)
+        docs = np.asarray(self._doc_ends, dtype=np.int64)
+        p = self._prefix
+        files = {
+            f"{p}.tokens.bin": self._tok.commit(),
+            f"{p}.mask.bin": self._mask.commit(),
+            f"{p}.tokens.idx": _write_idx(self.out_dir / f"{p}.tokens.idx", self.dtype, lengths, docs),
+            f"{p}.mask.idx": _write_idx(self.out_dir / f"{p}.mask.idx", np.dtype(np.uint8), lengths, docs),
+        }
+        self.shards.append({"prefix": p, "num_packs": len(docs) - 1, "num_tokens": self._tokens, "files": files})
+        self._open = False
+
+    def close(self) -> list[dict]:
+        """Finish the last shard; returns the list of shards written."""
+        if self._open:
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary files)."""
+        if self._open:
+            self._tok.abort()
+            self._mask.abort()
+            self._open = False
+
+
+@dataclass
+class Pack:
+    """One training row: tokens, their loss mask and the segment boundaries (cu_seqlens)."""
+
+    tokens: np.ndarray  # int64 [n] (n <= seq_length; not padded)
+    loss_mask: np.ndarray  # uint8 [n] (1 = token i is a trained target)
+    cu_seqlens: np.ndarray  # int32 [num_segments + 1], starts at 0, ends at n
+    max_seqlen: int
+
+
+class MMIndex:
+    """A read-only view of one MMIDIDX .idx file and its .bin (memory-mapped, opened lazily)."""
+
+    def __init__(self, prefix: Path):
+        self.prefix = prefix
+        idx_path = Path(f"{prefix}.idx")
+        try:
+            raw = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        except (OSError, ValueError) as exc:
+            raise MegapackError(f"{idx_path}: cannot read the shard index ({exc})") from None
+        if len(raw) < 34 or bytes(raw[:9]) != MMIDIDX_HEADER:
+            raise MegapackError(f"{idx_path}: not a MMIDIDX index file (bad header)")
+        version, code = struct.unpack("<QB", bytes(raw[9:18]))
+        nseq, ndoc = struct.unpack("<QQ", bytes(raw[18:34]))
+        if version != 1 or code not in CODE_DTYPES:
+            raise MegapackError(f"{idx_path}: unsupported MMIDIDX version {version} or dtype code {code}")
+        self.dtype = CODE_DTYPES[code]
+        off = 34
+        need = off + nseq * 4 + nseq * 8 + ndoc * 8
+        if len(raw) < need:
+            raise MegapackError(f"{idx_path}: truncated ({len(raw)} bytes, expected at least {need})")
+        self.seq_lengths = np.frombuffer(raw, dtype="<i4", count=nseq, offset=off)
+        self.seq_pointers = np.frombuffer(raw, dtype="<i8", count=nseq, offset=off + 4 * nseq)
+        self.doc_index = np.frombuffer(raw, dtype="<i8", count=ndoc, offset=off + 12 * nseq)
+        self._bin = None
+
+    @property
+    def bin(self) -> np.ndarray:
+        """The .bin file as a flat array of this index's dtype."""
+        if self._bin is None:
+            path = Path(f"{self.prefix}.bin")
+            self._bin = np.memmap(path, mode="r", dtype=self.dtype) if path.stat().st_size else np.zeros(0, self.dtype)
+        return self._bin
+
+    def __len__(self) -> int:
+        return len(self.doc_index) - 1
+
+    def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values, segment lengths) of document i."""
+        a, b = int(self.doc_index[i]), int(self.doc_index[i + 1])
+        lengths = self.seq_lengths[a:b]
+        if a == b:
+            return self.bin[0:0], lengths
+        start = int(self.seq_pointers[a]) // self.dtype.itemsize
+        return self.bin[start : start + int(lengths.sum())], lengths
+
+
+def read_meta(path: str | Path) -> dict:
+    """The parsed meta.json of a shard directory (MegapackError if it is missing: the directory is incomplete)."""
+    meta_path = Path(path) / META_NAME
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise MegapackError(f"{meta_path}: not found; {path} is not a finished megapack shard directory") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MegapackError(f"{meta_path}: unreadable ({exc})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise MegapackError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+class ShardDataset:
+    """Random access to the packs of one split of a preprocess output directory."""
+
+    def __init__(self, path: str | Path, split: str = "train"):
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.split = split
+        splits = self.meta.get("splits", {})
+        if split not in splits:
+            raise MegapackError(f"{self.path / META_NAME}: no split {split!r} (has: {', '.join(splits) or 'none'})")
+        self._shards = [s["prefix"] for s in splits[split]["shards"]]
+        counts = [int(s["num_packs"]) for s in splits[split]["shards"]]
+        self._cum = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._open: dict[int, tuple[MMIndex, MMIndex]] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_open"] = {}  # memory maps are reopened in the receiving process
+        return state
+
+    def __len__(self) -> int:
+        return int(self._cum[-1])
+
+    def _shard(self, k: int) -> tuple[MMIndex, MMIndex]:
+        if k not in self._open:
+            prefix = self.path / self._shards[k]
+            self._open[k] = (MMIndex(Path(f"{prefix}.tokens")), MMIndex(Path(f"{prefix}.mask")))
+        return self._open[k]
+
+    def __getitem__(self, i: int) -> Pack:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"pack {i} out of range for {n} packs")
+        k = int(np.searchsorted(self._cum, i, side="right")) - 1
+        tok_idx, mask_idx = self._shard(k)
+        j = i - int(self._cum[k])
+        tokens, lengths = tok_idx.document(j)
+        mask, _ = mask_idx.document(j)
+        cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=cu[1:])
+        return Pack(
+            tokens=tokens.astype(np.int64),
+            loss_mask=np.array(mask, dtype=np.uint8),
+            cu_seqlens=cu,
+            max_seqlen=int(lengths.max()) if len(lengths) else 0,
+        )

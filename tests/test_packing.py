@@ -1,0 +1,124 @@
+"""Packing invariants: every token exactly once (or counted as truncated/dropped), no pack over L, no split except
+random, determinism per seed, and greedy/bfd bin counts equal item-by-item reference FFD/BFD and near the bound."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megapack.data.packing import PACKINGS, lower_bound, plan_packs, round_up
+from megapack.errors import MegapackError
+
+
+def reference_fit(sizes: list[int], cap: int, best: bool) -> list[int]:
+    """Item-by-item first fit / best fit (quadratic; the textbook definition)."""
+    room: list[int] = []
+    loads = []
+    for s in sizes:
+        fits = [j for j, r in enumerate(room) if r >= s]
+        if not fits:
+            room.append(cap - s)
+            continue
+        j = min(fits, key=lambda j: (room[j], j)) if best else fits[0]
+        room[j] -= s
+    loads = sorted(cap - r for r in room)
+    return loads
+
+
+def check_plan(lengths: np.ndarray, L: int, packing: str, K: int, drop_long: bool, seed: int = 0):
+    plan = plan_packs(lengths, L, packing, seed=seed, pad_to_multiple=K, drop_long=drop_long)
+    n = len(lengths)
+    pack_len = plan.pack_lengths()
+    assert (pack_len <= L).all() and (pack_len > 0).all()
+    assert (plan.seg_length % K == 0).all() and (plan.seg_length >= plan.length).all()
+    assert (plan.seg_length - plan.length < K).all()
+    # Every token of every sample appears exactly once, or is counted as truncated / dropped.
+    covered = [np.zeros(int(x), dtype=np.int64) for x in lengths]
+    for s, st_, ln in zip(plan.sample, plan.start, plan.length):
+        covered[s][st_ : st_ + ln] += 1
+    assert all(((c == 0) | (c == 1)).all() for c in covered)
+    missing = sum(int((c == 0).sum()) for c in covered)
+    assert missing == plan.truncated_tokens + plan.dropped_tokens
+    if packing == "random":
+        assert missing == 0
+        # exact-L rows except the last; a sample is split only across consecutive rows
+        assert (pack_len[:-1] == L).all()
+    else:
+        counts = np.bincount(plan.sample, minlength=n)
+        assert counts.max(initial=0) <= 1, "a sample was split"
+        assert (plan.start == 0).all()
+        long = lengths > L
+        if drop_long:
+            assert (counts[long] == 0).all() and (counts[~long] == 1).all()
+            assert plan.dropped == long.sum() and plan.truncated == 0
+        else:
+            assert (counts == 1).all()
+            assert plan.truncated == long.sum()
+            assert plan.truncated_tokens == int((lengths[long] - L).sum())
+    if packing == "padding":
+        assert plan.num_packs == len(plan.sample)
+    return plan
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 90), min_size=0, max_size=60),
+    L=st.sampled_from([16, 32, 64]),
+    K=st.sampled_from([1, 2, 8]),
+    packing=st.sampled_from(PACKINGS),
+    drop_long=st.booleans(),
+)
+def test_invariants(lengths, L, K, packing, drop_long):
+    check_plan(np.array(lengths, dtype=np.int64), L, packing, K, drop_long)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=80), L=st.sampled_from([64, 100]))
+def test_greedy_and_bfd_equal_itemwise_reference(lengths, L):
+    x = np.array(lengths, dtype=np.int64)
+    sizes = sorted(lengths, reverse=True)
+    for packing, best in (("greedy", False), ("bfd", True)):
+        plan = plan_packs(x, L, packing, seed=3)
+        assert sorted(plan.pack_lengths().tolist()) == reference_fit(sizes, L, best)
+
+
+def test_deterministic_per_seed_and_shuffled():
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 500, 2000)
+    for packing in PACKINGS:
+        a, b = plan_packs(x, 512, packing, seed=7), plan_packs(x, 512, packing, seed=7)
+        assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("pack_offsets", "sample", "start", "length"))
+        if packing != "padding":
+            c = plan_packs(x, 512, packing, seed=8)
+            assert not np.array_equal(a.sample, c.sample)
+    # bfd pack order is not sorted by the length of the first piece
+    first = plan_packs(x, 512, "bfd", seed=7).length[plan_packs(x, 512, "bfd", seed=7).pack_offsets[:-1]]
+    assert not (np.diff(first) <= 0).all()
+
+
+def test_near_lower_bound_on_long_tailed_lengths():
+    rng = np.random.default_rng(1)
+    x = np.clip(np.exp(rng.normal(np.log(700), 1.0, 20000)), 8, 16384).astype(np.int64)
+    L = 4096
+    lb = lower_bound(np.minimum(x, L), L)
+    greedy, bfd = plan_packs(x, L, "greedy"), plan_packs(x, L, "bfd")
+    assert greedy.num_packs <= 1.001 * lb and bfd.num_packs <= 1.001 * lb, (greedy.num_packs, bfd.num_packs, lb)
+    rand = plan_packs(x, L, "random")
+    assert rand.num_packs == lower_bound(x, L)
+    padded = plan_packs(x, L, "bfd", pad_to_multiple=64)
+    assert padded.num_packs >= lower_bound(round_up(np.minimum(x, L), 64), L)
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(seq_length=0), "--seq-length 0"),
+        (dict(packing="knapsack"), "--packing 'knapsack'"),
+        (dict(pad_to_multiple=3), "--pad-to-multiple 3"),
+    ],
+)
+def test_bad_arguments(kwargs, fragment):
+    args = dict(seq_length=64, packing="bfd", pad_to_multiple=1) | kwargs
+    with pytest.raises(MegapackError, match=fragment.replace("'", ".")):
+        plan_packs(np.array([3, 4]), **args)

@@ -1,0 +1,106 @@
+"""Shards: megatron-core's IndexedDataset reads our token and mask files; ShardDataset returns exactly the planned
+packs (tokens, mask, cu_seqlens) across shard boundaries; meta.json checksums match the files."""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from megapack.data.pack_writer import SampleStore, split_train_val, write_shard_dir
+from megapack.data.packing import plan_packs
+from megapack.data.shards import ShardDataset
+from megapack.errors import MegapackError
+
+PAD = 7
+
+
+def make_samples(n: int, vocab: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.exp(rng.normal(np.log(40), 0.8, n)), 3, 200).astype(int)
+    return [(rng.integers(0, vocab, k), (rng.random(k) < 0.5).astype(np.uint8)) for k in lengths]
+
+
+def expected_packs(samples, idx, L, packing, seed, K, drop_long=False):
+    """Packs built straight from the plan, one piece at a time (the slow obvious way)."""
+    lengths = np.array([len(samples[i][0]) for i in idx])
+    plan = plan_packs(lengths, L, packing, seed=seed, pad_to_multiple=K, drop_long=drop_long)
+    for p in range(plan.num_packs):
+        toks, mask, segs = [], [], []
+        for s, start, n, seg in plan.pieces(p):
+            ids, m = samples[idx[s]]
+            toks += list(ids[start : start + n]) + [PAD] * (seg - n)
+            mask += list(m[start : start + n]) + [0] * (seg - n)
+            segs.append(seg)
+        yield np.array(toks), np.array(mask), segs
+
+
+@pytest.mark.parametrize("packing", ["padding", "random", "greedy", "bfd"])
+def test_round_trip_and_megatron_reader(tmp_path, packing):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    samples = make_samples(300, vocab=1000)
+    L, K, seed = 128, 4 if packing != "padding" else 1, 11
+    meta = write_shard_dir(
+        SampleStore.from_samples(samples), tmp_path, seq_length=L, packing=packing, seed=seed,
+        pad_to_multiple=K, val_fraction=0.1, vocab_size=1000, pad_id=PAD, max_shard_tokens=2000,
+    )
+    assert meta["dtype"] == "uint16" and meta["splits"]["val"]["num_samples"] == 30
+    train_idx, val_idx = split_train_val(300, 0.1, seed)
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        ds = ShardDataset(tmp_path, split)
+        want = list(expected_packs(samples, idx, L, packing, seed, K))
+        assert len(ds) == len(want) == meta["splits"][split]["num_packs"]
+        shards = meta["splits"][split]["shards"]
+        assert split == "val" or len(shards) > 1  # several shards of <= 2000 tokens
+        assert all(s["num_tokens"] <= 2000 for s in shards)
+        got_all = []
+        for i, (toks, mask, segs) in enumerate(want):
+            pack = ds[i]
+            assert pack.tokens.dtype == np.int64 and pack.loss_mask.dtype == np.uint8 and pack.cu_seqlens.dtype == np.int32
+            np.testing.assert_array_equal(pack.tokens, toks)
+            np.testing.assert_array_equal(pack.loss_mask, mask)
+            np.testing.assert_array_equal(pack.cu_seqlens, np.concatenate([[0], np.cumsum(segs)]))
+            assert pack.max_seqlen == max(segs) and len(toks) <= L
+            got_all.append((toks, mask, segs))
+        # megatron-core reads the same bytes: one sequence per segment, one document per pack.
+        p = 0
+        for shard in shards:
+            for kind in ("tokens", "mask"):
+                mds = IndexedDataset(str(tmp_path / f"{shard['prefix']}.{kind}"))
+                assert len(mds.document_indices) - 1 == shard["num_packs"]
+                for d in range(shard["num_packs"]):
+                    toks, mask, segs = got_all[p + d]
+                    a, b = mds.document_indices[d], mds.document_indices[d + 1]
+                    assert list(mds.sequence_lengths[a:b]) == segs
+                    got = np.concatenate([mds[j] for j in range(a, b)])
+                    np.testing.assert_array_equal(got, toks if kind == "tokens" else mask)
+            p += shard["num_packs"]
+    # checksums in meta.json are the files' sha256; nothing temporary is left
+    for name, sha in meta["sha256"].items():
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == sha
+    assert not list(tmp_path.glob("*.tmp"))
+    assert json.loads((tmp_path / "meta.json").read_text())["packing"] == packing
+
+
+def test_int32_tokens_and_pickling(tmp_path):
+    samples = make_samples(50, vocab=128256, seed=2)
+    assert max(int(s[0].max()) for s in samples) > 65535
+    meta = write_shard_dir(SampleStore.from_samples(samples), tmp_path, seq_length=256, vocab_size=128256, pad_id=PAD)
+    assert meta["dtype"] == "int32"
+    ds = pickle.loads(pickle.dumps(ShardDataset(tmp_path)))
+    flat = np.concatenate([ds[i].tokens for i in range(len(ds))])
+    assert sorted(flat.tolist()) == sorted(np.concatenate([s[0] for s in samples]).tolist())
+    assert ds[-1].tokens.shape == ds[len(ds) - 1].tokens.shape
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_incomplete_directory_is_refused(tmp_path):
+    with pytest.raises(MegapackError, match="meta.json: not found"):
+        ShardDataset(tmp_path)
+    write_shard_dir(SampleStore.from_samples(make_samples(5, 100)), tmp_path, seq_length=64, vocab_size=100, pad_id=0)
+    with pytest.raises(MegapackError, match="no split 'val'"):
+        ShardDataset(tmp_path, "val")
