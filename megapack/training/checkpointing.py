@@ -1,0 +1,179 @@
+"""Resumable torch_dist checkpoints: model, distributed optimizer, scheduler, RNG and data position.
+
+Layout: <dir>/iter_0000100/ (megatron dist_checkpointing files + megapack.json), <dir>/latest (the name of the
+newest complete one), <dir>/config.yaml. A checkpoint is written under `iter_XXXXXXX.tmp` and renamed when every
+rank has finished, so a crash never leaves a half-written directory that `latest` points to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from megapack.errors import MegapackError
+
+FORMAT = "megapack-torch-dist-v1"
+MODEL_KEY_PREFIX = "model."  # ShardedTensor keys of model weights (shared with megapack.model.checkpoint)
+# DP-reshardable optimizer layout: each rank saves its own shard; loading on another DP size re-slices it
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False}
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+def _model_prefix() -> str:
+    try:
+        from megapack.model.checkpoint import MODEL_PREFIX
+
+        return MODEL_PREFIX
+    except ImportError:
+        return MODEL_KEY_PREFIX
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    """Directory of the checkpoint taken after `iteration` optimizer steps."""
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under root (from the `latest` file, else the highest iter_ directory)."""
+    root = Path(root)
+    marker = root / "latest"
+    if marker.is_file():
+        path = root / marker.read_text().strip()
+        if (path / "megapack.json").is_file():
+            return path
+    found = sorted(p for p in root.glob("iter_*") if _ITER_RE.match(p.name) and (p / "megapack.json").is_file())
+    return found[-1] if found else None
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    """megapack.json of a checkpoint directory."""
+    file = Path(path) / "megapack.json"
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise MegapackError(f"{path}: not a megapack checkpoint (no megapack.json)") from None
+    except json.JSONDecodeError:
+        raise MegapackError(f"{file}: invalid JSON") from None
+    if meta.get("format") != FORMAT:
+        raise MegapackError(f"{file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def _rng_state() -> dict:
+    import torch
+    from megatron.core import tensor_parallel
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(data):
+    """RNG state of this (pp, tp) position; DP replicas share DP rank 0's (so DP size may change on resume)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "rng_state",
+        data,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
+    prefix = _model_prefix()
+    model_sd = model.sharded_state_dict(prefix=prefix)
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
+    return state
+
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer, scheduler, train_state: dict, *,
+                    keep_last: int, meta: dict) -> Path:
+    """Collective: write iter_XXXXXXX for every rank's shards, then (rank 0) rename, update `latest`, prune."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = _sharded_state_dict(model, optimizer, is_loading=False)
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    state["train_state"] = dict(train_state, iteration=iteration)
+    state["rng_state"] = _rng_sharded_object(_rng_state())
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if rank == 0:
+        info = dict(meta, format=FORMAT, iteration=iteration, train_state=dict(train_state, iteration=iteration))
+        (tmp / "megapack.json").write_text(json.dumps(info, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fd, marker_tmp = tempfile.mkstemp(prefix=".latest.", dir=root)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(final.name + "\n")
+        os.replace(marker_tmp, root / "latest")
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("iter_*") if _ITER_RE.match(p.name))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("iter_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, load_optimizer: bool = True,
+                    load_rng: bool = True) -> dict:
+    """Collective: restore model (+ optimizer, scheduler, RNG) from a checkpoint; returns its train_state."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    template = _sharded_state_dict(model, optimizer if load_optimizer else None, is_loading=True)
+    if load_rng:
+        template["rng_state"] = _rng_sharded_object(None)
+    loaded = dist_checkpointing.load(template, str(path))
+    prefix = _model_prefix()
+    model.load_state_dict({k.removeprefix(prefix): v for k, v in loaded["model"].items()}, strict=True)
+    if load_optimizer and optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if load_optimizer and scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if load_rng and loaded.get("rng_state") is not None:
+        _set_rng_state(loaded["rng_state"])
+    return dict(loaded.get("train_state") or {})

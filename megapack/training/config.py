@@ -1,0 +1,286 @@
+"""Typed training configuration: YAML file + dotted `key.sub=value` overrides, validated before any process group."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from megapack.errors import MegapackError
+
+
+class _Strict(BaseModel):
+    """Base: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """Which model to train and where its starting weights come from."""
+
+    hf_dir: str  # HF checkpoint directory: config.json always, weights when init == "hf"
+    init: Literal["hf", "megatron", "random"] = "hf"
+    megatron_checkpoint: str | None = None  # torch_dist directory when init == "megatron"
+    attention_backend: str = "auto"
+    cross_sample_attention: bool = False  # ablation: packed samples attend to each other
+
+    @model_validator(mode="after")
+    def _init_source(self) -> "ModelConfig":
+        if self.init == "megatron" and not self.megatron_checkpoint:
+            raise ValueError("model.megatron_checkpoint: required when model.init is 'megatron'")
+        return self
+
+
+class DataConfig(_Strict):
+    """Shard directories and the sequence layout the run expects them to have."""
+
+    path: str  # shard directory (made by `megapack preprocess`)
+    train_split: str = "train"
+    valid_path: str | None = None  # defaults to `path`
+    valid_split: str | None = "val"  # None: no validation
+    seq_length: int = Field(4096, gt=0)
+    pad_to_multiple: int | None = Field(None, gt=0)  # None: accept what the shards say
+
+
+class ParallelConfig(_Strict):
+    """Model-parallel layout; the data-parallel size is world size / (tp * pp)."""
+
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    sequence_parallel: bool = False  # GPU only; requires tp > 1
+
+
+class OptimizerSection(_Strict):
+    """AdamW, gradient clipping and the learning-rate schedule."""
+
+    lr: float = Field(1e-5, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, le=1)
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "OptimizerSection":
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("optimizer.warmup_steps/warmup_ratio: set at most one of them")
+        if self.min_lr > self.lr:
+            raise ValueError(f"optimizer.min_lr: {self.min_lr} is larger than optimizer.lr {self.lr}")
+        return self
+
+
+class TrainingSection(_Strict):
+    """Batch sizes, duration, loss reduction, precision and seeds."""
+
+    micro_batch_size: int = Field(1, ge=1)  # packs (or padded conversations) per micro-batch
+    global_batch_size: int | None = Field(None, ge=1)  # sequences per optimizer step
+    global_batch_tokens: int | None = Field(None, ge=1)  # alternative: tokens per step (multiple of seq_length)
+    train_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)  # used when train_steps is not set
+    loss_reduction: Literal["token", "sample"] = "token"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 1234
+    eval_interval: int | None = Field(None, ge=1)  # steps between validations (also run at the end)
+    eval_max_batches: int | None = Field(None, ge=1)  # cap on validation micro-batches per DP rank
+
+    @model_validator(mode="after")
+    def _batch(self) -> "TrainingSection":
+        if (self.global_batch_size is None) == (self.global_batch_tokens is None):
+            raise ValueError("training.global_batch_size/global_batch_tokens: set exactly one of them")
+        return self
+
+
+class CheckpointSection(_Strict):
+    """Where and how often torch_dist checkpoints are written, and whether to resume."""
+
+    dir: str | None = None
+    save_interval: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from dir/latest when it exists
+    export_hf: str | None = None  # write HF safetensors here at the end
+
+
+class LoggingSection(_Strict):
+    """Per-step metrics sinks."""
+
+    dir: str | None = None  # JSONL + TensorBoard + summary JSON; defaults to checkpoint.dir
+    interval: int = Field(1, ge=1)
+    tensorboard: bool = True
+
+
+class TrainConfig(_Strict):
+    """The whole run."""
+
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig = ParallelConfig()
+    optimizer: OptimizerSection = OptimizerSection()
+    training: TrainingSection
+    checkpoint: CheckpointSection = CheckpointSection()
+    logging: LoggingSection = LoggingSection()
+
+    def to_dict(self) -> dict:
+        """Plain dict (YAML/JSON serialisable)."""
+        return self.model_dump(mode="json")
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar parsing for override values (`3` -> int, `1e-5` -> float, `null` -> None, `[1,2]` -> list)."""
+    value = yaml.safe_load(text) if text != "" else ""
+    # YAML 1.1 reads "1e-5" as a string; accept it as a float the way a user means it
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides to a nested dict (a missing section is created; validation comes later)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise MegapackError(f"override {item!r}: expected key.sub=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise MegapackError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    msg = msg.removeprefix("Value error, ")
+    return f"{source}: {loc + ': ' if loc else ''}{msg}"
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, raw: dict | None = None) -> TrainConfig:
+    """Read a YAML config (or a dict), apply overrides, validate; errors are one-line MegapackErrors."""
+    source = str(path) if path is not None else "config"
+    if raw is None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise MegapackError(f"{source}: config file not found") from None
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise MegapackError(f"{source}:{where} invalid YAML") from None
+    if not isinstance(raw, dict):
+        raise MegapackError(f"{source}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise MegapackError(_format_error(err, source)) from None
+
+
+def save_resolved_config(config: TrainConfig, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write the resolved config (plus derived values) as YAML into directory, atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = config.to_dict()
+    if extra:
+        data["derived"] = extra
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=directory)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)
+    target = directory / "config.yaml"
+    os.replace(tmp, target)
+    return target
+
+
+class Layout(BaseModel):
+    """Derived batch layout of a run (computed from config, world size and shard metadata)."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    global_batch_size: int
+    num_microbatches: int
+    seq_length: int
+    packing: str
+
+
+def resolve_layout(config: TrainConfig, world_size: int, shard_meta: dict, checkpoint_meta: dict | None = None) -> Layout:
+    """Check everything that can be checked before process groups exist; return the derived layout."""
+    par, tr, data = config.parallel, config.training, config.data
+    if world_size % (par.tp * par.pp):
+        raise MegapackError(
+            f"parallel.tp/parallel.pp: world size {world_size} is not divisible by tp*pp = {par.tp * par.pp}"
+        )
+    dp = world_size // (par.tp * par.pp)
+    meta_seq = shard_meta.get("seq_length")
+    if meta_seq is not None and int(meta_seq) != data.seq_length:
+        raise MegapackError(
+            f"data.seq_length: run uses {data.seq_length} but shards in {data.path} were made with {meta_seq}"
+        )
+    meta_pad = shard_meta.get("pad_to_multiple")
+    if data.pad_to_multiple is not None and meta_pad is not None and int(meta_pad) != data.pad_to_multiple:
+        raise MegapackError(
+            f"data.pad_to_multiple: run uses {data.pad_to_multiple} but shards in {data.path} were made with {meta_pad}"
+        )
+    if tr.global_batch_tokens is not None:
+        if tr.global_batch_tokens % data.seq_length:
+            raise MegapackError(
+                f"training.global_batch_tokens: {tr.global_batch_tokens} is not a multiple of data.seq_length "
+                f"{data.seq_length}"
+            )
+        gbs = tr.global_batch_tokens // data.seq_length
+    else:
+        gbs = tr.global_batch_size
+    per_step = tr.micro_batch_size * dp
+    if gbs % per_step:
+        raise MegapackError(
+            f"training.global_batch_size: {gbs} is not divisible by micro_batch_size*dp = "
+            f"{tr.micro_batch_size}*{dp}"
+        )
+    if checkpoint_meta is not None:
+        ckpt_tok = checkpoint_meta.get("tokenizer_identity")
+        shard_tok = tokenizer_identity(shard_meta)
+        if ckpt_tok and shard_tok and ckpt_tok != shard_tok:
+            raise MegapackError(
+                f"data.path: shard tokenizer identity {shard_tok} differs from the checkpoint's {ckpt_tok}"
+            )
+    if par.sequence_parallel and par.tp == 1:
+        raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
+    return Layout(
+        world_size=world_size,
+        tp=par.tp,
+        pp=par.pp,
+        dp=dp,
+        micro_batch_size=tr.micro_batch_size,
+        global_batch_size=gbs,
+        num_microbatches=gbs // per_step,
+        seq_length=data.seq_length,
+        packing=str(shard_meta.get("packing", "unknown")),
+    )
+
+
+def tokenizer_identity(meta: dict) -> str | None:
+    """The tokenizer identity string recorded in shard metadata (str, or the `identity`/`hash` of a dict)."""
+    tok = meta.get("tokenizer_identity", meta.get("tokenizer"))
+    if isinstance(tok, dict):
+        tok = tok.get("identity") or tok.get("hash") or json.dumps(tok, sort_keys=True)
+    return tok

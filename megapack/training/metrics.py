@@ -1,0 +1,152 @@
+"""Per-step metrics (throughput, padding, MFU), JSONL + TensorBoard sinks, and the end-of-run Table 3 summary."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+# Dense bf16 peak FLOP/s per device (no sparsity), matched by substring of torch.cuda.get_device_name().
+BF16_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "B200": 2250e12,
+}
+
+
+def device_peak_flops(device_name: str | None) -> float | None:
+    """bf16 dense peak of a GPU by name (None when unknown or on CPU)."""
+    if not device_name:
+        return None
+    for key, value in BF16_PEAK_FLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def model_flops(hf_config: dict, tokens: int, seq_sq_sum: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of `tokens` processed tokens in segments whose squared
+    lengths sum to `seq_sq_sum`.
+
+    Matmuls count every processed token (padding is computed too); causal attention counts s^2/2 score entries per
+    segment of length s, for QK^T and for AV, at 2 FLOPs per multiply-add.
+    """
+    h = hf_config["hidden_size"]
+    layers = hf_config["num_hidden_layers"]
+    heads = hf_config["num_attention_heads"]
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    d = hf_config.get("head_dim") or h // heads
+    ffn = hf_config["intermediate_size"]
+    vocab = hf_config["vocab_size"]
+    per_layer = h * heads * d + 2 * h * kv_heads * d + heads * d * h + 3 * h * ffn
+    matmul_params = layers * per_layer + h * vocab
+    forward = 2.0 * tokens * matmul_params + 2.0 * layers * heads * d * float(seq_sq_sum)
+    return 3.0 * forward
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to metrics.jsonl and mirrors scalars to TensorBoard (rank 0 only)."""
+
+    def __init__(self, directory: str | os.PathLike | None, tensorboard: bool = True) -> None:
+        self.directory = Path(directory) if directory else None
+        self._jsonl = None
+        self._tb = None
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.directory / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self._tb = None
+
+    def write(self, record: dict) -> None:
+        """Log one record (needs a `step` key)."""
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            prefix = "valid/" if record.get("kind") == "valid" else "train/"
+            for key, value in record.items():
+                if key not in ("step", "kind") and isinstance(value, (int, float)) and value is not None:
+                    self._tb.add_scalar(prefix + key, value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close the sinks."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def summary(*, epochs: float, steps: int, train_time_s: float, packs: int, conversations: int, tokens: int,
+            target_tokens: int, final_loss: float | None, final_valid_loss: float | None, packing: str) -> dict:
+    """The paper's Table 3 columns (+ conversations/s and tokens/s) for the steps run in this process."""
+    t = max(train_time_s, 1e-9)
+    return {
+        "packing": packing,
+        "epochs": round(epochs, 4),
+        "total_steps": steps,
+        "total_training_time_s": round(train_time_s, 3),
+        "steps_per_s": steps / t,
+        "samples_per_s": packs / t,
+        "conversations_per_s": conversations / t,
+        "tokens_per_s": tokens / t,
+        "trained_tokens": target_tokens,
+        "final_loss": final_loss,
+        "final_valid_loss": final_valid_loss,
+    }
+
+
+TABLE_COLUMNS = (
+    ("packing", "packing", "{}"),
+    ("epochs", "epochs", "{:.2f}"),
+    ("total_steps", "steps", "{}"),
+    ("total_training_time_s", "time (s)", "{:.1f}"),
+    ("steps_per_s", "steps/s", "{:.3f}"),
+    ("samples_per_s", "samples/s", "{:.2f}"),
+    ("conversations_per_s", "conv/s", "{:.2f}"),
+    ("tokens_per_s", "tokens/s", "{:.0f}"),
+    ("final_loss", "loss", "{:.4f}"),
+)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A plain-text table of one or more summaries (one row per run)."""
+    header = [title for _, title, _ in TABLE_COLUMNS]
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, fmt in TABLE_COLUMNS:
+            value = row.get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        body.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """json.dump to a temporary name, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name, dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)

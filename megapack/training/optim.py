@@ -1,0 +1,71 @@
+"""DDP wrapping, megatron's distributed AdamW and the warmup + decay learning-rate schedule."""
+from __future__ import annotations
+
+from megapack.training.config import OptimizerSection
+
+
+def warmup_steps(cfg: OptimizerSection, total_steps: int) -> int:
+    """Warmup length in steps from `warmup_steps` or `warmup_ratio` (0 when neither is set)."""
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, total_steps)
+    if cfg.warmup_ratio is not None:
+        return int(round(cfg.warmup_ratio * total_steps))
+    return 0
+
+
+def wrap_ddp(model, bf16: bool):
+    """Wrap this rank's model in megatron's DistributedDataParallel with buffers for the distributed optimizer."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=True,
+        check_for_nan_in_grad=False,
+        average_in_collective=False,  # required by calculate_per_token_loss: we divide by the global token count
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(cfg: OptimizerSection, model_chunks: list, bf16: bool):
+    """AdamW over the DDP-wrapped chunks via `get_megatron_optimizer` with the distributed optimizer."""
+    import torch
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt_config = OptimizerConfig(
+        optimizer="adam",  # megatron's Adam decouples weight decay (AdamW)
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.beta1,
+        adam_beta2=cfg.beta2,
+        adam_eps=cfg.eps,
+        clip_grad=cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=True,
+        barrier_with_L1_time=False,
+    )
+    return get_megatron_optimizer(opt_config, model_chunks)
+
+
+def build_scheduler(cfg: OptimizerSection, optimizer, total_steps: int):
+    """megatron's OptimizerParamScheduler counted in optimizer steps: linear warmup from 0, then decay to min_lr."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    warm = warmup_steps(cfg, total_steps)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=warm,
+        lr_decay_steps=max(total_steps, warm + 1),
+        lr_decay_style=cfg.decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,  # the config wins over a checkpoint, except the step count
+    )

@@ -1,0 +1,166 @@
+"""Single-process unit tests of the trainer's config, micro-batch construction, sampler and metrics."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from megapack.errors import MegapackError
+from megapack.training.config import load_config, resolve_layout
+from megapack.training.data import TrainSampler, build_micro_batch, validation_batches
+from megapack.training.metrics import format_table, model_flops
+
+BASE = {
+    "model": {"hf_dir": "/m"},
+    "data": {"path": "/d", "seq_length": 64},
+    "training": {"global_batch_size": 8, "train_steps": 5},
+}
+
+
+def cfg(*overrides: str, raw: dict | None = None):
+    import copy
+
+    return load_config(None, list(overrides), raw=copy.deepcopy(raw or BASE))
+
+
+def test_config_types_and_overrides():
+    c = cfg("optimizer.lr=3e-4", "parallel.tp=2", "training.loss_reduction=sample", "checkpoint.dir=null")
+    assert c.optimizer.lr == pytest.approx(3e-4) and c.parallel.tp == 2
+    assert c.training.loss_reduction == "sample" and c.checkpoint.dir is None
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optimizer.lrr=1", "config: optimizer.lrr: unknown key"),
+        ("parallel.tp=two", "config: parallel.tp: Input should be a valid integer"),
+        ("training.loss_reduction=mean", "config: training.loss_reduction:"),
+        ("training.global_batch_tokens=128", "training.global_batch_size/global_batch_tokens: set exactly one"),
+        ("optimizer.min_lr=1", "optimizer.min_lr: 1.0 is larger than optimizer.lr"),
+        ("model.init=megatron", "model.megatron_checkpoint: required"),
+        ("nonsense", "override 'nonsense': expected key.sub=value"),
+    ],
+)
+def test_config_errors_are_one_line_and_name_the_key(override, expected):
+    with pytest.raises(MegapackError) as err:
+        cfg(override)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {hf_dir: /m}\ndata: [unclosed\n")
+    with pytest.raises(MegapackError, match=r"bad.yaml: line \d+ invalid YAML"):
+        load_config(bad)
+    with pytest.raises(MegapackError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_layout_checks():
+    meta = {"seq_length": 64, "pad_to_multiple": 8, "packing": "greedy", "tokenizer": {"identity": "tok-a"}}
+    lay = resolve_layout(cfg("parallel.tp=2"), 8, meta)
+    assert (lay.dp, lay.num_microbatches, lay.global_batch_size) == (4, 2, 8)
+    lay = resolve_layout(cfg("training.global_batch_size=null", "training.global_batch_tokens=256"), 2, meta)
+    assert (lay.global_batch_size, lay.num_microbatches) == (4, 2)
+    cases = [
+        ((cfg("parallel.tp=2", "parallel.pp=2"), 6, meta, None), "parallel.tp/parallel.pp: world size 6"),
+        ((cfg("training.micro_batch_size=3"), 2, meta, None), "training.global_batch_size: 8 is not divisible"),
+        ((cfg("data.seq_length=128"), 1, meta, None), "data.seq_length: run uses 128 but shards"),
+        ((cfg("data.pad_to_multiple=16"), 1, meta, None), "data.pad_to_multiple: run uses 16"),
+        ((cfg("training.global_batch_size=null", "training.global_batch_tokens=100"), 1, meta, None),
+         "training.global_batch_tokens: 100 is not a multiple"),
+        ((cfg(), 1, meta, {"tokenizer_identity": "tok-b"}), "tokenizer identity tok-a differs from the checkpoint's"),
+    ]
+    for args, expected in cases:
+        with pytest.raises(MegapackError, match=expected.replace("(", r"\(")):
+            resolve_layout(*args)
+
+
+def pack(segments: list[list[int]], masks: list[list[int]]):
+    """A Pack-like record of the shard format: tokens, loss_mask (1 = token is a target), cu_seqlens."""
+    lengths = [len(s) for s in segments]
+    return SimpleNamespace(
+        tokens=np.array(sum(segments, []), np.int64),
+        loss_mask=np.array(sum(masks, []), np.uint8),
+        cu_seqlens=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
+        max_seqlen=max(lengths),
+    )
+
+
+def test_thd_micro_batch_shifts_labels_within_segments():
+    p1 = pack([[10, 11, 12, 13], [20, 21, 22]], [[0, 0, 1, 1], [0, 1, 1]])
+    p2 = pack([[30, 31]], [[0, 1]])
+    b = build_micro_batch([p1, p2])
+    assert b.cu_seqlens.tolist() == [0, 4, 7, 9] and b.max_seqlen == 4
+    assert b.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
+    # position i predicts token i+1 of the same segment; the last position of a segment predicts nothing
+    assert b.labels.tolist() == [11, 12, 13, 0, 21, 22, 0, 31, 0]
+    assert b.loss_weight.tolist() == [0, 1, 1, 0, 1, 1, 0, 1, 0]
+    assert b.num_targets == 5
+    assert b.stats == {"real_tokens": 9, "total_tokens": 9, "target_tokens": 5, "conversations": 3, "packs": 2,
+                       "seq_sq_sum": 16 + 9 + 4}
+    s = build_micro_batch([p1, p2], reduction="sample")
+    assert s.num_targets == 3
+    assert np.allclose(s.loss_weight, [0, 0.5, 0.5, 0, 0.5, 0.5, 0, 1, 0])
+
+
+def test_padded_micro_batch_rounds_to_multiple_of_8():
+    convs = [pack([[1] * 5], [[0, 0, 1, 1, 1]]), pack([[2] * 11], [[0] * 6 + [1] * 5])]
+    b = build_micro_batch(convs, padded=True)
+    assert b.cu_seqlens.tolist() == [0, 16, 32] and len(b.tokens) == 32
+    assert b.loss_weight.sum() == 3 + 5 and b.loss_weight[5:16].sum() == 0
+    assert b.tokens[5:16].tolist() == [0] * 11
+    assert b.stats["real_tokens"] == 16 and b.stats["total_tokens"] == 32 and b.stats["conversations"] == 2
+
+
+def test_sampler_is_deterministic_and_dp_invariant():
+    def step_sets(dp: int, steps: int, consumed: int = 0) -> list[list[int]]:
+        samplers = [TrainSampler(10, 4, 1, r, dp, seed=7, consumed_samples=consumed) for r in range(dp)]
+        out = []
+        for _ in range(steps):
+            out.append(sorted(i for s in samplers for mb in s.next_step() for i in mb))
+        return out
+
+    one, two = step_sets(1, 6), step_sets(2, 6)
+    assert one == two
+    first_epoch = [i for s in TrainSampler(10, 10, 1, 0, 1, seed=7).next_step() for i in s]
+    assert sorted(first_epoch) == list(range(10)) and first_epoch != list(range(10))
+    # resuming from a data position continues the same stream, also on another DP size
+    assert step_sets(2, 3, consumed=12) == one[3:]
+
+
+def test_validation_batches_cover_each_sample_once():
+    for dp in (1, 2, 3):
+        seen = []
+        counts = set()
+        for r in range(dp):
+            lists = validation_batches(7, 2, r, dp)
+            counts.add(len(lists))
+            seen += [i for mb in lists if mb for i in mb]
+        assert sorted(seen) == list(range(7)) and len(counts) == 1
+
+
+def test_model_flops_matches_transformers_parameter_count():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megapack.model.tiny_checkpoint import tiny_llama_config
+
+    hf = tiny_llama_config(vocab_size=1000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**hf))
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    assert model_flops(hf, 100, 0) == 6 * matmul * 100
+    # causal attention: QK^T and AV over s^2/2 pairs, 2 FLOPs per MAC, x3 for the backward
+    attn = model_flops(hf, 100, 100**2) - model_flops(hf, 100, 0)
+    assert attn == 3 * 2 * 2 * hf["num_hidden_layers"] * hf["num_attention_heads"] * hf["head_dim"] * 100**2 / 2
+
+
+def test_table_has_paper_columns():
+    row = {"packing": "greedy", "epochs": 1.0, "total_steps": 10, "total_training_time_s": 5.0, "steps_per_s": 2.0,
+           "samples_per_s": 8.0, "conversations_per_s": 20.0, "tokens_per_s": 5000.0, "final_loss": 1.5}
+    text = format_table([row])
+    for col in ("epochs", "steps", "time (s)", "steps/s", "samples/s", "conv/s", "tokens/s"):
+        assert col in text.splitlines()[0]
+    assert "greedy" in text and "2.000" in text
