@@ -1,0 +1,240 @@
+"""Streaming record readers for dataset files: .json, .jsonl, .parquet, .csv, .arrow, .txt.
+
+Every reader yields `(source, record)` pairs, or a `BadRecord` for a record that cannot be parsed (an invalid JSON
+line). `source` is "path:line" for line-based files (.jsonl, .txt, JSON lines in a .json file) and "path:index"
+(1-based) for .json arrays, .parquet, .csv and .arrow. Nothing is loaded whole: memory stays independent of the file
+size. A file that cannot be read past a point (a corrupt .json array, a damaged parquet file) raises `MegapackError`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from megapack.data.conversation import BadRecord
+from megapack.errors import MegapackError
+
+# Extensions LLaMA-Factory accepts (its FILEEXT2TYPE), mapped to our reader kinds.
+EXTENSIONS = {"json": "json", "jsonl": "jsonl", "parquet": "parquet", "csv": "csv", "arrow": "arrow", "txt": "text"}
+
+Record = tuple[str, Any]
+
+_BATCH_ROWS = 1024
+
+
+def file_kind(path: str) -> str:
+    """The reader kind of `path` from its extension; MegapackError for an unsupported one."""
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in EXTENSIONS:
+        allowed = ", ".join(f".{e}" for e in EXTENSIONS)
+        raise MegapackError(f"{path}: unsupported file type {('.' + ext) if ext else '(no extension)'!r}; expected one of {allowed}")
+    return EXTENSIONS[ext]
+
+
+def list_data_files(path: str) -> list[str]:
+    """The data files at `path`: the file itself, or every (non-hidden) file of a directory, sorted, all one type."""
+    if os.path.isfile(path):
+        file_kind(path)
+        return [path]
+    if not os.path.isdir(path):
+        raise MegapackError(f"{path}: no such file or directory (expected a dataset file or a folder of them)")
+    files = sorted(
+        os.path.join(path, name)
+        for name in os.listdir(path)
+        if not name.startswith(".") and os.path.isfile(os.path.join(path, name))
+    )
+    if not files:
+        raise MegapackError(f"{path}: the folder contains no dataset files")
+    kinds = {file_kind(f) for f in files}
+    # LLaMA-Factory requires one file type per dataset folder; .json and .jsonl both load as JSON there.
+    if len({"json" if k == "jsonl" else k for k in kinds}) > 1:
+        raise MegapackError(f"{path}: the folder mixes file types ({', '.join(sorted(kinds))}); expected one type")
+    return files
+
+
+def iter_records(path: str) -> Iterator[Record | BadRecord]:
+    """Stream the records of one data file as (source, record) pairs or BadRecords."""
+    kind = file_kind(path)
+    if not os.path.isfile(path):
+        raise MegapackError(f"{path}: no such file (expected a {kind} dataset file)")
+    if kind == "json":
+        with open(path, "rb") as fp:
+            yield from iter_json(fp, path)
+    elif kind == "jsonl":
+        with open(path, "rb") as fp:
+            yield from iter_json_lines(fp, path)
+    elif kind == "text":
+        yield from _iter_text(path)
+    elif kind == "parquet":
+        yield from _iter_parquet(path)
+    elif kind == "csv":
+        yield from _iter_csv(path)
+    else:
+        yield from _iter_arrow(path)
+
+
+def iter_json(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
+    """Stream a .json file: a top-level array of records (via ijson), or JSON lines as Hugging Face datasets accepts."""
+    if fp.read(3) != b"\xef\xbb\xbf":  # skip a UTF-8 byte order mark, which ijson rejects
+        fp.seek(0)
+    first = _peek_first_byte(fp)
+    if first == b"[":
+        yield from _iter_json_array(fp, name)
+    elif first == b"{":
+        yield from _iter_json_lines_in_json(fp, name)
+    elif first == b"":
+        return
+    else:
+        raise MegapackError(f"{name}: expected a JSON array of records or JSON lines, found {first.decode(errors='replace')!r} at the start")
+
+
+def iter_json_lines(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
+    """Stream JSON lines: one record per non-blank line; an unparsable line is a BadRecord("invalid JSON")."""
+    for lineno, raw in enumerate(fp, start=1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if not raw.strip():
+            continue
+        source = f"{name}:{lineno}"
+        try:
+            yield source, json.loads(raw)
+        except UnicodeDecodeError as exc:
+            yield BadRecord(source, "invalid JSON", f"not UTF-8: {exc.reason} at byte {exc.start}")
+        except json.JSONDecodeError as exc:
+            yield BadRecord(source, "invalid JSON", f"{exc.msg} at column {exc.colno}")
+
+
+def _peek_first_byte(fp: BinaryIO) -> bytes:
+    """The first non-whitespace byte; leaves `fp` where it was."""
+    start = fp.tell()
+    head = fp.read(4096)
+    while head:
+        stripped = head.lstrip()
+        if stripped:
+            fp.seek(start)
+            return stripped[:1]
+        head = fp.read(4096)
+    fp.seek(start)
+    return b""
+
+
+class _CountingReader:
+    """A read-only file wrapper that counts the bytes handed out, to locate parse errors."""
+
+    def __init__(self, fp: BinaryIO) -> None:
+        self.fp = fp
+        self.consumed = 0
+        self.last_chunk_start = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fp.read(size)
+        self.last_chunk_start = self.consumed
+        self.consumed += len(data)
+        return data
+
+
+def _iter_json_array(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
+    import ijson
+
+    counter = _CountingReader(fp)
+    index = 0
+    try:
+        # use_float: plain floats rather than Decimal, as json.loads gives
+        for index, record in enumerate(ijson.items(counter, "item", use_float=True), start=1):
+            yield f"{name}:{index}", record
+    except ijson.JSONError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MegapackError(
+            f"{name}: corrupt JSON array in record {index + 1} (between bytes {counter.last_chunk_start} and "
+            f"{counter.consumed}): {reason}; expected a valid JSON array of records"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise MegapackError(f"{name}: not UTF-8 in record {index + 1}; expected a UTF-8 JSON array") from exc
+
+
+def _iter_json_lines_in_json(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
+    """A .json file starting with an object: JSON lines (one object per line), else a single multi-line object."""
+    start = fp.tell()
+    first_line = b""
+    for raw in fp:
+        if raw.strip():
+            first_line = raw
+            break
+    fp.seek(start)
+    try:
+        json.loads(first_line)
+    except ValueError:
+        raise MegapackError(
+            f"{name}: a single top-level JSON object is not a dataset; expected a JSON array of records or "
+            "JSON lines (one object per line)"
+        ) from None
+    yield from iter_json_lines(fp, name)
+
+
+def _iter_text(path: str) -> Iterator[Record | BadRecord]:
+    # Like Hugging Face's text loader (used by LLaMA-Factory for .txt): one {"text": line} record per line.
+    with open(path, "rb") as fp:
+        for lineno, raw in enumerate(fp, start=1):
+            source = f"{path}:{lineno}"
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield BadRecord(source, "invalid UTF-8", f"{exc.reason} at byte {exc.start}")
+                continue
+            yield source, {"text": line.rstrip("\r\n")}
+
+
+def _iter_parquet(path: str) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        index = 0
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS):
+            for record in batch.to_pylist():
+                index += 1
+                yield f"{path}:{index}", record
+    except (pa.ArrowException, OSError) as exc:
+        raise MegapackError(f"{path}: unreadable parquet file ({exc}); expected a valid parquet file") from exc
+
+
+def _iter_arrow(path: str) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    try:
+        with pa.memory_map(path, "r") as source:
+            try:
+                reader = ipc.open_stream(source)  # what Hugging Face datasets writes
+                batches = iter(reader)
+            except pa.ArrowInvalid:
+                source.seek(0)
+                file_reader = ipc.open_file(source)
+                batches = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+            index = 0
+            for batch in batches:
+                for record in batch.to_pylist():
+                    index += 1
+                    yield f"{path}:{index}", record
+    except (pa.ArrowException, OSError) as exc:
+        raise MegapackError(f"{path}: unreadable Arrow file ({exc}); expected an Arrow IPC stream or file") from exc
+
+
+def _iter_csv(path: str) -> Iterator[Record | BadRecord]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as fp:
+        reader = csv.DictReader(fp)
+        try:
+            for index, row in enumerate(reader, start=1):
+                source = f"{path}:{index}"
+                if None in row:  # more fields than the header
+                    yield BadRecord(source, "malformed row", f"row has {len(row) - 1 + len(row[None])} fields, header has {len(reader.fieldnames or [])}")
+                    continue
+                yield source, row
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise MegapackError(f"{path}: unreadable CSV near row {reader.line_num} ({exc}); expected UTF-8 CSV with a header") from exc
