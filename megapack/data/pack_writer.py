@@ -26,6 +26,8 @@ class SampleStore:
     part: np.ndarray  # int32 [num_samples]
     offset: np.ndarray  # int64 [num_samples]
     length: np.ndarray  # int64 [num_samples]
+    files: list[tuple[Path, Path]] | None = None  # per part (tokens, mask) files the arrays were mapped from
+    file_dtype: np.dtype | None = None  # token dtype of those files
 
     @classmethod
     def from_samples(cls, samples: list[tuple[np.ndarray, np.ndarray]]) -> "SampleStore":
@@ -41,9 +43,27 @@ class SampleStore:
             length=lengths,
         )
 
+    @classmethod
+    def from_files(cls, files: list[tuple[Path, Path]], dtype: np.dtype, part, offset, length) -> "SampleStore":
+        """A store over memory-mapped per-part token and mask files."""
+        store = cls([], [], part, offset, length, files, np.dtype(dtype))
+        store.remap()
+        return store
+
+    def remap(self) -> None:
+        """Re-open the memory maps, so pages read so far stop counting in this process's resident memory."""
+        if self.files is None:
+            return
+        mm = lambda path, dt: np.memmap(path, mode="r", dtype=dt) if path.stat().st_size else np.zeros(0, dt)  # noqa: E731
+        self.tokens[:] = [mm(t, self.file_dtype) for t, _ in self.files]
+        self.masks[:] = [mm(m, np.uint8) for _, m in self.files]
+
     def subset(self, indices: np.ndarray) -> "SampleStore":
         """The samples at `indices`, renumbered 0..len-1 (shares the part arrays)."""
-        return SampleStore(self.tokens, self.masks, self.part[indices], self.offset[indices], self.length[indices])
+        return SampleStore(
+            self.tokens, self.masks, self.part[indices], self.offset[indices], self.length[indices], self.files,
+            self.file_dtype,
+        )
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) of sample i."""
@@ -83,6 +103,7 @@ def write_plan(
             tokens, mask = _gather(store, plan, a, b, pad_id, dtype)
             loss_tokens += int(mask.sum(dtype=np.int64))
             writer.add_packs(tokens, mask, plan.seg_length[a:b], np.diff(plan.pack_offsets[p0 : p1 + 1]))
+            store.remap()
             if progress is not None:
                 progress.update(p1 - p0)
             p0 = p1

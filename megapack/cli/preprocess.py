@@ -1,0 +1,69 @@
+"""`megapack preprocess`: tokenize, pack and write indexed shards (flags in the spirit of Megatron-LM's tool)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _csv(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the preprocess flags."""
+    src = parser.add_argument_group("input")
+    src.add_argument("--input", type=_csv, action="extend", metavar="PATH[,PATH...]", help="data files or folders")
+    src.add_argument("--dataset", type=_csv, action="extend", metavar="NAME[,NAME...]", help="names in dataset_info.json")
+    src.add_argument("--dataset-dir", help="folder holding dataset_info.json (LLaMA-Factory layout)")
+    src.add_argument("--format", default="auto", choices=["auto", "sharegpt", "openai", "alpaca", "text"])
+    src.add_argument("--on-error", default="skip", choices=["skip", "fail"], help="bad records: count and skip, or stop")
+    tok = parser.add_argument_group("tokenizer and template")
+    tok.add_argument("--tokenizer-model", required=True, help="tiktoken ranks / SentencePiece file or checkpoint dir")
+    tok.add_argument("--tokenizer-type", default="auto", choices=["auto", "tiktoken", "sentencepiece"])
+    tok.add_argument("--template", default="llama3", choices=["llama3", "llama2", "chatml", "plain"])
+    tok.add_argument("--train-on-prompt", action="store_true", help="loss on every token, not only responses")
+    tok.add_argument("--mask-history", action="store_true", help="loss on the last response only")
+    tok.add_argument("--system", default=None, help="system prompt for conversations without one")
+    pack = parser.add_argument_group("packing")
+    pack.add_argument("--seq-length", type=int, default=4096)
+    pack.add_argument("--packing", default="bfd", help="padding, random, greedy or bfd (default bfd)")
+    pack.add_argument("--pad-to-multiple", type=int, default=1, metavar="K", help="round each segment up to K tokens")
+    pack.add_argument("--drop-long", action="store_true", help="drop samples longer than --seq-length (else truncate)")
+    pack.add_argument("--seed", type=int, default=1234)
+    pack.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction, written as the val split")
+    out = parser.add_argument_group("output and scale")
+    out.add_argument("--output-dir", required=True)
+    out.add_argument("--overwrite", action="store_true", help="replace the shards of a non-empty --output-dir")
+    out.add_argument("--workers", type=int, default=1)
+    out.add_argument("--num-partitions", type=int, default=1, help="split the records into P parts (multi-node)")
+    out.add_argument("--partition-index", type=int, default=None,
+                     help="tokenize only part i and stop; a run without it packs all parts (tokenizing missing ones)")
+    out.add_argument("--max-shard-tokens", type=int, default=1 << 30, help="tokens per shard file at most")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run preprocessing and print the summary table."""
+    from megapack.data.pipeline import PreprocessConfig, run_preprocess
+    from megapack.data.stats import table, summary_rows
+
+    cfg = PreprocessConfig(
+        output_dir=args.output_dir, tokenizer_model=args.tokenizer_model, inputs=args.input, datasets=args.dataset,
+        dataset_dir=args.dataset_dir, format=args.format, tokenizer_type=args.tokenizer_type, template=args.template,
+        train_on_prompt=args.train_on_prompt, mask_history=args.mask_history, system=args.system,
+        seq_length=args.seq_length, packing=args.packing, pad_to_multiple=args.pad_to_multiple,
+        drop_long=args.drop_long, seed=args.seed, val_fraction=args.val_fraction, workers=args.workers,
+        on_error=args.on_error, overwrite=args.overwrite, num_partitions=args.num_partitions,
+        partition_index=args.partition_index, max_shard_tokens=args.max_shard_tokens, progress=not args.no_progress,
+    )
+    result = run_preprocess(cfg)
+    if args.partition_index is not None:
+        rows = [(k, result[k]) for k in ("records", "samples", "tokens", "loss_tokens")]
+        rows += [(f"skipped: {r}", n) for r, n in sorted(result["skipped"].items())]
+        print(f"partition {args.partition_index}/{args.num_partitions} of {args.output_dir}"
+              f" {'reused' if result['reused'] else 'done'}:\n{table(rows)}")
+        return 0
+    print(f"wrote {args.output_dir}:\n{table(summary_rows(result))}")
+    for line in result.get("skipped_examples", [])[:5]:
+        print(f"  e.g. {line}", file=sys.stderr)
+    return 0

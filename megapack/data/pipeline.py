@@ -1,0 +1,239 @@
+"""The preprocess job: read -> template -> tokenize (partitions, worker pool) -> pack -> shards + meta.json.
+
+Output directory life cycle: intermediate files live in `<out>/.work/` (a job.json fingerprint and one folder per
+finished partition). Shards are written under temporary names and renamed; meta.json is written last, atomically,
+and only then is `.work/` removed. A directory without meta.json is never complete; rerunning the same command
+reuses the finished partitions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megapack.data.packing import PACKINGS
+from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME
+from megapack.errors import MegapackError
+
+WORK = ".work"
+JOB = "job.json"
+
+
+@dataclass
+class PreprocessConfig:
+    """Arguments of `megapack preprocess` (see its --help)."""
+
+    output_dir: str
+    tokenizer_model: str
+    inputs: list[str] | None = None
+    datasets: list[str] | None = None
+    dataset_dir: str | None = None
+    format: str = "auto"
+    tokenizer_type: str = "auto"
+    template: str = "llama3"
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    system: str | None = None
+    seq_length: int = 4096
+    packing: str = "bfd"
+    pad_to_multiple: int = 1
+    drop_long: bool = False
+    seed: int = 1234
+    val_fraction: float = 0.0
+    workers: int = 1
+    on_error: str = "skip"
+    overwrite: bool = False
+    num_partitions: int = 1
+    partition_index: int | None = None
+    max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS
+    progress: bool = True
+
+
+def validate(cfg: PreprocessConfig) -> None:
+    """Check the numeric and choice arguments (no file system access)."""
+    checks = [
+        (cfg.seq_length > 0, f"--seq-length {cfg.seq_length}: expected a positive integer"),
+        (cfg.workers > 0, f"--workers {cfg.workers}: expected a positive integer"),
+        (cfg.packing in PACKINGS, f"--packing {cfg.packing!r}: expected one of {', '.join(PACKINGS)}"),
+        (cfg.pad_to_multiple > 0, f"--pad-to-multiple {cfg.pad_to_multiple}: expected a positive integer"),
+        (cfg.pad_to_multiple <= 0 or cfg.seq_length % cfg.pad_to_multiple == 0,
+         f"--pad-to-multiple {cfg.pad_to_multiple}: expected a divisor of --seq-length {cfg.seq_length}"),
+        (0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction}: expected a number in [0, 1)"),
+        (cfg.on_error in ("skip", "fail"), f"--on-error {cfg.on_error!r}: expected skip or fail"),
+        (cfg.num_partitions > 0, f"--num-partitions {cfg.num_partitions}: expected a positive integer"),
+        (cfg.partition_index is None or 0 <= cfg.partition_index < cfg.num_partitions,
+         f"--partition-index {cfg.partition_index}: expected 0 <= index < --num-partitions {cfg.num_partitions}"),
+        (cfg.max_shard_tokens > 0, f"max_shard_tokens {cfg.max_shard_tokens}: expected a positive integer"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MegapackError(message)
+
+
+def _fingerprint(cfg: PreprocessConfig, specs: list, tokenizer_identity: str, template_identity: str) -> dict:
+    """What the tokenized partitions depend on; a rerun reuses them only if this is unchanged."""
+    files = []
+    for spec in specs:
+        for f in spec.files:
+            st = os.stat(f)
+            files.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    return {
+        "datasets": [repr(s) for s in specs],
+        "files": files,
+        "tokenizer": tokenizer_identity,
+        "template": template_identity,
+        "on_error": cfg.on_error,
+        "num_partitions": cfg.num_partitions,
+    }
+
+
+def _ours(path: Path) -> bool:
+    """Whether a directory entry is something preprocess writes."""
+    n = path.name
+    shard = n.startswith(("train-", "val-")) and (".tokens." in n or ".mask." in n)
+    return n in (META_NAME, META_NAME + ".tmp", WORK) or shard
+
+
+def _clear_ours(out: Path) -> None:
+    for entry in out.iterdir():
+        if _ours(entry):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def prepare_output(cfg: PreprocessConfig, job: dict) -> bool:
+    """Create or check the output directory; returns True when this call created it. Refuses to clobber."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise MegapackError(f"--output-dir {out}: exists and is not a directory")
+    created = not out.exists()
+    if not created:
+        entries = list(out.iterdir())
+        job_path = out / WORK / JOB
+        same_job = job_path.exists() and _read_json(job_path) == job
+        if (out / META_NAME).exists() and not cfg.overwrite:
+            raise MegapackError(f"--output-dir {out}: already holds finished shards (meta.json); pass --overwrite to replace them")
+        if entries and not same_job and not cfg.overwrite:
+            raise MegapackError(f"--output-dir {out}: not empty; pass --overwrite to replace its contents, or choose an empty directory")
+        if cfg.overwrite and not (same_job and not (out / META_NAME).exists()):
+            _clear_ours(out)
+    try:
+        (out / WORK).mkdir(parents=True, exist_ok=True)
+        probe = out / WORK / f".probe{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MegapackError(f"--output-dir {out}: not writable ({exc.strerror or exc})") from None
+    job_path = out / WORK / JOB
+    if not job_path.exists():
+        tmp = job_path.with_name(f"{JOB}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(job, indent=1))
+        os.replace(tmp, job_path)
+    return created
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_preprocess(cfg: PreprocessConfig) -> dict:
+    """Run the whole job (or one partition of it); returns meta.json's content (or the partition's statistics)."""
+    from megapack.data.pack_writer import SampleStore, write_shard_dir
+    from megapack.data.pipeline_tokenize import EncodeSpec, finished_partition, load_encoder, part_dir, tokenize_partition
+    from megapack.data.registry import resolve_datasets
+    from megapack.data.shards import token_dtype
+
+    t_start = time.perf_counter()
+    validate(cfg)
+    specs = resolve_datasets(cfg.inputs, cfg.datasets, cfg.dataset_dir, cfg.format)
+    options = {"train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history, "default_system": cfg.system}
+    encode = EncodeSpec(cfg.tokenizer_model, cfg.tokenizer_type, cfg.template, options)
+    tokenizer, template, template_options = load_encoder(encode)
+    template_identity = template.identity(template_options)
+    dtype = token_dtype(tokenizer.vocab_size)
+    job = _fingerprint(cfg, specs, tokenizer.identity, template_identity)
+    created = prepare_output(cfg, job)
+    out = Path(cfg.output_dir)
+    work = out / WORK
+    try:
+        wanted = range(cfg.num_partitions) if cfg.partition_index is None else [cfg.partition_index]
+        parts: dict[int, dict] = {}
+        for i in wanted:
+            done = finished_partition(work, i, cfg.num_partitions)
+            parts[i] = done or tokenize_partition(
+                specs, encode, dtype, work, i, cfg.num_partitions,
+                workers=cfg.workers, on_error=cfg.on_error, progress=cfg.progress,
+            )
+            parts[i]["reused"] = done is not None
+        if cfg.partition_index is not None:
+            return parts[cfg.partition_index]
+
+        store = _merge(work, cfg.num_partitions, dtype, SampleStore)
+        skipped: dict[str, int] = {}
+        for p in parts.values():
+            for reason, n in p["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        if len(store.length) == 0:
+            raise MegapackError(
+                f"no samples left to pack: {sum(p['records'] for p in parts.values())} records read, "
+                f"skipped: {json.dumps(skipped) if skipped else 'none'} (check --format and the input files)"
+            )
+        for entry in out.iterdir():  # leftovers of a killed pack step
+            if entry.name != WORK and _ours(entry):
+                entry.unlink()
+        info = {
+            "num_records": sum(p["records"] for p in parts.values()),
+            "skipped": skipped,
+            "skipped_examples": [e for p in parts.values() for e in p["skipped_examples"]][:10],
+            "tokenizer": tokenizer.identity,
+            "tokenizer_model": str(cfg.tokenizer_model),
+            "template": {"name": cfg.template, "identity": template_identity, "options": options},
+            "inputs": [{"name": s.name, "path": str(s.path), "formatting": s.formatting} for s in specs],
+            "num_partitions": cfg.num_partitions,
+        }
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else tokenizer.eos_id
+        factory = None
+        if cfg.progress:
+            from tqdm import tqdm as factory
+        meta = write_shard_dir(
+            store, out, seq_length=cfg.seq_length, packing=cfg.packing, seed=cfg.seed,
+            pad_to_multiple=cfg.pad_to_multiple, drop_long=cfg.drop_long, val_fraction=cfg.val_fraction,
+            vocab_size=tokenizer.vocab_size, pad_id=int(pad_id), info=info,
+            max_shard_tokens=cfg.max_shard_tokens, progress_factory=factory,
+        )
+        del store
+        shutil.rmtree(work, ignore_errors=True)
+        meta["wall_seconds"] = time.perf_counter() - t_start
+        meta["reused_partitions"] = sum(p["reused"] for p in parts.values())
+        return meta
+    except MegapackError:
+        # a user error: leave nothing half-written (a killed process keeps its partitions for a rerun)
+        if cfg.partition_index is None:
+            shutil.rmtree(out, ignore_errors=True) if created else _clear_ours(out)
+        else:
+            shutil.rmtree(part_dir(work, cfg.partition_index, cfg.num_partitions), ignore_errors=True)
+        raise
+
+
+def _merge(work: Path, num_parts: int, dtype: np.dtype, store_cls):
+    """A SampleStore over all partitions, samples in global record order."""
+    files, part, offset, length, record = [], [], [], [], []
+    for i in range(num_parts):
+        d = Path(work) / f"part-{i:05d}-of-{num_parts:05d}"
+        table = np.load(d / "samples.npy")
+        files.append((d / "tokens.bin", d / "mask.bin"))
+        record.append(table[:, 0])
+        length.append(table[:, 1])
+        offset.append(np.cumsum(table[:, 1]) - table[:, 1])
+        part.append(np.full(len(table), i, dtype=np.int32))
+    order = np.argsort(np.concatenate(record), kind="stable")
+    cat = lambda xs: np.concatenate(xs)[order]  # noqa: E731
+    return store_cls.from_files(files, dtype, cat(part), cat(offset), cat(length))
+

@@ -1,0 +1,215 @@
+"""Tokenize step: one partition of the input records -> flat token/mask files plus (record, length) per sample.
+
+Records are numbered across all datasets in order; record r belongs to partition (r // BLOCK) % P, so each
+partition can be tokenized on its own node. Inside a partition, batches of samples go to a process pool and come
+back in submission order, so the files are identical for any worker count. A partition is written under a
+temporary folder name and renamed when complete: a finished partition is reusable, a killed one is redone.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megapack.data.conversation import BadRecord, SkipReport
+from megapack.errors import MegapackError
+
+BLOCK = 1024  # records per partition block
+BATCH = 256  # samples per worker task
+DONE = "part.json"
+
+
+@dataclass
+class EncodeSpec:
+    """Everything a worker needs to build the tokenizer and template (picklable)."""
+
+    tokenizer_model: str
+    tokenizer_type: str
+    template: str
+    options: dict = field(default_factory=dict)
+
+
+def part_dir(work_dir: Path, index: int, num_parts: int) -> Path:
+    """Folder of a finished partition."""
+    return work_dir / f"part-{index:05d}-of-{num_parts:05d}"
+
+
+def load_encoder(spec: EncodeSpec):
+    """(tokenizer, template, options) for a spec."""
+    from megapack.data.templates import TemplateOptions, get_template
+    from megapack.data.tokenizers import load_tokenizer
+
+    return load_tokenizer(spec.tokenizer_model, spec.tokenizer_type), get_template(spec.template), TemplateOptions(**spec.options)
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(spec: EncodeSpec, dtype: str) -> None:
+    _WORKER["encoder"] = load_encoder(spec)
+    _WORKER["dtype"] = np.dtype(dtype)
+
+
+def _encode_batch(samples: list) -> tuple[bytes, bytes, np.ndarray, list[tuple[int, str, str]]]:
+    """Encode samples; returns token bytes, mask bytes, lengths, and (position, reason, detail) of failures."""
+    tokenizer, template, options = _WORKER["encoder"]
+    ids_out, mask_out, lengths, bad = [], [], [], []
+    for pos, sample in enumerate(samples):
+        try:
+            ids, mask = template.encode(sample, tokenizer, options)
+        except MegapackError as exc:
+            bad.append((pos, "template error", str(exc)))
+            continue
+        if len(ids) == 0:
+            bad.append((pos, "empty after tokenization", ""))
+            continue
+        if len(ids) != len(mask):
+            raise RuntimeError(f"template {type(template).__name__} returned {len(ids)} ids and {len(mask)} mask values")
+        ids_out.append(np.asarray(ids))
+        mask_out.append(np.asarray(mask, dtype=np.uint8))
+        lengths.append(len(ids))
+    dtype = _WORKER["dtype"]
+    toks = np.concatenate(ids_out).astype(dtype).tobytes() if ids_out else b""
+    masks = np.concatenate(mask_out).tobytes() if mask_out else b""
+    return toks, masks, np.array(lengths, dtype=np.int64), bad
+
+
+def _owned_batches(specs: list, index: int, num_parts: int, on_error: str, report: SkipReport, counter: dict) -> Iterator:
+    """Batches of (record numbers, samples) of this partition; bad records go through the error policy."""
+    from megapack.data.formats import apply_error_policy, iter_samples
+
+    def owned() -> Iterator:
+        r = 0
+        for spec in specs:
+            for item in iter_samples(spec):
+                if (r // BLOCK) % num_parts == index:
+                    counter["records"] += 1
+                    counter["last"] = r
+                    yield item
+                r += 1
+
+    recs, batch = [], []
+    for sample in apply_error_policy(owned(), on_error, report):
+        recs.append(counter["last"])
+        batch.append(sample)
+        if len(batch) == BATCH:
+            yield recs, batch
+            recs, batch = [], []
+    if batch:
+        yield recs, batch
+
+
+def tokenize_partition(
+    specs: list,
+    encode: EncodeSpec,
+    dtype: np.dtype,
+    work_dir: Path,
+    index: int,
+    num_parts: int,
+    *,
+    workers: int = 1,
+    on_error: str = "skip",
+    progress: bool = True,
+) -> dict:
+    """Tokenize partition `index` of `num_parts` into work_dir; returns its part.json statistics."""
+    final = part_dir(work_dir, index, num_parts)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    report, counter = SkipReport(), {"records": 0, "last": -1}
+    rec_chunks, len_chunks = [], []
+    n_tokens = n_loss = 0
+    t0 = time.perf_counter()
+    bar = None
+    pool = None
+    try:
+        if workers > 1:
+            ctx = multiprocessing.get_context("fork")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encode, dtype.name))
+        else:
+            _init_worker(encode, dtype.name)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"tokenize part {index + 1}/{num_parts}", unit=" samples", mininterval=1.0, smoothing=0.1)
+        with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "mask.bin", "wb") as fmask:
+            pending: deque = deque()
+
+            def drain_one() -> None:
+                nonlocal n_tokens, n_loss
+                recs, sources, result = pending.popleft()
+                toks, masks, lengths, bad = result.get() if pool is not None else result
+                if bad:
+                    bad_pos = {p for p, _, _ in bad}
+                    for p, reason, detail in bad:
+                        item = BadRecord(sources[p] or f"record {recs[p]}", reason, detail)
+                        if on_error == "fail":
+                            raise MegapackError(f"{item.source}: {reason}" + (f" ({detail})" if detail else ""))
+                        report.add(item)
+                    recs = [r for p, r in enumerate(recs) if p not in bad_pos]
+                ftok.write(toks)
+                fmask.write(masks)
+                n_tokens += int(lengths.sum())
+                n_loss += int(np.frombuffer(masks, dtype=np.uint8).sum(dtype=np.int64))
+                rec_chunks.append(np.array(recs, dtype=np.int64))
+                len_chunks.append(lengths)
+                if bar is not None:
+                    bar.update(len(lengths))
+                    bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+
+            for recs, batch in _owned_batches(specs, index, num_parts, on_error, report, counter):
+                sources = [getattr(sample, "source", "") for sample in batch]
+                if pool is not None:
+                    pending.append((recs, sources, pool.apply_async(_encode_batch, (batch,))))
+                    if len(pending) >= 4 * workers:
+                        drain_one()
+                else:
+                    pending.append((recs, sources, _encode_batch(batch)))
+                    drain_one()
+            while pending:
+                drain_one()
+        records = np.concatenate(rec_chunks) if rec_chunks else np.zeros(0, np.int64)
+        lengths = np.concatenate(len_chunks) if len_chunks else np.zeros(0, np.int64)
+        np.save(tmp / "samples.npy", np.stack([records, lengths], axis=1))
+        stats = {
+            "index": index,
+            "num_partitions": num_parts,
+            "records": counter["records"],
+            "samples": int(len(lengths)),
+            "tokens": n_tokens,
+            "loss_tokens": n_loss,
+            "skipped": report.counts,
+            "skipped_examples": report.examples,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        with open(tmp / DONE, "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return stats
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def finished_partition(work_dir: Path, index: int, num_parts: int) -> dict | None:
+    """part.json of a finished partition, or None."""
+    try:
+        with open(part_dir(work_dir, index, num_parts) / DONE, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
