@@ -1,0 +1,98 @@
+"""`megapack convert`: Hugging Face safetensors <-> megatron torch_dist checkpoints (single process or torchrun)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+from pathlib import Path
+
+from megapack.errors import MegapackError
+
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Two forms: `hf-to-megatron --hf-dir D --output-dir C` and `megatron-to-hf --checkpoint-dir C --output-dir D`."""
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to_mcore = sub.add_parser("hf-to-megatron", help="HF safetensors -> topology-independent torch_dist checkpoint")
+    to_mcore.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
+    to_mcore.add_argument("--output-dir", required=True, help="new (empty) checkpoint directory")
+    to_hf = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> HF config.json + safetensors")
+    to_hf.add_argument("--checkpoint-dir", required=True, help="megapack torch_dist checkpoint directory")
+    to_hf.add_argument("--output-dir", required=True, help="new (empty) Hugging Face directory")
+    to_hf.add_argument("--tokenizer-dir", default=None,
+                       help="copy tokenizer files from here (default: the ones saved in the checkpoint)")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (e.g. 5GB, 500MB)")
+    for sub_parser in (to_mcore, to_hf):
+        sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks")
+        sub_parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (under torchrun)")
+        sub_parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size (under torchrun)")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size such as '5GB', '500MB', '1024'."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise MegapackError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB")
+    unit = (match.group(2) or "").upper().replace("I", "").rstrip("B")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(unit or " "))
+
+
+def tokenizer_identity(hf_dir: Path) -> str | None:
+    """'<file>:sha256:<hex>' of the checkpoint's tokenizer (original/tokenizer.model preferred), None when absent."""
+    from megapack.model.hf_export import TOKENIZER_FILES
+
+    for rel in ("original/tokenizer.model", "tokenizer.model", "tokenizer.json"):
+        path = hf_dir / rel
+        if path.is_file() and rel in TOKENIZER_FILES:
+            return f"{rel}:sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    return None
+
+
+def _dtype_flags(hf_config: dict) -> dict:
+    dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+    return {"bf16": dtype == "bfloat16"}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one conversion; every rank under torchrun calls this."""
+    import torch.distributed as dist
+
+    from megapack.model.builder import build_model
+    from megapack.model.checkpoint import load_model_checkpoint, read_metadata, save_model_checkpoint
+    from megapack.model.config import load_hf_config
+    from megapack.model.hf_export import copy_tokenizer_files, export_hf
+    from megapack.model.hf_import import load_hf_weights
+    from megapack.training.distributed import destroy_distributed, init_distributed
+
+    if args.direction == "hf-to-megatron":
+        hf_dir = Path(args.hf_dir)
+        hf_config = load_hf_config(hf_dir)
+    else:
+        ckpt_dir = Path(args.checkpoint_dir)
+        meta = read_metadata(ckpt_dir)
+        hf_config = meta["hf_config"]
+    init_distributed(tp=args.tp, pp=args.pp)
+    try:
+        model = build_model(hf_config, attention_backend="sdpa", perform_initialization=False,
+                            **_dtype_flags(hf_config)).eval()
+        if args.direction == "hf-to-megatron":
+            load_hf_weights(model, hf_dir)
+            out = Path(args.output_dir)
+            save_model_checkpoint(model, out, hf_config, tokenizer_identity(hf_dir),
+                                  extra={"source": str(hf_dir.resolve())})
+            if dist.get_rank() == 0 and tokenizer_identity(hf_dir) is not None:
+                copy_tokenizer_files(hf_dir, out / TOKENIZER_SUBDIR)
+            if dist.get_rank() == 0:
+                print(f"wrote torch_dist checkpoint {out}")
+        else:
+            load_model_checkpoint(model, ckpt_dir)
+            tokenizer_dir = args.tokenizer_dir
+            if tokenizer_dir is None and (ckpt_dir / TOKENIZER_SUBDIR).is_dir():
+                tokenizer_dir = ckpt_dir / TOKENIZER_SUBDIR
+            export_hf(model, hf_config, args.output_dir, tokenizer_dir, max_shard_bytes=parse_size(args.max_shard_size))
+            if dist.get_rank() == 0:
+                print(f"wrote Hugging Face checkpoint {args.output_dir}")
+    finally:
+        destroy_distributed()
+    return 0

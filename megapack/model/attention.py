@@ -1,0 +1,174 @@
+"""Packed (THD) core attention for megatron-core's local layer spec: flash-attn, torch varlen, or SDPA backends.
+
+megatron-core's local DotProductAttention rejects `packed_seq_params`. This module takes its place in the
+ModuleSpec. In THD mode megatron has already squeezed the batch dimension and restarted RoPE per sub-sequence,
+so q is `[t, heads, dim]`, k/v are `[t, kv_heads, dim]`, and the result must be `[t, heads, dim]`. Without
+packed_seq_params (padded micro-batches) q is `[s, b, heads, dim]` and the result is `[s, b, heads * dim]`.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megapack.errors import MegapackError
+
+BACKENDS = ("flash", "torch_varlen", "sdpa")
+
+
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Segment index of each of `total` packed tokens (tokens past cu_seqlens[-1] form one extra segment)."""
+    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor | None, total: int, device: torch.device) -> torch.Tensor:
+    """Boolean `[total, total]` mask, True where a query may attend a key: causal and, given cu_seqlens, same segment."""
+    allowed = torch.ones(total, total, dtype=torch.bool, device=device).tril_()
+    if cu_seqlens is not None:
+        seg = segment_ids(cu_seqlens.to(device), total)
+        allowed &= seg[:, None] == seg[None, :]
+    return allowed
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """q `[b, h, s, d]`, k/v `[b, g, s, d]`, allowed `[s, s]` or `[b, 1, s, s]` -> `[b, h, s, d]`."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+def _varlen_kwargs() -> dict[str, Any]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
+def flash_available() -> bool:
+    """Whether flash-attn imports and CUDA is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def torch_varlen_available() -> bool:
+    """Whether `torch.nn.attention.varlen.varlen_attn` exists and CUDA is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class PackedCoreAttention(MegatronModule):
+    """Causal core attention that keeps packed sequences apart (or not, for the cross-sample ablation)."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        backend: str = "sdpa",
+        cross_sample_attention: bool = False,
+    ) -> None:
+        super().__init__(config=config)
+        if backend not in BACKENDS:
+            raise MegapackError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        if config.context_parallel_size != 1:
+            raise MegapackError("context parallelism needs the Transformer Engine backend (attention_backend='te')")
+        self.backend = backend
+        self.cross_sample_attention = cross_sample_attention
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self._varlen_kwargs = _varlen_kwargs() if backend == "torch_varlen" else None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type=None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        """Attention over packed `[t, h, d]` (with packed_seq_params) or padded `[s, b, h, d]` inputs."""
+        if attention_bias is not None:
+            raise MegapackError("attention_bias is not supported by megapack's packed core attention")
+        if self.training and self.dropout_p > 0:
+            raise MegapackError("attention dropout is not supported by megapack's packed core attention")
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._packed(query, key, value, packed_seq_params)
+        return self._padded(query, key, value, attention_mask)
+
+    def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params) -> torch.Tensor:
+        total = q.shape[0]
+        cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
+        max_q, max_k = params.max_seqlen_q, params.max_seqlen_kv
+        if self.cross_sample_attention:
+            cu_q = cu_k = torch.tensor([0, total], dtype=torch.int32, device=q.device)
+            max_q = max_k = total
+        elif int(cu_q[-1]) != total:
+            # tokens after the last boundary (pack padding) become one more segment
+            cu_q = cu_k = torch.cat([cu_q.to(q.device), torch.tensor([total], dtype=cu_q.dtype, device=q.device)])
+            max_q = max_k = max(int(max_q), total - int(cu_q[-2]))
+        if self.backend == "flash":
+            from flash_attn import flash_attn_varlen_func
+
+            return flash_attn_varlen_func(
+                q, k, v, cu_q.int(), cu_k.int(), int(max_q), int(max_k),
+                dropout_p=0.0, softmax_scale=self.softmax_scale, causal=True,
+            )
+        if self.backend == "torch_varlen":
+            from torch.nn.attention.varlen import varlen_attn
+
+            if "enable_gqa" not in self._varlen_kwargs and k.shape[1] != q.shape[1]:
+                groups = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            return varlen_attn(
+                q, k, v, cu_q.int(), cu_k.int(), int(max_q), int(max_k), scale=self.softmax_scale,
+                **self._varlen_kwargs,
+            )
+        allowed = block_causal_mask(None if self.cross_sample_attention else cu_q, total, q.device)
+        out = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], allowed, self.softmax_scale)
+        return out[0].transpose(0, 1).contiguous()
+
+    def _padded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None):
+        s, b, h, d = q.shape
+        if self.backend == "flash" and attention_mask is None:
+            from flash_attn import flash_attn_func
+
+            out = flash_attn_func(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                dropout_p=0.0, softmax_scale=self.softmax_scale, causal=True,
+            )
+            return out.transpose(0, 1).reshape(s, b, h * d)
+        allowed = block_causal_mask(None, s, q.device)
+        if attention_mask is not None:
+            # megatron's convention: True marks positions that must NOT be attended
+            allowed = allowed[None, None] & ~attention_mask.to(torch.bool)
+        out = _sdpa(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), allowed, self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

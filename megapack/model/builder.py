@@ -1,0 +1,131 @@
+"""Build megatron-core's GPTModel for a Hugging Face LLaMA config on the current tensor/pipeline position."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from megapack.errors import MegapackError
+from megapack.model.config import head_dim, rope_parameters, transformer_config_from_hf
+from megapack.model.spec import gpt_layer_spec, resolve_attention_backend
+
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary size rounded up to a multiple of 128 x TP (the embedding/output rows megatron allocates)."""
+    multiple = VOCAB_PAD_MULTIPLE * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def llama3_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """RoPE inverse frequencies with LLaMA-3.1 scaling, using every parameter from config.json (fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class MegapackGPTModel(GPTModel):
+    """GPTModel that gathers logits across TP when no labels are given and hides the vocabulary padding."""
+
+    def __init__(self, *args: Any, true_vocab_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.true_vocab_size = true_vocab_size
+        if self.post_process and true_vocab_size < self.vocab_size:
+            self.output_layer.register_forward_hook(self._mask_vocab_padding)
+
+    def _mask_vocab_padding(self, _module, _inputs, output):
+        """Padded vocabulary columns get the lowest finite logit so softmax, loss and argmax never see them."""
+        from megatron.core import parallel_state
+
+        logits, bias = output
+        width = logits.shape[-1]
+        start = 0 if width == self.vocab_size else parallel_state.get_tensor_model_parallel_rank() * width
+        cut = self.true_vocab_size - start
+        if cut >= width:
+            return output
+        keep = torch.arange(width, device=logits.device) < cut
+        return logits.masked_fill(~keep, torch.finfo(logits.dtype).min), bias
+
+    def forward(self, input_ids, position_ids, attention_mask, *args: Any, labels=None, runtime_gather_output=None,
+                **kwargs: Any):
+        """GPTModel.forward; without labels the logits come back gathered over TP ([b, t, padded vocab])."""
+        if labels is None and runtime_gather_output is None:
+            runtime_gather_output = True
+        return super().forward(
+            input_ids, position_ids, attention_mask, *args, labels=labels,
+            runtime_gather_output=runtime_gather_output, **kwargs,
+        )
+
+
+def build_model(
+    hf_config: dict,
+    *,
+    attention_backend: str = "auto",
+    cross_sample_attention: bool = False,
+    bf16: bool = False,
+    sequence_parallel: bool = False,
+    seq_length: int = 4096,
+    vp_stage: int | None = None,
+    **config_overrides: Any,
+) -> GPTModel:
+    """A GPTModel for this rank's pipeline stage (pre/post process from parallel_state), vocab padded to 128 x TP."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        raise MegapackError("build_model needs megatron's parallel state: call init_distributed() first")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    window = hf_config.get("sliding_window")
+    if window is not None and hf_config.get("use_sliding_window", True) and int(window) < seq_length:
+        raise MegapackError(
+            f"config.json: sliding_window {window} < seq_length {seq_length}; sliding-window attention is not supported"
+        )
+    backend = resolve_attention_backend(attention_backend, cross_sample_attention)
+    config = transformer_config_from_hf(
+        hf_config,
+        attention_backend=backend,
+        cross_sample_attention=cross_sample_attention,
+        bf16=bf16,
+        sequence_parallel=sequence_parallel,
+        tp=tp,
+        pp=pp,
+        **config_overrides,
+    )
+    theta, scaling = rope_parameters(hf_config)
+    vocab = int(hf_config["vocab_size"])
+    model = MegapackGPTModel(
+        config=config,
+        transformer_layer_spec=gpt_layer_spec(backend, cross_sample_attention),
+        vocab_size=padded_vocab_size(vocab, tp),
+        true_vocab_size=vocab,
+        max_sequence_length=seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(hf_config.get("tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=theta,
+        rope_scaling=scaling is not None,
+        rope_scaling_factor=float(scaling["factor"]) if scaling else 8.0,
+        vp_stage=vp_stage,
+    )
+    # megatron's llama3 scaling hard-codes low/high/original lengths; recompute from config.json instead
+    model.rotary_pos_emb.inv_freq = llama3_inv_freq(head_dim(hf_config), theta, scaling).to(
+        model.rotary_pos_emb.inv_freq.device
+    )
+    if torch.cuda.is_available():
+        model = model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,158 @@
+"""Hugging Face LLaMA `config.json` -> megatron-core TransformerConfig, with the checks that make the mapping exact."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from megapack.errors import MegapackError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+ATTENTION_BACKENDS = ("auto", "te", "flash", "torch_varlen", "sdpa")
+
+
+def load_hf_config(hf_dir_or_config_json: str | Path) -> dict:
+    """Read a Hugging Face `config.json` (given the file or its directory) and check the architecture is supported."""
+    path = Path(hf_dir_or_config_json)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise MegapackError(f"{path}: no such file (expected a Hugging Face config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MegapackError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    validate_hf_config(config, source=str(path))
+    return config
+
+
+def head_dim(hf_config: dict) -> int:
+    """Per-head dimension (`head_dim` when given, else hidden_size / num_attention_heads)."""
+    return int(hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"])
+
+
+def num_kv_heads(hf_config: dict) -> int:
+    """Number of key/value heads (query groups); equals the head count without GQA."""
+    return int(hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"])
+
+
+def rope_parameters(hf_config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, llama3 rope_scaling dict or None) read from the config; rope_theta is never defaulted."""
+    params = hf_config.get("rope_parameters") or {}
+    theta = hf_config.get("rope_theta", params.get("rope_theta"))
+    if theta is None:
+        raise MegapackError("config.json: key 'rope_theta' is missing (refusing to default it)")
+    scaling = hf_config.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in (None, "default"):
+            scaling = None
+        elif kind != "llama3":
+            raise MegapackError(f"config.json: rope_scaling type {kind!r} is not supported (expected 'llama3' or none)")
+    return float(theta), scaling
+
+
+def validate_hf_config(config: dict, source: str = "config.json") -> None:
+    """Raise MegapackError naming the key when the config describes something the LLaMA mapping does not cover."""
+    archs = config.get("architectures") or []
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
+        raise MegapackError(
+            f"{source}: architecture {archs or config.get('model_type')!r} is not supported "
+            f"(expected one of {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if not isinstance(config.get(key), int) or config[key] <= 0:
+            raise MegapackError(f"{source}: key {key!r} = {config.get(key)!r}, expected a positive integer")
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise MegapackError(f"{source}: hidden_act {act!r} is not supported (expected 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise MegapackError(f"{source}: {key}=true is not supported (LLaMA layers have no biases)")
+    if config["num_attention_heads"] % num_kv_heads(config):
+        raise MegapackError(
+            f"{source}: num_attention_heads {config['num_attention_heads']} is not a multiple of "
+            f"num_key_value_heads {num_kv_heads(config)}"
+        )
+    rope_parameters(config)
+
+
+def check_parallel_sizes(hf_config: dict, tp: int, pp: int) -> None:
+    """Raise when TP does not divide heads / KV groups / ffn or PP does not divide the layers."""
+    heads, groups = hf_config["num_attention_heads"], num_kv_heads(hf_config)
+    if heads % tp or groups % tp:
+        raise MegapackError(
+            f"tensor parallel size {tp} must divide num_attention_heads ({heads}) and num_key_value_heads ({groups})"
+        )
+    if hf_config["intermediate_size"] % tp:
+        raise MegapackError(f"tensor parallel size {tp} must divide intermediate_size ({hf_config['intermediate_size']})")
+    if hf_config["num_hidden_layers"] % pp:
+        raise MegapackError(
+            f"pipeline parallel size {pp} must divide num_hidden_layers ({hf_config['num_hidden_layers']})"
+        )
+
+
+def transformer_config_from_hf(
+    hf_config: dict,
+    *,
+    attention_backend: str = "auto",
+    cross_sample_attention: bool = False,
+    bf16: bool = False,
+    sequence_parallel: bool = False,
+    tp: int = 1,
+    pp: int = 1,
+    **overrides: Any,
+):
+    """A megatron TransformerConfig for this LLaMA config (CPU-safe fusions off when CUDA is absent)."""
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.transformer.enums import AttnBackend
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    validate_hf_config(hf_config)
+    check_parallel_sizes(hf_config, tp, pp)
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise MegapackError(
+            f"attention_backend {attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}"
+        )
+    del cross_sample_attention  # a property of the layer spec (megapack.model.spec), kept here for one signature
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        num_layers=hf_config["num_hidden_layers"],
+        hidden_size=hf_config["hidden_size"],
+        ffn_hidden_size=hf_config["intermediate_size"],
+        num_attention_heads=hf_config["num_attention_heads"],
+        num_query_groups=num_kv_heads(hf_config),
+        kv_channels=head_dim(hf_config),
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf_config.get("rms_norm_eps", 1e-6)),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        rotary_interleaved=False,
+        init_method_std=float(hf_config.get("initializer_range", 0.02)),
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        attention_backend=AttnBackend.auto if attention_backend in ("auto", "te") else AttnBackend.local,
+        use_cpu_initialization=not cuda,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=cuda,
+        bias_dropout_fusion=cuda,
+        bias_activation_fusion=cuda,
+        apply_rope_fusion=False,
+        persist_layer_norm=cuda,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)

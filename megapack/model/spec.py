@@ -1,0 +1,59 @@
+"""Layer specs: Transformer Engine when usable, else megatron's local spec with megapack's packed core attention."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from megapack.errors import MegapackError
+from megapack.model.attention import PackedCoreAttention, flash_available, torch_varlen_available
+from megapack.model.config import ATTENTION_BACKENDS
+
+
+def te_available() -> bool:
+    """Whether transformer_engine imports and CUDA is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention_backend(attention_backend: str = "auto", cross_sample_attention: bool = False) -> str:
+    """The concrete backend ('te', 'flash', 'torch_varlen' or 'sdpa'); `auto` picks the fastest available."""
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise MegapackError(f"attention_backend {attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    checks = {
+        "te": (te_available, "needs transformer_engine and a CUDA GPU (pip install 'megapack[gpu]')"),
+        "flash": (flash_available, "needs flash-attn and a CUDA GPU (pip install flash-attn)"),
+        "torch_varlen": (torch_varlen_available, "needs torch.nn.attention.varlen (torch >= 2.10) and a CUDA GPU"),
+        "sdpa": (lambda: True, ""),
+    }
+    if attention_backend == "auto":
+        order = ("flash", "torch_varlen", "sdpa") if cross_sample_attention else ("te", "flash", "torch_varlen", "sdpa")
+        return next(name for name in order if checks[name][0]())
+    if attention_backend == "te" and cross_sample_attention:
+        raise MegapackError("cross_sample_attention is not available with attention_backend 'te'; use flash or sdpa")
+    available, why = checks[attention_backend]
+    if not available():
+        raise MegapackError(f"attention_backend {attention_backend!r} is not available here: it {why}")
+    return attention_backend
+
+
+def gpt_layer_spec(backend: str, cross_sample_attention: bool = False):
+    """The ModuleSpec of one LLaMA decoder layer for a resolved backend."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if backend == "te":
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # megatron calls submodules.core_attention(config=..., ...) directly, so a partial (not a ModuleSpec) goes here
+    spec.submodules.self_attention.submodules.core_attention = functools.partial(
+        PackedCoreAttention, backend=backend, cross_sample_attention=cross_sample_attention
+    )
+    return spec
