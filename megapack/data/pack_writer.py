@@ -173,6 +173,7 @@ def pack_split(
         if bar is not None:
             bar.close()
     sample_tokens = int(plan.length.sum())
+    counts, edges = np.histogram(store.length, bins=min(64, max(1, len(store.length))))
     padded_tokens = int(plan.seg_length.sum())
     return {
         "num_samples": int(len(store.length)) - plan.dropped,
@@ -188,6 +189,7 @@ def pack_split(
         "truncated_tokens": plan.truncated_tokens,
         "dropped": plan.dropped,
         "dropped_tokens": plan.dropped_tokens,
+        "sample_length_histogram": {"bin_edges": edges.round(2).tolist(), "counts": counts.tolist()},
         "shards": written["shards"],
     }
 
