@@ -148,3 +148,14 @@ def test_bad_registry_and_arguments(tmp_path):
         resolve_datasets([str(tmp_path)], None, None, fmt="csv")
     with pytest.raises(MegapackError, match=f"{tmp_path}/nope.jsonl: no such file or directory"):
         resolve_datasets([str(tmp_path / "nope.jsonl")], None, None)
+
+
+def test_prompt_only_entry_is_text_only_without_responses(tmp_path):
+    (tmp_path / "pt.jsonl").write_text('{"content": "a document"}\n', encoding="utf-8")
+    (tmp_path / "qa.jsonl").write_text('{"question": "why?", "output": "because"}\n', encoding="utf-8")
+    directory = _registry(tmp_path, {"pt": {"file_name": "pt.jsonl", "columns": {"prompt": "content"}},
+                                     "qa": {"file_name": "qa.jsonl", "columns": {"prompt": "question"}}})
+    pt, qa = resolve_datasets(None, ["pt", "qa"], directory)
+    assert (pt.formatting, list(iter_samples(pt))) == ("text", [Document("a document", f"{tmp_path}/pt.jsonl:1")])
+    assert (qa.formatting, [s.messages for s in iter_samples(qa)]) == (
+        "alpaca", [[Message("user", "why?"), Message("assistant", "because")]])

@@ -3,17 +3,21 @@
 A registry entry is honoured as LLaMA-Factory (v0.9.5) documents it in data/README.md: `file_name` (a file or a
 folder of files, relative to the dataset directory), `formatting` (alpaca by default, sharegpt, openai), `columns`
 and `tags`. Its defaults apply: an alpaca entry reads no system/history column unless `columns` names one. An alpaca
-entry whose only column is `prompt` (LLaMA-Factory's pre-training description, e.g. c4_demo) reads Documents.
+entry whose only column is `prompt` (LLaMA-Factory's pre-training description, e.g. c4_demo) reads Documents when
+its records have no response (`output`) column. An `openai` entry defaults to OpenAI names (messages, role/content,
+user/assistant/system/tool) where LLaMA-Factory would look for sharegpt's and fail. `num_samples` keeps the first N
+valid samples (LLaMA-Factory draws N at random).
 Hub-hosted entries, preference (`ranking`), KTO and multimodal entries are refused: megapack does text SFT offline.
 """
 from __future__ import annotations
 
 import difflib
+from contextlib import closing
 import json
 import os
 from dataclasses import dataclass, field
 
-from megapack.data.readers import list_data_files
+from megapack.data.readers import iter_records, list_data_files
 from megapack.errors import MegapackError
 
 REGISTRY_FILE = "dataset_info.json"
@@ -114,22 +118,24 @@ def spec_from_entry(name: str, registry: dict[str, dict], dataset_dir: str) -> D
         raise MegapackError(
             f"{where}: dataset {name!r} is multimodal (columns.{media[0]}); megapack trains text-only models"
         )
+    path = os.path.join(dataset_dir, entry["file_name"])
+    if not os.path.exists(path):
+        raise MegapackError(f"{where}: dataset {name!r}: file_name {path} does not exist; expected a file or folder")
     formatting = entry.get("formatting", "alpaca")
     if formatting not in _REGISTRY_FORMATS:
         raise MegapackError(
             f"{where}: dataset {name!r} has formatting {formatting!r}; expected one of {', '.join(_REGISTRY_FORMATS)}"
         )
     resolved: dict[str, str | None] = {k: columns[k] for k in COLUMN_KEYS if k in columns}
-    if formatting == "alpaca" and "prompt" in columns and not {"query", "response", "history", "messages"} & set(columns):
-        formatting = "text"  # LLaMA-Factory's pre-training description: {"columns": {"prompt": "text"}}
+    if formatting == "alpaca" and set(columns) == {"prompt"} and _lacks_response(path, "output"):
+        # LLaMA-Factory's pre-training description, {"columns": {"prompt": "text"}}: LLaMA-Factory picks pre-training
+        # by its stage; here records without the (default) response column make it a text dataset
+        formatting = "text"
     if formatting == "text":
         resolved = {"text": columns.get("prompt", "text")}
     else:
         for optional in ("system", "tools", "history"):  # LLaMA-Factory reads these only when named
             resolved.setdefault(optional, None)
-    path = os.path.join(dataset_dir, entry["file_name"])
-    if not os.path.exists(path):
-        raise MegapackError(f"{where}: dataset {name!r}: file_name {path} does not exist; expected a file or folder")
     num_samples = entry.get("num_samples")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise MegapackError(f"{where}: dataset {name!r} has num_samples {num_samples!r}; expected a positive integer")
@@ -142,3 +148,15 @@ def spec_from_entry(name: str, registry: dict[str, dict], dataset_dir: str) -> D
         num_samples=num_samples,
         registry=where,
     )
+
+
+def _lacks_response(path: str, response: str, look: int = 100) -> bool:
+    """Whether the first record object among the first `look` records of `path` has no `response` key."""
+    for file in list_data_files(path):
+        with closing(iter_records(file)) as records:
+            for n, item in enumerate(records):
+                if n >= look:
+                    return True
+                if isinstance(item, tuple) and isinstance(item[1], dict):
+                    return response not in item[1]
+    return True
