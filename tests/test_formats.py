@@ -125,8 +125,10 @@ def test_bad_alpaca_and_text_records():
 def test_auto_detects_each_format(tmp_path):
     cases = {
         "sg.jsonl": (_gpt(("human", "a"), ("gpt", "b")), "user"),
-        "oa.jsonl": ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "user"),
-        "oa_conv.jsonl": ({"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "user"),
+        "oa.jsonl": ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                     "user"),
+        "oa_conv.jsonl": ({"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                          "user"),
         "al.jsonl": ({"instruction": "a", "output": "b"}, "user"),
     }
     for name, (record, role) in cases.items():

@@ -96,10 +96,13 @@ def test_openai_entry_via_tags_folder_and_num_samples(tmp_path):
         "oa": {"file_name": "parts", "formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": tags},
         "oa1": {"file_name": "parts", "formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": tags,
                 "num_samples": 1},
+        "oa2": {"file_name": "parts", "formatting": "openai", "columns": {"system": "sys"}},
     })
-    samples = [s for spec in resolve_datasets(None, ["oa", "oa1"], directory) for s in iter_samples(spec)]
+    specs = resolve_datasets(None, ["oa", "oa1", "oa2"], directory)
+    samples = [s for spec in specs for s in iter_samples(spec)]
     assert [(s.system, s.messages[1].content, s.source.rsplit("/", 1)[1]) for s in samples] == [
-        ("s0", "a0", "0.jsonl:1"), ("s1", "a1", "1.jsonl:1"), ("s0", "a0", "0.jsonl:1")]
+        ("s0", "a0", "0.jsonl:1"), ("s1", "a1", "1.jsonl:1"), ("s0", "a0", "0.jsonl:1"),
+        ("s0", "a0", "0.jsonl:1"), ("s1", "a1", "1.jsonl:1")]  # a leading system turn wins over the column
 
 
 def test_refusals_name_the_entry(tmp_path):
@@ -116,7 +119,8 @@ def test_refusals_name_the_entry(tmp_path):
     })
     where = f"{tmp_path}/dataset_info.json"
     expected = {
-        "hub": f"{where}: dataset 'hub' is hosted remotely (hf_hub_url='org/data'); hub datasets are not available offline",
+        "hub": f"{where}: dataset 'hub' is hosted remotely (hf_hub_url='org/data'); hub datasets are not available "
+               "offline",
         "script": f"{where}: dataset 'script' is hosted remotely (script_url='x')",
         "pairs": f"{where}: dataset 'pairs' is a preference dataset (ranking: true); megapack does SFT only",
         "kto": f"{where}: dataset 'kto' is a KTO dataset",
@@ -133,14 +137,15 @@ def test_refusals_name_the_entry(tmp_path):
     assert str(err.value).startswith(f"dataset 'alpaka_3' is not in {where} (did you mean: alpaca_3, alpaca_")
     with pytest.raises(MegapackError) as err:
         resolve_datasets(None, ["zzz"], directory)
-    assert str(err.value) == f"dataset 'zzz' is not in {where} (known: alpaca_0, alpaca_1, alpaca_2, alpaca_3, alpaca_4, ... (14 in all))"
+    known = "alpaca_0, alpaca_1, alpaca_2, alpaca_3, alpaca_4 and 9 more"
+    assert str(err.value) == f"dataset 'zzz' is not in {where} (known: {known})"
 
 
 def test_bad_registry_and_arguments(tmp_path):
     with pytest.raises(MegapackError, match=f"{tmp_path}/dataset_info.json: no such file"):
         resolve_datasets(None, ["x"], str(tmp_path))
     (tmp_path / "dataset_info.json").write_text('{"a": {"file_name": "x.json",}}', encoding="utf-8")
-    with pytest.raises(MegapackError, match=r"dataset_info.json: invalid JSON at line 1 column 30 \(Expecting property name"):
+    with pytest.raises(MegapackError, match=r"dataset_info.json: invalid JSON at line 1 column 30 \(Expecting prop"):
         load_registry(str(tmp_path))
     with pytest.raises(MegapackError, match="no dataset given"):
         resolve_datasets(None, [], None)

@@ -30,7 +30,8 @@ ON_ERROR = ("skip", "fail")
 # Column names per format. alpaca/sharegpt/openai follow LLaMA-Factory's; for files given directly (not through a
 # registry entry, which sets these to None unless named) the optional system/tools/history columns are read if present.
 DEFAULT_COLUMNS: dict[str, dict[str, str | None]] = {
-    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": "history", "system": "system"},
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
+               "system": "system"},
     "sharegpt": {"messages": "conversations", "system": "system", "tools": "tools"},
     "openai": {"messages": "messages", "system": "system", "tools": "tools"},
     "text": {"text": "text"},
@@ -103,7 +104,7 @@ def detect_format(record: Any) -> tuple[str, dict[str, str]] | None:
 
 
 def iter_samples(spec: DatasetSpec) -> Iterator[Sample | BadRecord]:
-    """Stream a dataset's samples and bad records, in file order; `auto` decides the format on the first valid record."""
+    """Stream a dataset's samples and bad records in file order; `auto` picks the format on the first usable record."""
     convert = None if spec.formatting == "auto" else make_converter(spec.formatting, spec.columns, spec.tags)
     produced = 0
     for path in spec.files:
@@ -199,7 +200,8 @@ def _alpaca(record: dict, cols: dict[str, str | None]) -> Conversation:
     history = record.get(history_col) if history_col else None
     if history is not None:
         if not isinstance(history, list):
-            raise _Bad("bad column type", f"{history_col!r} is a {_kind(history)}, expected a list of [prompt, response]")
+            raise _Bad("bad column type",
+                       f"{history_col!r} is a {_kind(history)}, expected a list of [prompt, response]")
         for i, pair in enumerate(history):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise _Bad("bad column type", f"{history_col}[{i}] is not a [prompt, response] pair")
@@ -229,7 +231,8 @@ def _alpaca(record: dict, cols: dict[str, str | None]) -> Conversation:
     if not response_col or response_col not in record:
         raise _Bad("missing column", f"no {response_col!r} key")
     messages.append(Message(ASSISTANT, _text(record, response_col)))
-    return Conversation(messages, system=_optional_text(record, cols.get("system")), tools=_tools(record, cols.get("tools")))
+    system, tools = _optional_text(record, cols.get("system")), _tools(record, cols.get("tools"))
+    return Conversation(messages, system=system, tools=tools)
 
 
 def _chat(record: dict, cols: dict[str, str | None], tags: dict[str, str], openai: bool) -> Conversation:
@@ -304,6 +307,7 @@ def _content(content: Any, where: str) -> str:
 
 def _tool_calls(calls: Any, where: str) -> str:
     """OpenAI `tool_calls` -> the JSON list of their `function` objects, as LLaMA-Factory renders a function call."""
-    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                              for c in calls):
         raise _Bad("bad column type", f"{where} tool_calls is not a list of {{'function': {{...}}}} objects")
     return json.dumps([c["function"] for c in calls], ensure_ascii=False)

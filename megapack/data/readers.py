@@ -28,7 +28,8 @@ def file_kind(path: str) -> str:
     ext = os.path.splitext(path)[1].lstrip(".").lower()
     if ext not in EXTENSIONS:
         allowed = ", ".join(f".{e}" for e in EXTENSIONS)
-        raise MegapackError(f"{path}: unsupported file type {('.' + ext) if ext else '(no extension)'!r}; expected one of {allowed}")
+        shown = f"'.{ext}'" if ext else "(no extension)"
+        raise MegapackError(f"{path}: unsupported file type {shown}; expected one of {allowed}")
     return EXTENSIONS[ext]
 
 
@@ -86,7 +87,8 @@ def iter_json(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
     elif first == b"":
         return
     else:
-        raise MegapackError(f"{name}: expected a JSON array of records or JSON lines, found {first.decode(errors='replace')!r} at the start")
+        found = first.decode(errors="replace")
+        raise MegapackError(f"{name}: expected a JSON array of records or JSON lines, found {found!r} at the start")
 
 
 def iter_json_lines(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
@@ -233,8 +235,11 @@ def _iter_csv(path: str) -> Iterator[Record | BadRecord]:
             for index, row in enumerate(reader, start=1):
                 source = f"{path}:{index}"
                 if None in row:  # more fields than the header
-                    yield BadRecord(source, "malformed row", f"row has {len(row) - 1 + len(row[None])} fields, header has {len(reader.fieldnames or [])}")
+                    fields, header = len(row) - 1 + len(row[None]), len(reader.fieldnames or [])
+                    yield BadRecord(source, "malformed row", f"row has {fields} fields, header has {header}")
                     continue
                 yield source, row
         except (csv.Error, UnicodeDecodeError) as exc:
-            raise MegapackError(f"{path}: unreadable CSV near row {reader.line_num} ({exc}); expected UTF-8 CSV with a header") from exc
+            raise MegapackError(
+                f"{path}: unreadable CSV near line {reader.line_num} ({exc}); expected UTF-8 CSV with a header"
+            ) from exc

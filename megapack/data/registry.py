@@ -56,7 +56,9 @@ def load_registry(dataset_dir: str) -> dict[str, dict]:
         with open(path, encoding="utf-8") as fp:
             info = json.load(fp)
     except FileNotFoundError:
-        raise MegapackError(f"{path}: no such file (expected LLaMA-Factory's dataset registry in the dataset directory)") from None
+        raise MegapackError(
+            f"{path}: no such file (expected LLaMA-Factory's dataset registry in the dataset directory)"
+        ) from None
     except json.JSONDecodeError as exc:
         raise MegapackError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -92,7 +94,7 @@ def spec_from_entry(name: str, registry: dict[str, dict], dataset_dir: str) -> D
     if name not in registry:
         close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.5)
         known = close or sorted(registry)[:5]
-        more = "" if close or len(registry) <= 5 else f", ... ({len(registry)} in all)"
+        more = "" if close or len(registry) <= 5 else f" and {len(registry) - 5} more"
         label = "did you mean" if close else "known"
         raise MegapackError(f"dataset {name!r} is not in {where} ({label}: {', '.join(known)}{more})")
     entry = registry[name]
@@ -106,7 +108,9 @@ def spec_from_entry(name: str, registry: dict[str, dict], dataset_dir: str) -> D
     if not isinstance(entry.get("file_name"), str) or not entry["file_name"]:
         raise MegapackError(f"{where}: dataset {name!r} has no file_name; expected a local file or folder name")
     if entry.get("ranking"):
-        raise MegapackError(f"{where}: dataset {name!r} is a preference dataset (ranking: true); megapack does SFT only")
+        raise MegapackError(
+            f"{where}: dataset {name!r} is a preference dataset (ranking: true); megapack does SFT only"
+        )
     columns = entry.get("columns", {})
     tags = entry.get("tags", {})
     if not isinstance(columns, dict) or not isinstance(tags, dict):
