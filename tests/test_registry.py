@@ -115,6 +115,7 @@ def test_refusals_name_the_entry(tmp_path):
         "images": {"file_name": "d.json", "formatting": "sharegpt", "columns": {"images": "images"}},
         "weird": {"file_name": "d.json", "formatting": "xml"},
         "gone": {"file_name": "missing.json"},
+        "listy": {"file_name": "d.json", "formatting": "sharegpt", "tags": {"user_tag": ["human", "user"]}},
         **{f"alpaca_{i}": {"file_name": "d.json"} for i in range(7)},
     })
     where = f"{tmp_path}/dataset_info.json"
@@ -127,6 +128,7 @@ def test_refusals_name_the_entry(tmp_path):
         "images": f"{where}: dataset 'images' is multimodal (columns.images)",
         "weird": f"{where}: dataset 'weird' has formatting 'xml'; expected one of alpaca, sharegpt, openai, text",
         "gone": f"{where}: dataset 'gone': file_name {tmp_path}/missing.json does not exist",
+        "listy": f"{where}: dataset 'listy': user_tag=['human', 'user']; expected a column or tag name (a string)",
     }
     for name, message in expected.items():
         with pytest.raises(MegapackError) as err:
@@ -137,7 +139,7 @@ def test_refusals_name_the_entry(tmp_path):
     assert str(err.value).startswith(f"dataset 'alpaka_3' is not in {where} (did you mean: alpaca_3, alpaca_")
     with pytest.raises(MegapackError) as err:
         resolve_datasets(None, ["zzz"], directory)
-    known = "alpaca_0, alpaca_1, alpaca_2, alpaca_3, alpaca_4 and 9 more"
+    known = "alpaca_0, alpaca_1, alpaca_2, alpaca_3, alpaca_4 and 10 more"
     assert str(err.value) == f"dataset 'zzz' is not in {where} (known: {known})"
 
 

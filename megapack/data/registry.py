@@ -115,6 +115,9 @@ def spec_from_entry(name: str, registry: dict[str, dict], dataset_dir: str) -> D
     tags = entry.get("tags", {})
     if not isinstance(columns, dict) or not isinstance(tags, dict):
         raise MegapackError(f"{where}: dataset {name!r}: columns and tags must be JSON objects")
+    odd = [f"{k}={v!r}" for k, v in [*columns.items(), *tags.items()] if v is not None and not isinstance(v, str)]
+    if odd:
+        raise MegapackError(f"{where}: dataset {name!r}: {odd[0]}; expected a column or tag name (a string)")
     if columns.get("kto_tag"):
         raise MegapackError(f"{where}: dataset {name!r} is a KTO dataset (columns.kto_tag); megapack does SFT only")
     media = [c for c in _MEDIA_COLUMNS if columns.get(c)]
