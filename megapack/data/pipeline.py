@@ -77,6 +77,8 @@ def validate(cfg: PreprocessConfig) -> None:
 
 def _fingerprint(cfg: PreprocessConfig, specs: list, tokenizer_identity: str, template_identity: str) -> dict:
     """What the tokenized partitions depend on; a rerun reuses them only if this is unchanged."""
+    from megapack.data.pipeline_tokenize import BLOCK
+
     files = []
     for spec in specs:
         for f in spec.files:
@@ -89,6 +91,7 @@ def _fingerprint(cfg: PreprocessConfig, specs: list, tokenizer_identity: str, te
         "template": template_identity,
         "on_error": cfg.on_error,
         "num_partitions": cfg.num_partitions,
+        "partition_block": BLOCK,
     }
 
 

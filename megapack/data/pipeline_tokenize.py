@@ -22,7 +22,7 @@ import numpy as np
 from megapack.data.conversation import BadRecord, SkipReport
 from megapack.errors import MegapackError
 
-BLOCK = 1024  # records per partition block
+BLOCK = 256  # records per partition block
 BATCH = 256  # samples per worker task
 DONE = "part.json"
 
