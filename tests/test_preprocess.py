@@ -118,15 +118,15 @@ def test_killed_run_is_never_complete_and_resumes(tmp_path, llama3_tokenizer_pat
     words = np.array("the quick brown fox jumps over a lazy dog while packing many tokens".split())
     data = tmp_path / "docs.jsonl"
     with open(data, "w") as f:
-        for _ in range(12000):
+        for _ in range(8000):
             f.write(json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(5, 120))))}) + "\n")
     cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(data), "--template", "plain",
-           "--tokenizer-model", str(llama3_tokenizer_path), "--seq-length", "1024", "--num-partitions", "6",
+           "--tokenizer-model", str(llama3_tokenizer_path), "--seq-length", "1024", "--num-partitions", "4",
            "--no-progress"]
     out = tmp_path / "out"
     proc = subprocess.Popen([*cmd, "--output-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not list((out / ".work").glob("part-00001-of-00006/part.json")) and time.time() < deadline:
+    while not list((out / ".work").glob("part-00000-of-00004/part.json")) and time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -142,7 +142,7 @@ def test_killed_run_is_never_complete_and_resumes(tmp_path, llama3_tokenizer_pat
     assert fresh.returncode == 0, fresh.stderr
     a = json.loads((out / "meta.json").read_text())
     b = json.loads((tmp_path / "fresh" / "meta.json").read_text())
-    assert a["sha256"] == b["sha256"] and a["num_samples"] == 12000
+    assert a["sha256"] == b["sha256"] and a["num_samples"] == 8000
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "fresh").iterdir())
 
 
