@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     from megapack.model.hf_import import load_hf_weights
     from megapack.training.distributed import destroy_distributed, init_distributed
 
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise MegapackError(f"{out_dir}: --output-dir exists and is not empty (refusing to overwrite)")
     if args.direction == "hf-to-megatron":
         hf_dir = Path(args.hf_dir)
         hf_config = load_hf_config(hf_dir)

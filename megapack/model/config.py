@@ -15,7 +15,7 @@ ATTENTION_BACKENDS = ("auto", "te", "flash", "torch_varlen", "sdpa")
 def load_hf_config(hf_dir_or_config_json: str | Path) -> dict:
     """Read a Hugging Face `config.json` (given the file or its directory) and check the architecture is supported."""
     path = Path(hf_dir_or_config_json)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":
         path = path / "config.json"
     if not path.is_file():
         raise MegapackError(f"{path}: no such file (expected a Hugging Face config.json)")

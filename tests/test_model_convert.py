@@ -1,0 +1,67 @@
+"""tools/convert_checkpoint.py: HF -> torch_dist -> HF as separate single-process CPU runs, bit for bit."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from model_helpers import hf_logits, make_hf_checkpoint, packed_example
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_hf_to_megatron_to_hf_round_trip(tmp_path, llama3_tokenizer_path):
+    from safetensors.torch import load_file
+
+    hf = make_hf_checkpoint(tmp_path / "hf", tied=False, seed=4, num_layers=2)
+    (hf / "original").mkdir()
+    shutil.copyfile(llama3_tokenizer_path, hf / "original" / "tokenizer.model")
+
+    out = _convert("hf-to-megatron", "--hf-dir", str(hf), "--output-dir", str(tmp_path / "ckpt"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = json.loads((tmp_path / "ckpt" / "megapack.json").read_text())
+    digest = hashlib.sha256(Path(llama3_tokenizer_path).read_bytes()).hexdigest()
+    assert meta["format"] == "megapack-torch-dist-v1"
+    assert meta["tokenizer_identity"] == f"original/tokenizer.model:sha256:{digest}"
+    assert meta["hf_config"]["num_hidden_layers"] == 2 and meta["hf_config"]["vocab_size"] == 300
+    assert (tmp_path / "ckpt" / "metadata.json").is_file()  # megatron's torch_dist marker
+
+    out = _convert("megatron-to-hf", "--checkpoint-dir", str(tmp_path / "ckpt"), "--output-dir",
+                   str(tmp_path / "back"), "--max-shard-size", "60KB")
+    assert out.returncode == 0, out.stderr[-3000:]
+    back = tmp_path / "back"
+    shards = sorted(back.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (back / "model.safetensors.index.json").is_file()
+    original = load_file(str(hf / "model.safetensors"))
+    exported = {}
+    for shard in shards:
+        exported.update(load_file(str(shard)))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    assert (back / "original" / "tokenizer.model").read_bytes() == Path(llama3_tokenizer_path).read_bytes()
+    config = json.loads((back / "config.json").read_text())
+    assert config.get("rope_theta", config.get("rope_parameters", {}).get("rope_theta")) == 500000.0
+
+    _, tokens, _, _ = packed_example(lengths=(20,))
+    assert torch.equal(hf_logits(back, tokens), hf_logits(hf, tokens))
+
+    again = _convert("megatron-to-hf", "--checkpoint-dir", str(tmp_path / "ckpt"), "--output-dir", str(back))
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines()[-1].startswith("error: ") and "not empty" in again.stderr
+
+
+def test_convert_usage_errors_are_one_line(tmp_path):
+    out = _convert("hf-to-megatron", "--hf-dir", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "c"))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing' / 'config.json'}: no such file (expected a Hugging Face config.json)"
