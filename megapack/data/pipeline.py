@@ -120,7 +120,11 @@ def prepare_output(cfg: PreprocessConfig, job: dict) -> bool:
         same_job = job_path.exists() and _read_json(job_path) == job
         if (out / META_NAME).exists() and not cfg.overwrite:
             raise MegapackError(f"--output-dir {out}: already holds finished shards (meta.json); pass --overwrite to replace them")
-        if entries and not same_job and not cfg.overwrite:
+        if job_path.exists() and not same_job and not cfg.overwrite:
+            raise MegapackError(f"--output-dir {out}: holds an unfinished run with other inputs or settings; "
+                                "rerun that command to resume it, or pass --overwrite to start over")
+        fresh = all(e.name == WORK for e in entries) and not job_path.exists()  # a parallel task just created it
+        if entries and not same_job and not fresh and not cfg.overwrite:
             raise MegapackError(f"--output-dir {out}: not empty; pass --overwrite to replace its contents, or choose an empty directory")
         if cfg.overwrite and not (same_job and not (out / META_NAME).exists()):
             _clear_ours(out)
@@ -173,6 +177,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             parts[i] = done or tokenize_partition(
                 specs, encode, dtype, work, i, cfg.num_partitions,
                 workers=cfg.workers, on_error=cfg.on_error, progress=cfg.progress,
+                encoder=(tokenizer, template, template_options),
             )
             parts[i]["reused"] = done is not None
         if cfg.partition_index is not None:

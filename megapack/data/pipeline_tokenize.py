@@ -53,8 +53,12 @@ def load_encoder(spec: EncodeSpec):
 _WORKER: dict = {}
 
 
-def _init_worker(spec: EncodeSpec, dtype: str) -> None:
-    _WORKER["encoder"] = load_encoder(spec)
+def _init_worker(spec: EncodeSpec, dtype: str, encoder: tuple | None = None) -> None:
+    # Forked workers inherit the parent's loaded encoder (loading the LLaMA-3 ranks takes ~0.5 s).
+    if encoder is None and _WORKER.get("spec") != spec:
+        encoder = load_encoder(spec)
+    if encoder is not None:
+        _WORKER["encoder"], _WORKER["spec"] = encoder, spec
     _WORKER["dtype"] = np.dtype(dtype)
 
 
@@ -118,6 +122,7 @@ def tokenize_partition(
     workers: int = 1,
     on_error: str = "skip",
     progress: bool = True,
+    encoder: tuple | None = None,
 ) -> dict:
     """Tokenize partition `index` of `num_parts` into work_dir; returns its part.json statistics."""
     final = part_dir(work_dir, index, num_parts)
@@ -131,11 +136,10 @@ def tokenize_partition(
     bar = None
     pool = None
     try:
+        _init_worker(encode, dtype.name, encoder)
         if workers > 1:
             ctx = multiprocessing.get_context("fork")
             pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encode, dtype.name))
-        else:
-            _init_worker(encode, dtype.name)
         if progress:
             from tqdm import tqdm
 
