@@ -20,16 +20,18 @@ TOKENIZER_FILES = (
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every TP rank's copy of a local tensor, in TP rank order."""
+def _gather_tp(tensor: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every TP rank's piece of a local tensor, in TP rank order, on TP rank 0 only (None elsewhere)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp == 1:
         return [tensor]
-    parts = [torch.empty_like(tensor) for _ in range(tp)]
-    dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    first = parallel_state.get_tensor_model_parallel_rank() == 0
+    parts = [torch.empty_like(tensor) for _ in range(tp)] if first else None
+    dist.gather(tensor.contiguous(), parts, dst=parallel_state.get_tensor_model_parallel_src_rank(),
+                group=parallel_state.get_tensor_model_parallel_group())
     return parts
 
 
@@ -55,12 +57,12 @@ def _to_hf(kind: str, names: tuple[str, ...], parts: list[torch.Tensor], hf_conf
 
 
 def _stage_tensors(model, hf_config: dict) -> dict[str, torch.Tensor]:
-    """Full HF tensors held by this pipeline stage (every TP rank takes part in the gathers)."""
+    """Full HF tensors of this pipeline stage on its TP rank 0 (other TP ranks join the gathers, return {})."""
     tied = bool(hf_config.get("tie_word_embeddings", False))
     out: dict[str, torch.Tensor] = {}
     for name, param, mapping, _layer in named_mappings(model, hf_config):
         parts = _gather_tp(param.detach())
-        if tied and name == "output_layer.weight":
+        if parts is None or (tied and name == "output_layer.weight"):
             continue  # the last stage's copy of the tied embedding
         for hf_name, tensor in _to_hf(mapping.kind, mapping.hf_names, parts, hf_config).items():
             out[hf_name] = tensor.detach().to("cpu").contiguous().clone()
