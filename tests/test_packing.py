@@ -41,7 +41,9 @@ def check_plan(lengths: np.ndarray, L: int, packing: str, K: int, drop_long: boo
     missing = sum(int((c == 0).sum()) for c in covered)
     assert missing == plan.truncated_tokens + plan.dropped_tokens
     if packing == "random":
-        assert missing == 0
+        long = lengths > L
+        assert missing == (int(lengths[long].sum()) if drop_long else 0) == plan.dropped_tokens
+        assert plan.dropped == (long.sum() if drop_long else 0) and plan.truncated == 0
         # exact-L rows except the last; a sample is split only across consecutive rows
         assert (pack_len[:-1] == L).all()
     else:

@@ -80,7 +80,7 @@ def plan_packs(
         raise MegapackError("sample lengths: expected a 1-D array of positive integers")
     rng = np.random.default_rng(seed)
     if packing == "random":
-        return _random(lengths, seq_length, pad_to_multiple, rng)
+        return _random(lengths, seq_length, pad_to_multiple, rng, drop_long)
 
     long = lengths > seq_length
     kept = np.flatnonzero(~long) if drop_long else np.arange(len(lengths))
@@ -133,9 +133,13 @@ def _stable_argsort(keys: np.ndarray) -> np.ndarray:
     return low[np.argsort((keys[low] >> 16).astype(np.uint16), kind="stable")]
 
 
-def _random(lengths: np.ndarray, seq_length: int, multiple: int, rng: np.random.Generator) -> PackPlan:
-    """Seeded order, concatenate, cut into exact seq_length rows (the last row may be shorter)."""
+def _random(lengths: np.ndarray, seq_length: int, multiple: int, rng: np.random.Generator, drop_long: bool) -> PackPlan:
+    """Seeded order, concatenate, cut into exact seq_length rows (the last row may be shorter); nothing is
+    truncated; with drop_long, samples longer than seq_length are left out."""
     order = rng.permutation(len(lengths))
+    long = lengths[order] > seq_length
+    if drop_long:
+        order = order[~long]
     seg = round_up(lengths[order], multiple)
     ends = np.cumsum(seg)
     begins = ends - seg
@@ -157,6 +161,8 @@ def _random(lengths: np.ndarray, seq_length: int, multiple: int, rng: np.random.
         start=start.astype(np.int64),
         length=real_len.astype(np.int64),
         seg_length=seg_len.astype(np.int64),
+        dropped=int(long.sum()) if drop_long else 0,
+        dropped_tokens=int(lengths[lengths > seq_length].sum()) if drop_long else 0,
     )
 
 
