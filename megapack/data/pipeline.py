@@ -103,6 +103,7 @@ def _ours(path: Path) -> bool:
 
 
 def _clear_ours(out: Path) -> None:
+    (out / META_NAME).unlink(missing_ok=True)  # first: a directory being cleared must stop looking complete
     for entry in out.iterdir():
         if _ours(entry):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
