@@ -105,6 +105,8 @@ def parallel_job(untied: str, tied: str, work: str, bad_shape: str, bad_shard: s
                 except MegapackError as exc:
                     res[name] = str(exc)
         if (tp, pp) == (2, 1):
+            sp_model, _ = build(cfg_u, untied, sequence_parallel=True)
+            keep("tp2pp1/pack_sp", _logits_of(sp_model, pack, pack_pos, _packed_params(cu)))
             save_model_checkpoint(model, Path(work) / "ckpt_tp2", cfg_u, "tok:sha256:abc", extra={"iteration": 7})
         if (tp, pp) == (1, 2):
             fresh = build_model(cfg_u, seq_length=64).eval()
@@ -186,6 +188,11 @@ def test_cross_sample_attention_visibly_differs(job):
     # the first conversation sees nothing before it either way; the later ones attend across the boundary
     assert np.abs(cross[0, :n0] - alone[0][0]).max() <= 1e-5
     assert np.abs(cross[0, n0 : n0 + len(convs[1])] - alone[1][0]).max() > 1e-2
+
+
+def test_sequence_parallel_packed_forward_is_identical(job):
+    res = job["res"]
+    assert np.array_equal(res["tp2pp1/pack_sp"], res["tp2pp1/pack"])
 
 
 def test_each_rank_reads_only_its_slices(job):

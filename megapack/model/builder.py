@@ -9,7 +9,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megapack.errors import MegapackError
 from megapack.model.config import head_dim, rope_parameters, transformer_config_from_hf
-from megapack.model.spec import gpt_layer_spec, resolve_attention_backend
+from megapack.model.spec import gpt_block_spec, resolve_attention_backend
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -107,7 +107,7 @@ def build_model(
     vocab = int(hf_config["vocab_size"])
     model = MegapackGPTModel(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(backend, cross_sample_attention),
+        transformer_layer_spec=gpt_block_spec(config, backend, cross_sample_attention, vp_stage),
         vocab_size=padded_vocab_size(vocab, tp),
         true_vocab_size=vocab,
         max_sequence_length=seq_length,

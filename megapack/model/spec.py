@@ -42,6 +42,31 @@ def resolve_attention_backend(attention_backend: str = "auto", cross_sample_atte
     return attention_backend
 
 
+class MegapackRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm that, unlike megatron's WrappedTorchNorm, allows sequence parallelism.
+
+    Under sequence parallelism each TP rank sees a different slice of the sequence, so the norm weight's gradient
+    must be summed over TP; megatron's finalize_model_grads does that for parameters marked `sequence_parallel`.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str = "RMSNorm") -> None:
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+def gpt_block_spec(config, backend: str, cross_sample_attention: bool = False, vp_stage: int | None = None):
+    """Layer spec (TE) or block submodules (local: our core attention and SP-capable RMSNorm, final norm too)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec = gpt_layer_spec(backend, cross_sample_attention)
+    if backend == "te":
+        return spec
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=MegapackRMSNorm
+    )
+
+
 def gpt_layer_spec(backend: str, cross_sample_attention: bool = False):
     """The ModuleSpec of one LLaMA decoder layer for a resolved backend."""
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -52,6 +77,8 @@ def gpt_layer_spec(backend: str, cross_sample_attention: bool = False):
     if backend == "te":
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = MegapackRMSNorm
+    spec.submodules.pre_mlp_layernorm = MegapackRMSNorm
     # megatron calls submodules.core_attention(config=..., ...) directly, so a partial (not a ModuleSpec) goes here
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
         PackedCoreAttention, backend=backend, cross_sample_attention=cross_sample_attention
