@@ -98,6 +98,8 @@ def parallel_job(untied: str, tied: str, work: str, bad_shape: str, bad_shard: s
             keep(f"{tag}/cross", _logits_of(cross, pack, pack_pos, _packed_params(cu)))
             export_hf(model, cfg_u, Path(work) / "export_untied")
             export_hf(model_t, cfg_t, Path(work) / "export_tied", max_shard_bytes=20_000)
+            resharded, _ = build(cfg_t, str(Path(work) / "export_tied"))  # import from a sharded index
+            keep(f"{tag}/tied_from_shards", _logits_of(resharded, batch, batch_pos))
             for name, path in (("bad_shape", bad_shape), ("bad_shard", bad_shard)):
                 try:
                     build(load_hf_config(path), path)
@@ -105,6 +107,9 @@ def parallel_job(untied: str, tied: str, work: str, bad_shape: str, bad_shard: s
                 except MegapackError as exc:
                     res[name] = str(exc)
         if (tp, pp) == (2, 1):
+            with torch.no_grad():
+                res["tp2pp1/loss"] = model(input_ids=batch, position_ids=batch_pos, attention_mask=None,
+                                           labels=batch.roll(-1, dims=1)).numpy()
             sp_model, _ = build(cfg_u, untied, sequence_parallel=True)
             keep("tp2pp1/pack_sp", _logits_of(sp_model, pack, pack_pos, _packed_params(cu)))
             save_model_checkpoint(model, Path(work) / "ckpt_tp2", cfg_u, "tok:sha256:abc", extra={"iteration": 7})
@@ -188,6 +193,20 @@ def test_cross_sample_attention_visibly_differs(job):
     # the first conversation sees nothing before it either way; the later ones attend across the boundary
     assert np.abs(cross[0, :n0] - alone[0][0]).max() <= 1e-5
     assert np.abs(cross[0, n0 : n0 + len(convs[1])] - alone[1][0]).max() > 1e-2
+
+
+def test_vocab_parallel_loss_equals_cross_entropy_on_transformers_logits(job):
+    """The padded vocabulary columns stay out of the softmax: per-token loss == CE over the real 300 logits."""
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(3, 300, BATCH_SHAPE, generator=gen).roll(-1, dims=1)
+    ref = torch.nn.functional.cross_entropy(torch.from_numpy(job["ref_batch"]).flatten(0, 1), labels.flatten(),
+                                            reduction="none").view(BATCH_SHAPE).numpy()
+    assert _rel(job["res"]["tp2pp1/loss"], ref) <= 1e-5
+
+
+def test_tied_model_loads_from_its_sharded_export(job):
+    res = job["res"]
+    assert np.array_equal(res["tp2pp2/tied_from_shards"], res["tp2pp2/tied"])
 
 
 def test_sequence_parallel_packed_forward_is_identical(job):
