@@ -84,3 +84,10 @@ def test_backend_selection_on_this_machine():
             resolve_attention_backend(name)
     with pytest.raises(MegapackError, match="expected one of"):
         resolve_attention_backend("xformers")
+
+
+def test_mistral_architecture_maps_like_llama():
+    hf = tiny_llama_config(num_layers=2) | {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                                            "sliding_window": None, "rope_scaling": None, "rope_theta": 1e6}
+    cfg = transformer_config_from_hf(hf)
+    assert cfg.num_query_groups == 2 and cfg.kv_channels == 16

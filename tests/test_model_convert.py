@@ -64,4 +64,6 @@ def test_hf_to_megatron_to_hf_round_trip(tmp_path, llama3_tokenizer_path):
 def test_convert_usage_errors_are_one_line(tmp_path):
     out = _convert("hf-to-megatron", "--hf-dir", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "c"))
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing' / 'config.json'}: no such file (expected a Hugging Face config.json)"
+    missing = tmp_path / "missing" / "config.json"
+    expected = f"error: {missing}: no such file (expected a Hugging Face config.json)"
+    assert out.stderr.strip().splitlines()[-1] == expected

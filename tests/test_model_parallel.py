@@ -266,6 +266,7 @@ def test_export_at_tp2_pp2_is_bit_identical_and_loads_in_transformers(job, varia
 
 def test_import_errors_name_the_tensor_and_file(job):
     res = job["res"]
-    assert "mlp.gate_proj.weight" in res["bad_shape"] and "[128, 64]" in res["bad_shape"] and "[96, 64]" in res["bad_shape"]
+    bad_shape = res["bad_shape"]
+    assert "mlp.gate_proj.weight" in bad_shape and "[128, 64]" in bad_shape and "[96, 64]" in bad_shape
     assert "model-00002-of-00002.safetensors" in res["bad_shard"] and "missing" in res["bad_shard"]
     assert "\n" not in res["bad_shape"] + res["bad_shard"]

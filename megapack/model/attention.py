@@ -26,7 +26,7 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor | None, total: int, device: torch.device) -> torch.Tensor:
-    """Boolean `[total, total]` mask, True where a query may attend a key: causal and, given cu_seqlens, same segment."""
+    """Bool `[total, total]` mask, True where a query may attend a key: causal and (given cu_seqlens) same segment."""
     allowed = torch.ones(total, total, dtype=torch.bool, device=device).tril_()
     if cu_seqlens is not None:
         seg = segment_ids(cu_seqlens.to(device), total)
@@ -153,7 +153,8 @@ class PackedCoreAttention(MegatronModule):
                 **self._varlen_kwargs,
             )
         allowed = block_causal_mask(None if self.cross_sample_attention else cu_q, total, q.device)
-        out = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], allowed, self.softmax_scale)
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
+        out = _sdpa(q, k, v, allowed, self.softmax_scale)
         return out[0].transpose(0, 1).contiguous()
 
     def _padded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None):

@@ -88,7 +88,8 @@ def check_parallel_sizes(hf_config: dict, tp: int, pp: int) -> None:
             f"tensor parallel size {tp} must divide num_attention_heads ({heads}) and num_key_value_heads ({groups})"
         )
     if hf_config["intermediate_size"] % tp:
-        raise MegapackError(f"tensor parallel size {tp} must divide intermediate_size ({hf_config['intermediate_size']})")
+        ffn = hf_config["intermediate_size"]
+        raise MegapackError(f"tensor parallel size {tp} must divide intermediate_size ({ffn})")
     if hf_config["num_hidden_layers"] % pp:
         raise MegapackError(
             f"pipeline parallel size {pp} must divide num_hidden_layers ({hf_config['num_hidden_layers']})"
