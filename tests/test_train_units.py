@@ -164,3 +164,13 @@ def test_table_has_paper_columns():
     for col in ("epochs", "steps", "time (s)", "steps/s", "samples/s", "conv/s", "tokens/s"):
         assert col in text.splitlines()[0]
     assert "greedy" in text and "2.000" in text
+
+
+def test_segment_padding_counts_as_padding():
+    p = pack([[10, 11, 12, 99, 99], [20, 21, 99]], [[0, 1, 1, 0, 0], [0, 1, 0]])
+    b = build_micro_batch([p], pad_id=99)
+    assert b.stats["real_tokens"] == 5 and b.stats["total_tokens"] == 8 and b.stats["conversations"] == 2
+    # padding arm: the longest real conversation (here 3 tokens) sets the width, rounded up to 8
+    c = build_micro_batch([pack([[10, 11, 12, 99, 99, 99, 99, 99, 99]], [[0, 1, 1] + [0] * 6])], padded=True,
+                          pad_id=99)
+    assert len(c.tokens) == 8 and c.stats["real_tokens"] == 3 and c.labels[:2].tolist() == [11, 12]

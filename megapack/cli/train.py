@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Validate the config (before any process group), then train."""
     from megapack.training.config import load_config
+    from megapack.training.loop import quiet_warnings
+
+    quiet_warnings()
 
     config = load_config(args.config, args.overrides)
     if args.check:

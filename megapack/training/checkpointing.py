@@ -18,20 +18,11 @@ import numpy as np
 
 from megapack.errors import MegapackError
 
-FORMAT = "megapack-torch-dist-v1"
-MODEL_KEY_PREFIX = "model."  # ShardedTensor keys of model weights (shared with megapack.model.checkpoint)
+from megapack.model.checkpoint import FORMAT, MODEL_PREFIX, model_sharded_state_dict, read_metadata
+
 # DP-reshardable optimizer layout: each rank saves its own shard; loading on another DP size re-slices it
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False}
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-def _model_prefix() -> str:
-    try:
-        from megapack.model.checkpoint import MODEL_PREFIX
-
-        return MODEL_PREFIX
-    except ImportError:
-        return MODEL_KEY_PREFIX
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -52,17 +43,8 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:
-    """megapack.json of a checkpoint directory."""
-    file = Path(path) / "megapack.json"
-    try:
-        meta = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise MegapackError(f"{path}: not a megapack checkpoint (no megapack.json)") from None
-    except json.JSONDecodeError:
-        raise MegapackError(f"{file}: invalid JSON") from None
-    if meta.get("format") != FORMAT:
-        raise MegapackError(f"{file}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
+    """megapack.json of a checkpoint directory (model-only and training checkpoints share the format)."""
+    return read_metadata(path)
 
 
 def _rng_state() -> dict:
@@ -106,9 +88,15 @@ def _rng_sharded_object(data):
     )
 
 
+def _unwrap(model):
+    """The GPTModel inside DDP / Float16Module (its keys match model-only checkpoints)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
-    prefix = _model_prefix()
-    model_sd = model.sharded_state_dict(prefix=prefix)
+    model_sd = model_sharded_state_dict(_unwrap(model))
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
@@ -136,7 +124,12 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer, s
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank == 0:
-        info = dict(meta, format=FORMAT, iteration=iteration, train_state=dict(train_state, iteration=iteration))
+        from megatron.core import parallel_state as ps
+
+        info = dict(meta, format=FORMAT, iteration=iteration, train_state=dict(train_state, iteration=iteration),
+                    saved_with={"tp": ps.get_tensor_model_parallel_world_size(),
+                                "pp": ps.get_pipeline_model_parallel_world_size(),
+                                "dp": ps.get_data_parallel_world_size()})
         (tmp / "megapack.json").write_text(json.dumps(info, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -158,20 +151,86 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _allocate_torch_adam_state(optimizer) -> None:
+    """Give torch AdamW (megatron's fallback without Apex/TE) its lazily created state, `step` included.
+
+    megatron's DistributedOptimizer.state_dict() needs a step before the first optimizer step, which is exactly
+    the situation when resuming; the values are overwritten by the load.
+    """
+    import torch
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _checkpoint_adam_step(state) -> float | None:
+    """The optimizer step count stored with the param groups of a loaded optimizer state dict."""
+    if isinstance(state, dict):
+        for group in state.get("param_groups", []) if isinstance(state.get("param_groups"), list) else []:
+            if isinstance(group, dict) and group.get("step") is not None:
+                return float(group["step"])
+        for value in state.values():
+            found = _checkpoint_adam_step(value)
+            if found is not None:
+                return found
+    elif isinstance(state, list):
+        for value in state:
+            found = _checkpoint_adam_step(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _restore_torch_adam_steps(optimizer, loaded_optimizer_state) -> None:
+    """Fix torch AdamW `step` after megatron's load (its fallback path without Apex/TE).
+
+    megatron copies per-parameter tensors from the template over the state, which puts back the placeholder step
+    of `_allocate_torch_adam_state`; and it hands every parameter the same step tensor, which AdamW would increment
+    once per parameter. Each parameter gets its own tensor holding the checkpoint's step count.
+    """
+    import torch
+
+    step = _checkpoint_adam_step(loaded_optimizer_state)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.AdamW) and step is not None:
+            for state in inner.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step, dtype=state["step"].dtype)
+
+
 def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, load_optimizer: bool = True,
                     load_rng: bool = True) -> dict:
     """Collective: restore model (+ optimizer, scheduler, RNG) from a checkpoint; returns its train_state."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
+    if load_optimizer and optimizer is not None:
+        _allocate_torch_adam_state(optimizer)
     template = _sharded_state_dict(model, optimizer if load_optimizer else None, is_loading=True)
     if load_rng:
         template["rng_state"] = _rng_sharded_object(None)
     loaded = dist_checkpointing.load(template, str(path))
-    prefix = _model_prefix()
-    model.load_state_dict({k.removeprefix(prefix): v for k, v in loaded["model"].items()}, strict=True)
+    missing, unexpected = _unwrap(model).load_state_dict(
+        {k.removeprefix(MODEL_PREFIX): v for k, v in loaded["model"].items()}, strict=False
+    )
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise MegapackError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+                            f"unexpected {list(unexpected)[:3]})")
     if load_optimizer and optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        import torch
+
+        with torch.no_grad():  # fp32 main params are views of leaves that require grad
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_torch_adam_steps(optimizer, loaded["optimizer"])
     if load_optimizer and scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if load_rng and loaded.get("rng_state") is not None:

@@ -34,34 +34,46 @@ def _segments(pack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tokens, mask, cu
 
 
-def _real_length(pack) -> int:
-    return int(np.asarray(pack.cu_seqlens)[-1])
+def real_lengths(tokens: np.ndarray, mask: np.ndarray, cu: np.ndarray, pad_id: int | None) -> np.ndarray:
+    """Per segment, its length without the trailing padding (pad_id tokens outside the loss) shards may add."""
+    lengths = np.diff(cu)
+    if pad_id is None:
+        return lengths
+    is_pad = (tokens == pad_id) & (mask == 0)
+    out = lengths.copy()
+    for k in range(len(lengths)):
+        seg = is_pad[cu[k] : cu[k + 1]]
+        keep = np.flatnonzero(~seg)
+        out[k] = keep[-1] + 1 if len(keep) else 0
+    return out
 
 
 def build_micro_batch(
-    packs: Sequence, *, padded: bool = False, pad_multiple: int = 8, reduction: str = "token", pad_id: int = 0
+    packs: Sequence, *, padded: bool = False, pad_multiple: int = 8, reduction: str = "token", pad_id: int | None = None
 ) -> MicroBatch:
     """Concatenate packs into one THD row; `padded` pads each pack (one conversation) to the longest, rounded up.
 
+    `pad_id` (the shards' padding token) lets trailing per-segment padding be counted as padding, not data.
     Labels are shifted within each segment: position i predicts token i+1 of the same segment and is trained when
     that token's loss_mask is 1; the last position of every segment has no target.
     """
-    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []  # tokens, mask, cu, real tokens
+    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # tokens, mask, cu, real lengths
+    for p in packs:
+        toks, mask, cu = _segments(p)
+        pieces.append((toks, mask, cu, real_lengths(toks, mask, cu, pad_id)))
     if padded:
-        longest = max(_real_length(p) for p in packs)
+        # one conversation per pack: pad each to the longest real length of the micro-batch, rounded up
+        longest = max(int(r.sum()) for *_, r in pieces)
         width = -(-longest // pad_multiple) * pad_multiple
-        for p in packs:
-            n = _real_length(p)
-            toks = np.full(width, pad_id, np.int64)
-            toks[:n] = np.asarray(p.tokens, np.int64)[:n]
-            mask = np.zeros(width, np.uint8)
-            mask[:n] = np.asarray(p.loss_mask, np.uint8)[:n]
+        padded_pieces = []
+        for toks, mask, _cu, real in pieces:
+            n = int(real.sum())
+            t = np.full(width, pad_id if pad_id is not None else 0, np.int64)
+            m = np.zeros(width, np.uint8)
+            t[:n], m[:n] = toks[:n], mask[:n]
             # the padded row is one segment: pads sit after the conversation, so causal attention keeps it exact
-            pieces.append((toks, mask, np.array([0, width], np.int64), n))
-    else:
-        for p in packs:
-            toks, mask, cu = _segments(p)
-            pieces.append((toks, mask, cu, _real_length(p)))
+            padded_pieces.append((t, m, np.array([0, width], np.int64), np.array([n])))
+        pieces = padded_pieces
 
     tokens = np.concatenate([t for t, _, _, _ in pieces])
     mask = np.concatenate([m for _, m, _, _ in pieces])
@@ -69,7 +81,7 @@ def build_micro_batch(
     conversations = 0
     for toks, _m, cu, real in pieces:
         cu_list.extend(int(c) + offset for c in cu[1:])
-        conversations += int(np.searchsorted(cu, real, side="left")) if not padded else 1
+        conversations += int((real > 0).sum())
         offset += len(toks)
     cu_seqlens = np.asarray(cu_list, np.int64)
     seg_len = np.diff(cu_seqlens)
@@ -96,7 +108,7 @@ def build_micro_batch(
     else:
         raise ValueError(f"unknown loss reduction {reduction!r}")
 
-    real = sum(r for *_, r in pieces)
+    real = int(sum(int(r.sum()) for *_, r in pieces))
     stats = {
         "real_tokens": real,
         "total_tokens": len(tokens),
@@ -241,7 +253,8 @@ def broadcast_batch(batch: MicroBatch | None, src: int, group, device) -> dict:
 
 
 def micro_batch_iterator(dataset, index_lists: Sequence[list[int] | None], *, padded: bool, reduction: str,
-                         pad_multiple: int, is_src: bool, src: int, group, device) -> Iterator[dict]:
+                         pad_multiple: int, pad_id: int | None, is_src: bool, src: int, group,
+                         device) -> Iterator[dict]:
     """Yield broadcast tensor dicts for the given micro-batches (only the TP source rank reads the shards)."""
     last = None
     for idx in index_lists:
@@ -249,9 +262,9 @@ def micro_batch_iterator(dataset, index_lists: Sequence[list[int] | None], *, pa
         if is_src:
             if idx is None:
                 batch = zero_weight(last if last is not None else build_micro_batch(
-                    [dataset[0]], padded=padded, pad_multiple=pad_multiple, reduction=reduction))
+                    [dataset[0]], padded=padded, pad_multiple=pad_multiple, reduction=reduction, pad_id=pad_id))
             else:
                 batch = build_micro_batch([dataset[i] for i in idx], padded=padded, pad_multiple=pad_multiple,
-                                          reduction=reduction)
+                                          reduction=reduction, pad_id=pad_id)
                 last = batch
         yield broadcast_batch(batch, src, group, device)

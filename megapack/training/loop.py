@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -117,10 +118,18 @@ def _reduce_stats(stats: list[dict], device) -> dict[str, int]:
     return {k: int(v) for k, v in zip(STAT_KEYS, t.tolist())}
 
 
+def quiet_warnings() -> None:
+    """Silence the known, harmless warnings megatron-core and torch print on every rank at every step."""
+    for pattern in (".*Apex is not installed.*", ".*CUDA_DEVICE_MAX_CONNECTIONS.*", ".*full scope is deprecated.*",
+                    ".*is deprecated. Please use `torch.distributed.*", ".*non-leaf Tensor.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 class Trainer:
     """State of one run; `run()` is the loop."""
 
     def __init__(self, config: TrainConfig, world_size: int | None = None) -> None:
+        quiet_warnings()
         self.config = config
         self.layout, self.shard_meta, self.hf_config, self.resume_from = preflight(config, world_size)
 
@@ -155,6 +164,9 @@ class Trainer:
             samples = (cfg.training.epochs or 1.0) * len(self.train_ds)
             self.total_steps = max(1, math.ceil(samples / lay.global_batch_size))
 
+        # THD micro-batches differ in length, so pipeline p2p sends shapes first (megatron refuses that flag with
+        # its default MoE dispatcher, which a dense model never uses)
+        varlen = {"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if lay.pp > 1 else {}
         model = build_model(
             self.hf_config,
             attention_backend=cfg.model.attention_backend,
@@ -163,7 +175,7 @@ class Trainer:
             sequence_parallel=cfg.parallel.sequence_parallel,
             seq_length=lay.seq_length * lay.micro_batch_size,
             calculate_per_token_loss=True,
-            variable_seq_lengths=lay.pp > 1,  # THD micro-batches differ in length: p2p sends shapes first
+            **varlen,
         )
         self.raw_model = model
         if self.resume_from is None:
@@ -198,7 +210,7 @@ class Trainer:
         self.sampler = TrainSampler(len(self.train_ds), lay.global_batch_size, lay.micro_batch_size, self.dp_rank,
                                     lay.dp, cfg.training.seed, consumed)
         self.padded = self.shard_meta.get("packing") == "padding"
-        self.pad_multiple = int(self.shard_meta.get("pad_to_multiple") or 8) if self.padded else 8
+        self.pad_multiple = 8  # the padding arm rounds each micro-batch to the longest conversation, up to 8
         self.peak = device_peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
         log_dir = cfg.logging.dir or cfg.checkpoint.dir
         self.writer = MetricsWriter(log_dir if self.is_logger else None, cfg.logging.tensorboard)
@@ -225,7 +237,7 @@ class Trainer:
     def _batches(self, dataset, index_lists):
         return micro_batch_iterator(
             dataset, index_lists, padded=self.padded, reduction=self.config.training.loss_reduction,
-            pad_multiple=self.pad_multiple, is_src=self.is_tp_src, src=self.tp_src, group=self.tp_group,
+            pad_multiple=self.pad_multiple, pad_id=self.shard_meta.get("pad_id"), is_src=self.is_tp_src, src=self.tp_src, group=self.tp_group,
             device=self.device,
         )
 
@@ -245,11 +257,12 @@ class Trainer:
             micro_batch_size=1,
             forward_only=False,
         )
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         loss_sum, count = _reduce_loss(outputs, self.device)
         record = {"loss": loss_sum / max(count, 1.0), "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                  "lr": self.optimizer.param_groups[0]["lr"], "skipped": not ok}
+                  "lr": lr, "skipped": not ok}
         return record | _reduce_stats(stats, self.device)
 
     def evaluate(self) -> float | None:
@@ -290,10 +303,14 @@ class Trainer:
         self._log(f"saved checkpoint {path}")
 
     # ------------------------------------------------------------------ loop
-    def run(self) -> dict:
-        """Train to the configured number of steps (or until SIGTERM/SIGUSR1); returns the run summary."""
+    def run(self, keep_process_group: bool = False) -> dict:
+        """Train to the configured number of steps (or until SIGTERM/SIGUSR1); returns the run summary.
+
+        keep_process_group leaves torch.distributed up (several runs in one launch, e.g. tests).
+        """
         import torch
         import torch.distributed as dist
+        from megatron.core import parallel_state
 
         from megapack.training.distributed import destroy_distributed
 
@@ -306,7 +323,11 @@ class Trainer:
             while self.iteration < self.total_steps:
                 t0 = time.perf_counter()
                 rec = self.train_step()
-                dt = time.perf_counter() - t0
+                # slowest rank's step time; the same all-reduce tells every rank whether any got a stop signal
+                sync = torch.tensor([time.perf_counter() - t0, float(stop.signal or 0)], dtype=torch.float64,
+                                    device=self.device)
+                dist.all_reduce(sync, op=dist.ReduceOp.MAX)
+                dt, stop.signal = float(sync[0]), int(sync[1]) or None
                 self.iteration += 1
                 last_loss = rec["loss"]
                 self.totals["train_time_s"] += dt
@@ -318,10 +339,8 @@ class Trainer:
                 if cfg.training.eval_interval and self.iteration % cfg.training.eval_interval == 0 \
                         and self.iteration < self.total_steps:
                     valid_loss = self._validate()
-                flag = torch.tensor([stop.signal or 0], dtype=torch.int64, device=self.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if int(flag) and self.iteration < self.total_steps:
-                    self._log(f"signal {int(flag)}: checkpointing at step {self.iteration} and exiting")
+                if stop.signal and self.iteration < self.total_steps:
+                    self._log(f"signal {stop.signal}: checkpointing at step {self.iteration} and exiting")
                     self.save()
                     interrupted = True
                     break
@@ -338,7 +357,10 @@ class Trainer:
             result = self._summary(last_loss, valid_loss, interrupted)
         finally:
             self.writer.close()
-            destroy_distributed()
+            if keep_process_group:
+                parallel_state.destroy_model_parallel()
+            else:
+                destroy_distributed()
         return result
 
     def _throughput(self, rec: dict, dt: float) -> dict:

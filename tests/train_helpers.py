@@ -1,0 +1,162 @@
+"""Helpers of the trainer tests: tiny HF model, real demo shards, configs, and a torchrun job runner.
+
+Run as a script under torchrun (`python tests/train_helpers.py jobs.json`) it executes several training runs in
+one launch (process start + megatron import dominate on small CPUs), re-initialising megatron's parallel state
+between runs of the same world size.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_tiny_hf(out: Path, seed: int = 0) -> Path:
+    """A random transformers LlamaForCausalLM with the LLaMA-3 vocabulary, hidden 64, 2 layers, saved to out."""
+    import torch
+    import transformers
+
+    from megapack.model.tiny_checkpoint import tiny_llama_config
+
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_llama_config(num_layers=2)))
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_demo_shards(data_dir: Path, tokenizer: Path, out: Path, packing: str, *, records: int | None = 48,
+                     seq_length: int = 256, val_fraction: float = 0.1, seed: int = 1) -> Path:
+    """Real LLaMA-Factory alpaca demo conversations (the first `records`) through `megapack preprocess`."""
+    from megapack.cli import main
+
+    if (out / "meta.json").is_file():
+        return out
+    src = data_dir / "alpaca_en_demo.json"
+    if records is not None:
+        subset = out.parent / f"alpaca_first_{records}.json"
+        subset.write_text(json.dumps(json.loads(src.read_text())[:records]))
+        src = subset
+    rc = main(["preprocess", "--input", str(src), "--format", "alpaca", "--tokenizer-model", str(tokenizer),
+               "--seq-length", str(seq_length), "--packing", packing, "--val-fraction", str(val_fraction),
+               "--seed", str(seed), "--output-dir", str(out), "--no-progress", "--workers", "1"])
+    assert rc == 0, f"preprocess failed ({rc})"
+    return out
+
+
+def base_config(hf_dir: Path, shards: Path, run_dir: Path, **sections) -> dict:
+    """A run config dict: tiny model, given shards, fp32, constant LR, no dropout; sections override keys."""
+    cfg = {
+        "model": {"hf_dir": str(hf_dir), "init": "hf"},
+        "data": {"path": str(shards), "seq_length": 256},
+        "optimizer": {"lr": 1e-3, "min_lr": 0.0, "weight_decay": 0.01, "clip_grad": 1.0, "decay_style": "cosine",
+                      "warmup_steps": 1},
+        "training": {"global_batch_size": 4, "micro_batch_size": 1, "train_steps": 5, "precision": "fp32"},
+        "checkpoint": {"dir": None},
+        "logging": {"dir": str(run_dir), "tensorboard": False},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return copy.deepcopy(cfg)
+
+
+def losses(run_dir: Path, kind: str = "train", key: str = "loss") -> dict[int, float]:
+    """step -> loss of a run's metrics.jsonl (the last record of a step wins)."""
+    from megapack.training.loop import read_metrics
+
+    return {s: r[key] for s, r in read_metrics(Path(run_dir) / "metrics.jsonl", kind).items()}
+
+
+def launch(nproc: int, jobs: list[dict], workdir: Path, name: str, timeout: int = 400,
+           wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+    """torchrun `nproc` processes running the jobs (each {"config": dict, ...}) one after another."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = workdir / f"{name}.json"
+    spec.write_text(json.dumps(jobs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(__file__).resolve()), str(spec)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    log = open(workdir / f"{name}.log", "w")
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+    log.close()
+    if proc.returncode != 0:
+        tail = (workdir / f"{name}.log").read_text()[-6000:]
+        raise AssertionError(f"torchrun {name} failed with {proc.returncode}:\n{tail}")
+    return proc
+
+
+def segment_losses(trainer, dataset) -> dict[tuple, tuple[float, int]]:
+    """Forward-only per-conversation (loss sum, targets) of every pack, keyed by the conversation's tokens."""
+    import numpy as np
+    import torch
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megapack.training.data import build_micro_batch, to_tensors
+
+    pad_id = trainer.shard_meta.get("pad_id")
+    out = {}
+    model = trainer.model
+    model.eval()
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            p = dataset[i]
+            mb = build_micro_batch([p], padded=trainer.padded, pad_id=pad_id)
+            b = to_tensors(mb, trainer.device)
+            cu, m = b["cu_seqlens"], b["max_seqlen"]
+            params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m,
+                                     max_seqlen_kv=m)
+            tok_loss = model(input_ids=b["tokens"], position_ids=b["position_ids"], attention_mask=None,
+                             labels=b["labels"], packed_seq_params=params).reshape(-1).double().numpy()
+            weights = mb.loss_weight.astype(np.float64)
+            for k in range(len(mb.cu_seqlens) - 1):
+                a, e = int(mb.cu_seqlens[k]), int(mb.cu_seqlens[k + 1])
+                seg = mb.tokens[a:e]
+                while len(seg) and seg[-1] == pad_id:  # conversations end with <|eot_id|>, never with padding
+                    seg = seg[:-1]
+                key = tuple(seg.tolist())
+                out[key] = (float((tok_loss[a:e] * weights[a:e]).sum()), int(weights[a:e].sum()))
+    return out
+
+
+def _run_jobs(spec_path: str) -> None:
+    import torch.distributed as dist
+
+    from megapack.training.config import load_config
+    from megapack.training.loop import Trainer
+
+    jobs = json.loads(Path(spec_path).read_text())
+    for job in jobs:
+        config = load_config(None, job.get("overrides", []), raw=job["config"])
+        trainer = Trainer(config)
+        if job.get("segment_losses"):
+            trainer._setup()
+            result = {json.dumps(list(k)): v for k, v in segment_losses(trainer, trainer.train_ds).items()}
+            if dist.get_rank() == 0:
+                Path(job["segment_losses"]).write_text(json.dumps(result))
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+            continue
+        trainer.run(keep_process_group=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    """Save a config dict as YAML."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+if __name__ == "__main__":
+    _run_jobs(sys.argv[1])
