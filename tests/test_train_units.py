@@ -174,3 +174,16 @@ def test_segment_padding_counts_as_padding():
     c = build_micro_batch([pack([[10, 11, 12, 99, 99, 99, 99, 99, 99]], [[0, 1, 1] + [0] * 6])], padded=True,
                           pad_id=99)
     assert len(c.tokens) == 8 and c.stats["real_tokens"] == 3 and c.labels[:2].tolist() == [11, 12]
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        c = load_config(path)
+        assert c.data.seq_length > 0 and c.checkpoint.dir, path
+    big = load_config(configs[0].with_name("llama3_70b_packed_sft.yaml"))
+    lay = resolve_layout(big, 32, {"seq_length": 4096, "packing": "bfd"})
+    assert (lay.tp, lay.pp, lay.dp, lay.num_microbatches) == (8, 4, 1, 64)

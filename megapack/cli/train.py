@@ -9,7 +9,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config (YAML), see configs/")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
     parser.add_argument("--check", action="store_true",
-                        help="validate the config against the shards and world size, print the layout, and exit")
+                        help="validate config, shards, checkpoint and layout; print them as JSON and exit (no GPU)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --check: the number of processes the run will have (default: from the launcher)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,17 +20,17 @@ def run(args: argparse.Namespace) -> int:
     from megapack.training.loop import quiet_warnings
 
     quiet_warnings()
-
     config = load_config(args.config, args.overrides)
     if args.check:
+        import json
+
         from megapack.training.loop import preflight
 
-        layout, _meta, _hf, resume = preflight(config)
-        print(layout.model_dump_json())
-        if resume is not None:
-            print(f"would resume from {resume}")
+        layout, _meta, _hf, resume = preflight(config, args.world_size)
+        print(json.dumps({"layout": layout.model_dump(), "resume_from": str(resume) if resume else None,
+                          "log_dir": config.logging.dir or config.checkpoint.dir}))
         return 0
     from megapack.training.loop import train
 
-    result = train(config)
-    return 0 if result is not None else 1
+    train(config)
+    return 0

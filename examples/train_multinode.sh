@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Multi-node with torchrun: run this on every node with the same MASTER_ADDR (the first node) and NNODES, e.g.
+#   MASTER_ADDR=node001 NNODES=4 bash examples/train_multinode.sh configs/llama3_70b_packed_sft.yaml data.path=/data/shards
+# Each node starts one process per GPU; torchrun's c10d rendezvous assigns the ranks.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+config="$1"
+shift
+: "${MASTER_ADDR:?set MASTER_ADDR to the first node's address}"
+: "${NNODES:?set NNODES to the number of nodes}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+NPROC="${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count())')}"
+cd "$root"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" CUDA_DEVICE_MAX_CONNECTIONS=1
+exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --rdzv_backend=c10d \
+    --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-megapack}" \
+    --no-python megapack train --config "$config" "$@"
