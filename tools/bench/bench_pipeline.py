@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,21 @@ def measure(cmd: list[str]) -> tuple[float, int, str]:
     return wall, peak, out
 
 
+def tiktoken_alone(path: Path, tokenizer_path: Path, n: int = 2000) -> float:
+    """Tokens/s of the bare tokenizer in this one process on the first n samples' texts (the per-core ceiling)."""
+    from megapack.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    texts = []
+    with open(path) as f:
+        for line, _ in zip(f, range(n)):
+            rec = json.loads(line)
+            texts += [rec["text"]] if "text" in rec else [t["value"] for t in rec["conversations"]]
+    t = time.perf_counter()
+    total = sum(len(tok.encode(x)) for x in texts)
+    return total / (time.perf_counter() - t)
+
+
 def main() -> None:
     """Generate inputs, run preprocess on each, print a table."""
     p = argparse.ArgumentParser(description=__doc__)
@@ -85,14 +102,19 @@ def main() -> None:
     from megapack.assets import fetch
 
     tok = fetch("llama3-tokenizer")
-    print(f"| input | samples | tokens | wall (s) | tokens/s | peak RSS (all processes) |")
-    print("|---|---|---|---|---|---|")
+    print("| input | samples | tokens | wall (s) | tokens/s | tiktoken alone, 1 core | peak RSS (all processes) | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for kind, template in (("text", "plain"), ("conversations", "llama3")):
-            for n in (args.n // 2, args.n):
-                data = Path(tmp) / f"{kind}-{n}.jsonl"
-                generate(data, kind, n)
+            full = Path(tmp) / f"{kind}-{args.n}.jsonl"
+            generate(full, kind, args.n)
+            half = Path(tmp) / f"{kind}-{args.n // 2}.jsonl"
+            with open(full) as src, open(half, "w") as dst:
+                dst.writelines(line for line, _ in zip(src, range(args.n // 2)))
+            for n, data in ((args.n // 2, half), (args.n, full)):
                 out = Path(tmp) / f"out-{kind}-{n}"
+                ceiling = tiktoken_alone(data, tok)
+                load = os.getloadavg()[0]
                 wall, peak, _ = measure([
                     sys.executable, "-m", "megapack", "preprocess", "--input", str(data), "--template", template,
                     "--tokenizer-model", str(tok), "--seq-length", str(args.seq_length), "--workers",
@@ -100,9 +122,11 @@ def main() -> None:
                 ])
                 meta = json.loads((out / "meta.json").read_text())
                 tokens = meta["num_tokens"] + meta["truncated_tokens"]
-                print(f"| {kind} | {n:,} | {tokens:,} | {wall:.1f} | {tokens / wall / 1e6:.2f} M | {peak / 2**20:,.0f} MiB |",
-                      flush=True)
-                data.unlink()
+                print(f"| {kind} | {n:,} | {tokens:,} | {wall:.1f} | {tokens / wall / 1e6:.2f} M | {ceiling / 1e6:.2f} M | "
+                      f"{peak / 2**20:,.0f} MiB | {load:.1f} |", flush=True)
+                shutil.rmtree(out)
+            full.unlink()
+            half.unlink()
 
 
 if __name__ == "__main__":
