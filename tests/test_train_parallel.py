@@ -3,7 +3,8 @@
 Launches (grouped: each torchrun start + megatron import costs seconds):
   D  2 procs  DP2, checkpoint every 2 steps, killed with SIGKILL after step 3
   B  2 procs  TP2 | PP2 | DP2 (uninterrupted) | DP2 resumed from D's checkpoint
-  A  1 proc   TP1 | DP1 resumed from D's checkpoint | per-conversation losses, packed vs padded | 50 steps
+  A  1 proc   TP1 (+ HF export) | SIGUSR1 at step 2 | DP1 resumed from D's checkpoint
+              | per-conversation losses, packed vs padded | 50 steps
   C  4 procs  TP2 x PP2
 """
 from __future__ import annotations
@@ -49,6 +50,9 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
+    if proc.poll() is not None:
+        raise AssertionError(f"run D ended (rc {proc.returncode}) before it was killed:\n"
+                             + (w / "D.log").read_text()[-4000:])
     # SIGKILL the torchrun agent and every worker at once: nobody gets a chance to clean up
     family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     for pid in family:
@@ -73,7 +77,9 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
         resumed("dp2_resumed", "ck_resume_dp2"),
     ], w, "B")
     launch(1, [
-        {"config": cfg("tp1")},
+        {"config": cfg("tp1", checkpoint={"export_hf": str(w / "tp1_hf")})},
+        {"config": cfg("sigusr1", checkpoint={"dir": str(w / "ck_sigusr1"), "save_interval": 100}),
+         "signal_at_step": 2},
         resumed("dp1_resumed", "ck_resume_dp1"),
         {"config": base_config(hf, greedy, w / "seg_greedy"), "segment_losses": str(w / "seg_greedy.json")},
         {"config": base_config(hf, padding, w / "seg_padding"), "segment_losses": str(w / "seg_padding.json")},
@@ -139,6 +145,27 @@ def test_kill9_then_resume_continues_the_loss_curve(runs):
     assert all(_rel(killed[s], full[s]) <= 1e-6 for s in killed)
     summary = json.loads((w / "dp2_resumed" / "summary.json").read_text())
     assert summary["total_steps"] == STEPS and not summary["interrupted"]
+
+
+def test_sigusr1_checkpoints_then_exits(runs):
+    w = runs["dir"]
+    assert sorted(losses(w / "sigusr1")) == [1, 2]
+    assert (w / "ck_sigusr1" / "latest").read_text().strip() == "iter_0000002"
+    meta = json.loads((w / "ck_sigusr1" / "iter_0000002" / "megapack.json").read_text())
+    assert meta["train_state"]["consumed_samples"] == 4 and meta["tokenizer_identity"].startswith("tiktoken-llama3:")
+    assert json.loads((w / "sigusr1" / "summary.json").read_text())["interrupted"] is True
+
+
+def test_exported_hf_model_reproduces_the_trainers_validation_loss(runs):
+    """After training, transformers' LlamaForCausalLM on the exported weights gives the trainer's validation loss."""
+    from train_helpers import hf_loss_on_split
+
+    w = runs["dir"]
+    trainer_valid = losses(w / "tp1", kind="valid", key="valid_loss")[STEPS]
+    total, count = hf_loss_on_split(w / "tp1_hf", w / "greedy", "val")
+    assert count > 100
+    assert _rel(total / count, trainer_valid) <= 1e-5, (total / count, trainer_valid)
+    assert trainer_valid < losses(w / "tp1")[1]  # trained weights, not the initial ones
 
 
 def test_packed_and_padded_give_the_same_per_conversation_losses(runs):

@@ -187,3 +187,10 @@ def test_shipped_configs_validate():
     big = load_config(configs[0].with_name("llama3_70b_packed_sft.yaml"))
     lay = resolve_layout(big, 32, {"seq_length": 4096, "packing": "bfd"})
     assert (lay.tp, lay.pp, lay.dp, lay.num_microbatches) == (8, 4, 1, 64)
+
+
+def test_row_padded_for_sequence_parallel():
+    p = pack([[10, 11, 12], [20, 21]], [[0, 1, 1], [0, 1]])
+    b = build_micro_batch([p], row_multiple=4, pad_id=99)
+    assert b.cu_seqlens.tolist() == [0, 3, 5, 8] and b.tokens[5:].tolist() == [99, 99, 99]
+    assert b.loss_weight.sum() == 3 and b.stats["real_tokens"] == 5 and b.stats["conversations"] == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -134,8 +135,20 @@ def _run_jobs(spec_path: str) -> None:
     from megapack.training.config import load_config
     from megapack.training.loop import Trainer
 
+    import megapack.training.loop as loop
+
+    original_write = loop.MetricsWriter.write
     jobs = json.loads(Path(spec_path).read_text())
     for job in jobs:
+        loop.MetricsWriter.write = original_write
+        if job.get("signal_at_step"):
+            # deliver SIGUSR1 to this process right after logging the given step (what Slurm does before the limit)
+            def write(self, record, _at=job["signal_at_step"], _sig=getattr(signal, job.get("signal", "SIGUSR1"))):
+                original_write(self, record)
+                if record.get("kind") == "train" and record["step"] == _at:
+                    os.kill(os.getpid(), _sig)
+
+            loop.MetricsWriter.write = write
         config = load_config(None, job.get("overrides", []), raw=job["config"])
         trainer = Trainer(config)
         if job.get("segment_losses"):
@@ -150,6 +163,31 @@ def _run_jobs(spec_path: str) -> None:
         trainer.run(keep_process_group=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def hf_loss_on_split(hf_dir: Path, shards: Path, split: str) -> tuple[float, int]:
+    """transformers' LlamaForCausalLM loss (sum, targets) over every conversation of a shard split, one at a time."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from megapack.data.shards import ShardDataset
+
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    ds = ShardDataset(shards, split)
+    with torch.no_grad():
+        for i in range(len(ds)):
+            pack = ds[i]
+            cu = np.asarray(pack.cu_seqlens)
+            for a, e in zip(cu[:-1], cu[1:]):
+                ids = torch.as_tensor(np.asarray(pack.tokens[a:e], np.int64))[None]
+                target = torch.as_tensor(np.asarray(pack.loss_mask[a + 1 : e], np.float64))
+                logits = model(input_ids=ids).logits[0, :-1].double()
+                nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+                total += float((nll * target).sum())
+                count += int(target.sum())
+    return total, count
 
 
 def write_yaml(path: Path, config: dict) -> Path:

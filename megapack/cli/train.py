@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         import json
 
-        from megapack.training.loop import preflight
+        from megapack.training.config import preflight
 
         layout, _meta, _hf, resume = preflight(config, args.world_size)
         print(json.dumps({"layout": layout.model_dump(), "resume_from": str(resume) if resume else None,

@@ -223,7 +223,9 @@ class Layout(BaseModel):
     packing: str
 
 
-def resolve_layout(config: TrainConfig, world_size: int, shard_meta: dict, checkpoint_meta: dict | None = None) -> Layout:
+def resolve_layout(
+    config: TrainConfig, world_size: int, shard_meta: dict, checkpoint_meta: dict | None = None
+) -> Layout:
     """Check everything that can be checked before process groups exist; return the derived layout."""
     par, tr, data = config.parallel, config.training, config.data
     if world_size % (par.tp * par.pp):
@@ -284,3 +286,42 @@ def tokenizer_identity(meta: dict) -> str | None:
     if isinstance(tok, dict):
         tok = tok.get("identity") or tok.get("hash") or json.dumps(tok, sort_keys=True)
     return tok
+
+
+def _world_size_from_env() -> int:
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
+def _packing_name(meta: dict) -> str:
+    packing = meta.get("packing", "unknown")
+    if isinstance(packing, dict):
+        packing = packing.get("algorithm") or packing.get("name") or "unknown"
+    return str(packing)
+
+
+def preflight(config: TrainConfig, world_size: int | None = None) -> tuple[Layout, dict, dict, Path | None]:
+    """Everything checked before any process group: layout, shards vs run, checkpoint vs shards.
+
+    Returns (layout, shard meta, HF config, checkpoint to resume from or None).
+    """
+    from megapack.data.shards import read_meta
+    from megapack.model.config import load_hf_config
+    from megapack.training.checkpointing import latest_checkpoint, read_checkpoint_meta
+
+    world_size = world_size or _world_size_from_env()
+    meta = read_meta(config.data.path)
+    meta.setdefault("packing", _packing_name(meta))
+    resume = None
+    if config.checkpoint.dir and config.checkpoint.resume == "auto":
+        resume = latest_checkpoint(config.checkpoint.dir)
+    ckpt_meta = None
+    if resume is not None:
+        ckpt_meta = read_checkpoint_meta(resume)
+    elif config.model.init == "megatron":
+        ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
+    layout = resolve_layout(config, world_size, dict(meta, packing=_packing_name(meta)), ckpt_meta)
+    hf_config = load_hf_config(config.model.hf_dir)
+    return layout, meta, hf_config, resume

@@ -49,10 +49,12 @@ def real_lengths(tokens: np.ndarray, mask: np.ndarray, cu: np.ndarray, pad_id: i
 
 
 def build_micro_batch(
-    packs: Sequence, *, padded: bool = False, pad_multiple: int = 8, reduction: str = "token", pad_id: int | None = None
+    packs: Sequence, *, padded: bool = False, pad_multiple: int = 8, reduction: str = "token",
+    pad_id: int | None = None, row_multiple: int = 1,
 ) -> MicroBatch:
     """Concatenate packs into one THD row; `padded` pads each pack (one conversation) to the longest, rounded up.
 
+    `row_multiple` pads the row's total length to a multiple (one extra padding segment).
     `pad_id` (the shards' padding token) lets trailing per-segment padding be counted as padding, not data.
     Labels are shifted within each segment: position i predicts token i+1 of the same segment and is trained when
     that token's loss_mask is 1; the last position of every segment has no target.
@@ -74,6 +76,11 @@ def build_micro_batch(
             # the padded row is one segment: pads sit after the conversation, so causal attention keeps it exact
             padded_pieces.append((t, m, np.array([0, width], np.int64), np.array([n])))
         pieces = padded_pieces
+    extra = -sum(len(t) for t, *_ in pieces) % row_multiple
+    if extra:  # e.g. sequence parallelism splits the row over TP ranks: pad it with one masked segment
+        fill = pad_id if pad_id is not None else 0
+        pieces.append((np.full(extra, fill, np.int64), np.zeros(extra, np.uint8), np.array([0, extra], np.int64),
+                       np.array([0])))
 
     tokens = np.concatenate([t for t, _, _, _ in pieces])
     mask = np.concatenate([m for _, m, _, _ in pieces])
@@ -254,7 +261,7 @@ def broadcast_batch(batch: MicroBatch | None, src: int, group, device) -> dict:
 
 def micro_batch_iterator(dataset, index_lists: Sequence[list[int] | None], *, padded: bool, reduction: str,
                          pad_multiple: int, pad_id: int | None, is_src: bool, src: int, group,
-                         device) -> Iterator[dict]:
+                         device, row_multiple: int = 1) -> Iterator[dict]:
     """Yield broadcast tensor dicts for the given micro-batches (only the TP source rank reads the shards)."""
     last = None
     for idx in index_lists:
@@ -262,9 +269,10 @@ def micro_batch_iterator(dataset, index_lists: Sequence[list[int] | None], *, pa
         if is_src:
             if idx is None:
                 batch = zero_weight(last if last is not None else build_micro_batch(
-                    [dataset[0]], padded=padded, pad_multiple=pad_multiple, reduction=reduction, pad_id=pad_id))
+                    [dataset[0]], padded=padded, pad_multiple=pad_multiple, reduction=reduction, pad_id=pad_id,
+                    row_multiple=row_multiple))
             else:
                 batch = build_micro_batch([dataset[i] for i in idx], padded=padded, pad_multiple=pad_multiple,
-                                          reduction=reduction, pad_id=pad_id)
+                                          reduction=reduction, pad_id=pad_id, row_multiple=row_multiple)
                 last = batch
         yield broadcast_batch(batch, src, group, device)

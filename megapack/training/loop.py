@@ -11,48 +11,11 @@ from functools import partial
 from pathlib import Path
 
 from megapack.errors import MegapackError
-from megapack.training.checkpointing import latest_checkpoint, read_checkpoint_meta
-from megapack.training.config import Layout, TrainConfig, resolve_layout, save_resolved_config, tokenizer_identity
+from megapack.training.config import TrainConfig, preflight, save_resolved_config, tokenizer_identity
 from megapack.training.data import STAT_KEYS, TrainSampler, micro_batch_iterator, validation_batches
-from megapack.training.metrics import MetricsWriter, device_peak_flops, format_table, model_flops, summary, write_json_atomic
-
-
-def _world_size_from_env() -> int:
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return 1
-
-
-def _packing_name(meta: dict) -> str:
-    packing = meta.get("packing", "unknown")
-    if isinstance(packing, dict):
-        packing = packing.get("algorithm") or packing.get("name") or "unknown"
-    return str(packing)
-
-
-def preflight(config: TrainConfig, world_size: int | None = None) -> tuple[Layout, dict, dict, Path | None]:
-    """Everything checked before any process group: layout, shards vs run, checkpoint vs shards.
-
-    Returns (layout, shard meta, HF config, checkpoint to resume from or None).
-    """
-    from megapack.data.shards import read_meta
-    from megapack.model.config import load_hf_config
-
-    world_size = world_size or _world_size_from_env()
-    meta = read_meta(config.data.path)
-    meta.setdefault("packing", _packing_name(meta))
-    resume = None
-    if config.checkpoint.dir and config.checkpoint.resume == "auto":
-        resume = latest_checkpoint(config.checkpoint.dir)
-    ckpt_meta = None
-    if resume is not None:
-        ckpt_meta = read_checkpoint_meta(resume)
-    elif config.model.init == "megatron":
-        ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
-    layout = resolve_layout(config, world_size, dict(meta, packing=_packing_name(meta)), ckpt_meta)
-    hf_config = load_hf_config(config.model.hf_dir)
-    return layout, meta, hf_config, resume
+from megapack.training.metrics import (
+    MetricsWriter, device_peak_flops, format_table, model_flops, summary, write_json_atomic,
+)
 
 
 class _StopFlag:
@@ -237,8 +200,9 @@ class Trainer:
     def _batches(self, dataset, index_lists):
         return micro_batch_iterator(
             dataset, index_lists, padded=self.padded, reduction=self.config.training.loss_reduction,
-            pad_multiple=self.pad_multiple, pad_id=self.shard_meta.get("pad_id"), is_src=self.is_tp_src, src=self.tp_src, group=self.tp_group,
-            device=self.device,
+            pad_multiple=self.pad_multiple, pad_id=self.shard_meta.get("pad_id"), is_src=self.is_tp_src,
+            src=self.tp_src, group=self.tp_group,
+            device=self.device, row_multiple=self.layout.tp if self.config.parallel.sequence_parallel else 1,
         )
 
     # ------------------------------------------------------------------ steps
