@@ -23,13 +23,13 @@ class DemoConfig:
 
     workdir: str = "runs/demo"
     dataset: str = "alpaca_en_demo"
-    num_samples: int = 256
+    num_samples: int = 128
     seq_length: int = 512
     packings: tuple[str, ...] = PACKINGS
     nproc: int = 2
     tp: int = 1  # 1: data parallel over nproc; 2: tensor parallel
     global_batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     epochs: float = 1.0
     train: bool = True
 
