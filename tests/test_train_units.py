@@ -170,6 +170,7 @@ def test_segment_padding_counts_as_padding():
     p = pack([[10, 11, 12, 99, 99], [20, 21, 99]], [[0, 1, 1, 0, 0], [0, 1, 0]])
     b = build_micro_batch([p], pad_id=99)
     assert b.stats["real_tokens"] == 5 and b.stats["total_tokens"] == 8 and b.stats["conversations"] == 2
+    assert b.stats["seq_sq_sum"] == 3**2 + 2**2  # real lengths only (MFU counts useful work)
     # padding arm: the longest real conversation (here 3 tokens) sets the width, rounded up to 8
     c = build_micro_batch([pack([[10, 11, 12, 99, 99, 99, 99, 99, 99]], [[0, 1, 1] + [0] * 6])], padded=True,
                           pad_id=99)
@@ -194,3 +195,27 @@ def test_row_padded_for_sequence_parallel():
     b = build_micro_batch([p], row_multiple=4, pad_id=99)
     assert b.cu_seqlens.tolist() == [0, 3, 5, 8] and b.tokens[5:].tolist() == [99, 99, 99]
     assert b.loss_weight.sum() == 3 and b.stats["real_tokens"] == 5 and b.stats["conversations"] == 2
+
+
+def test_peak_flops_lookup():
+    from megapack.training.metrics import device_peak_flops
+
+    assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert device_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert device_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert device_peak_flops(None) is None and device_peak_flops("Some CPU") is None
+
+
+def test_cli_reports_config_errors_on_one_line(tmp_path, capsys):
+    import yaml
+
+    from megapack.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE | {"training": {"global_batch_size": 8, "train_stepz": 5}}))
+    assert main(["train", "--config", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {path}: training.train_stepz: unknown key"
+    path.write_text(yaml.safe_dump(BASE))
+    assert main(["train", "--config", str(path), "--check", "data.path=" + str(tmp_path / "none")]) == 1
+    assert "meta.json" in capsys.readouterr().err

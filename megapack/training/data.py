@@ -122,7 +122,8 @@ def build_micro_batch(
         "target_tokens": int(target_mask.sum()),
         "conversations": conversations,
         "packs": len(packs),
-        "seq_sq_sum": int((seg_len.astype(np.int64) ** 2).sum()),  # attention work (FLOPs estimate)
+        # useful attention work for MFU: squared real segment lengths (padding is computed but not counted)
+        "seq_sq_sum": int(sum(int((r.astype(np.int64) ** 2).sum()) for *_, r in pieces)),
     }
     return MicroBatch(
         tokens=tokens,

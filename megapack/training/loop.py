@@ -338,7 +338,7 @@ class Trainer:
             "epoch": self.sampler.epoch,
         }
         if self.peak:
-            flops = model_flops(self.hf_config, rec["total_tokens"], rec["seq_sq_sum"])
+            flops = model_flops(self.hf_config, rec["real_tokens"], rec["seq_sq_sum"])
             out["mfu"] = flops / (dt * self.env.world_size * self.peak)
         return out
 

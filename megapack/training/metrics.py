@@ -34,11 +34,11 @@ def device_peak_flops(device_name: str | None) -> float | None:
 
 
 def model_flops(hf_config: dict, tokens: int, seq_sq_sum: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of `tokens` processed tokens in segments whose squared
+    """Model FLOPs of training (forward + backward = 3x forward) on `tokens` real tokens in segments whose squared
     lengths sum to `seq_sq_sum`.
 
-    Matmuls count every processed token (padding is computed too); causal attention counts s^2/2 score entries per
-    segment of length s, for QK^T and for AV, at 2 FLOPs per multiply-add.
+    Only real tokens count (padding is computed but is not model work, so padding shows up as lower MFU); causal
+    attention counts s^2/2 score entries per segment of length s, for QK^T and for AV, at 2 FLOPs per multiply-add.
     """
     h = hf_config["hidden_size"]
     layers = hf_config["num_hidden_layers"]
