@@ -77,6 +77,16 @@ def test_layout_checks():
             resolve_layout(*args)
 
 
+def test_tokenizer_identities_across_formats():
+    from megapack.training.config import same_tokenizer
+
+    digest = "82e9d31979e92ab9" + "0" * 48
+    assert same_tokenizer("tiktoken-llama3:82e9d31979e92ab9", f"original/tokenizer.model:sha256:{digest}")
+    assert same_tokenizer("tiktoken-llama3:82e9d31979e92ab9", "original/tokenizer.model:sha256:" + "1" * 64) is False
+    assert same_tokenizer("tiktoken-llama3:82e9d31979e92ab9", "tokenizer.json:sha256:" + "1" * 64) is None
+    assert same_tokenizer(None, "tiktoken-llama3:82e9d31979e92ab9") is None
+
+
 def pack(segments: list[list[int]], masks: list[list[int]]):
     """A Pack-like record of the shard format: tokens, loss_mask (1 = token is a target), cu_seqlens."""
     lengths = [len(s) for s in segments]

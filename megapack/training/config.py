@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -261,7 +262,7 @@ def resolve_layout(
     if checkpoint_meta is not None:
         ckpt_tok = checkpoint_meta.get("tokenizer_identity")
         shard_tok = tokenizer_identity(shard_meta)
-        if ckpt_tok and shard_tok and ckpt_tok != shard_tok:
+        if same_tokenizer(ckpt_tok, shard_tok) is False:
             raise MegapackError(
                 f"data.path: shard tokenizer identity {shard_tok} differs from the checkpoint's {ckpt_tok}"
             )
@@ -278,6 +279,28 @@ def resolve_layout(
         seq_length=data.seq_length,
         packing=str(shard_meta.get("packing", "unknown")),
     )
+
+
+_HEX = re.compile(r"([0-9a-f]{16,64})$")
+
+
+def same_tokenizer(a: str | None, b: str | None) -> bool | None:
+    """Whether two tokenizer identities name the same tokenizer file (None when they cannot be compared).
+
+    Shards record `<kind>:<16 hex of the file's sha256>`, converted checkpoints `<file>:sha256:<64 hex>`; both hash
+    the tokenizer model file, so one digest must be a prefix of the other. A tokenizer.json digest is a different file.
+    """
+    if not a or not b:
+        return None
+    if a == b:
+        return True
+    if "tokenizer.json" in a or "tokenizer.json" in b:
+        return None
+    ma, mb = _HEX.search(a), _HEX.search(b)
+    if not ma or not mb:
+        return False
+    da, db = ma.group(1), mb.group(1)
+    return da.startswith(db) or db.startswith(da)
 
 
 def tokenizer_identity(meta: dict) -> str | None:
