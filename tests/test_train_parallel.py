@@ -4,7 +4,7 @@ Launches (grouped: each torchrun start + megatron import costs seconds):
   D  2 procs  DP2, checkpoint every 2 steps, killed with SIGKILL after step 3
   B  2 procs  TP2 | PP2 | DP2 (uninterrupted) | DP2 resumed from D's checkpoint
   A  1 proc   TP1 (+ HF export) | SIGUSR1 at step 2 | DP1 resumed from D's checkpoint
-              | per-conversation losses, packed vs padded | 50 steps
+              | per-conversation losses: packed, padded, and initialised from D's step-2 checkpoint | 50 steps
   C  4 procs  TP2 x PP2
 """
 from __future__ import annotations
@@ -83,6 +83,9 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
         resumed("dp1_resumed", "ck_resume_dp1"),
         {"config": base_config(hf, greedy, w / "seg_greedy"), "segment_losses": str(w / "seg_greedy.json")},
         {"config": base_config(hf, padding, w / "seg_padding"), "segment_losses": str(w / "seg_padding.json")},
+        {"config": base_config(hf, greedy, w / "seg_init", model={
+            "init": "megatron", "megatron_checkpoint": str(w / "ck_killed" / "iter_0000002")}),
+         "segment_losses": str(w / "seg_init.json")},
         {"config": cfg("long", optimizer={"lr": 3e-3, "warmup_steps": 0, "decay_style": "constant"},
                        training={"train_steps": 50, "global_batch_size": 1, "eval_interval": 25})},
     ], w, "A")
@@ -179,6 +182,25 @@ def test_packed_and_padded_give_the_same_per_conversation_losses(runs):
         assert p_n == n and n > 0
         worst = max(worst, _rel(p_loss, loss))
     assert worst <= 1e-5, worst
+
+
+def test_init_from_megatron_checkpoint(runs):
+    """Weights loaded with `model.init: megatron` from the step-2 checkpoint give step 3's training loss."""
+    from megapack.data.shards import ShardDataset
+    from megapack.training.data import TrainSampler
+
+    w = runs["dir"]
+    seg = json.loads((w / "seg_init.json").read_text())
+    ds = ShardDataset(w / "greedy", "train")
+    step3 = TrainSampler(len(ds), 2, 1, 0, 1, seed=1234, consumed_samples=2 * 2).next_step()
+    total, count = 0.0, 0
+    for (i,) in step3:
+        pack = ds[i]
+        for a, e in zip(pack.cu_seqlens[:-1], pack.cu_seqlens[1:]):
+            loss, n = seg[json.dumps(pack.tokens[a:e].tolist())]
+            total, count = total + loss, count + n
+    expected = losses(w / "dp2")[3]
+    assert _rel(total / count, expected) <= 1e-5, (total / count, expected)
 
 
 def test_loss_decreases_over_50_steps_on_demo_data(runs):
