@@ -4,7 +4,8 @@ Launches (grouped: each torchrun start + megatron import costs seconds):
   D  2 procs  DP2, checkpoint every 2 steps, killed with SIGKILL after step 3
   B  2 procs  TP2 | PP2 | DP2 (uninterrupted) | DP2 resumed from D's checkpoint
   A  1 proc   TP1 (+ HF export) | SIGUSR1 at step 2 | DP1 resumed from D's checkpoint
-              | per-conversation losses: packed, padded, and initialised from D's step-2 checkpoint | 50 steps
+              | per-conversation losses: packed, padded, and initialised from D's step-2 checkpoint
+              | step 1 with loss_reduction sample | step 1 on padded shards, 2 conversations per micro-batch | 50 steps
   C  4 procs  TP2 x PP2
 """
 from __future__ import annotations
@@ -86,6 +87,9 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
         {"config": base_config(hf, greedy, w / "seg_init", model={
             "init": "megatron", "megatron_checkpoint": str(w / "ck_killed" / "iter_0000002")}),
          "segment_losses": str(w / "seg_init.json")},
+        {"config": cfg("sample", training={"loss_reduction": "sample", "train_steps": 1})},
+        {"config": base_config(hf, padding, w / "padded", training={"micro_batch_size": 2, "global_batch_size": 4,
+                                                                     "train_steps": 1})},
         {"config": cfg("long", optimizer={"lr": 3e-3, "warmup_steps": 0, "decay_style": "constant"},
                        training={"train_steps": 50, "global_batch_size": 1, "eval_interval": 25})},
     ], w, "A")
@@ -184,23 +188,48 @@ def test_packed_and_padded_give_the_same_per_conversation_losses(runs):
     assert worst <= 1e-5, worst
 
 
-def test_init_from_megatron_checkpoint(runs):
-    """Weights loaded with `model.init: megatron` from the step-2 checkpoint give step 3's training loss."""
+def _expected_step_loss(seg: dict, shards: Path, gbs: int, mbs: int, consumed: int, sample: bool) -> float:
+    """A training step's loss rebuilt from per-conversation forward losses of the same weights."""
     from megapack.data.shards import ShardDataset
     from megapack.training.data import TrainSampler
 
+    ds = ShardDataset(shards, "train")
+    total, count = 0.0, 0
+    for mb in TrainSampler(len(ds), gbs, mbs, 0, 1, seed=1234, consumed_samples=consumed).next_step():
+        for i in mb:
+            pack = ds[i]
+            for a, e in zip(pack.cu_seqlens[:-1], pack.cu_seqlens[1:]):
+                loss, n = seg[json.dumps(pack.tokens[a:e].tolist())]
+                if sample:
+                    total, count = total + loss / n, count + 1
+                else:
+                    total, count = total + loss, count + n
+    return total / count
+
+
+def test_step_loss_is_token_or_sample_weighted_over_the_global_batch(runs):
+    """Step 1 (initial weights) against per-conversation losses: token-weighted over all micro-batches by default,
+    the mean of per-conversation means with loss_reduction: sample, and the same for padded micro-batches."""
+    w = runs["dir"]
+    seg = json.loads((w / "seg_greedy.json").read_text())
+    token = _expected_step_loss(seg, w / "greedy", 2, 1, 0, sample=False)
+    sample = _expected_step_loss(seg, w / "greedy", 2, 1, 0, sample=True)
+    # measured: both match to ~5e-8, while the reductions differ by ~1.8e-5 at these (initial, near-uniform) weights
+    assert _rel(losses(w / "tp1")[1], token) <= 1e-6 and _rel(losses(w / "sample")[1], sample) <= 1e-6
+    assert _rel(losses(w / "sample")[1], token) > 1e-5
+    padded = _expected_step_loss(json.loads((w / "seg_padding.json").read_text()), w / "padding", 4, 2, 0, False)
+    assert _rel(losses(w / "padded")[1], padded) <= 1e-6
+    rec = _records(w / "padded")[0]
+    # 4 conversations in 2 micro-batches, each padded to its longest (rounded up to 8)
+    assert rec["conversations"] == 4 and rec["total_tokens"] % 8 == 0 and rec["padding_fraction"] > 0
+
+
+def test_init_from_megatron_checkpoint(runs):
+    """Weights loaded with `model.init: megatron` from the step-2 checkpoint give step 3's training loss."""
     w = runs["dir"]
     seg = json.loads((w / "seg_init.json").read_text())
-    ds = ShardDataset(w / "greedy", "train")
-    step3 = TrainSampler(len(ds), 2, 1, 0, 1, seed=1234, consumed_samples=2 * 2).next_step()
-    total, count = 0.0, 0
-    for (i,) in step3:
-        pack = ds[i]
-        for a, e in zip(pack.cu_seqlens[:-1], pack.cu_seqlens[1:]):
-            loss, n = seg[json.dumps(pack.tokens[a:e].tolist())]
-            total, count = total + loss, count + n
-    expected = losses(w / "dp2")[3]
-    assert _rel(total / count, expected) <= 1e-5, (total / count, expected)
+    expected = _expected_step_loss(seg, w / "greedy", 2, 1, consumed=2 * 2, sample=False)
+    assert _rel(losses(w / "dp2")[3], expected) <= 1e-5, (losses(w / "dp2")[3], expected)
 
 
 def test_loss_decreases_over_50_steps_on_demo_data(runs):
