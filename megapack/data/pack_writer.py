@@ -1,11 +1,13 @@
 """Turn tokenized samples plus a packing plan into shard files, streaming in bounded chunks.
 
-Samples live in one or more flat token/mask arrays ("parts": memory maps of the tokenize step's files, or plain
-arrays); a `SampleStore` locates sample i as (part, offset, length). Writing gathers each chunk of packs with one
-vectorized index per part, so the cost per token is a few numpy operations, not Python loops.
+Samples live in flat per-part token/mask sequences (the tokenize step's files, or in-memory arrays); a
+`SampleStore` locates sample i as (part, offset, length). Packs are written in chunks of about CHUNK_TOKENS tokens:
+each piece is read straight into the chunk buffer (one positioned read per piece from files, one vectorized index
+per part from arrays), so memory is bounded by the chunk, not by the dataset.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,12 @@ CHUNK_TOKENS = 1 << 22  # tokens gathered per write step (bounds memory)
 class SampleStore:
     """Tokenized samples: flat per-part arrays and, per sample, its part, offset and length."""
 
-    tokens: list[np.ndarray]  # per part, flat token ids
-    masks: list[np.ndarray]  # per part, flat uint8 loss mask
+    tokens: list[np.ndarray]  # per part, flat token ids (empty when `files` is set)
+    masks: list[np.ndarray]  # per part, flat uint8 loss mask (empty when `files` is set)
     part: np.ndarray  # int32 [num_samples]
     offset: np.ndarray  # int64 [num_samples]
     length: np.ndarray  # int64 [num_samples]
-    files: list[tuple[Path, Path]] | None = None  # per part (tokens, mask) files the arrays were mapped from
+    files: list[tuple[Path, Path]] | None = None  # per part (tokens, mask) files to read from instead
     file_dtype: np.dtype | None = None  # token dtype of those files
 
     @classmethod
@@ -45,18 +47,9 @@ class SampleStore:
 
     @classmethod
     def from_files(cls, files: list[tuple[Path, Path]], dtype: np.dtype, part, offset, length) -> "SampleStore":
-        """A store over memory-mapped per-part token and mask files."""
-        store = cls([], [], part, offset, length, files, np.dtype(dtype))
-        store.remap()
-        return store
-
-    def remap(self) -> None:
-        """Re-open the memory maps, so pages read so far stop counting in this process's resident memory."""
-        if self.files is None:
-            return
-        mm = lambda path, dt: np.memmap(path, mode="r", dtype=dt) if path.stat().st_size else np.zeros(0, dt)  # noqa: E731
-        self.tokens[:] = [mm(t, self.file_dtype) for t, _ in self.files]
-        self.masks[:] = [mm(m, np.uint8) for _, m in self.files]
+        """A store over per-part token and mask files, read with positioned reads (no memory maps: resident
+        memory stays bounded by the chunk being written, whatever the file sizes)."""
+        return cls([], [], part, offset, length, files, np.dtype(dtype))
 
     def subset(self, indices: np.ndarray) -> "SampleStore":
         """The samples at `indices`, renumbered 0..len-1 (shares the part arrays)."""
@@ -67,8 +60,39 @@ class SampleStore:
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) of sample i."""
-        p, o, n = int(self.part[i]), int(self.offset[i]), int(self.length[i])
-        return self.tokens[p][o : o + n], self.masks[p][o : o + n]
+        n = int(self.length[i])
+        ids = np.empty(n, dtype=self.file_dtype or self.tokens[int(self.part[i])].dtype)
+        mask = np.empty(n, dtype=np.uint8)
+        self.gather_into(np.array([i]), np.zeros(1, np.int64), np.array([n]), ids, mask, np.zeros(1, np.int64))
+        return ids, mask
+
+    def gather_into(self, sample, start, length, tokens: np.ndarray, mask: np.ndarray, out_start) -> None:
+        """Copy `length[k]` tokens and mask values of sample[k] from token start[k] to out_start[k] in the outputs."""
+        parts = self.part[sample]
+        src_start = self.offset[sample] + start
+        if self.files is None:
+            for p in np.unique(parts).tolist():
+                sel = parts == p
+                src = _ranges(src_start[sel], length[sel])
+                dst = _ranges(out_start[sel], length[sel])
+                tokens[dst] = self.tokens[p][src]
+                mask[dst] = self.masks[p][src]
+            return
+        if tokens.dtype != self.file_dtype:
+            raise ValueError(f"token buffer dtype {tokens.dtype} differs from the files' {self.file_dtype}")
+        size = self.file_dtype.itemsize
+        tok_view, mask_view = memoryview(tokens).cast("B"), memoryview(mask).cast("B")
+        fds = [(os.open(t, os.O_RDONLY), os.open(m, os.O_RDONLY)) for t, m in self.files]
+        try:
+            for p, src, n, dst in zip(parts.tolist(), src_start.tolist(), length.tolist(), out_start.tolist()):
+                if n:
+                    ftok, fmask = fds[p]
+                    _pread_exact(ftok, tok_view[dst * size : (dst + n) * size], src * size)
+                    _pread_exact(fmask, mask_view[dst : dst + n], src)
+        finally:
+            for a, b in fds:
+                os.close(a)
+                os.close(b)
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -103,7 +127,6 @@ def write_plan(
             tokens, mask = _gather(store, plan, a, b, pad_id, dtype)
             loss_tokens += int(mask.sum(dtype=np.int64))
             writer.add_packs(tokens, mask, plan.seg_length[a:b], np.diff(plan.pack_offsets[p0 : p1 + 1]))
-            store.remap()
             if progress is not None:
                 progress.update(p1 - p0)
             p0 = p1
@@ -124,15 +147,17 @@ def _gather(
     tokens = np.full(total, pad_id, dtype=dtype)
     mask = np.zeros(total, dtype=np.uint8)
     out_start = np.cumsum(seg) - seg
-    parts = store.part[sample]
-    src_start = store.offset[sample] + start
-    for p in np.unique(parts).tolist():
-        sel = parts == p
-        src = _ranges(src_start[sel], length[sel])
-        d = _ranges(out_start[sel], length[sel])
-        tokens[d] = store.tokens[p][src]
-        mask[d] = store.masks[p][src]
+    store.gather_into(sample, start, length, tokens, mask, out_start)
     return tokens, mask
+
+
+def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill `buf` from byte `offset` of `fd`."""
+    while len(buf):
+        got = os.preadv(fd, [buf], offset)
+        if got <= 0:
+            raise OSError(f"unexpected end of an intermediate file (fd {fd}) at byte {offset}")
+        buf, offset = buf[got:], offset + got
 
 
 def split_train_val(num_samples: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
