@@ -125,7 +125,8 @@ def train_one(cfg: DemoConfig, workdir: Path, hf_dir: Path, packing: str) -> dic
 def run_demo(cfg: DemoConfig) -> list[dict]:
     """Preprocess with every packing, train each arm briefly, print and save the Table 3 comparison."""
     from megapack.data.stats import table
-    from megapack.training.metrics import format_table, write_json_atomic
+    from megapack.atomic import write_json_atomic
+    from megapack.training.metrics import format_table
 
     workdir = Path(cfg.workdir)
     tokenizer, data_dir, hf_dir = prepare_inputs(cfg, workdir)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megapack.atomic import write_json_atomic
 from megapack.data.packing import PackPlan
 from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, ShardWriter
 
@@ -217,20 +218,6 @@ def pack_split(
         "sample_length_histogram": {"bin_edges": edges.round(2).tolist(), "counts": counts.tolist()},
         "shards": written["shards"],
     }
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON under a temporary name, fsync, rename."""
-    import json
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard_dir(

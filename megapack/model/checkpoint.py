@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from megapack.atomic import write_json_atomic
 from megapack.errors import MegapackError
 
 MODEL_PREFIX = "model."
@@ -35,11 +34,7 @@ def write_metadata(ckpt_dir: str | Path, hf_config: dict, tokenizer_identity: st
     }
     meta.update(extra or {})
     ckpt_dir = Path(ckpt_dir)
-    fd, tmp = tempfile.mkstemp(prefix=".megapack.json.", dir=ckpt_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(meta, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, ckpt_dir / METADATA_FILE)
+    write_json_atomic(ckpt_dir / METADATA_FILE, meta)
 
 
 def read_metadata(ckpt_dir: str | Path) -> dict:

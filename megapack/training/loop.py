@@ -10,11 +10,12 @@ import warnings
 from functools import partial
 from pathlib import Path
 
+from megapack.atomic import write_json_atomic
 from megapack.errors import MegapackError
 from megapack.training.config import TrainConfig, preflight, save_resolved_config, tokenizer_identity
 from megapack.training.data import STAT_KEYS, TrainSampler, micro_batch_iterator, validation_batches
 from megapack.training.metrics import (
-    MetricsWriter, device_peak_flops, format_table, model_flops, summary, write_json_atomic,
+    MetricsWriter, device_peak_flops, format_table, model_flops, summary,
 )
 
 
