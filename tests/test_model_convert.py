@@ -1,18 +1,19 @@
 """tools/convert_checkpoint.py: HF -> torch_dist -> HF as separate single-process CPU runs, bit for bit."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from model_helpers import hf_logits, make_hf_checkpoint, packed_example
 
 ROOT = Path(__file__).resolve().parents[1]
+LLAMA3_VOCAB = "vocab:2b6dff733d9c48f89f6efd2e9c62e69238bb03ca9c50345b0c7a00a48b35196b"  # as in test_tokenizers.py
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
@@ -30,9 +31,8 @@ def test_hf_to_megatron_to_hf_round_trip(tmp_path, llama3_tokenizer_path):
     out = _convert("hf-to-megatron", "--hf-dir", str(hf), "--output-dir", str(tmp_path / "ckpt"))
     assert out.returncode == 0, out.stderr[-3000:]
     meta = json.loads((tmp_path / "ckpt" / "megapack.json").read_text())
-    digest = hashlib.sha256(Path(llama3_tokenizer_path).read_bytes()).hexdigest()
     assert meta["format"] == "megapack-torch-dist-v1"
-    assert meta["tokenizer_identity"] == f"original/tokenizer.model:sha256:{digest}"
+    assert meta["tokenizer_identity"] == LLAMA3_VOCAB
     assert meta["hf_config"]["num_hidden_layers"] == 2 and meta["hf_config"]["vocab_size"] == 300
     assert (tmp_path / "ckpt" / "metadata.json").is_file()  # megatron's torch_dist marker
 
@@ -67,3 +67,40 @@ def test_convert_usage_errors_are_one_line(tmp_path):
     missing = tmp_path / "missing" / "config.json"
     expected = f"error: {missing}: no such file (expected a Hugging Face config.json)"
     assert out.stderr.strip().splitlines()[-1] == expected
+
+
+def test_tokenizer_json_checkpoint_matches_tiktoken_shards(tmp_path, llama3_tokenizer_path, hf_tokenizer_json_path,
+                                                           mistral_sp_model_path, llamafactory_data_dir):
+    """An HF checkpoint with only tokenizer.json records the identity that shards made with the ranks file carry."""
+    from megapack.data.pipeline import PreprocessConfig, run_preprocess
+    from megapack.data.tokenizers import vocab_identity
+    from megapack.errors import MegapackError
+    from megapack.training.config import load_config, preflight
+
+    hf = make_hf_checkpoint(tmp_path / "hf", seed=1, num_layers=1)
+    shutil.copyfile(hf_tokenizer_json_path, hf / "tokenizer.json")
+    out = _convert("hf-to-megatron", "--hf-dir", str(hf), "--output-dir", str(tmp_path / "ckpt"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt_meta = json.loads((tmp_path / "ckpt" / "megapack.json").read_text())
+    assert ckpt_meta["tokenizer_identity"] == LLAMA3_VOCAB
+
+    shards = tmp_path / "shards"
+    meta = run_preprocess(PreprocessConfig(output_dir=str(shards), tokenizer_model=str(llama3_tokenizer_path),
+                                           datasets=["identity"], dataset_dir=str(llamafactory_data_dir),
+                                           seq_length=256, progress=False))
+    assert meta["tokenizer"] == ckpt_meta["tokenizer_identity"] == LLAMA3_VOCAB
+
+    raw = {"model": {"hf_dir": str(hf), "init": "megatron", "megatron_checkpoint": str(tmp_path / "ckpt")},
+           "data": {"path": str(shards), "seq_length": 256}, "training": {"global_batch_size": 2, "train_steps": 1}}
+    layout, _, _, _ = preflight(load_config(None, raw=raw), world_size=1)
+    assert layout.dp == 1
+
+    other = tmp_path / "ckpt_mistral"  # the same checkpoint claiming Mistral's vocabulary
+    shutil.copytree(tmp_path / "ckpt", other)
+    mistral = vocab_identity(mistral_sp_model_path)
+    (other / "megapack.json").write_text(json.dumps(dict(ckpt_meta, tokenizer_identity=mistral)))
+    raw["model"]["megatron_checkpoint"] = str(other)
+    with pytest.raises(MegapackError) as err:
+        preflight(load_config(None, raw=raw), world_size=1)
+    assert str(err.value) == (f"data.path: tokenizer identity {LLAMA3_VOCAB} of the shards in {shards} differs from "
+                              f"the checkpoint's {mistral}")

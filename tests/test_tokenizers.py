@@ -13,8 +13,14 @@ from megapack.data.tokenizers import (
     SentencePieceTokenizer,
     TiktokenLlama3Tokenizer,
     load_tokenizer,
+    vocab_identity,
 )
 from megapack.errors import MegapackError
+
+# vocab_identity of the LLaMA-3 vocabulary (ranks file and tokenizer.json alike) and of Mistral v1, pinned: shard
+# meta.json and converted checkpoints record these, so a change of the canonical form must be deliberate.
+LLAMA3_VOCAB = "vocab:2b6dff733d9c48f89f6efd2e9c62e69238bb03ca9c50345b0c7a00a48b35196b"
+MISTRAL_V1_VOCAB = "vocab:ae27ab882610403745cba9181f5354a36ebb66bdc8029d39e8c1c2eb4c42c393"
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +136,8 @@ def test_llama3_special_strings_in_text_stay_text(llama3_tokenizer):
 
 def test_llama3_identity_pickle_and_checkpoint_dir(llama3_tokenizer, llama3_tokenizer_path, tmp_path):
     tok = llama3_tokenizer
-    assert tok.identity == "tiktoken-llama3:82e9d31979e92ab9"
+    assert tok.identity == LLAMA3_VOCAB and tok.kind == "tiktoken-llama3"
+    assert tok.file_sha256 == hashlib.sha256(llama3_tokenizer_path.read_bytes()).hexdigest()
     clone = pickle.loads(pickle.dumps(tok))
     assert isinstance(clone, TiktokenLlama3Tokenizer) and clone.identity == tok.identity
     assert clone.encode("pickled ✓") == tok.encode("pickled ✓")
@@ -176,7 +183,7 @@ def test_mistral_sentencepiece(mistral_sp_model_path, tmp_path):
     assert tok.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2}
     assert tok.token_id("</s>") == 2
     assert tok.encode("[INST]") == [733, 16289, 28793]  # Mistral's well-known instruction marker ids
-    assert tok.identity == "sentencepiece:dadfd56d766715c6"
+    assert tok.identity == MISTRAL_V1_VOCAB and tok.kind == "sentencepiece"
     ref = sentencepiece.SentencePieceProcessor(model_file=str(mistral_sp_model_path))
     texts = HANDWRITTEN + _random_texts(300, seed=1)
     assert tok.encode_batch(texts) == [ref.encode(t) for t in texts]
@@ -210,4 +217,73 @@ def test_sentencepiece_trained_at_test_time(tmp_path):
     assert tok.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
     assert tok.encode_batch(corpus[:200]) == [ref.encode(t) for t in corpus[:200]]
     assert all(tok.decode(tok.encode(t)) == t for t in corpus[:200])
-    assert tok.identity == "sentencepiece:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert tok.identity == vocab_identity(path) and tok.identity.startswith("vocab:")
+    assert tok.file_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    for model_type in ("bpe", "unigram"):
+        model = io.BytesIO()
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus), model_writer=model, vocab_size=200, model_type=model_type, pad_id=3,
+            bos_id=1, eos_id=2, unk_id=0, user_defined_symbols=["<tool>"], minloglevel=2,
+        )
+        path = tmp_path / f"tiny-{model_type}.model"
+        path.write_bytes(model.getvalue())
+        as_json = _sp_style_tokenizer_json(path, tmp_path / f"tiny-{model_type}.json", unigram=model_type == "unigram")
+        assert vocab_identity(as_json) == vocab_identity(path) != tok.identity
+
+
+def _sp_style_tokenizer_json(model_path, out, unigram: bool = False):
+    """The tokenizer.json Hugging Face ships beside a SentencePiece model (LLaMA-2 / Mistral layout): pieces kept
+    with "▁", byte fallback, unknown piece as the model's unk, control pieces as special added tokens."""
+    import sentencepiece
+    import tokenizers
+    from tokenizers import decoders, models
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    if unigram:
+        tok = tokenizers.Tokenizer(models.Unigram(pieces, unk_id=sp.unk_id(), byte_fallback=True))
+    else:
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        tok = tokenizers.Tokenizer(models.BPE(vocab, [], unk_token=sp.id_to_piece(sp.unk_id()), byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([tokenizers.AddedToken(sp.id_to_piece(i), special=True, normalized=False)
+                            for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)])
+    tok.save(str(out))
+    return out
+
+
+def test_vocab_identity_is_the_same_for_ranks_file_and_tokenizer_json(llama3_tokenizer_path, hf_tokenizer_json_path,
+                                                                       mistral_sp_model_path, tmp_path):
+    assert vocab_identity(llama3_tokenizer_path) == vocab_identity(hf_tokenizer_json_path) == LLAMA3_VOCAB
+    # a copy of the ranks file with two tokens swapped (ids 300 and 301) is another vocabulary
+    lines = llama3_tokenizer_path.read_bytes().splitlines()
+    (t300, r300), (t301, r301) = lines[300].split(), lines[301].split()
+    lines[300], lines[301] = t301 + b" " + r300, t300 + b" " + r301
+    swapped = tmp_path / "swapped.model"
+    swapped.write_bytes(b"\n".join(lines) + b"\n")
+    assert load_tokenizer(swapped).identity == vocab_identity(swapped) != LLAMA3_VOCAB
+    assert vocab_identity(swapped).startswith("vocab:") and len(vocab_identity(swapped)) == 6 + 64
+    # the same in tokenizer.json: two vocab entries trade ids
+    doc = json.loads(hf_tokenizer_json_path.read_text(encoding="utf-8"))
+    vocab = doc["model"]["vocab"]
+    a, b = (tok for tok, i in vocab.items() if i in (300, 301))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "swapped.json").write_text(json.dumps(doc), encoding="utf-8")
+    assert vocab_identity(tmp_path / "swapped.json") == vocab_identity(swapped)
+    assert vocab_identity(mistral_sp_model_path) == MISTRAL_V1_VOCAB != LLAMA3_VOCAB
+    mistral_json = _sp_style_tokenizer_json(mistral_sp_model_path, tmp_path / "mistral.json")
+    assert vocab_identity(mistral_json) == MISTRAL_V1_VOCAB
+
+
+def test_vocab_identity_of_unreadable_formats_is_none(tmp_path):
+    import tokenizers
+    from tokenizers import models
+
+    wordpiece = tmp_path / "wordpiece.json"
+    tokenizers.Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(wordpiece))
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00\x01 not a tokenizer")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model": {"type": "BPE"')
+    assert vocab_identity(wordpiece) is None and vocab_identity(junk) is None and vocab_identity(broken) is None

@@ -18,6 +18,9 @@ BASE = {
 }
 
 
+VOCAB_A, VOCAB_B = "vocab:" + "a" * 64, "vocab:" + "b" * 64
+
+
 def cfg(*overrides: str, raw: dict | None = None):
     import copy
 
@@ -58,7 +61,7 @@ def test_config_file_errors(tmp_path):
 
 
 def test_layout_checks():
-    meta = {"seq_length": 64, "pad_to_multiple": 8, "packing": "greedy", "tokenizer": {"identity": "tok-a"}}
+    meta = {"seq_length": 64, "pad_to_multiple": 8, "packing": "greedy", "tokenizer": {"identity": VOCAB_A}}
     lay = resolve_layout(cfg("parallel.tp=2"), 8, meta)
     assert (lay.dp, lay.num_microbatches, lay.global_batch_size) == (4, 2, 8)
     lay = resolve_layout(cfg("training.global_batch_size=null", "training.global_batch_tokens=256"), 2, meta)
@@ -70,21 +73,26 @@ def test_layout_checks():
         ((cfg("data.pad_to_multiple=16"), 1, meta, None), "data.pad_to_multiple: run uses 16"),
         ((cfg("training.global_batch_size=null", "training.global_batch_tokens=100"), 1, meta, None),
          "training.global_batch_tokens: 100 is not a multiple"),
-        ((cfg(), 1, meta, {"tokenizer_identity": "tok-b"}), "tokenizer identity tok-a differs from the checkpoint's"),
+        ((cfg(), 1, meta, {"tokenizer_identity": VOCAB_B}),
+         f"data.path: tokenizer identity {VOCAB_A} of the shards in /d differs from the checkpoint's {VOCAB_B}"),
     ]
     for args, expected in cases:
         with pytest.raises(MegapackError, match=expected.replace("(", r"\(")):
             resolve_layout(*args)
 
 
-def test_tokenizer_identities_across_formats():
+def test_tokenizer_identities_compare_by_equality():
     from megapack.training.config import same_tokenizer
 
-    digest = "82e9d31979e92ab9" + "0" * 48
-    assert same_tokenizer("tiktoken-llama3:82e9d31979e92ab9", f"original/tokenizer.model:sha256:{digest}")
-    assert same_tokenizer("tiktoken-llama3:82e9d31979e92ab9", "original/tokenizer.model:sha256:" + "1" * 64) is False
-    assert same_tokenizer("tiktoken-llama3:82e9d31979e92ab9", "tokenizer.json:sha256:" + "1" * 64) is None
-    assert same_tokenizer(None, "tiktoken-llama3:82e9d31979e92ab9") is None
+    assert same_tokenizer(VOCAB_A, VOCAB_A) is True and same_tokenizer(VOCAB_A, VOCAB_B) is False
+    # identities recorded before vocab identities existed (file digests) are not compared
+    assert same_tokenizer("tiktoken-llama3:82e9d31979e92ab9", VOCAB_A) is None
+    old_checkpoint = "original/tokenizer.model:sha256:82e9d319" + "0" * 56
+    assert same_tokenizer("tiktoken-llama3:82e9d31979e92ab9", old_checkpoint) is None
+    assert same_tokenizer(None, VOCAB_A) is None and same_tokenizer(VOCAB_A, "") is None
+    meta = {"seq_length": 64, "tokenizer": "tiktoken-llama3:82e9d31979e92ab9"}
+    assert resolve_layout(cfg(), 1, meta, {"tokenizer_identity": VOCAB_B}).dp == 1
+    assert resolve_layout(cfg(), 1, dict(meta, tokenizer=VOCAB_B), {"tokenizer_identity": VOCAB_B}).dp == 1
 
 
 def pack(segments: list[list[int]], masks: list[list[int]]):

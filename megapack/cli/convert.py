@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from pathlib import Path
 
@@ -39,13 +38,15 @@ def parse_size(text: str) -> int:
 
 
 def tokenizer_identity(hf_dir: Path) -> str | None:
-    """'<file>:sha256:<hex>' of the checkpoint's tokenizer (original/tokenizer.model preferred), None when absent."""
+    """vocab_identity of the first readable of original/tokenizer.model, tokenizer.model, tokenizer.json; else None."""
+    from megapack.data.tokenizers import vocab_identity
     from megapack.model.hf_export import TOKENIZER_FILES
 
     for rel in ("original/tokenizer.model", "tokenizer.model", "tokenizer.json"):
         path = hf_dir / rel
-        if path.is_file() and rel in TOKENIZER_FILES:
-            return f"{rel}:sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+        identity = vocab_identity(path) if path.is_file() and rel in TOKENIZER_FILES else None
+        if identity is not None:
+            return identity
     return None
 
 
@@ -82,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
         if args.direction == "hf-to-megatron":
             load_hf_weights(model, hf_dir)
             out = Path(args.output_dir)
-            save_model_checkpoint(model, out, hf_config, tokenizer_identity(hf_dir),
-                                  extra={"source": str(hf_dir.resolve())})
-            if dist.get_rank() == 0 and tokenizer_identity(hf_dir) is not None:
+            tok_identity = tokenizer_identity(hf_dir)
+            save_model_checkpoint(model, out, hf_config, tok_identity, extra={"source": str(hf_dir.resolve())})
+            if dist.get_rank() == 0 and tok_identity is not None:
                 copy_tokenizer_files(hf_dir, out / TOKENIZER_SUBDIR)
             if dist.get_rank() == 0:
                 print(f"wrote torch_dist checkpoint {out}")

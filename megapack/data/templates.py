@@ -47,7 +47,7 @@ from megapack.errors import MegapackError
 
 TEMPLATE_FORMAT_VERSION = 1  # bump when rendering semantics change, so template identities change with them
 CONTENT = "{content}"
-_LITERAL_IDS: dict[tuple[str, str], list[int]] = {}  # (tokenizer identity, template literal) -> ids
+_LITERAL_IDS: dict[tuple[str, str], list[int]] = {}  # (tokenizer file sha256, template literal) -> ids
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class ChatTemplate:
             if special_ids:
                 out.append((special_ids, trained))
             elif constant:  # template literals ("user", "\n\n", ...) are encoded once per tokenizer
-                key = (tokenizer.identity, text)
+                key = (tokenizer.file_sha256, text)
                 ids = _LITERAL_IDS.get(key)
                 if ids is None:
                     ids = _LITERAL_IDS[key] = tokenizer.encode(text)
@@ -199,7 +199,7 @@ class ChatTemplate:
         token = tokenizer.special_tokens.get(special.name)
         if token is None and not special.text_fallback:
             raise MegapackError(f"template {self.name!r} needs special token {special.name!r}, which tokenizer "
-                                f"{tokenizer.identity} ({tokenizer.path}) lacks; choose a template for this tokenizer")
+                                f"{tokenizer.kind} ({tokenizer.path}) lacks; choose a template for this tokenizer")
         return token
 
     @staticmethod

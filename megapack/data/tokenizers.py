@@ -2,15 +2,22 @@
 
 `encode` never adds BOS/EOS and treats special-token strings in the text ("<|eot_id|>", "<s>") as plain text, so
 user data cannot inject control tokens; chat templates emit special tokens by id. Tokenizers pickle by file path
-(workers reload the file), and their `identity` (kind + sha256 of the file) goes into shard metadata.
+(workers reload the file and check its sha256), and their `identity` goes into shard metadata.
+
+`identity` is `vocab_identity`: "vocab:<sha256>" of the vocabulary's content (token bytes by id, special token ids),
+independent of the file format, so a tiktoken ranks file and the `tokenizer.json` of the same LLaMA-3 vocabulary,
+or a SentencePiece model and its SP-style `tokenizer.json`, compare equal.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
+import json
 import re
+import struct
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from megapack.errors import MegapackError
@@ -40,7 +47,9 @@ class Tokenizer(ABC):
     bos_id: int
     eos_id: int
     pad_id: int
-    identity: str  # "<kind>:<sha256 of the model file, 16 hex digits>"
+    identity: str  # vocab_identity of the file: "vocab:<64 hex>"
+    kind: str  # "tiktoken-llama3" or "sentencepiece"
+    file_sha256: str  # of the model file; workers reloading it check that it is unchanged
     special_tokens: dict[str, int]
     path: Path
 
@@ -61,7 +70,7 @@ class Tokenizer(ABC):
         try:
             return self.special_tokens[special]
         except KeyError:
-            raise MegapackError(f"tokenizer {self.identity} ({self.path}) has no special token {special!r}") from None
+            raise MegapackError(f"tokenizer {self.kind} ({self.path}) has no special token {special!r}") from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, identity={self.identity!r})"
@@ -89,7 +98,8 @@ class TiktokenLlama3Tokenizer(Tokenizer):
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
-        self.identity = f"tiktoken-llama3:{hashlib.sha256(data).hexdigest()[:16]}"
+        self.kind, self.file_sha256 = "tiktoken-llama3", hashlib.sha256(data).hexdigest()
+        self.identity = _cached_identity(self.file_sha256, lambda: _tiktoken_identity(ranks))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS added, special-token strings encoded as ordinary text."""
@@ -104,7 +114,7 @@ class TiktokenLlama3Tokenizer(Tokenizer):
         return self._enc.decode([int(i) for i in ids], errors="replace")
 
     def __reduce__(self):
-        return (_reload, (type(self), str(self.path), self.identity))
+        return (_reload, (type(self), str(self.path), self.file_sha256))
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -131,7 +141,8 @@ class SentencePieceTokenizer(Tokenizer):
             sp.id_to_piece(i): i for i in range(self.vocab_size)
             if sp.is_control(i) or sp.is_unknown(i)
         }
-        self.identity = f"sentencepiece:{hashlib.sha256(data).hexdigest()[:16]}"
+        self.kind, self.file_sha256 = "sentencepiece", hashlib.sha256(data).hexdigest()
+        self.identity = _cached_identity(self.file_sha256, lambda: _sentencepiece_identity(sp))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS added, "<s>" in the text is encoded as ordinary text."""
@@ -146,7 +157,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode([int(i) for i in ids])
 
     def __reduce__(self):
-        return (_reload, (type(self), str(self.path), self.identity))
+        return (_reload, (type(self), str(self.path), self.file_sha256))
 
 
 def load_tokenizer(path: str | Path, kind: str = "auto") -> Tokenizer:
@@ -205,8 +216,120 @@ def _parse_ranks(path: Path, data: bytes) -> dict[bytes, int]:
     return ranks
 
 
-def _reload(cls: type[Tokenizer], path: str, identity: str) -> Tokenizer:
+def _reload(cls: type[Tokenizer], path: str, file_sha256: str) -> Tokenizer:
     tok = cls(Path(path))
-    if tok.identity != identity:
-        raise MegapackError(f"{path}: tokenizer file changed since it was loaded ({identity} -> {tok.identity})")
+    if tok.file_sha256 != file_sha256:
+        raise MegapackError(f"{path}: tokenizer file changed since it was loaded "
+                            f"(sha256 {file_sha256[:16]} -> {tok.file_sha256[:16]})")
     return tok
+
+
+# ---- vocabulary identity ---------------------------------------------------------------------------------------------
+
+_IDENTITIES: dict[str, str | None] = {}  # sha256 of a file -> its vocab_identity (computing one takes ~0.1-0.4 s)
+
+
+def vocab_identity(path: str | Path, data: bytes | None = None) -> str | None:
+    """'vocab:<64 hex>' of a tiktoken ranks file, SentencePiece model or tokenizer.json; None for other formats."""
+    data = _read(Path(path)) if data is None else data
+    return _cached_identity(hashlib.sha256(data).hexdigest(), lambda: _identity_of(Path(path), data))
+
+
+def _cached_identity(file_sha256: str, compute: Callable[[], str | None]) -> str | None:
+    if file_sha256 not in _IDENTITIES:
+        _IDENTITIES[file_sha256] = compute()
+    return _IDENTITIES[file_sha256]
+
+
+def _digest(tokens: dict[int, bytes], specials: Iterable[int]) -> str:
+    """The canonical hash: ordinary tokens as (id, length, bytes) in id order, then the special token ids.
+
+    Special token *names* are left out on purpose: a tiktoken ranks file carries none (megapack names them as Meta's
+    llama-models 0.3.0 does), and LLaMA-3.0's tokenizer.json names the same ids differently (128004 is
+    "<|reserved_special_token_2|>" there, "<|finetune_right_pad_id|>" in LLaMA-3.1) for the same vocabulary.
+    """
+    parts = [b"megapack-vocab-1\n"]
+    for i in sorted(tokens):
+        parts += [struct.pack("<II", i, len(tokens[i])), tokens[i]]
+    specials = sorted(set(specials))
+    parts += [b"\nspecial\n", struct.pack(f"<{len(specials)}I", *specials)]
+    return "vocab:" + hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def _tiktoken_identity(ranks: dict[bytes, int]) -> str | None:
+    if len(ranks) != LLAMA3_NUM_RANKS:  # megapack reads tiktoken files as LLaMA-3 only
+        return None
+    return _digest({rank: token for token, rank in ranks.items()},
+                   range(LLAMA3_NUM_RANKS, LLAMA3_NUM_RANKS + LLAMA3_NUM_SPECIAL))
+
+
+def _sentencepiece_identity(sp) -> str:
+    """Pieces by id as UTF-8 (with "▁"); control and unknown pieces are the specials. Scores and types are ignored."""
+    n = sp.get_piece_size()
+    specials = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+    skip = set(specials)
+    return _digest({i: sp.id_to_piece(i).encode("utf-8") for i in range(n) if i not in skip}, specials)
+
+
+def _identity_of(path: Path, data: bytes) -> str | None:
+    if data.lstrip()[:1] == b"{":
+        return _tokenizer_json_identity(data)
+    try:
+        kind = _sniff(path, data)
+        if kind == "tiktoken":
+            return _tiktoken_identity(_parse_ranks(path, data))
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(data)
+        return _sentencepiece_identity(sp)
+    except (MegapackError, RuntimeError, OSError):
+        return None
+
+
+def _byte_decoder() -> dict[int, str]:
+    """GPT-2's bytes_to_unicode inverted, as a str.translate table: mapped character -> the byte it stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    mapping = {b: b for b in printable} | {b: 256 + k for k, b in enumerate(others)}
+    return {char: chr(b) for b, char in mapping.items()}
+
+
+def _has_type(node, name: str) -> bool:
+    if isinstance(node, dict):
+        return node.get("type") == name or any(_has_type(v, name) for v in node.values())
+    return isinstance(node, list) and any(_has_type(v, name) for v in node)
+
+
+def _tokenizer_json_identity(data: bytes) -> str | None:
+    """A Hugging Face tokenizer.json: byte-level BPE (GPT-2 byte mapping inverted), SP-style BPE or Unigram.
+
+    SP-style vocabularies (no ByteLevel pre-tokenizer/decoder) hash their token strings as UTF-8, as a SentencePiece
+    model does; added tokens marked `special` and the model's unknown token are the specials. WordPiece, WordLevel
+    and unreadable files give None.
+    """
+    try:
+        doc = json.loads(data)
+        model = doc["model"]
+        if model.get("type") == "BPE":
+            vocab = {int(i): tok for tok, i in model["vocab"].items()}
+            unk = {i for i, tok in vocab.items() if tok == model.get("unk_token")}
+        elif model.get("type") == "Unigram":
+            vocab = {i: entry[0] for i, entry in enumerate(model["vocab"])}
+            unk = set() if model.get("unk_id") is None else {int(model["unk_id"])}
+        else:
+            return None
+        added = {int(a["id"]): (a["content"], bool(a.get("special"))) for a in doc.get("added_tokens") or []}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+    specials = {i for i, (_, special) in added.items() if special} | unk  # SentencePiece: unknown is special too
+    tokens = {i: tok.encode("utf-8") for i, tok in vocab.items() if i not in specials}
+    if _has_type(doc.get("pre_tokenizer"), "ByteLevel") or _has_type(doc.get("decoder"), "ByteLevel"):
+        table = _byte_decoder()
+        if {ord(c) for c in set("".join(vocab[i] for i in tokens))} - table.keys():
+            return None  # a character outside GPT-2's byte mapping: not byte-level after all
+        tokens = {i: vocab[i].translate(table).encode("latin-1") for i in tokens}
+    for i, (content, special) in added.items():
+        if not special and i not in tokens:  # plain added words are matched as written
+            tokens[i] = content.encode("utf-8")
+    return _digest(tokens, specials)

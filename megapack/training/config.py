@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -264,7 +263,8 @@ def resolve_layout(
         shard_tok = tokenizer_identity(shard_meta)
         if same_tokenizer(ckpt_tok, shard_tok) is False:
             raise MegapackError(
-                f"data.path: shard tokenizer identity {shard_tok} differs from the checkpoint's {ckpt_tok}"
+                f"data.path: tokenizer identity {shard_tok} of the shards in {data.path} differs from the "
+                f"checkpoint's {ckpt_tok}"
             )
     if par.sequence_parallel and par.tp == 1:
         raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
@@ -281,26 +281,15 @@ def resolve_layout(
     )
 
 
-_HEX = re.compile(r"([0-9a-f]{16,64})$")
-
-
 def same_tokenizer(a: str | None, b: str | None) -> bool | None:
-    """Whether two tokenizer identities name the same tokenizer file (None when they cannot be compared).
+    """Whether two tokenizer identities are equal; None when either is missing or not a "vocab:" identity.
 
-    Shards record `<kind>:<16 hex of the file's sha256>`, converted checkpoints `<file>:sha256:<64 hex>`; both hash
-    the tokenizer model file, so one digest must be a prefix of the other. A tokenizer.json digest is a different file.
+    Identities are `vocab_identity` values, the same for every file format of one vocabulary. Older shards and
+    checkpoints recorded file digests ("tiktoken-llama3:<hex>", "<file>:sha256:<hex>"): those are not compared.
     """
-    if not a or not b:
+    if not (a and b and a.startswith("vocab:") and b.startswith("vocab:")):
         return None
-    if a == b:
-        return True
-    if "tokenizer.json" in a or "tokenizer.json" in b:
-        return None
-    ma, mb = _HEX.search(a), _HEX.search(b)
-    if not ma or not mb:
-        return False
-    da, db = ma.group(1), mb.group(1)
-    return da.startswith(db) or db.startswith(da)
+    return a == b
 
 
 def tokenizer_identity(meta: dict) -> str | None:
