@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megapack.atomic import write_json_atomic
 from megapack.data.packing import PACKINGS
 from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME
 from megapack.errors import MegapackError
@@ -142,9 +143,7 @@ def prepare_output(cfg: PreprocessConfig, job: dict) -> bool:
         raise MegapackError(f"--output-dir {out}: not writable ({exc.strerror or exc})") from None
     job_path = out / WORK / JOB
     if not job_path.exists():
-        tmp = job_path.with_name(f"{JOB}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(job, indent=1))
-        os.replace(tmp, job_path)
+        write_json_atomic(job_path, job, indent=1)
     return created
 
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from megapack.atomic import write_text_atomic
 from megapack.errors import MegapackError
 
 
@@ -201,11 +201,8 @@ def save_resolved_config(config: TrainConfig, directory: str | os.PathLike, extr
     data = config.to_dict()
     if extra:
         data["derived"] = extra
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=directory)
-    with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump(data, fh, sort_keys=False)
     target = directory / "config.yaml"
-    os.replace(tmp, target)
+    write_text_atomic(target, yaml.safe_dump(data, sort_keys=False))
     return target
 
 
