@@ -1,8 +1,8 @@
 """Multi-process proofs of the trainer on CPU/gloo with a tiny LLaMA-3-architecture model and real demo data.
 
 Launches (grouped: each torchrun start + megatron import costs seconds):
-  D  2 procs  DP2, checkpoint every 2 steps, killed with SIGKILL after step 3
-  B  2 procs  TP2 | PP2 | DP2 (uninterrupted) | DP2 resumed from D's checkpoint
+  D  2 procs  DP2, async checkpoint every 2 steps, killed with SIGKILL after step 3 once one is published
+  B  2 procs  TP2 (synchronous checkpoints) | PP2 | DP2 (uninterrupted) | DP2 resumed from D's checkpoint
   A  1 proc   TP1 (+ HF export) | SIGUSR1 at step 2 | DP1 resumed from D's checkpoint
               | per-conversation losses: packed, padded, and initialised from D's step-2 checkpoint
               | step 1 with loss_reduction sample | step 1 on padded shards, 2 conversations per micro-batch | 50 steps
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -49,7 +50,7 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
     metrics = w / "killed" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3 and (w / "ck_killed" / "latest").exists():
             break
         time.sleep(0.2)
     if proc.poll() is not None:
@@ -73,9 +74,10 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
         return {"config": cfg(name, checkpoint={"dir": str(w / ck), **saving})}
 
     launch(2, [
-        {"config": cfg("tp2", parallel={"tp": 2})},
+        {"config": cfg("tp2", parallel={"tp": 2},
+                       checkpoint={"dir": str(w / "ck_tp2"), "save_interval": 2, "keep_last": 3, "async_save": False})},
         {"config": cfg("pp2", parallel={"pp": 2})},
-        {"config": cfg("dp2")},
+        {"config": cfg("dp2", checkpoint={"dir": str(w / "ck_dp2"), "save_interval": 2})},
         resumed("dp2_resumed", "ck_resume_dp2"),
     ], w, "B")
     launch(1, [
@@ -127,7 +129,7 @@ def test_same_loss_across_tp_pp_dp(runs):
 
 
 def _records(run_dir: Path) -> list[dict]:
-    from megapack.training.loop import read_metrics
+    from megapack.training.metrics import read_metrics
 
     return [r for _, r in sorted(read_metrics(run_dir / "metrics.jsonl").items())]
 
@@ -153,6 +155,27 @@ def test_kill9_then_resume_continues_the_loss_curve(runs):
     assert all(_rel(killed[s], full[s]) <= 1e-6 for s in killed)
     summary = json.loads((w / "dp2_resumed" / "summary.json").read_text())
     assert summary["total_steps"] == STEPS and not summary["interrupted"]
+
+
+def test_async_and_sync_checkpoints_are_published_complete(runs):
+    """Async saves (run D) are published after the writers finish, later steps running meanwhile; sync ones at once."""
+    w = runs["dir"]
+    log = (w / "B.log").read_text()
+    # dp2 (async): started at step 2, published only after step 3 ran; tp2 (sync): published at once
+    after = re.search(re.escape(f"saved checkpoint {w / 'ck_dp2' / 'iter_0000002'} (published after step ") + r"(\d+)\)",
+                      log)
+    assert after and int(after.group(1)) >= 3, log[-3000:]
+    assert "saved checkpoint " + str(w / "ck_tp2" / "iter_0000002") + " (published after step 2)" in log
+    assert "saved checkpoint " + str(w / "ck_dp2" / "iter_0000006") + " (published after step 6)" in log
+    sync = w / "ck_tp2"
+    assert (sync / "latest").read_text().strip() == "iter_0000006"
+    assert sorted(p.name for p in sync.iterdir() if p.name.startswith("iter_")) == [
+        "iter_0000002", "iter_0000004", "iter_0000006"]
+    for it in (2, 4, 6):
+        meta = json.loads((sync / f"iter_{it:07d}" / "megapack.json").read_text())
+        assert meta["iteration"] == it and meta["saved_with"] == {"tp": 2, "pp": 1, "dp": 1}
+        assert meta["train_state"]["consumed_samples"] == 2 * it
+    assert not list(sync.glob("*.tmp")) and not list((w / "ck_sigusr1").glob("*.tmp"))
 
 
 def test_sigusr1_checkpoints_then_exits(runs):

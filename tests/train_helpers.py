@@ -71,7 +71,7 @@ def base_config(hf_dir: Path, shards: Path, run_dir: Path, **sections) -> dict:
 
 def losses(run_dir: Path, kind: str = "train", key: str = "loss") -> dict[int, float]:
     """step -> loss of a run's metrics.jsonl (the last record of a step wins)."""
-    from megapack.training.loop import read_metrics
+    from megapack.training.metrics import read_metrics
 
     return {s: r[key] for s, r in read_metrics(Path(run_dir) / "metrics.jsonl", kind).items()}
 

@@ -1,23 +1,22 @@
 """Resumable torch_dist checkpoints: model, distributed optimizer, scheduler, RNG and data position.
 
 Layout: <dir>/iter_0000100/ (megatron dist_checkpointing files + megapack.json), <dir>/latest (the name of the
-newest complete one), <dir>/config.yaml. A checkpoint is written under `iter_XXXXXXX.tmp` and renamed when every
-rank has finished, so a crash never leaves a half-written directory that `latest` points to.
+newest complete one), <dir>/config.yaml. A checkpoint is written under `iter_XXXXXXX.tmp` (in the background
+when async) and renamed when every rank has finished, so `latest` never points to a half-written directory.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
-import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from megapack.atomic import write_json_atomic, write_text_atomic
 from megapack.errors import MegapackError
-
 from megapack.model.checkpoint import FORMAT, MODEL_PREFIX, model_sharded_state_dict, read_metadata
 
 # DP-reshardable optimizer layout: each rank saves its own shard; loading on another DP size re-slices it
@@ -103,44 +102,103 @@ def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
     return state
 
 
-def save_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer, scheduler, train_state: dict, *,
-                    keep_last: int, meta: dict) -> Path:
-    """Collective: write iter_XXXXXXX for every rank's shards, then (rank 0) rename, update `latest`, prune."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
-    root = Path(root)
-    final = iteration_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+def _training_state(model, optimizer, scheduler, train_state: dict, iteration: int) -> dict:
     state = _sharded_state_dict(model, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["train_state"] = dict(train_state, iteration=iteration)
     state["rng_state"] = _rng_sharded_object(_rng_state())
-    dist_checkpointing.save(state, str(tmp))
+    return state
+
+
+def _publish(root: Path, iteration: int, keep_last: int, info: dict) -> Path:
+    """Collective, after every rank has written its shards: rank 0 renames .tmp, points `latest` at it, prunes."""
+    import torch.distributed as dist
+
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        write_json_atomic(tmp / "megapack.json", info)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(root / "latest", final.name + "\n")
+        _prune(root, keep_last)
     dist.barrier()
-    if rank == 0:
+    return final
+
+
+class CheckpointSaver:
+    """Writes training checkpoints under root, synchronously or in the background.
+
+    In the background (megatron-core's torch_dist async save), `save` returns once each rank has planned its
+    shards and forked a writer process holding a snapshot of them; training continues while it writes. `poll`
+    (every step) and `wait` publish finished checkpoints: `iter_XXXXXXX.tmp` becomes `iter_XXXXXXX` and `latest`
+    moves only after every rank's writer succeeded, so a crash mid-write leaves the previous checkpoint current.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, keep_last: int, async_save: bool) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.queue = AsyncCallsQueue() if async_save else None
+        self._pending: list[Path] = []
+
+    @property
+    def is_async(self) -> bool:
+        """Whether saves are written in the background."""
+        return self.queue is not None
+
+    def save(self, iteration: int, model, optimizer, scheduler, train_state: dict, *, meta: dict) -> None:
+        """Collective: start writing the checkpoint of step `iteration` (finished at once when not async)."""
+        import torch.distributed as dist
+        from megatron.core import dist_checkpointing
         from megatron.core import parallel_state as ps
 
+        self.wait()  # one checkpoint in flight at a time
+        tmp = iteration_dir(self.root, iteration).with_name(f"iter_{iteration:07d}.tmp")
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = _training_state(model, optimizer, scheduler, train_state, iteration)
         info = dict(meta, format=FORMAT, iteration=iteration, train_state=dict(train_state, iteration=iteration),
                     saved_with={"tp": ps.get_tensor_model_parallel_world_size(),
                                 "pp": ps.get_pipeline_model_parallel_world_size(),
                                 "dp": ps.get_data_parallel_world_size()})
-        (tmp / "megapack.json").write_text(json.dumps(info, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fd, marker_tmp = tempfile.mkstemp(prefix=".latest.", dir=root)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(final.name + "\n")
-        os.replace(marker_tmp, root / "latest")
-        _prune(root, keep_last)
-    dist.barrier()
-    return final
+        publish = partial(self._published, _publish, self.root, iteration, self.keep_last, info)
+        if self.queue is None:
+            dist_checkpointing.save(state, str(tmp))
+            publish()
+            return
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request.add_finalize_fn(publish)
+        self.queue.schedule_async_request(request)
+
+    def _published(self, fn, *args) -> None:
+        self._pending.append(fn(*args))
+
+    def poll(self) -> list[Path]:
+        """Collective, cheap: publish checkpoints whose writers are done; returns their paths."""
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            self.queue.maybe_finalize_async_calls(blocking=False)
+        return self._take()
+
+    def wait(self) -> list[Path]:
+        """Collective: block until every started checkpoint is written and published; returns their paths."""
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            self.queue.maybe_finalize_async_calls(blocking=True)
+        return self._take()
+
+    def _take(self) -> list[Path]:
+        done, self._pending = self._pending, []
+        return done
+
+    def close(self) -> None:
+        """Wait for outstanding writes and stop the background machinery."""
+        self.wait()
+        if self.queue is not None:
+            self.queue.close()
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -104,6 +104,7 @@ class CheckpointSection(_Strict):
     dir: str | None = None
     save_interval: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
+    async_save: bool = True  # write in a background process per rank while training continues
     resume: Literal["auto", "never"] = "auto"  # auto: continue from dir/latest when it exists
     export_hf: str | None = None  # write HF safetensors here at the end
 

@@ -1,9 +1,7 @@
 """The training job: pre-flight checks, distributed setup, the step loop, validation, checkpoints, summary."""
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import time
 import warnings
@@ -12,6 +10,7 @@ from pathlib import Path
 
 from megapack.atomic import write_json_atomic
 from megapack.errors import MegapackError
+from megapack.training.checkpointing import CheckpointSaver
 from megapack.training.config import TrainConfig, preflight, save_resolved_config, tokenizer_identity
 from megapack.training.data import STAT_KEYS, TrainSampler, micro_batch_iterator, validation_batches
 from megapack.training.metrics import (
@@ -179,6 +178,8 @@ class Trainer:
         log_dir = cfg.logging.dir or cfg.checkpoint.dir
         self.writer = MetricsWriter(log_dir if self.is_logger else None, cfg.logging.tensorboard)
         self.log_dir = Path(log_dir) if log_dir else None
+        ck = cfg.checkpoint
+        self.saver = CheckpointSaver(ck.dir, keep_last=ck.keep_last, async_save=ck.async_save) if ck.dir else None
         if self.is_logger and cfg.checkpoint.dir:
             save_resolved_config(cfg, cfg.checkpoint.dir, extra=dict(self.layout.model_dump(),
                                                                      total_steps=self.total_steps))
@@ -253,19 +254,21 @@ class Trainer:
         loss_sum, count = _reduce_loss(outputs, self.device)
         return loss_sum / max(count, 1.0)
 
-    def save(self) -> None:
-        """Checkpoint now (collective)."""
-        from megapack.training.checkpointing import save_checkpoint
-
-        ck = self.config.checkpoint
-        if not ck.dir:
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint now (collective); with async saves, `wait` blocks until it is written and published."""
+        if self.saver is None:
             return
+        t0 = time.perf_counter()
         meta = {"hf_config": self.hf_config, "tokenizer_identity": tokenizer_identity(self.shard_meta),
                 "layout": self.layout.model_dump()}
         state = {"consumed_samples": self.sampler.consumed_samples, "totals": dict(self.totals)}
-        path = save_checkpoint(ck.dir, self.iteration, self.model, self.optimizer, self.scheduler, state,
-                               keep_last=ck.keep_last, meta=meta)
-        self._log(f"saved checkpoint {path}")
+        self.saver.save(self.iteration, self.model, self.optimizer, self.scheduler, state, meta=meta)
+        self._log(f"checkpoint of step {self.iteration}: training blocked {time.perf_counter() - t0:.2f} s")
+        self._log_saved(self.saver.wait() if wait or not self.saver.is_async else [])
+
+    def _log_saved(self, paths: list[Path]) -> None:
+        for path in paths:
+            self._log(f"saved checkpoint {path} (published after step {self.iteration})")
 
     # ------------------------------------------------------------------ loop
     def run(self, keep_process_group: bool = False) -> dict:
@@ -294,6 +297,8 @@ class Trainer:
                 dist.all_reduce(sync, op=dist.ReduceOp.MAX)
                 dt, stop.signal = float(sync[0]), int(sync[1]) or None
                 self.iteration += 1
+                if self.saver is not None:
+                    self._log_saved(self.saver.poll())
                 last_loss = rec["loss"]
                 self.totals["train_time_s"] += dt
                 for k in STAT_KEYS:
@@ -306,7 +311,7 @@ class Trainer:
                     valid_loss = self._validate()
                 if stop.signal and self.iteration < self.total_steps:
                     self._log(f"signal {stop.signal}: checkpointing at step {self.iteration} and exiting")
-                    self.save()
+                    self.save(wait=True)
                     interrupted = True
                     break
                 ck = cfg.checkpoint
@@ -314,12 +319,14 @@ class Trainer:
                     self.save()
             if not interrupted:
                 valid_loss = self._validate()
-                self.save()
+                self.save(wait=True)
                 if cfg.checkpoint.export_hf:
                     from megapack.model.hf_export import export_hf
 
                     export_hf(self.raw_model, self.hf_config, cfg.checkpoint.export_hf, tokenizer_dir=cfg.model.hf_dir)
             result = self._summary(last_loss, valid_loss, interrupted)
+            if self.saver is not None:
+                self.saver.close()
         finally:
             self.writer.close()
             if keep_process_group:
@@ -379,14 +386,3 @@ class Trainer:
 def train(config: TrainConfig) -> dict:
     """Run a training job described by config (inside torchrun/srun, or as a single process)."""
     return Trainer(config).run()
-
-
-def read_metrics(path: str | os.PathLike, kind: str = "train") -> dict[int, dict]:
-    """step -> record from a metrics.jsonl (the last record of a step wins, e.g. after a resume)."""
-    out: dict[int, dict] = {}
-    with open(path) as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if rec.get("kind") == kind:
-                out[rec["step"]] = rec
-    return out

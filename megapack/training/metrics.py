@@ -138,3 +138,14 @@ def format_table(rows: Sequence[dict]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
     return "\n".join(lines)
+
+
+def read_metrics(path: str | os.PathLike, kind: str = "train") -> dict[int, dict]:
+    """step -> record from a metrics.jsonl (the last record of a step wins, e.g. after a resume)."""
+    out: dict[int, dict] = {}
+    with open(path) as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec.get("kind") == kind:
+                out[rec["step"]] = rec
+    return out
