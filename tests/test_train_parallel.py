@@ -2,8 +2,9 @@
 
 Launches (grouped: each torchrun start + megatron import costs seconds):
   D  2 procs  DP2, async checkpoint every 2 steps, killed with SIGKILL after step 3 once one is published
-  B  2 procs  TP2 (synchronous checkpoints) | PP2 | DP2 (uninterrupted) | DP2 resumed from D's checkpoint
-  A  1 proc   TP1 (+ HF export) | SIGUSR1 at step 2 | DP1 resumed from D's checkpoint
+  B  2 procs  TP2 (synchronous checkpoints) | TP2 + sequence parallel | PP2 | DP2 (uninterrupted) | DP2 resumed
+              from D's checkpoint
+  A  1 proc   TP1 (+ HF export, MFU against a given peak) | bf16 | SIGUSR1 at step 2 | DP1 resumed from D's checkpoint
               | per-conversation losses: packed, padded, and initialised from D's step-2 checkpoint
               | step 1 with loss_reduction sample | step 1 on padded shards, 2 conversations per micro-batch | 50 steps
   C  4 procs  TP2 x PP2
@@ -18,12 +19,14 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
 from train_helpers import base_config, launch, losses, make_demo_shards, make_tiny_hf
 
 STEPS = 6  # every layout run, the killed run and its resumptions share this schedule
+LONG_OPTIMIZER = {"lr": 3e-3, "warmup_steps": 0, "decay_style": "constant"}  # the 50-step run and the bf16 run
 LLAMA3_VOCAB = "vocab:2b6dff733d9c48f89f6efd2e9c62e69238bb03ca9c50345b0c7a00a48b35196b"  # as in test_tokenizers.py
 
 
@@ -76,12 +79,15 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
     launch(2, [
         {"config": cfg("tp2", parallel={"tp": 2},
                        checkpoint={"dir": str(w / "ck_tp2"), "save_interval": 2, "keep_last": 3, "async_save": False})},
+        {"config": cfg("tp2sp", parallel={"tp": 2, "sequence_parallel": True})},
         {"config": cfg("pp2", parallel={"pp": 2})},
         {"config": cfg("dp2", checkpoint={"dir": str(w / "ck_dp2"), "save_interval": 2})},
         resumed("dp2_resumed", "ck_resume_dp2"),
     ], w, "B")
     launch(1, [
-        {"config": cfg("tp1", checkpoint={"export_hf": str(w / "tp1_hf")})},
+        {"config": cfg("tp1", checkpoint={"export_hf": str(w / "tp1_hf")}, logging={"peak_flops": 1e12})},
+        {"config": cfg("bf16", optimizer=LONG_OPTIMIZER, data={"valid_split": None},
+                       training={"precision": "bf16", "train_steps": 2, "global_batch_size": 1})},
         {"config": cfg("sigusr1", checkpoint={"dir": str(w / "ck_sigusr1"), "save_interval": 100}),
          "signal_at_step": 2},
         resumed("dp1_resumed", "ck_resume_dp1"),
@@ -93,7 +99,7 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
         {"config": cfg("sample", training={"loss_reduction": "sample", "train_steps": 1})},
         {"config": base_config(hf, padding, w / "padded", training={"micro_batch_size": 2, "global_batch_size": 4,
                                                                      "train_steps": 1})},
-        {"config": cfg("long", optimizer={"lr": 3e-3, "warmup_steps": 0, "decay_style": "constant"},
+        {"config": cfg("long", optimizer=LONG_OPTIMIZER,
                        training={"train_steps": 50, "global_batch_size": 1, "eval_interval": 25})},
     ], w, "A")
     launch(4, [{"config": cfg("tp2pp2", parallel={"tp": 2, "pp": 2})}], w, "C")
@@ -115,7 +121,7 @@ def test_same_loss_across_tp_pp_dp(runs):
     w = runs["dir"]
     ref = losses(w / "tp1")
     assert sorted(ref) == list(range(1, STEPS + 1))
-    for name in ("tp2", "pp2", "dp2", "tp2pp2"):
+    for name in ("tp2", "tp2sp", "pp2", "dp2", "tp2pp2"):
         other = losses(w / name)
         assert sorted(other) == sorted(ref), name
         worst = max(_rel(other[s], ref[s]) for s in ref)
@@ -176,6 +182,33 @@ def test_async_and_sync_checkpoints_are_published_complete(runs):
         assert meta["iteration"] == it and meta["saved_with"] == {"tp": 2, "pp": 1, "dp": 1}
         assert meta["train_state"]["consumed_samples"] == 2 * it
     assert not list(sync.glob("*.tmp")) and not list((w / "ck_sigusr1").glob("*.tmp"))
+
+
+def test_bf16_trains_close_to_fp32(runs):
+    """precision bf16 (Float16Module, fp32 main params in the distributed optimizer) runs and stays near fp32."""
+    w = runs["dir"]
+    bf16, fp32 = losses(w / "bf16"), losses(w / "long")  # same batches, same optimizer
+    assert sorted(bf16) == [1, 2] and fp32[2] < fp32[1] - 1e-3
+    for s in bf16:
+        assert 0 < _rel(bf16[s], fp32[s]) < 1e-3, (s, bf16[s], fp32[s])  # differs (bf16 math) but only a little
+
+
+def test_mfu_counts_real_tokens_and_each_segments_attention(runs):
+    """mfu = model FLOPs of the step's real tokens and per-conversation attention / (step time x peak)."""
+    from megapack.data.shards import ShardDataset
+    from megapack.training.data import TrainSampler
+    from megapack.training.metrics import model_flops
+
+    w = runs["dir"]
+    hf_config = json.loads((w / "hf" / "config.json").read_text())
+    ds = ShardDataset(w / "greedy", "train")
+    sampler = TrainSampler(len(ds), 2, 1, 0, 1, seed=1234, consumed_samples=0)
+    for rec in _records(w / "tp1")[:3]:
+        lengths = [int(n) for mb in sampler.next_step() for i in mb for n in np.diff(ds[i].cu_seqlens)]
+        flops = model_flops(hf_config, sum(lengths), sum(n * n for n in lengths))
+        assert rec["real_tokens"] == sum(lengths)
+        assert rec["mfu"] == pytest.approx(flops / (rec["step_time_s"] * 1e12), rel=1e-9)
+        assert 0 < rec["mfu"] < 1
 
 
 def test_sigusr1_checkpoints_then_exits(runs):

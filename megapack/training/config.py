@@ -115,6 +115,7 @@ class LoggingSection(_Strict):
     dir: str | None = None  # JSONL + TensorBoard + summary JSON; defaults to checkpoint.dir
     interval: int = Field(1, ge=1)
     tensorboard: bool = True
+    peak_flops: float | None = Field(None, gt=0)  # per-device peak FLOP/s for MFU; default: bf16 peak of the GPU
 
 
 class TrainConfig(_Strict):

@@ -174,7 +174,8 @@ class Trainer:
                                     lay.dp, cfg.training.seed, consumed)
         self.padded = self.shard_meta.get("packing") == "padding"
         self.pad_multiple = 8  # the padding arm rounds each micro-batch to the longest conversation, up to 8
-        self.peak = device_peak_flops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+        self.peak = cfg.logging.peak_flops or device_peak_flops(
+            torch.cuda.get_device_name() if torch.cuda.is_available() else None)
         log_dir = cfg.logging.dir or cfg.checkpoint.dir
         self.writer = MetricsWriter(log_dir if self.is_logger else None, cfg.logging.tensorboard)
         self.log_dir = Path(log_dir) if log_dir else None
