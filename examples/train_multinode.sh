@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Multi-node with torchrun: run this on every node with the same MASTER_ADDR (the first node) and NNODES, e.g.
-#   MASTER_ADDR=node001 NNODES=4 bash examples/train_multinode.sh configs/llama3_70b_packed_sft.yaml data.path=/data/shards
+#   MASTER_ADDR=node001 NNODES=4 bash examples/train_multinode.sh configs/llama3_70b_packed_sft.yaml \
+#       data.path=/data/shards model.hf_dir=/ckpt/Meta-Llama-3-70B
+# (no apostrophes inside "${VAR:?message}": bash 5.2 reads them as an unterminated quote)
 # Each node starts one process per GPU; torchrun's c10d rendezvous assigns the ranks.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-config="$1"
+config="${1:?usage: bash examples/train_multinode.sh CONFIG [key.sub=value ...]}"
 shift
-: "${MASTER_ADDR:?set MASTER_ADDR to the first node's address}"
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 : "${NNODES:?set NNODES to the number of nodes}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NPROC="${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count())')}"
