@@ -2,8 +2,8 @@
 
 Launches (grouped: each torchrun start + megatron import costs seconds):
   D  2 procs  DP2, async checkpoint every 2 steps, killed with SIGKILL after step 3 once one is published
-  B  2 procs  TP2 (synchronous checkpoints) | TP2 + sequence parallel | PP2 | DP2 (uninterrupted) | DP2 resumed
-              from D's checkpoint
+  B  2 procs  TP2 (synchronous, fully reshardable checkpoints) | PP2 resumed from TP2's step 2 |
+              TP2 + sequence parallel | PP2 | DP2 (uninterrupted) | DP2 resumed from D's checkpoint
   A  1 proc   TP1 (+ HF export, MFU against a given peak) | bf16 | SIGUSR1 at step 2 | DP1 resumed from D's checkpoint
               | per-conversation losses: packed, padded, and initialised from D's step-2 checkpoint
               | step 1 with loss_reduction sample | step 1 on padded shards, 2 conversations per micro-batch | 50 steps
@@ -78,7 +78,10 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
 
     launch(2, [
         {"config": cfg("tp2", parallel={"tp": 2},
-                       checkpoint={"dir": str(w / "ck_tp2"), "save_interval": 2, "keep_last": 3, "async_save": False})},
+                       checkpoint={"dir": str(w / "ck_tp2"), "save_interval": 2, "keep_last": 3, "async_save": False,
+                                   "optimizer_sharding": "fully_reshardable"})},
+        {"config": cfg("pp2_from_tp2", parallel={"pp": 2},
+                       checkpoint={"dir": str(w / "ck_pp2_from_tp2"), "load": str(w / "ck_tp2" / "iter_0000002")})},
         {"config": cfg("tp2sp", parallel={"tp": 2, "sequence_parallel": True})},
         {"config": cfg("pp2", parallel={"pp": 2})},
         {"config": cfg("dp2", checkpoint={"dir": str(w / "ck_dp2"), "save_interval": 2})},
@@ -209,6 +212,26 @@ def test_mfu_counts_real_tokens_and_each_segments_attention(runs):
         assert rec["real_tokens"] == sum(lengths)
         assert rec["mfu"] == pytest.approx(flops / (rec["step_time_s"] * 1e12), rel=1e-9)
         assert 0 < rec["mfu"] < 1
+
+
+def test_resume_at_another_tp_and_pp(runs, tmp_path, capsys):
+    """A fully_reshardable checkpoint saved at TP2 resumes at PP2 on the uninterrupted curve; a dp_reshardable one
+    (run D, DP2) is refused at TP2 before any process group, naming the option that allows it."""
+    from megapack.cli import main
+    from train_helpers import write_yaml
+
+    w = runs["dir"]
+    resumed, full = losses(w / "pp2_from_tp2"), losses(w / "tp1")
+    assert sorted(resumed) == list(range(3, STEPS + 1))
+    assert max(_rel(resumed[s], full[s]) for s in resumed) <= 1e-5, (resumed, full)
+    assert "resumed from " + str(w / "ck_tp2" / "iter_0000002") + " at step 2" in (w / "B.log").read_text()
+    config = json.loads((w / "B.json").read_text())[0]["config"]
+    config["checkpoint"] = {"dir": str(tmp_path / "ck"), "load": str(w / "ck_killed")}
+    path = write_yaml(tmp_path / "run.yaml", config)
+    assert main(["train", "--config", str(path), "--check"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "saved at tp=1 pp=1 with a dp_reshardable optimizer state" in err and err.startswith("error: parallel.tp")
+    assert "checkpoint.optimizer_sharding=fully_reshardable" in err and "\n" not in err
 
 
 def test_sigusr1_checkpoints_then_exits(runs):

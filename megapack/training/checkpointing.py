@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -19,8 +20,15 @@ from megapack.atomic import write_json_atomic, write_text_atomic
 from megapack.errors import MegapackError
 from megapack.model.checkpoint import FORMAT, MODEL_PREFIX, model_sharded_state_dict, read_metadata
 
-# DP-reshardable optimizer layout: each rank saves its own shard; loading on another DP size re-slices it
-OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False}
+# Distributed-optimizer state layouts (megatron-core names): "dp_reshardable" = each rank writes its own flat shard
+# in parallel, loadable at another DP size only; "fully_reshardable" = per-parameter state gathered on DP rank 0,
+# loadable at any TP / PP / DP.
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+DEFAULT_OPTIMIZER_SHARDING = "dp_reshardable"
+
+
+def _optim_metadata(sharding: str) -> dict:
+    return {"distrib_optim_sharding_type": sharding, "singleton_local_shards": False}
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
@@ -94,16 +102,17 @@ def _unwrap(model):
     return model
 
 
-def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
+def _sharded_state_dict(model, optimizer, is_loading: bool, sharding: str) -> dict:
     model_sd = model_sharded_state_dict(_unwrap(model))
     state = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                          metadata=_optim_metadata(sharding))
     return state
 
 
-def _training_state(model, optimizer, scheduler, train_state: dict, iteration: int) -> dict:
-    state = _sharded_state_dict(model, optimizer, is_loading=False)
+def _training_state(model, optimizer, scheduler, train_state: dict, iteration: int, sharding: str) -> dict:
+    state = _sharded_state_dict(model, optimizer, is_loading=False, sharding=sharding)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["train_state"] = dict(train_state, iteration=iteration)
     state["rng_state"] = _rng_sharded_object(_rng_state())
@@ -136,11 +145,13 @@ class CheckpointSaver:
     moves only after every rank's writer succeeded, so a crash mid-write leaves the previous checkpoint current.
     """
 
-    def __init__(self, root: str | os.PathLike, *, keep_last: int, async_save: bool) -> None:
+    def __init__(self, root: str | os.PathLike, *, keep_last: int, async_save: bool,
+                 optimizer_sharding: str = DEFAULT_OPTIMIZER_SHARDING) -> None:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.root = Path(root)
         self.keep_last = keep_last
+        self.sharding = optimizer_sharding
         self.queue = AsyncCallsQueue() if async_save else None
         self._pending: list[Path] = []
 
@@ -161,8 +172,9 @@ class CheckpointSaver:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        state = _training_state(model, optimizer, scheduler, train_state, iteration)
+        state = _training_state(model, optimizer, scheduler, train_state, iteration, self.sharding)
         info = dict(meta, format=FORMAT, iteration=iteration, train_state=dict(train_state, iteration=iteration),
+                    optimizer_sharding=self.sharding,
                     saved_with={"tp": ps.get_tensor_model_parallel_world_size(),
                                 "pp": ps.get_pipeline_model_parallel_world_size(),
                                 "dp": ps.get_data_parallel_world_size()})
@@ -228,6 +240,43 @@ def _allocate_torch_adam_state(optimizer) -> None:
                                       "exp_avg_sq": torch.zeros_like(p)}
 
 
+def _torch_adamw_states(optimizer):
+    import torch
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.AdamW):
+            yield from inner.state.values()
+
+
+@contextmanager
+def _torch_adam_step_tolerant(optimizer):
+    """During a fully_reshardable load with torch AdamW: keep each parameter's current `step`.
+
+    megatron 0.16's loader hands over exp_avg/exp_avg_sq/param but skips `step`, then copies every key of the
+    AdamW state (which, without Apex/TE, has a `step`) and fails; `_restore_torch_adam_steps` sets it afterwards.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None:
+            continue
+
+        def setter(model_param, tensors, _opt=opt, _original=original):
+            current = _opt._get_main_param_and_optimizer_states(model_param)
+            if "step" in current and "step" not in tensors:
+                tensors = dict(tensors, step=current["step"])
+            _original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = setter
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class method
+
+
 def _checkpoint_adam_step(state) -> float | None:
     """The optimizer step count stored with the param groups of a loaded optimizer state dict."""
     if isinstance(state, dict):
@@ -256,23 +305,31 @@ def _restore_torch_adam_steps(optimizer, loaded_optimizer_state) -> None:
     import torch
 
     step = _checkpoint_adam_step(loaded_optimizer_state)
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.AdamW) and step is not None:
-            for state in inner.state.values():
-                if "step" in state:
-                    state["step"] = torch.tensor(step, dtype=state["step"].dtype)
+    if step is None:
+        return
+    for state in _torch_adamw_states(optimizer):
+        if "exp_avg" in state:
+            state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, load_optimizer: bool = True,
                     load_rng: bool = True) -> dict:
-    """Collective: restore model (+ optimizer, scheduler, RNG) from a checkpoint; returns its train_state."""
+    """Collective: restore model (+ optimizer, scheduler, RNG) from a checkpoint; returns its train_state.
+
+    The RNG state is per (TP, PP) position, so it is restored only at the layout the checkpoint was saved with.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
 
     path = Path(path)
+    meta = read_checkpoint_meta(path)
+    saved = meta.get("saved_with") or {}
+    here = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
+    load_rng = load_rng and all(saved.get(k) == v for k, v in here.items())
     if load_optimizer and optimizer is not None:
         _allocate_torch_adam_state(optimizer)
-    template = _sharded_state_dict(model, optimizer if load_optimizer else None, is_loading=True)
+    sharding = meta.get("optimizer_sharding", DEFAULT_OPTIMIZER_SHARDING)
+    template = _sharded_state_dict(model, optimizer if load_optimizer else None, is_loading=True, sharding=sharding)
     if load_rng:
         template["rng_state"] = _rng_sharded_object(None)
     loaded = dist_checkpointing.load(template, str(path))
@@ -286,7 +343,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, loa
     if load_optimizer and optimizer is not None:
         import torch
 
-        with torch.no_grad():  # fp32 main params are views of leaves that require grad
+        with torch.no_grad(), _torch_adam_step_tolerant(optimizer):  # main params are views of leaves with grad
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_torch_adam_steps(optimizer, loaded["optimizer"])
     if load_optimizer and scheduler is not None and loaded.get("scheduler") is not None:

@@ -51,7 +51,7 @@ class ParallelConfig(_Strict):
 
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
-    sequence_parallel: bool = False  # GPU only; requires tp > 1
+    sequence_parallel: bool = False  # requires tp > 1
 
 
 class OptimizerSection(_Strict):
@@ -105,7 +105,10 @@ class CheckpointSection(_Strict):
     save_interval: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
     async_save: bool = True  # write in a background process per rank while training continues
+    # dp_reshardable: parallel writes, resume at another DP size; fully_reshardable: resume at any TP/PP/DP
+    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
     resume: Literal["auto", "never"] = "auto"  # auto: continue from dir/latest when it exists
+    load: str | None = None  # resume from this checkpoint (iter_ dir or a checkpoint dir) while dir has none
     export_hf: str | None = None  # write HF safetensors here at the end
 
 
@@ -313,6 +316,19 @@ def _packing_name(meta: dict) -> str:
     return str(packing)
 
 
+def _check_resume_layout(config: TrainConfig, path: Path, meta: dict) -> None:
+    """A dp_reshardable optimizer state only loads at the TP and PP it was saved with."""
+    saved = meta.get("saved_with") or {}
+    sharding = meta.get("optimizer_sharding", "dp_reshardable")
+    now = (config.parallel.tp, config.parallel.pp)
+    if sharding == "dp_reshardable" and (saved.get("tp", now[0]), saved.get("pp", now[1])) != now:
+        raise MegapackError(
+            f"parallel.tp/parallel.pp: {path} was saved at tp={saved.get('tp')} pp={saved.get('pp')} with a "
+            f"dp_reshardable optimizer state, which resumes only at that tp/pp (any DP size); save with "
+            f"checkpoint.optimizer_sharding=fully_reshardable, or start a new run from its weights "
+            f"(model.init=megatron)")
+
+
 def preflight(config: TrainConfig, world_size: int | None = None) -> tuple[Layout, dict, dict, Path | None]:
     """Everything checked before any process group: layout, shards vs run, checkpoint vs shards.
 
@@ -325,12 +341,17 @@ def preflight(config: TrainConfig, world_size: int | None = None) -> tuple[Layou
     world_size = world_size or _world_size_from_env()
     meta = read_meta(config.data.path)
     meta.setdefault("packing", _packing_name(meta))
-    resume = None
-    if config.checkpoint.dir and config.checkpoint.resume == "auto":
-        resume = latest_checkpoint(config.checkpoint.dir)
+    ck, resume = config.checkpoint, None
+    if ck.dir and ck.resume == "auto":
+        resume = latest_checkpoint(ck.dir)
+    if resume is None and ck.load:
+        resume = Path(ck.load) if (Path(ck.load) / "megapack.json").is_file() else latest_checkpoint(ck.load)
+        if resume is None:
+            raise MegapackError(f"checkpoint.load: no complete checkpoint in {ck.load}")
     ckpt_meta = None
     if resume is not None:
         ckpt_meta = read_checkpoint_meta(resume)
+        _check_resume_layout(config, resume, ckpt_meta)
     elif config.model.init == "megatron":
         ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
     layout = resolve_layout(config, world_size, dict(meta, packing=_packing_name(meta)), ckpt_meta)
