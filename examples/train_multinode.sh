@@ -12,7 +12,13 @@ shift
 : "${NNODES:?set NNODES to the number of nodes}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NPROC="${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count())')}"
+if [[ "$NPROC" -lt 1 ]]; then
+    echo "error: no GPU visible on $(hostname); set NPROC to the number of processes per node" >&2
+    exit 1
+fi
 cd "$root"
+# validate config, shards and layout on every node before the rendezvous (one line naming the key on error)
+megapack train --config "$config" --check --world-size "$((NNODES * NPROC))" "$@" >/dev/null
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" CUDA_DEVICE_MAX_CONNECTIONS=1
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --rdzv_backend=c10d \
     --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-megapack}" \
