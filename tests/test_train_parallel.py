@@ -4,9 +4,10 @@ Launches (grouped: each torchrun start + megatron import costs seconds):
   D  2 procs  DP2, async checkpoint every 2 steps, killed with SIGKILL after step 3 once one is published
   B  2 procs  TP2 (synchronous, fully reshardable checkpoints) | PP2 resumed from TP2's step 2 |
               TP2 + sequence parallel | PP2 | DP2 (uninterrupted) | DP2 resumed from D's checkpoint
-  A  1 proc   TP1 (+ HF export, MFU against a given peak) | bf16 | SIGUSR1 at step 2 | DP1 resumed from D's checkpoint
-              | per-conversation losses: packed, padded, and initialised from D's step-2 checkpoint
-              | step 1 with loss_reduction sample | step 1 on padded shards, 2 conversations per micro-batch | 50 steps
+  A  1 proc   TP1 (+ HF export, MFU against a given peak) | bf16 | SIGUSR1 at step 2 | SIGTERM at step 2 (async
+              checkpoint of step 1 in flight) | DP1 resumed from D's checkpoint | per-conversation losses: packed,
+              padded, and initialised from D's step-2 checkpoint | step 1 with loss_reduction sample | step 1 on
+              padded shards, 2 conversations per micro-batch | 50 steps
   C  4 procs  TP2 x PP2
 """
 from __future__ import annotations
@@ -93,6 +94,8 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
                        training={"precision": "bf16", "train_steps": 2, "global_batch_size": 1})},
         {"config": cfg("sigusr1", checkpoint={"dir": str(w / "ck_sigusr1"), "save_interval": 100}),
          "signal_at_step": 2},
+        {"config": cfg("sigterm", checkpoint={"dir": str(w / "ck_sigterm"), "save_interval": 1}),
+         "signal_at_step": 2, "signal": "SIGTERM"},
         resumed("dp1_resumed", "ck_resume_dp1"),
         {"config": base_config(hf, greedy, w / "seg_greedy"), "segment_losses": str(w / "seg_greedy.json")},
         {"config": base_config(hf, padding, w / "seg_padding"), "segment_losses": str(w / "seg_padding.json")},
@@ -234,13 +237,18 @@ def test_resume_at_another_tp_and_pp(runs, tmp_path, capsys):
     assert "checkpoint.optimizer_sharding=fully_reshardable" in err and "\n" not in err
 
 
-def test_sigusr1_checkpoints_then_exits(runs):
+def test_sigusr1_and_sigterm_checkpoint_then_exit(runs):
     w = runs["dir"]
     assert sorted(losses(w / "sigusr1")) == [1, 2]
     assert (w / "ck_sigusr1" / "latest").read_text().strip() == "iter_0000002"
     meta = json.loads((w / "ck_sigusr1" / "iter_0000002" / "megapack.json").read_text())
     assert meta["train_state"]["consumed_samples"] == 4 and meta["tokenizer_identity"] == LLAMA3_VOCAB
     assert json.loads((w / "sigusr1" / "summary.json").read_text())["interrupted"] is True
+    # SIGTERM while step 1's async checkpoint may still be writing: both end up complete, step 2 is current
+    assert sorted(losses(w / "sigterm")) == [1, 2]
+    assert (w / "ck_sigterm" / "latest").read_text().strip() == "iter_0000002"
+    assert sorted(p.name for p in (w / "ck_sigterm").glob("iter_*")) == ["iter_0000001", "iter_0000002"]
+    assert json.loads((w / "sigterm" / "summary.json").read_text())["interrupted"] is True
 
 
 def test_exported_hf_model_reproduces_the_trainers_validation_loss(runs):
