@@ -78,7 +78,13 @@ def test_real_demo_data_all_packings(tmp_path, llamafactory_data_dir, llama3_tok
             assert starts[0] == 0 and all(len(ds[i].tokens) == L for i in range(len(ds) - 1))
             for a, b in zip(starts[:-1], starts[1:]):
                 got[(tuple(stream[a:b].tolist()), tuple(masks[a:b].tolist()))] += 1
+            # each pack says whether it opens with the rest of a cut conversation (llama3: no BOS there)
+            packs = [ds[i] for i in range(len(ds))]
+            assert [p.continues for p in packs] == [int(p.tokens[0]) != BOS for p in packs]
+            assert 0 < sum(p.continues for p in packs) < len(packs)
+            assert sum(len(p.cu_seqlens) - 1 - p.continues for p in packs) == n
             continue
+        assert not any(ds[i].continues for i in range(len(ds)))
         for toks, mask in segments(ds):
             real = len(toks) if K == 1 else int(np.flatnonzero(toks != meta["pad_id"])[-1]) + 1
             assert (toks[real:] == meta["pad_id"]).all() and (mask[real:] == 0).all() and len(toks) % K == 0

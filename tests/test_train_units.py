@@ -1,11 +1,11 @@
 """Single-process unit tests of the trainer's config, micro-batch construction, sampler and metrics."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from megapack.data.shards import Pack
 from megapack.errors import MegapackError
 from megapack.training.config import load_config, resolve_layout
 from megapack.training.data import TrainSampler, build_micro_batch, validation_batches
@@ -95,14 +95,15 @@ def test_tokenizer_identities_compare_by_equality():
     assert resolve_layout(cfg(), 1, dict(meta, tokenizer=VOCAB_B), {"tokenizer_identity": VOCAB_B}).dp == 1
 
 
-def pack(segments: list[list[int]], masks: list[list[int]]):
-    """A Pack-like record of the shard format: tokens, loss_mask (1 = token is a target), cu_seqlens."""
+def pack(segments: list[list[int]], masks: list[list[int]], continues: bool = False) -> Pack:
+    """A pack of the shard format: tokens, loss_mask (1 = token is a target), cu_seqlens."""
     lengths = [len(s) for s in segments]
-    return SimpleNamespace(
+    return Pack(
         tokens=np.array(sum(segments, []), np.int64),
         loss_mask=np.array(sum(masks, []), np.uint8),
         cu_seqlens=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
         max_seqlen=max(lengths),
+        continues=continues,
     )
 
 
@@ -121,6 +122,8 @@ def test_thd_micro_batch_shifts_labels_within_segments():
     s = build_micro_batch([p1, p2], reduction="sample")
     assert s.num_targets == 3
     assert np.allclose(s.loss_weight, [0, 0.5, 0.5, 0, 0.5, 0.5, 0, 1, 0])
+    # with `random` packing, a pack opening with the rest of a conversation does not count it again
+    assert build_micro_batch([p1, pack([[30, 31]], [[0, 1]], continues=True)]).stats["conversations"] == 2
 
 
 def test_padded_micro_batch_rounds_to_multiple_of_8():

@@ -99,12 +99,7 @@ def render_pack(ds: ShardDataset, i: int, tokenizer=None, start: str = "\u00ab",
 
 def pack_fill(ds: ShardDataset) -> np.ndarray:
     """Tokens per pack / seq_length, for every pack of the split (from the index only)."""
-    fills = []
-    for k in range(len(ds._shards)):
-        tok, _ = ds._shard(k)
-        cum = np.concatenate([[0], np.cumsum(tok.seq_lengths, dtype=np.int64)])
-        fills.append((cum[tok.doc_index[1:]] - cum[tok.doc_index[:-1]]) / ds.meta["seq_length"])
-    return np.concatenate(fills) if fills else np.zeros(0)
+    return ds.pack_lengths() / ds.meta["seq_length"]
 
 
 def plot(ds: ShardDataset, out: str | Path) -> None:

@@ -114,7 +114,9 @@ def write_plan(
     progress=None,
 ) -> dict:
     """Write the packs of `plan` (pack order) as shards of `split`; returns shard list and token statistics."""
-    writer = ShardWriter(out_dir, split, dtype, max_shard_tokens)
+    splits_samples = bool(np.any(plan.start > 0))  # only `random` cuts samples
+    writer = ShardWriter(out_dir, split, dtype, max_shard_tokens, continuation=splits_samples)
+    continues = plan.start[plan.pack_offsets[:-1]] > 0 if splits_samples else None
     pack_len = plan.pack_lengths()
     pack_end_tok = np.cumsum(pack_len)
     loss_tokens = 0
@@ -127,7 +129,8 @@ def write_plan(
             a, b = int(plan.pack_offsets[p0]), int(plan.pack_offsets[p1])
             tokens, mask = _gather(store, plan, a, b, pad_id, dtype)
             loss_tokens += int(mask.sum(dtype=np.int64))
-            writer.add_packs(tokens, mask, plan.seg_length[a:b], np.diff(plan.pack_offsets[p0 : p1 + 1]))
+            writer.add_packs(tokens, mask, plan.seg_length[a:b], np.diff(plan.pack_offsets[p0 : p1 + 1]),
+                             continues[p0:p1] if continues is not None else None)
             if progress is not None:
                 progress.update(p1 - p0)
             p0 = p1

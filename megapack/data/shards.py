@@ -81,9 +81,11 @@ def _write_idx(path: Path, dtype: np.dtype, seq_lengths: np.ndarray, doc_index: 
 class ShardWriter:
     """Streams packs of one split into shard files of at most `max_shard_tokens` tokens (a pack is never split)."""
 
-    def __init__(self, out_dir: str | Path, split: str, dtype: np.dtype, max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS):
+    def __init__(self, out_dir: str | Path, split: str, dtype: np.dtype, max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS,
+                 continuation: bool = False):
         self.out_dir, self.split, self.dtype = Path(out_dir), split, np.dtype(dtype)
         self.max_shard_tokens = max_shard_tokens
+        self.continuation = continuation  # write <prefix>.continues.bin (one byte per pack), for `random` packing
         self.shards: list[dict] = []  # per finished shard: prefix, num_packs, num_tokens, files {name: sha256}
         self._open = False
 
@@ -92,6 +94,7 @@ class ShardWriter:
         self._prefix = prefix
         self._tok = _HashingFile(self.out_dir / f"{prefix}.tokens.bin")
         self._mask = _HashingFile(self.out_dir / f"{prefix}.mask.bin")
+        self._cont = _HashingFile(self.out_dir / f"{prefix}.continues.bin") if self.continuation else None
         self._seq_lengths: list[np.ndarray] = []
         self._doc_ends: list[int] = [0]
         self._num_seqs = 0
@@ -102,8 +105,12 @@ class ShardWriter:
         """Append one pack: its tokens, loss mask (same length) and segment lengths (summing to that length)."""
         self.add_packs(tokens, mask, seg_lengths, np.array([len(seg_lengths)]))
 
-    def add_packs(self, tokens: np.ndarray, mask: np.ndarray, seg_lengths: np.ndarray, segs_per_pack: np.ndarray) -> None:
-        """Append several packs laid end to end; pack k has segs_per_pack[k] segments of seg_lengths."""
+    def add_packs(self, tokens: np.ndarray, mask: np.ndarray, seg_lengths: np.ndarray, segs_per_pack: np.ndarray,
+                  continues: np.ndarray | None = None) -> None:
+        """Append several packs laid end to end; pack k has segs_per_pack[k] segments of seg_lengths and, with
+        `continuation`, continues[k] says whether its first segment carries on the previous pack's last sample."""
+        if self.continuation and (continues is None or len(continues) != len(segs_per_pack)):
+            raise ValueError("a continuation writer needs one `continues` flag per pack")
         seg_lengths = np.asarray(seg_lengths, dtype=np.int64)
         seg_end = np.cumsum(segs_per_pack)
         seg_tok_end = np.concatenate([[0], np.cumsum(seg_lengths)])
@@ -127,6 +134,8 @@ class ShardWriter:
             t1 = int(pack_tok_end[k + fit - 1])
             self._tok.write(np.ascontiguousarray(tokens[t0:t1], dtype=self.dtype.newbyteorder("<")).tobytes())
             self._mask.write(np.ascontiguousarray(mask[t0:t1], dtype=np.uint8).tobytes())
+            if self._cont is not None:
+                self._cont.write(np.asarray(continues[k : k + fit], dtype=np.uint8).tobytes())
             self._seq_lengths.append(seg_lengths[s0:s1].astype(np.int32))
             self._doc_ends.extend((seg_end[k : k + fit] - s0 + self._num_seqs).tolist())
             self._num_seqs += s1 - s0
@@ -143,6 +152,8 @@ class ShardWriter:
             f"{p}.tokens.idx": _write_idx(self.out_dir / f"{p}.tokens.idx", self.dtype, lengths, docs),
             f"{p}.mask.idx": _write_idx(self.out_dir / f"{p}.mask.idx", np.dtype(np.uint8), lengths, docs),
         }
+        if self._cont is not None:
+            files[f"{p}.continues.bin"] = self._cont.commit()
         self.shards.append({"prefix": p, "num_packs": len(docs) - 1, "num_tokens": self._tokens, "files": files})
         self._open = False
 
@@ -157,6 +168,8 @@ class ShardWriter:
         if self._open:
             self._tok.abort()
             self._mask.abort()
+            if self._cont is not None:
+                self._cont.abort()
             self._open = False
 
 
@@ -168,6 +181,7 @@ class Pack:
     loss_mask: np.ndarray  # uint8 [n] (1 = token i is a trained target)
     cu_seqlens: np.ndarray  # int32 [num_segments + 1], starts at 0, ends at n
     max_seqlen: int
+    continues: bool = False  # `random` packing: the first segment is the rest of a conversation cut in the last pack
 
 
 class MMIndex:
@@ -245,7 +259,7 @@ class ShardDataset:
         self._shards = [s["prefix"] for s in splits[split]["shards"]]
         counts = [int(s["num_packs"]) for s in splits[split]["shards"]]
         self._cum = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self._open: dict[int, tuple[MMIndex, MMIndex]] = {}
+        self._open: dict[int, tuple[MMIndex, MMIndex, np.ndarray | None]] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -255,11 +269,22 @@ class ShardDataset:
     def __len__(self) -> int:
         return int(self._cum[-1])
 
-    def _shard(self, k: int) -> tuple[MMIndex, MMIndex]:
+    def _shard(self, k: int) -> tuple[MMIndex, MMIndex, np.ndarray | None]:
         if k not in self._open:
             prefix = self.path / self._shards[k]
-            self._open[k] = (MMIndex(Path(f"{prefix}.tokens")), MMIndex(Path(f"{prefix}.mask")))
+            cont_path = Path(f"{prefix}.continues.bin")
+            cont = np.fromfile(cont_path, dtype=np.uint8) if cont_path.is_file() else None
+            self._open[k] = (MMIndex(Path(f"{prefix}.tokens")), MMIndex(Path(f"{prefix}.mask")), cont)
         return self._open[k]
+
+    def pack_lengths(self) -> np.ndarray:
+        """Tokens of every pack of the split, from the index files only."""
+        out = []
+        for k in range(len(self._shards)):
+            tok = self._shard(k)[0]
+            cum = np.concatenate([[0], np.cumsum(tok.seq_lengths, dtype=np.int64)])
+            out.append(cum[tok.doc_index[1:]] - cum[tok.doc_index[:-1]])
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def __getitem__(self, i: int) -> Pack:
         n = len(self)
@@ -268,7 +293,7 @@ class ShardDataset:
         if not 0 <= i < n:
             raise IndexError(f"pack {i} out of range for {n} packs")
         k = int(np.searchsorted(self._cum, i, side="right")) - 1
-        tok_idx, mask_idx = self._shard(k)
+        tok_idx, mask_idx, cont = self._shard(k)
         j = i - int(self._cum[k])
         tokens, lengths = tok_idx.document(j)
         mask, _ = mask_idx.document(j)
@@ -279,4 +304,5 @@ class ShardDataset:
             loss_mask=np.array(mask, dtype=np.uint8),
             cu_seqlens=cu,
             max_seqlen=int(lengths.max()) if len(lengths) else 0,
+            continues=bool(cont[j]) if cont is not None else False,
         )

@@ -85,7 +85,9 @@ def build_micro_batch(
     tokens = np.concatenate([t for t, _, _, _ in pieces])
     mask = np.concatenate([m for _, m, _, _ in pieces])
     cu_list, offset = [0], 0
-    conversations = 0
+    # a segment that carries on a conversation cut at the end of the previous pack (`random`) is not a new one
+    continued = sum(int(p.continues) for p in packs) if not padded else 0
+    conversations = -continued
     for toks, _m, cu, real in pieces:
         cu_list.extend(int(c) + offset for c in cu[1:])
         conversations += int((real > 0).sum())
