@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,27 +98,34 @@ def train_config(cfg: DemoConfig, workdir: Path, hf_dir: Path, packing: str) -> 
     }
 
 
-def train_one(cfg: DemoConfig, workdir: Path, hf_dir: Path, packing: str) -> dict:
-    """Train one arm with torchrun on nproc CPU processes; returns its summary.json."""
-    config = train_config(cfg, workdir, hf_dir, packing)
-    run_dir = Path(config["logging"]["dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}",
-        f"--master-port={_free_port()}", "-m", "megapack", "train", "--config", str(config_path),
-    ]
-    log = run_dir / "train.log"
-    started = time.perf_counter()
+def train_all(cfg: DemoConfig, workdir: Path, hf_dir: Path) -> list[dict]:
+    """Train every arm in one torchrun launch on nproc CPU processes (one process start and import for all);
+    returns their summary.json files."""
+    paths = []
+    for packing in cfg.packings:
+        config = train_config(cfg, workdir, hf_dir, packing)
+        run_dir = Path(config["logging"]["dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        paths.append(run_dir / "config.yaml")
+        paths[-1].write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}",
+           f"--master-port={_free_port()}", "-m", "megapack", "train"]
+    for path in paths:
+        cmd += ["--config", str(path)]
+    log = workdir / "train" / "train.log"
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        for line in proc.stdout:  # the whole log goes to the file; each run's first line also to the terminal
+            fh.write(line)
+            if line.startswith("training "):
+                print("  " + line.split(": {")[0], flush=True)
+        proc.wait()
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-15:]
-        raise MegapackError(f"training the {packing} arm failed (exit {proc.returncode}); log {log}:\n" + "\n".join(tail))
-    result = json.loads((run_dir / "summary.json").read_text())
-    result["wall_s"] = time.perf_counter() - started
-    return result
+        raise MegapackError(f"training failed (exit {proc.returncode}); log {log}:\n" + "\n".join(tail))
+    return [json.loads((path.parent / "summary.json").read_text()) for path in paths]
 
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
@@ -140,10 +146,9 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     print(table(rows))
     if not cfg.train:
         return []
-    results = []
-    for packing in cfg.packings:
-        print(f"training {packing} on {cfg.nproc} processes (tp={cfg.tp}) ...", flush=True)
-        results.append(train_one(cfg, workdir, hf_dir, packing))
+    print(f"training {', '.join(cfg.packings)} one after another on {cfg.nproc} processes (tp={cfg.tp}), "
+          f"log {workdir / 'train' / 'train.log'}", flush=True)
+    results = train_all(cfg, workdir, hf_dir)
     print("\nTable 3 (the Packing Analysis paper's columns), tiny model on CPU:")
     print(format_table(results))
     write_json_atomic(workdir / "table3.json", {"runs": results})

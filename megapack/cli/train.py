@@ -6,31 +6,42 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `megapack train`."""
-    parser.add_argument("--config", required=True, help="run config (YAML), see configs/")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    parser.add_argument("--config", required=True, action="append",
+                        help="run config (YAML), see configs/; repeat it to train several runs one after another in "
+                             "one launch (one process start and import, e.g. comparing packings)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values (every run)")
     parser.add_argument("--check", action="store_true",
-                        help="validate config, shards, checkpoint and layout; print them as JSON and exit (no GPU)")
+                        help="validate config, shards, checkpoint and layout; print them as JSON (a line per config) "
+                             "and exit (no GPU)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --check: the number of processes the run will have (default: from the launcher)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate the config (before any process group), then train."""
+    """Validate every config (before any process group), then train them in order."""
     from megapack.training.config import load_config
     from megapack.training.loop import quiet_warnings
 
     quiet_warnings()
-    config = load_config(args.config, args.overrides)
+    configs = [load_config(path, args.overrides) for path in args.config]
     if args.check:
         import json
 
         from megapack.training.config import preflight
 
-        layout, _meta, _hf, resume = preflight(config, args.world_size)
-        print(json.dumps({"layout": layout.model_dump(), "resume_from": str(resume) if resume else None,
-                          "log_dir": config.logging.dir or config.checkpoint.dir}))
+        for config in configs:
+            layout, _meta, _hf, resume = preflight(config, args.world_size)
+            print(json.dumps({"layout": layout.model_dump(), "resume_from": str(resume) if resume else None,
+                              "log_dir": config.logging.dir or config.checkpoint.dir}))
         return 0
-    from megapack.training.loop import train
+    from megapack.training.loop import Trainer
 
-    train(config)
+    trainers = [Trainer(config) for config in configs]  # every pre-flight check passes before the first run starts
+    for i, trainer in enumerate(trainers):
+        more = i < len(trainers) - 1
+        if trainer.run(keep_process_group=more)["interrupted"] and more:  # a signal stops the remaining runs too
+            from megapack.training.distributed import destroy_distributed
+
+            destroy_distributed()
+            break
     return 0

@@ -288,7 +288,7 @@ class Trainer:
         stop = _StopFlag()
         cfg = self.config
         last_loss, valid_loss, interrupted = None, None, False
-        self._log(f"training {self.total_steps} steps: {self.layout.model_dump()}")
+        self._log(f"training {self.total_steps} steps on {cfg.data.path}: {self.layout.model_dump()}")
         try:
             while self.iteration < self.total_steps:
                 t0 = time.perf_counter()
