@@ -90,7 +90,8 @@ def test_readme_command_parses(argv, monkeypatch):
         except SystemExit as exc:
             pytest.fail(f"{' '.join(argv)}: argparse refused it (exit {exc.code})")
         if args.command == "train":
-            load_config(ROOT / args.config, args.overrides)
+            for config in args.config:
+                load_config(ROOT / config, args.overrides)
         return
     if argv[0] in ("bash", "sbatch"):
         script = next(a for a in argv[1:] if not a.startswith("-"))
