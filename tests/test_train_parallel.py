@@ -248,6 +248,9 @@ def test_sigusr1_and_sigterm_checkpoint_then_exit(runs):
     assert sorted(losses(w / "sigterm")) == [1, 2]
     assert (w / "ck_sigterm" / "latest").read_text().strip() == "iter_0000002"
     assert sorted(p.name for p in (w / "ck_sigterm").glob("iter_*")) == ["iter_0000001", "iter_0000002"]
+    log = (w / "A.log").read_text()
+    assert all(f"saved checkpoint {w / 'ck_sigterm' / name} (published after step 2)" in log
+               for name in ("iter_0000001", "iter_0000002"))
     assert json.loads((w / "sigterm" / "summary.json").read_text())["interrupted"] is True
 
 

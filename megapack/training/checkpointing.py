@@ -11,7 +11,6 @@ import random
 import re
 import shutil
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +165,7 @@ class CheckpointSaver:
         from megatron.core import dist_checkpointing
         from megatron.core import parallel_state as ps
 
-        self.wait()  # one checkpoint in flight at a time
+        self._finalize(blocking=True)  # one checkpoint in flight at a time (its path stays pending for the log)
         tmp = iteration_dir(self.root, iteration).with_name(f"iter_{iteration:07d}.tmp")
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -178,7 +177,10 @@ class CheckpointSaver:
                     saved_with={"tp": ps.get_tensor_model_parallel_world_size(),
                                 "pp": ps.get_pipeline_model_parallel_world_size(),
                                 "dp": ps.get_data_parallel_world_size()})
-        publish = partial(self._published, _publish, self.root, iteration, self.keep_last, info)
+
+        def publish() -> None:
+            self._pending.append(_publish(self.root, iteration, self.keep_last, info))
+
         if self.queue is None:
             dist_checkpointing.save(state, str(tmp))
             publish()
@@ -187,22 +189,21 @@ class CheckpointSaver:
         request.add_finalize_fn(publish)
         self.queue.schedule_async_request(request)
 
-    def _published(self, fn, *args) -> None:
-        self._pending.append(fn(*args))
+    def _finalize(self, blocking: bool) -> None:
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
 
     def poll(self) -> list[Path]:
-        """Collective, cheap: publish checkpoints whose writers are done; returns their paths."""
-        if self.queue is not None and self.queue.get_num_unfinalized_calls():
-            self.queue.maybe_finalize_async_calls(blocking=False)
-        return self._take()
+        """Collective, cheap: publish checkpoints whose writers are done; returns the paths published since the
+        last poll/wait."""
+        self._finalize(blocking=False)
+        done, self._pending = self._pending, []
+        return done
 
     def wait(self) -> list[Path]:
-        """Collective: block until every started checkpoint is written and published; returns their paths."""
-        if self.queue is not None and self.queue.get_num_unfinalized_calls():
-            self.queue.maybe_finalize_async_calls(blocking=True)
-        return self._take()
-
-    def _take(self) -> list[Path]:
+        """Collective: block until every started checkpoint is written and published; returns the paths published
+        since the last poll/wait."""
+        self._finalize(blocking=True)
         done, self._pending = self._pending, []
         return done
 
