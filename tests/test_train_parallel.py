@@ -46,7 +46,7 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
             merged.setdefault(k, {}).update(v)
         return base_config(hf, greedy, w / name, **merged)
 
-    saving = {"save_interval": 2, "keep_last": 2}
+    saving = {"save_interval": 2, "keep_last": 2, "async_save": True}
 
     # D: killed run
     proc = launch(2, [{"config": cfg("killed", checkpoint={"dir": str(w / "ck_killed"), **saving})}], w, "D",
@@ -85,7 +85,7 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
                        checkpoint={"dir": str(w / "ck_pp2_from_tp2"), "load": str(w / "ck_tp2" / "iter_0000002")})},
         {"config": cfg("tp2sp", parallel={"tp": 2, "sequence_parallel": True})},
         {"config": cfg("pp2", parallel={"pp": 2})},
-        {"config": cfg("dp2", checkpoint={"dir": str(w / "ck_dp2"), "save_interval": 2})},
+        {"config": cfg("dp2", checkpoint={"dir": str(w / "ck_dp2"), "save_interval": 2, "async_save": True})},
         resumed("dp2_resumed", "ck_resume_dp2"),
     ], w, "B")
     launch(1, [
@@ -94,7 +94,8 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
                        training={"precision": "bf16", "train_steps": 2, "global_batch_size": 1})},
         {"config": cfg("sigusr1", checkpoint={"dir": str(w / "ck_sigusr1"), "save_interval": 100}),
          "signal_at_step": 2},
-        {"config": cfg("sigterm", checkpoint={"dir": str(w / "ck_sigterm"), "save_interval": 1}),
+        {"config": cfg("sigterm",
+                       checkpoint={"dir": str(w / "ck_sigterm"), "save_interval": 1, "async_save": True}),
          "signal_at_step": 2, "signal": "SIGTERM"},
         resumed("dp1_resumed", "ck_resume_dp1"),
         {"config": base_config(hf, greedy, w / "seg_greedy"), "segment_losses": str(w / "seg_greedy.json")},

@@ -31,6 +31,9 @@ def test_config_types_and_overrides():
     c = cfg("optimizer.lr=3e-4", "parallel.tp=2", "training.loss_reduction=sample", "checkpoint.dir=null")
     assert c.optimizer.lr == pytest.approx(3e-4) and c.parallel.tp == 2
     assert c.training.loss_reduction == "sample" and c.checkpoint.dir is None
+    assert cfg().checkpoint.async_save == "auto" and cfg("checkpoint.async_save=false").checkpoint.async_save is False
+    with pytest.raises(MegapackError, match="checkpoint.async_save"):
+        cfg("checkpoint.async_save=sometimes")
 
 
 @pytest.mark.parametrize(

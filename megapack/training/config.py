@@ -104,7 +104,9 @@ class CheckpointSection(_Strict):
     dir: str | None = None
     save_interval: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
-    async_save: bool = True  # write in a background process per rank while training continues
+    # write in a background process per rank while training continues; auto: on GPU (the writer uses idle host
+    # cores), not on CPU-only runs (there it competes with training for the cores: tools/bench/bench_checkpoint.py)
+    async_save: bool | Literal["auto"] = "auto"
     # dp_reshardable: parallel writes, resume at another DP size; fully_reshardable: resume at any TP/PP/DP
     optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
     resume: Literal["auto", "never"] = "auto"  # auto: continue from dir/latest when it exists

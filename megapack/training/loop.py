@@ -180,7 +180,8 @@ class Trainer:
         self.writer = MetricsWriter(log_dir if self.is_logger else None, cfg.logging.tensorboard)
         self.log_dir = Path(log_dir) if log_dir else None
         ck = cfg.checkpoint
-        self.saver = CheckpointSaver(ck.dir, keep_last=ck.keep_last, async_save=ck.async_save,
+        async_save = torch.cuda.is_available() if ck.async_save == "auto" else ck.async_save
+        self.saver = CheckpointSaver(ck.dir, keep_last=ck.keep_last, async_save=async_save,
                                      optimizer_sharding=ck.optimizer_sharding) if ck.dir else None
         if self.is_logger and cfg.checkpoint.dir:
             save_resolved_config(cfg, cfg.checkpoint.dir, extra=dict(self.layout.model_dump(),
