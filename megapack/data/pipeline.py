@@ -76,11 +76,11 @@ def validate(cfg: PreprocessConfig) -> None:
             raise MegapackError(message)
 
 
-def _fingerprint(cfg: PreprocessConfig, specs: list, tokenizer_identity: str, template_identity: str) -> dict:
+def _fingerprint(cfg: PreprocessConfig, specs: list, tokenizer_file_sha256: str, template_identity: str) -> dict:
     """What the tokenized partitions depend on; a rerun reuses them only if this is unchanged.
 
-    `tokenizer_identity` names the tokenizer file's content (its sha256): the vocabulary identity alone would not
-    notice changed SentencePiece scores, which change how text is split.
+    The tokenizer counts by its file's sha256, not its vocabulary identity: changed SentencePiece scores keep the
+    vocabulary but change how text is split.
     """
     from megapack.data.pipeline_tokenize import BLOCK
 
@@ -92,7 +92,7 @@ def _fingerprint(cfg: PreprocessConfig, specs: list, tokenizer_identity: str, te
     return {
         "datasets": [repr(s) for s in specs],
         "files": files,
-        "tokenizer": tokenizer_identity,
+        "tokenizer_file_sha256": tokenizer_file_sha256,
         "template": template_identity,
         "on_error": cfg.on_error,
         "num_partitions": cfg.num_partitions,
@@ -169,7 +169,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     tokenizer, template, template_options = load_encoder(encode)
     template_identity = template.identity(template_options)
     dtype = token_dtype(tokenizer.vocab_size)
-    job = _fingerprint(cfg, specs, f"{tokenizer.identity} file-sha256:{tokenizer.file_sha256}", template_identity)
+    job = _fingerprint(cfg, specs, tokenizer.file_sha256, template_identity)
     created = prepare_output(cfg, job)
     out = Path(cfg.output_dir)
     work = out / WORK

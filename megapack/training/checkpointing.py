@@ -22,8 +22,25 @@ from megapack.model.checkpoint import FORMAT, MODEL_PREFIX, model_sharded_state_
 # Distributed-optimizer state layouts (megatron-core names): "dp_reshardable" = each rank writes its own flat shard
 # in parallel, loadable at another DP size only; "fully_reshardable" = per-parameter state gathered on DP rank 0,
 # loadable at any TP / PP / DP.
-OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
 DEFAULT_OPTIMIZER_SHARDING = "dp_reshardable"
+
+
+def _same_model_parallel(meta: dict, tp: int, pp: int) -> bool:
+    """Whether a checkpoint (its megapack.json) was saved at this tensor- and pipeline-parallel size."""
+    saved = meta.get("saved_with") or {}
+    return saved.get("tp", tp) == tp and saved.get("pp", pp) == pp
+
+
+def check_resume_layout(path: Path, meta: dict, tp: int, pp: int) -> None:
+    """Refuse (one line) to resume a dp_reshardable optimizer state at another TP or PP; it re-slices only over DP."""
+    if meta.get("optimizer_sharding", DEFAULT_OPTIMIZER_SHARDING) == "dp_reshardable" \
+            and not _same_model_parallel(meta, tp, pp):
+        saved = meta.get("saved_with") or {}
+        raise MegapackError(
+            f"parallel.tp/parallel.pp: {path} was saved at tp={saved.get('tp')} pp={saved.get('pp')} with a "
+            f"dp_reshardable optimizer state, which resumes only at that tp/pp (any DP size); save with "
+            f"checkpoint.optimizer_sharding=fully_reshardable, or start a new run from its weights "
+            f"(model.init=megatron)")
 
 
 def _optim_metadata(sharding: str) -> dict:
@@ -230,10 +247,7 @@ def _allocate_torch_adam_state(optimizer) -> None:
     """
     import torch
 
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.AdamW):
-            continue
+    for inner in _torch_adamws(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
@@ -241,13 +255,14 @@ def _allocate_torch_adam_state(optimizer) -> None:
                                       "exp_avg_sq": torch.zeros_like(p)}
 
 
-def _torch_adamw_states(optimizer):
+def _torch_adamws(optimizer):
+    """The torch AdamW instances inside a megatron (chained) optimizer: its fallback without Apex/TE."""
     import torch
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if isinstance(inner, torch.optim.AdamW):
-            yield from inner.state.values()
+            yield inner
 
 
 @contextmanager
@@ -308,7 +323,7 @@ def _restore_torch_adam_steps(optimizer, loaded_optimizer_state) -> None:
     step = _checkpoint_adam_step(loaded_optimizer_state)
     if step is None:
         return
-    for state in _torch_adamw_states(optimizer):
+    for state in (st for inner in _torch_adamws(optimizer) for st in inner.state.values()):
         if "exp_avg" in state:
             state["step"] = torch.tensor(step, dtype=torch.float32)
 
@@ -324,9 +339,8 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, loa
 
     path = Path(path)
     meta = read_checkpoint_meta(path)
-    saved = meta.get("saved_with") or {}
-    here = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
-    load_rng = load_rng and all(saved.get(k) == v for k, v in here.items())
+    load_rng = load_rng and _same_model_parallel(meta, ps.get_tensor_model_parallel_world_size(),
+                                                 ps.get_pipeline_model_parallel_world_size())
     if load_optimizer and optimizer is not None:
         _allocate_torch_adam_state(optimizer)
     sharding = meta.get("optimizer_sharding", DEFAULT_OPTIMIZER_SHARDING)

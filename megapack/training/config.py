@@ -318,19 +318,6 @@ def _packing_name(meta: dict) -> str:
     return str(packing)
 
 
-def _check_resume_layout(config: TrainConfig, path: Path, meta: dict) -> None:
-    """A dp_reshardable optimizer state only loads at the TP and PP it was saved with."""
-    saved = meta.get("saved_with") or {}
-    sharding = meta.get("optimizer_sharding", "dp_reshardable")
-    now = (config.parallel.tp, config.parallel.pp)
-    if sharding == "dp_reshardable" and (saved.get("tp", now[0]), saved.get("pp", now[1])) != now:
-        raise MegapackError(
-            f"parallel.tp/parallel.pp: {path} was saved at tp={saved.get('tp')} pp={saved.get('pp')} with a "
-            f"dp_reshardable optimizer state, which resumes only at that tp/pp (any DP size); save with "
-            f"checkpoint.optimizer_sharding=fully_reshardable, or start a new run from its weights "
-            f"(model.init=megatron)")
-
-
 def preflight(config: TrainConfig, world_size: int | None = None) -> tuple[Layout, dict, dict, Path | None]:
     """Everything checked before any process group: layout, shards vs run, checkpoint vs shards.
 
@@ -338,7 +325,7 @@ def preflight(config: TrainConfig, world_size: int | None = None) -> tuple[Layou
     """
     from megapack.data.shards import read_meta
     from megapack.model.config import load_hf_config
-    from megapack.training.checkpointing import latest_checkpoint, read_checkpoint_meta
+    from megapack.training.checkpointing import check_resume_layout, latest_checkpoint, read_checkpoint_meta
 
     world_size = world_size or _world_size_from_env()
     meta = read_meta(config.data.path)
@@ -353,7 +340,7 @@ def preflight(config: TrainConfig, world_size: int | None = None) -> tuple[Layou
     ckpt_meta = None
     if resume is not None:
         ckpt_meta = read_checkpoint_meta(resume)
-        _check_resume_layout(config, resume, ckpt_meta)
+        check_resume_layout(resume, ckpt_meta, config.parallel.tp, config.parallel.pp)
     elif config.model.init == "megatron":
         ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
     layout = resolve_layout(config, world_size, dict(meta, packing=_packing_name(meta)), ckpt_meta)
