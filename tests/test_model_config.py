@@ -51,7 +51,7 @@ def test_llama3_rope_scaling_matches_transformers():
     [
         ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, 1, 1, "architecture"),
         ({"num_key_value_heads": 2}, 4, 1, "num_key_value_heads (2)"),
-        ({}, 1, 3, "pipeline parallel size 3 must divide num_hidden_layers (4)"),
+        ({}, 1, 3, "parallel.pp: 3 must divide num_hidden_layers (4)"),
         ({"hidden_act": "gelu"}, 1, 1, "hidden_act 'gelu'"),
         ({"attention_bias": True}, 1, 1, "attention_bias"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, 1, 1, "rope_scaling type 'yarn'"),

@@ -28,13 +28,14 @@ def expected_packs(samples, idx, L, packing, seed, K, drop_long=False):
     lengths = np.array([len(samples[i][0]) for i in idx])
     plan = plan_packs(lengths, L, packing, seed=seed, pad_to_multiple=K, drop_long=drop_long)
     for p in range(plan.num_packs):
-        toks, mask, segs = [], [], []
+        toks, mask, segs, real = [], [], [], []
         for s, start, n, seg in plan.pieces(p):
             ids, m = samples[idx[s]]
             toks += list(ids[start : start + n]) + [PAD] * (seg - n)
             mask += list(m[start : start + n]) + [0] * (seg - n)
             segs.append(seg)
-        yield np.array(toks), np.array(mask), segs
+            real.append(n)
+        yield np.array(toks), np.array(mask), segs, real
 
 
 @pytest.mark.parametrize("packing", ["padding", "random", "greedy", "bfd"])
@@ -57,14 +58,18 @@ def test_round_trip_and_megatron_reader(tmp_path, packing):
         assert split == "val" or len(shards) > 1  # several shards of <= 2000 tokens
         assert all(s["num_tokens"] <= 2000 for s in shards)
         got_all = []
-        for i, (toks, mask, segs) in enumerate(want):
+        for i, (toks, mask, segs, real) in enumerate(want):
             pack = ds[i]
             assert pack.tokens.dtype == np.int64 and pack.loss_mask.dtype == np.uint8 and pack.cu_seqlens.dtype == np.int32
             np.testing.assert_array_equal(pack.tokens, toks)
             np.testing.assert_array_equal(pack.loss_mask, mask)
-            np.testing.assert_array_equal(pack.cu_seqlens, np.concatenate([[0], np.cumsum(segs)]))
-            assert pack.max_seqlen == max(segs) and len(toks) <= L
+            np.testing.assert_array_equal(pack.cu_seqlens_padded, np.concatenate([[0], np.cumsum(segs)]))
+            np.testing.assert_array_equal(pack.cu_seqlens, np.concatenate([[0], np.cumsum(real)]))
+            assert len(toks) <= L
             got_all.append((toks, mask, segs))
+        padded_somewhere = any(sum(r) < sum(s) for *_, s, r in want)
+        assert padded_somewhere == (K > 1)  # the real lengths are recorded, not the padded ones again
+        np.testing.assert_array_equal(ds.pack_lengths(real=True), [sum(r) for *_, r in want])
         # megatron-core reads the same bytes: one sequence per segment, one document per pack.
         p = 0
         for shard in shards:
@@ -104,3 +109,13 @@ def test_incomplete_directory_is_refused(tmp_path):
     write_shard_dir(SampleStore.from_samples(make_samples(5, 100)), tmp_path, seq_length=64, vocab_size=100, pad_id=0)
     with pytest.raises(MegapackError, match="no split 'val'"):
         ShardDataset(tmp_path, "val")
+
+
+def test_format_version_1_is_refused_with_the_command_to_rerun(tmp_path):
+    write_shard_dir(SampleStore.from_samples(make_samples(5, 100)), tmp_path, seq_length=64, vocab_size=100, pad_id=0)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps(dict(meta, format_version=1)))
+    with pytest.raises(MegapackError) as info:
+        ShardDataset(tmp_path)
+    assert "format_version 1" in str(info.value) and "megapack preprocess" in str(info.value)
+    assert "\n" not in str(info.value)

@@ -7,7 +7,7 @@ import pytest
 
 from megapack.data.shards import Pack
 from megapack.errors import MegapackError
-from megapack.training.config import load_config, resolve_layout
+from megapack.training.config import load_config
 from megapack.training.data import TrainSampler, build_micro_batch, validation_batches
 from megapack.training.metrics import format_table, model_flops
 
@@ -63,29 +63,99 @@ def test_config_file_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_layout_checks():
-    meta = {"seq_length": 64, "pad_to_multiple": 8, "packing": "greedy", "tokenizer": {"identity": VOCAB_A}}
-    lay = resolve_layout(cfg("parallel.tp=2"), 8, meta)
-    assert (lay.dp, lay.num_microbatches, lay.global_batch_size) == (4, 2, 8)
-    lay = resolve_layout(cfg("training.global_batch_size=null", "training.global_batch_tokens=256"), 2, meta)
-    assert (lay.global_batch_size, lay.num_microbatches) == (4, 2)
+def _plan_inputs(tmp_path, meta: dict | None = None, checkpoint_tokenizer: str | None = None) -> dict:
+    """A shard directory (meta.json only), a tiny config.json and, optionally, a checkpoint to initialise from."""
+    import json
+
+    from megapack.model.tiny_checkpoint import tiny_llama_config
+
+    shards, hf = tmp_path / "shards", tmp_path / "hf"
+    shards.mkdir(parents=True, exist_ok=True)
+    hf.mkdir(parents=True, exist_ok=True)
+    base = {"format_version": 2, "seq_length": 64, "pad_to_multiple": 8, "packing": "greedy", "pad_id": 0,
+            "tokenizer_identity": VOCAB_A, "splits": {"train": {"num_packs": 20, "shards": []}}}
+    (shards / "meta.json").write_text(json.dumps(base | (meta or {})))
+    (hf / "config.json").write_text(json.dumps(tiny_llama_config(num_layers=4)))  # 4 heads, 2 KV heads
+    raw = {"model": {"hf_dir": str(hf)}, "data": {"path": str(shards), "seq_length": 64},
+           "training": {"global_batch_size": 8, "train_steps": 5}}
+    if checkpoint_tokenizer:
+        ck = tmp_path / "ck"
+        ck.mkdir(exist_ok=True)
+        (ck / "megapack.json").write_text(json.dumps({"format": "megapack-torch-dist-v1",
+                                                      "tokenizer_identity": checkpoint_tokenizer}))
+        raw["model"] |= {"init": "megatron", "megatron_checkpoint": str(ck)}
+    return raw
+
+
+def test_batch_layout_and_plan_checks(tmp_path):
+    from megapack.training.plan import batch_layout, preflight
+
+    raw = _plan_inputs(tmp_path)
+    assert batch_layout(cfg("parallel.tp=2", raw=raw), 8) == (4, 8, 2)
+    assert batch_layout(cfg("training.global_batch_size=null", "training.global_batch_tokens=256", raw=raw), 2) \
+        == (2, 4, 2)
+    plan = preflight(cfg("parallel.tp=2", raw=raw), 4, cuda=False)
+    assert (plan.dp, plan.num_microbatches, plan.total_steps, plan.precision, plan.async_save) == \
+        (2, 4, 5, "fp32", False)
+    assert plan.attention_backend == "sdpa" and plan.tokenizer_identity == VOCAB_A and plan.resume_from is None
+    assert preflight(cfg("training.train_steps=null", "training.epochs=2", raw=raw), 1, cuda=False).total_steps == 5
     cases = [
-        ((cfg("parallel.tp=2", "parallel.pp=2"), 6, meta, None), "parallel.tp/parallel.pp: world size 6"),
-        ((cfg("training.micro_batch_size=3"), 2, meta, None), "training.global_batch_size: 8 is not divisible"),
-        ((cfg("data.seq_length=128"), 1, meta, None), "data.seq_length: run uses 128 but shards"),
-        ((cfg("data.pad_to_multiple=16"), 1, meta, None), "data.pad_to_multiple: run uses 16"),
-        ((cfg("training.global_batch_size=null", "training.global_batch_tokens=100"), 1, meta, None),
+        (cfg("parallel.tp=2", "parallel.pp=2", raw=raw), 6, "parallel.tp/parallel.pp: world size 6"),
+        (cfg("training.micro_batch_size=3", raw=raw), 2, "training.global_batch_size: 8 is not divisible"),
+        (cfg("data.seq_length=128", raw=raw), 1, "data.seq_length: run uses 128 but shards"),
+        (cfg("data.pad_to_multiple=16", raw=raw), 1, "data.pad_to_multiple: run uses 16"),
+        (cfg("training.global_batch_size=null", "training.global_batch_tokens=100", raw=raw), 1,
          "training.global_batch_tokens: 100 is not a multiple"),
-        ((cfg(), 1, meta, {"tokenizer_identity": VOCAB_B}),
-         f"data.path: tokenizer identity {VOCAB_A} of the shards in /d differs from the checkpoint's {VOCAB_B}"),
+        # the model: 4 heads / 2 KV heads / 4 layers (fails today only inside build_model)
+        (cfg("parallel.tp=4", raw=raw), 4, "parallel.tp: 4 must divide num_attention_heads (4) and "
+                                           "num_key_value_heads (2)"),
+        (cfg("parallel.pp=3", raw=raw), 3, "parallel.pp: 3 must divide num_hidden_layers (4)"),
+        (cfg("parallel.sequence_parallel=true", raw=raw), 1, "parallel.sequence_parallel: needs parallel.tp > 1"),
+        (cfg(raw=_plan_inputs(tmp_path / "b", checkpoint_tokenizer=VOCAB_B)), 1,
+         f"data.path: tokenizer identity {VOCAB_A} of the shards in {tmp_path}/b/shards differs from the "
+         f"checkpoint's {VOCAB_B}"),
     ]
-    for args, expected in cases:
-        with pytest.raises(MegapackError, match=expected.replace("(", r"\(")):
-            resolve_layout(*args)
+    for config, world, expected in cases:
+        with pytest.raises(MegapackError) as info:
+            preflight(config, world, cuda=False)
+        assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_check_refuses_a_tp_that_does_not_divide_the_heads(tmp_path, capsys):
+    import yaml
+
+    from megapack.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_plan_inputs(tmp_path)))
+    assert main(["train", "--config", str(path), "--check", "--world-size", "4", "parallel.tp=4"]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: parallel.tp: 4 must divide num_attention_heads")
+    assert main(["train", "--config", str(path), "--check", "--world-size", "4", "parallel.tp=2"]) == 0
+    import json
+
+    plan = json.loads(capsys.readouterr().out.splitlines()[-1])["plan"]
+    assert plan["dp"] == 2 and "auto" not in {plan["precision"], plan["attention_backend"], plan["async_save"]}
+
+
+def test_resolved_config_records_what_ran(tmp_path):
+    from megapack.training.plan import preflight, resolved_config
+
+    config = cfg(raw=_plan_inputs(tmp_path))
+    assert config.training.precision == "auto" and config.model.attention_backend == "auto"
+    saved = resolved_config(config, preflight(config, 1, cuda=False))
+    assert saved["training"]["precision"] == "fp32" and saved["model"]["attention_backend"] == "sdpa"
+    assert saved["checkpoint"]["async_save"] is False and saved["derived"]["total_steps"] == 5
+    assert "auto" not in yaml_text(saved)
+
+
+def yaml_text(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data)
 
 
 def test_tokenizer_identities_compare_by_equality():
-    from megapack.training.config import same_tokenizer
+    from megapack.training.plan import same_tokenizer, tokenizer_identity
 
     assert same_tokenizer(VOCAB_A, VOCAB_A) is True and same_tokenizer(VOCAB_A, VOCAB_B) is False
     # identities recorded before vocab identities existed (file digests) are not compared
@@ -93,19 +163,20 @@ def test_tokenizer_identities_compare_by_equality():
     old_checkpoint = "original/tokenizer.model:sha256:82e9d319" + "0" * 56
     assert same_tokenizer("tiktoken-llama3:82e9d31979e92ab9", old_checkpoint) is None
     assert same_tokenizer(None, VOCAB_A) is None and same_tokenizer(VOCAB_A, "") is None
-    meta = {"seq_length": 64, "tokenizer": "tiktoken-llama3:82e9d31979e92ab9"}
-    assert resolve_layout(cfg(), 1, meta, {"tokenizer_identity": VOCAB_B}).dp == 1
-    assert resolve_layout(cfg(), 1, dict(meta, tokenizer=VOCAB_B), {"tokenizer_identity": VOCAB_B}).dp == 1
+    # one key name; metadata written before it had one is still read
+    assert tokenizer_identity({"tokenizer_identity": VOCAB_A}) == tokenizer_identity({"tokenizer": VOCAB_A})
 
 
-def pack(segments: list[list[int]], masks: list[list[int]], continues: bool = False) -> Pack:
-    """A pack of the shard format: tokens, loss_mask (1 = token is a target), cu_seqlens."""
+def pack(segments: list[list[int]], masks: list[list[int]], continues: bool = False,
+         real: list[int] | None = None) -> Pack:
+    """A pack of the shard format: tokens, loss_mask (1 = token is a target), real and padded boundaries."""
     lengths = [len(s) for s in segments]
+    cumulative = lambda xs: np.concatenate([[0], np.cumsum(xs)]).astype(np.int32)  # noqa: E731
     return Pack(
         tokens=np.array(sum(segments, []), np.int64),
         loss_mask=np.array(sum(masks, []), np.uint8),
-        cu_seqlens=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
-        max_seqlen=max(lengths),
+        cu_seqlens=cumulative(real if real is not None else lengths),
+        cu_seqlens_padded=cumulative(lengths),
         continues=continues,
     )
 
@@ -114,16 +185,16 @@ def test_thd_micro_batch_shifts_labels_within_segments():
     p1 = pack([[10, 11, 12, 13], [20, 21, 22]], [[0, 0, 1, 1], [0, 1, 1]])
     p2 = pack([[30, 31]], [[0, 1]])
     b = build_micro_batch([p1, p2])
-    assert b.cu_seqlens.tolist() == [0, 4, 7, 9] and b.max_seqlen == 4
+    assert b.cu_seqlens.tolist() == b.cu_seqlens_padded.tolist() == [0, 4, 7, 9] and b.max_seqlen == 4
     assert b.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
     # position i predicts token i+1 of the same segment; the last position of a segment predicts nothing
     assert b.labels.tolist() == [11, 12, 13, 0, 21, 22, 0, 31, 0]
     assert b.loss_weight.tolist() == [0, 1, 1, 0, 1, 1, 0, 1, 0]
-    assert b.num_targets == 5
+    assert b.loss_denominator == 5
     assert b.stats == {"real_tokens": 9, "total_tokens": 9, "target_tokens": 5, "conversations": 3, "packs": 2,
                        "seq_sq_sum": 16 + 9 + 4}
     s = build_micro_batch([p1, p2], reduction="sample")
-    assert s.num_targets == 3
+    assert s.loss_denominator == 3
     assert np.allclose(s.loss_weight, [0, 0.5, 0.5, 0, 0.5, 0.5, 0, 1, 0])
     # with `random` packing, a pack opening with the rest of a conversation does not count it again
     assert build_micro_batch([p1, pack([[30, 31]], [[0, 1]], continues=True)]).stats["conversations"] == 2
@@ -132,7 +203,8 @@ def test_thd_micro_batch_shifts_labels_within_segments():
 def test_padded_micro_batch_rounds_to_multiple_of_8():
     convs = [pack([[1] * 5], [[0, 0, 1, 1, 1]]), pack([[2] * 11], [[0] * 6 + [1] * 5])]
     b = build_micro_batch(convs, padded=True)
-    assert b.cu_seqlens.tolist() == [0, 16, 32] and len(b.tokens) == 32
+    assert b.cu_seqlens_padded.tolist() == [0, 16, 32] and b.cu_seqlens.tolist() == [0, 5, 16]
+    assert len(b.tokens) == 32
     assert b.loss_weight.sum() == 3 + 5 and b.loss_weight[5:16].sum() == 0
     assert b.tokens[5:16].tolist() == [0] * 11
     assert b.stats["real_tokens"] == 16 and b.stats["total_tokens"] == 32 and b.stats["conversations"] == 2
@@ -140,7 +212,7 @@ def test_padded_micro_batch_rounds_to_multiple_of_8():
 
 def test_sampler_is_deterministic_and_dp_invariant():
     def step_sets(dp: int, steps: int, consumed: int = 0) -> list[list[int]]:
-        samplers = [TrainSampler(10, 4, 1, r, dp, seed=7, consumed_samples=consumed) for r in range(dp)]
+        samplers = [TrainSampler(10, 4, 1, r, dp, seed=7, consumed_packs=consumed) for r in range(dp)]
         out = []
         for _ in range(steps):
             out.append(sorted(i for s in samplers for mb in s.next_step() for i in mb))
@@ -190,14 +262,18 @@ def test_table_has_paper_columns():
     assert "greedy" in text and "2.000" in text
 
 
-def test_segment_padding_counts_as_padding():
-    p = pack([[10, 11, 12, 99, 99], [20, 21, 99]], [[0, 1, 1, 0, 0], [0, 1, 0]])
+def test_segment_lengths_come_from_the_shards_not_from_pad_tokens():
+    p = pack([[10, 11, 12, 99, 99], [20, 21, 99]], [[0, 1, 1, 0, 0], [0, 1, 0]], real=[3, 2])
     b = build_micro_batch([p], pad_id=99)
+    assert b.cu_seqlens.tolist() == [0, 3, 5] and b.cu_seqlens_padded.tolist() == [0, 5, 8]
     assert b.stats["real_tokens"] == 5 and b.stats["total_tokens"] == 8 and b.stats["conversations"] == 2
     assert b.stats["seq_sq_sum"] == 3**2 + 2**2  # real lengths only (MFU counts useful work)
+    # a conversation whose last real token is the pad id with mask 0 (SentencePiece pads with </s>): 3 real tokens
+    eos = build_micro_batch([pack([[10, 11, 99, 99, 99]], [[0, 1, 0, 0, 0]], real=[3])], pad_id=99)
+    assert eos.cu_seqlens.tolist() == [0, 3] and eos.stats["real_tokens"] == 3
     # padding arm: the longest real conversation (here 3 tokens) sets the width, rounded up to 8
-    c = build_micro_batch([pack([[10, 11, 12, 99, 99, 99, 99, 99, 99]], [[0, 1, 1] + [0] * 6])], padded=True,
-                          pad_id=99)
+    c = build_micro_batch([pack([[10, 11, 12, 99, 99, 99, 99, 99, 99]], [[0, 1, 1] + [0] * 6], real=[3])],
+                          padded=True, pad_id=99)
     assert len(c.tokens) == 8 and c.stats["real_tokens"] == 3 and c.labels[:2].tolist() == [11, 12]
 
 
@@ -209,15 +285,17 @@ def test_shipped_configs_validate():
     for path in configs:
         c = load_config(path)
         assert c.data.seq_length > 0 and c.checkpoint.dir, path
+    from megapack.training.plan import batch_layout
+
     big = load_config(configs[0].with_name("llama3_70b_packed_sft.yaml"))
-    lay = resolve_layout(big, 32, {"seq_length": 4096, "packing": "bfd"})
-    assert (lay.tp, lay.pp, lay.dp, lay.num_microbatches) == (8, 4, 1, 64)
+    assert batch_layout(big, 32) == (1, 64, 64)
 
 
 def test_row_padded_for_sequence_parallel():
     p = pack([[10, 11, 12], [20, 21]], [[0, 1, 1], [0, 1]])
     b = build_micro_batch([p], row_multiple=4, pad_id=99)
-    assert b.cu_seqlens.tolist() == [0, 3, 5, 8] and b.tokens[5:].tolist() == [99, 99, 99]
+    assert b.cu_seqlens_padded.tolist() == [0, 3, 5, 8] and b.cu_seqlens.tolist() == [0, 3, 5, 5]
+    assert b.tokens[5:].tolist() == [99, 99, 99]
     assert b.loss_weight.sum() == 3 and b.stats["real_tokens"] == 5 and b.stats["conversations"] == 2
 
 

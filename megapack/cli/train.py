@@ -18,30 +18,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate every config (before any process group), then train them in order."""
+    """Plan every config (before any process group), then train them in order."""
     from megapack.training.config import load_config
     from megapack.training.loop import quiet_warnings
+    from megapack.training.plan import preflight
 
     quiet_warnings()
     configs = [load_config(path, args.overrides) for path in args.config]
+    plans = [preflight(config, args.world_size) for config in configs]  # every check passes before the first run
     if args.check:
         import json
 
-        from megapack.training.config import preflight
-
-        for config in configs:
-            layout, _meta, _hf, resume = preflight(config, args.world_size)
-            print(json.dumps({"layout": layout.model_dump(), "resume_from": str(resume) if resume else None,
-                              "log_dir": config.logging.dir or config.checkpoint.dir}))
+        for config, plan in zip(configs, plans):
+            print(json.dumps({"plan": plan.summary(), "log_dir": config.logging.dir or config.checkpoint.dir}))
         return 0
     from megapack.training.loop import Trainer
 
-    trainers = [Trainer(config) for config in configs]  # every pre-flight check passes before the first run starts
-    for i, trainer in enumerate(trainers):
-        more = i < len(trainers) - 1
-        if trainer.run(keep_process_group=more)["interrupted"] and more:  # a signal stops the remaining runs too
+    for i, (config, plan) in enumerate(zip(configs, plans)):
+        more = i < len(configs) - 1
+        if Trainer(config, plan).run(keep_process_group=more)["interrupted"] and more:
             from megapack.training.distributed import destroy_distributed
 
-            destroy_distributed()
+            destroy_distributed()  # a signal stops the remaining runs too
             break
     return 0

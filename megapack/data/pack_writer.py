@@ -130,7 +130,7 @@ def write_plan(
             tokens, mask = _gather(store, plan, a, b, pad_id, dtype)
             loss_tokens += int(mask.sum(dtype=np.int64))
             writer.add_packs(tokens, mask, plan.seg_length[a:b], np.diff(plan.pack_offsets[p0 : p1 + 1]),
-                             continues[p0:p1] if continues is not None else None)
+                             continues[p0:p1] if continues is not None else None, real_lengths=plan.length[a:b])
             if progress is not None:
                 progress.update(p1 - p0)
             p0 = p1

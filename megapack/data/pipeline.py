@@ -204,7 +204,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             "num_records": sum(p["records"] for p in parts.values()),
             "skipped": skipped,
             "skipped_examples": [e for p in parts.values() for e in p["skipped_examples"]][:10],
-            "tokenizer": tokenizer.identity,
+            "tokenizer_identity": tokenizer.identity,
             "tokenizer_model": str(cfg.tokenizer_model),
             "template": {"name": cfg.template, "identity": template_identity, "options": options},
             "inputs": [{"name": s.name, "path": str(s.path), "formatting": s.formatting} for s in specs],

@@ -1,5 +1,6 @@
-"""Packed shards: Megatron MMIDIDX token files plus a uint8 loss-mask twin; one sequence per segment, one document
-per pack (byte layout in FORMAT.md). `ShardWriter` streams packs into bounded shard files, `ShardDataset` reads them.
+"""Packed shards: Megatron MMIDIDX token files plus a uint8 loss-mask twin and the real length of every segment;
+one sequence per segment, one document per pack (byte layout in FORMAT.md). `ShardWriter` streams packs into bounded
+shard files, `ShardDataset` reads them.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import numpy as np
 
 from megapack.errors import MegapackError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_NAME = "meta.json"
 MMIDIDX_HEADER = b"MMIDIDX\x00\x00"
 # Megatron's DType codes (megatron.core.datasets.indexed_dataset.DType).
 DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4, np.dtype(np.uint16): 8}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 DEFAULT_MAX_SHARD_TOKENS = 1 << 30
+REAL_LENGTHS_SUFFIX = "real_lengths.bin"  # int32 per segment: its tokens before the pad_to_multiple padding
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -95,23 +97,30 @@ class ShardWriter:
         self._tok = _HashingFile(self.out_dir / f"{prefix}.tokens.bin")
         self._mask = _HashingFile(self.out_dir / f"{prefix}.mask.bin")
         self._cont = _HashingFile(self.out_dir / f"{prefix}.continues.bin") if self.continuation else None
+        self._real = _HashingFile(self.out_dir / f"{prefix}.{REAL_LENGTHS_SUFFIX}")
         self._seq_lengths: list[np.ndarray] = []
         self._doc_ends: list[int] = [0]
         self._num_seqs = 0
         self._tokens = 0
         self._open = True
 
-    def add_pack(self, tokens: np.ndarray, mask: np.ndarray, seg_lengths: np.ndarray) -> None:
-        """Append one pack: its tokens, loss mask (same length) and segment lengths (summing to that length)."""
-        self.add_packs(tokens, mask, seg_lengths, np.array([len(seg_lengths)]))
+    def add_pack(self, tokens: np.ndarray, mask: np.ndarray, seg_lengths: np.ndarray,
+                 real_lengths: np.ndarray | None = None) -> None:
+        """Append one pack: its tokens, loss mask (same length), padded segment lengths (summing to that length)
+        and real segment lengths (default: no padding)."""
+        self.add_packs(tokens, mask, seg_lengths, np.array([len(seg_lengths)]), real_lengths=real_lengths)
 
     def add_packs(self, tokens: np.ndarray, mask: np.ndarray, seg_lengths: np.ndarray, segs_per_pack: np.ndarray,
-                  continues: np.ndarray | None = None) -> None:
-        """Append several packs laid end to end; pack k has segs_per_pack[k] segments of seg_lengths and, with
-        `continuation`, continues[k] says whether its first segment carries on the previous pack's last sample."""
+                  continues: np.ndarray | None = None, real_lengths: np.ndarray | None = None) -> None:
+        """Append several packs laid end to end; pack k has segs_per_pack[k] segments of seg_lengths (padded) whose
+        first real_lengths tokens are the conversation and, with `continuation`, continues[k] says whether its first
+        segment carries on the previous pack's last conversation."""
         if self.continuation and (continues is None or len(continues) != len(segs_per_pack)):
             raise ValueError("a continuation writer needs one `continues` flag per pack")
         seg_lengths = np.asarray(seg_lengths, dtype=np.int64)
+        real_lengths = seg_lengths if real_lengths is None else np.asarray(real_lengths, dtype=np.int64)
+        if real_lengths.shape != seg_lengths.shape or np.any(real_lengths > seg_lengths) or np.any(real_lengths < 0):
+            raise ValueError("real segment lengths must be one per segment, between 0 and the padded length")
         seg_end = np.cumsum(segs_per_pack)
         seg_tok_end = np.concatenate([[0], np.cumsum(seg_lengths)])
         pack_tok_end = seg_tok_end[seg_end]
@@ -136,6 +145,7 @@ class ShardWriter:
             self._mask.write(np.ascontiguousarray(mask[t0:t1], dtype=np.uint8).tobytes())
             if self._cont is not None:
                 self._cont.write(np.asarray(continues[k : k + fit], dtype=np.uint8).tobytes())
+            self._real.write(real_lengths[s0:s1].astype("<i4").tobytes())
             self._seq_lengths.append(seg_lengths[s0:s1].astype(np.int32))
             self._doc_ends.extend((seg_end[k : k + fit] - s0 + self._num_seqs).tolist())
             self._num_seqs += s1 - s0
@@ -151,6 +161,7 @@ class ShardWriter:
             f"{p}.mask.bin": self._mask.commit(),
             f"{p}.tokens.idx": _write_idx(self.out_dir / f"{p}.tokens.idx", self.dtype, lengths, docs),
             f"{p}.mask.idx": _write_idx(self.out_dir / f"{p}.mask.idx", np.dtype(np.uint8), lengths, docs),
+            f"{p}.{REAL_LENGTHS_SUFFIX}": self._real.commit(),
         }
         if self._cont is not None:
             files[f"{p}.continues.bin"] = self._cont.commit()
@@ -168,6 +179,7 @@ class ShardWriter:
         if self._open:
             self._tok.abort()
             self._mask.abort()
+            self._real.abort()
             if self._cont is not None:
                 self._cont.abort()
             self._open = False
@@ -175,13 +187,28 @@ class ShardWriter:
 
 @dataclass
 class Pack:
-    """One training row: tokens, their loss mask and the segment boundaries (cu_seqlens)."""
+    """One row of at most seq_length tokens: its segments' tokens, loss mask, real and padded boundaries.
 
-    tokens: np.ndarray  # int64 [n] (n <= seq_length; not padded)
+    Segment k occupies tokens[cu_seqlens_padded[k]:cu_seqlens_padded[k+1]]; its first
+    cu_seqlens[k+1] - cu_seqlens[k] tokens are the conversation, the rest `pad_id` padding (loss mask 0).
+    This is Transformer Engine's THD convention: cu_seqlens counts real tokens, cu_seqlens_padded locates them.
+    """
+
+    tokens: np.ndarray  # int64 [n] (n <= seq_length; segments padded to pad_to_multiple, the row is not)
     loss_mask: np.ndarray  # uint8 [n] (1 = token i is a trained target)
-    cu_seqlens: np.ndarray  # int32 [num_segments + 1], starts at 0, ends at n
-    max_seqlen: int
+    cu_seqlens: np.ndarray  # int32 [num_segments + 1]: cumulative real segment lengths
+    cu_seqlens_padded: np.ndarray  # int32 [num_segments + 1]: cumulative padded lengths, ends at n
     continues: bool = False  # `random` packing: the first segment is the rest of a conversation cut in the last pack
+
+    @property
+    def real_lengths(self) -> np.ndarray:
+        """Tokens of each segment without its padding."""
+        return np.diff(self.cu_seqlens)
+
+    @property
+    def padded_lengths(self) -> np.ndarray:
+        """Tokens of each segment with its padding."""
+        return np.diff(self.cu_seqlens_padded)
 
 
 class MMIndex:
@@ -241,8 +268,12 @@ def read_meta(path: str | Path) -> dict:
         raise MegapackError(f"{meta_path}: not found; {path} is not a finished megapack shard directory") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise MegapackError(f"{meta_path}: unreadable ({exc})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise MegapackError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    version = meta.get("format_version")
+    if version == 1:
+        raise MegapackError(f"{meta_path}: format_version 1 shards do not record real segment lengths; rerun "
+                            f"`megapack preprocess` with this version to write format_version {FORMAT_VERSION}")
+    if version != FORMAT_VERSION:
+        raise MegapackError(f"{meta_path}: format_version {version!r}, expected {FORMAT_VERSION}")
     return meta
 
 
@@ -259,7 +290,7 @@ class ShardDataset:
         self._shards = [s["prefix"] for s in splits[split]["shards"]]
         counts = [int(s["num_packs"]) for s in splits[split]["shards"]]
         self._cum = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self._open: dict[int, tuple[MMIndex, MMIndex, np.ndarray | None]] = {}
+        self._open: dict[int, _OpenShard] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -269,21 +300,20 @@ class ShardDataset:
     def __len__(self) -> int:
         return int(self._cum[-1])
 
-    def _shard(self, k: int) -> tuple[MMIndex, MMIndex, np.ndarray | None]:
+    def _shard(self, k: int) -> "_OpenShard":
         if k not in self._open:
-            prefix = self.path / self._shards[k]
-            cont_path = Path(f"{prefix}.continues.bin")
-            cont = np.fromfile(cont_path, dtype=np.uint8) if cont_path.is_file() else None
-            self._open[k] = (MMIndex(Path(f"{prefix}.tokens")), MMIndex(Path(f"{prefix}.mask")), cont)
+            self._open[k] = _OpenShard(self.path / self._shards[k])
         return self._open[k]
 
-    def pack_lengths(self) -> np.ndarray:
-        """Tokens of every pack of the split, from the index files only."""
+    def pack_lengths(self, real: bool = False) -> np.ndarray:
+        """Tokens of every pack of the split (with segment padding, or only `real` ones), from index files only."""
         out = []
         for k in range(len(self._shards)):
-            tok = self._shard(k)[0]
-            cum = np.concatenate([[0], np.cumsum(tok.seq_lengths, dtype=np.int64)])
-            out.append(cum[tok.doc_index[1:]] - cum[tok.doc_index[:-1]])
+            shard = self._shard(k)
+            lengths = shard.real_lengths if real else shard.tokens.seq_lengths
+            cum = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+            doc = shard.tokens.doc_index
+            out.append(cum[doc[1:]] - cum[doc[:-1]])
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def __getitem__(self, i: int) -> Pack:
@@ -293,16 +323,40 @@ class ShardDataset:
         if not 0 <= i < n:
             raise IndexError(f"pack {i} out of range for {n} packs")
         k = int(np.searchsorted(self._cum, i, side="right")) - 1
-        tok_idx, mask_idx, cont = self._shard(k)
+        shard = self._shard(k)
         j = i - int(self._cum[k])
-        tokens, lengths = tok_idx.document(j)
-        mask, _ = mask_idx.document(j)
-        cu = np.zeros(len(lengths) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=cu[1:])
+        tokens, padded = shard.tokens.document(j)
+        mask, _ = shard.mask.document(j)
+        a, b = int(shard.tokens.doc_index[j]), int(shard.tokens.doc_index[j + 1])
         return Pack(
             tokens=tokens.astype(np.int64),
             loss_mask=np.array(mask, dtype=np.uint8),
-            cu_seqlens=cu,
-            max_seqlen=int(lengths.max()) if len(lengths) else 0,
-            continues=bool(cont[j]) if cont is not None else False,
+            cu_seqlens=_cumulative(shard.real_lengths[a:b]),
+            cu_seqlens_padded=_cumulative(padded),
+            continues=bool(shard.continues[j]) if shard.continues is not None else False,
         )
+
+
+def _cumulative(lengths: np.ndarray) -> np.ndarray:
+    """[0, l0, l0+l1, ...] as int32."""
+    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    return cu
+
+
+class _OpenShard:
+    """The files of one shard: token and mask indexes, real segment lengths, continuation flags (when present)."""
+
+    def __init__(self, prefix: Path):
+        self.tokens = MMIndex(Path(f"{prefix}.tokens"))
+        self.mask = MMIndex(Path(f"{prefix}.mask"))
+        real_path = Path(f"{prefix}.{REAL_LENGTHS_SUFFIX}")
+        try:
+            self.real_lengths = np.fromfile(real_path, dtype="<i4")
+        except OSError as exc:
+            raise MegapackError(f"{real_path}: cannot read the real segment lengths ({exc})") from None
+        if len(self.real_lengths) != len(self.tokens.seq_lengths):
+            raise MegapackError(f"{real_path}: {len(self.real_lengths)} lengths for "
+                                f"{len(self.tokens.seq_lengths)} segments in {prefix}.tokens.idx")
+        cont_path = Path(f"{prefix}.continues.bin")
+        self.continues = np.fromfile(cont_path, dtype=np.uint8) if cont_path.is_file() else None

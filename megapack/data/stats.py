@@ -21,7 +21,7 @@ def summary_rows(meta: dict) -> list[tuple[str, object]]:
     rows += [(f"  skipped: {reason}", n) for reason, n in sorted(meta.get("skipped", {}).items())]
     rows += [
         ("packing", f"{meta['packing']} (L={meta['seq_length']}, seed={meta['seed']}, pad_to_multiple={meta['pad_to_multiple']})"),
-        ("tokenizer", meta.get("tokenizer", "?")),
+        ("tokenizer", meta.get("tokenizer_identity", "?")),
         ("template", (meta.get("template") or {}).get("name", "?")),
     ]
     for split, s in meta["splits"].items():

@@ -20,7 +20,7 @@ BACKENDS = ("flash", "torch_varlen", "sdpa")
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Segment index of each of `total` packed tokens (tokens past cu_seqlens[-1] form one extra segment)."""
+    """Segment index of each of `total` packed tokens."""
     positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
 
@@ -125,6 +125,8 @@ class PackedCoreAttention(MegatronModule):
 
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params) -> torch.Tensor:
         total = q.shape[0]
+        # segments are laid out at their padded offsets; padding sits after each segment's real tokens, so causal
+        # attention over the padded segment leaves the real tokens exact
         cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
         max_q, max_k = params.max_seqlen_q, params.max_seqlen_kv
@@ -132,9 +134,8 @@ class PackedCoreAttention(MegatronModule):
             cu_q = cu_k = torch.tensor([0, total], dtype=torch.int32, device=q.device)
             max_q = max_k = total
         elif int(cu_q[-1]) != total:
-            # tokens after the last boundary (pack padding) become one more segment
-            cu_q = cu_k = torch.cat([cu_q.to(q.device), torch.tensor([total], dtype=cu_q.dtype, device=q.device)])
-            max_q = max_k = max(int(max_q), total - int(cu_q[-2]))
+            raise MegapackError(f"packed attention: cu_seqlens end at {int(cu_q[-1])} but the row holds {total} "
+                                f"tokens (pass cu_seqlens_q_padded covering the whole row)")
         if self.backend == "flash":
             from flash_attn import flash_attn_varlen_func
 

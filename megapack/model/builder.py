@@ -87,11 +87,6 @@ def build_model(
         raise MegapackError("build_model needs megatron's parallel state: call init_distributed() first")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    window = hf_config.get("sliding_window")
-    if window is not None and hf_config.get("use_sliding_window", True) and int(window) < seq_length:
-        raise MegapackError(
-            f"config.json: sliding_window {window} < seq_length {seq_length}; sliding-window attention is not supported"
-        )
     backend = resolve_attention_backend(attention_backend, cross_sample_attention)
     config = transformer_config_from_hf(
         hf_config,

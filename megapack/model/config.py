@@ -80,20 +80,21 @@ def validate_hf_config(config: dict, source: str = "config.json") -> None:
     rope_parameters(config)
 
 
-def check_parallel_sizes(hf_config: dict, tp: int, pp: int) -> None:
-    """Raise when TP does not divide heads / KV groups / ffn or PP does not divide the layers."""
+def check_parallel_sizes(hf_config: dict, tp: int, pp: int, seq_length: int | None = None) -> None:
+    """Raise (naming parallel.tp / parallel.pp) when TP does not divide heads, KV groups or the FFN, PP does not
+    divide the layers, or the model uses sliding-window attention shorter than `seq_length`."""
     heads, groups = hf_config["num_attention_heads"], num_kv_heads(hf_config)
     if heads % tp or groups % tp:
-        raise MegapackError(
-            f"tensor parallel size {tp} must divide num_attention_heads ({heads}) and num_key_value_heads ({groups})"
-        )
+        raise MegapackError(f"parallel.tp: {tp} must divide num_attention_heads ({heads}) and "
+                            f"num_key_value_heads ({groups}) of the model")
     if hf_config["intermediate_size"] % tp:
-        ffn = hf_config["intermediate_size"]
-        raise MegapackError(f"tensor parallel size {tp} must divide intermediate_size ({ffn})")
+        raise MegapackError(f"parallel.tp: {tp} must divide intermediate_size ({hf_config['intermediate_size']})")
     if hf_config["num_hidden_layers"] % pp:
-        raise MegapackError(
-            f"pipeline parallel size {pp} must divide num_hidden_layers ({hf_config['num_hidden_layers']})"
-        )
+        raise MegapackError(f"parallel.pp: {pp} must divide num_hidden_layers ({hf_config['num_hidden_layers']})")
+    window = hf_config.get("sliding_window")
+    if seq_length and window is not None and hf_config.get("use_sliding_window", True) and int(window) < seq_length:
+        raise MegapackError(f"config.json: sliding_window {window} < seq_length {seq_length}; sliding-window "
+                            f"attention is not supported")
 
 
 def transformer_config_from_hf(

@@ -10,7 +10,6 @@ import os
 import random
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,9 @@ import numpy as np
 from megapack.atomic import write_json_atomic, write_text_atomic
 from megapack.errors import MegapackError
 from megapack.model.checkpoint import FORMAT, MODEL_PREFIX, model_sharded_state_dict, read_metadata
+from megapack.training.adamw_fallback import (
+    allocate_torch_adam_state, restore_torch_adam_steps, torch_adam_step_tolerant,
+)
 
 # Distributed-optimizer state layouts (megatron-core names): "dp_reshardable" = each rank writes its own flat shard
 # in parallel, loadable at another DP size only; "fully_reshardable" = per-parameter state gathered on DP rank 0,
@@ -161,15 +163,19 @@ class CheckpointSaver:
     moves only after every rank's writer succeeded, so a crash mid-write leaves the previous checkpoint current.
     """
 
-    def __init__(self, root: str | os.PathLike, *, keep_last: int, async_save: bool,
-                 optimizer_sharding: str = DEFAULT_OPTIMIZER_SHARDING) -> None:
+    def __init__(self, root: str | os.PathLike, *, keep_last: int, async_save: bool, save_interval: int | None,
+                 total_steps: int, optimizer_sharding: str = DEFAULT_OPTIMIZER_SHARDING) -> None:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.root = Path(root)
-        self.keep_last = keep_last
+        self.keep_last, self.save_interval, self.total_steps = keep_last, save_interval, total_steps
         self.sharding = optimizer_sharding
         self.queue = AsyncCallsQueue() if async_save else None
         self._pending: list[Path] = []
+
+    def due(self, step: int) -> bool:
+        """Whether the schedule checkpoints after `step` (the final checkpoint is saved by the caller)."""
+        return bool(self.save_interval) and step % self.save_interval == 0 and step < self.total_steps
 
     @property
     def is_async(self) -> bool:
@@ -239,95 +245,6 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _allocate_torch_adam_state(optimizer) -> None:
-    """Give torch AdamW (megatron's fallback without Apex/TE) its lazily created state, `step` included.
-
-    megatron's DistributedOptimizer.state_dict() needs a step before the first optimizer step, which is exactly
-    the situation when resuming; the values are overwritten by the load.
-    """
-    import torch
-
-    for inner in _torch_adamws(optimizer):
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if not inner.state[p]:
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
-
-
-def _torch_adamws(optimizer):
-    """The torch AdamW instances inside a megatron (chained) optimizer: its fallback without Apex/TE."""
-    import torch
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.AdamW):
-            yield inner
-
-
-@contextmanager
-def _torch_adam_step_tolerant(optimizer):
-    """During a fully_reshardable load with torch AdamW: keep each parameter's current `step`.
-
-    megatron 0.16's loader hands over exp_avg/exp_avg_sq/param but skips `step`, then copies every key of the
-    AdamW state (which, without Apex/TE, has a `step`) and fails; `_restore_torch_adam_steps` sets it afterwards.
-    """
-    patched = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if original is None:
-            continue
-
-        def setter(model_param, tensors, _opt=opt, _original=original):
-            current = _opt._get_main_param_and_optimizer_states(model_param)
-            if "step" in current and "step" not in tensors:
-                tensors = dict(tensors, step=current["step"])
-            _original(model_param, tensors)
-
-        opt._set_main_param_and_optimizer_states = setter
-        patched.append(opt)
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states  # back to the class method
-
-
-def _checkpoint_adam_step(state) -> float | None:
-    """The optimizer step count stored with the param groups of a loaded optimizer state dict."""
-    if isinstance(state, dict):
-        for group in state.get("param_groups", []) if isinstance(state.get("param_groups"), list) else []:
-            if isinstance(group, dict) and group.get("step") is not None:
-                return float(group["step"])
-        for value in state.values():
-            found = _checkpoint_adam_step(value)
-            if found is not None:
-                return found
-    elif isinstance(state, list):
-        for value in state:
-            found = _checkpoint_adam_step(value)
-            if found is not None:
-                return found
-    return None
-
-
-def _restore_torch_adam_steps(optimizer, loaded_optimizer_state) -> None:
-    """Fix torch AdamW `step` after megatron's load (its fallback path without Apex/TE).
-
-    megatron copies per-parameter tensors from the template over the state, which puts back the placeholder step
-    of `_allocate_torch_adam_state`; and it hands every parameter the same step tensor, which AdamW would increment
-    once per parameter. Each parameter gets its own tensor holding the checkpoint's step count.
-    """
-    import torch
-
-    step = _checkpoint_adam_step(loaded_optimizer_state)
-    if step is None:
-        return
-    for state in (st for inner in _torch_adamws(optimizer) for st in inner.state.values()):
-        if "exp_avg" in state:
-            state["step"] = torch.tensor(step, dtype=torch.float32)
-
-
 def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, load_optimizer: bool = True,
                     load_rng: bool = True) -> dict:
     """Collective: restore model (+ optimizer, scheduler, RNG) from a checkpoint; returns its train_state.
@@ -342,7 +259,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, loa
     load_rng = load_rng and _same_model_parallel(meta, ps.get_tensor_model_parallel_world_size(),
                                                  ps.get_pipeline_model_parallel_world_size())
     if load_optimizer and optimizer is not None:
-        _allocate_torch_adam_state(optimizer)
+        allocate_torch_adam_state(optimizer)
     sharding = meta.get("optimizer_sharding", DEFAULT_OPTIMIZER_SHARDING)
     template = _sharded_state_dict(model, optimizer if load_optimizer else None, is_loading=True, sharding=sharding)
     if load_rng:
@@ -358,11 +275,14 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, loa
     if load_optimizer and optimizer is not None:
         import torch
 
-        with torch.no_grad(), _torch_adam_step_tolerant(optimizer):  # main params are views of leaves with grad
+        with torch.no_grad(), torch_adam_step_tolerant(optimizer):  # main params are views of leaves with grad
             optimizer.load_state_dict(loaded["optimizer"])
-        _restore_torch_adam_steps(optimizer, loaded["optimizer"])
+        restore_torch_adam_steps(optimizer, loaded["optimizer"])
     if load_optimizer and scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if load_rng and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
-    return dict(loaded.get("train_state") or {})
+    state = dict(loaded.get("train_state") or {})
+    if "consumed_samples" in state:  # checkpoints written before packs had their own name
+        state.setdefault("consumed_packs", state.pop("consumed_samples"))
+    return state

@@ -1,7 +1,6 @@
 """Typed training configuration: YAML file + dotted `key.sub=value` overrides, validated before any process group."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -9,7 +8,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from megapack.atomic import write_text_atomic
 from megapack.errors import MegapackError
 
 
@@ -109,7 +107,7 @@ class CheckpointSection(_Strict):
     async_save: bool | Literal["auto"] = "auto"
     # dp_reshardable: parallel writes, resume at another DP size; fully_reshardable: resume at any TP/PP/DP
     optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
-    resume: Literal["auto", "never"] = "auto"  # auto: continue from dir/latest when it exists
+    resume: Literal["latest", "never"] = "latest"  # latest: continue from dir/latest when it exists
     load: str | None = None  # resume from this checkpoint (iter_ dir or a checkpoint dir) while dir has none
     export_hf: str | None = None  # write HF safetensors here at the end
 
@@ -199,150 +197,3 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, ra
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
         raise MegapackError(_format_error(err, source)) from None
-
-
-def save_resolved_config(config: TrainConfig, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write the resolved config (plus derived values) as YAML into directory, atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    data = config.to_dict()
-    if extra:
-        data["derived"] = extra
-    target = directory / "config.yaml"
-    write_text_atomic(target, yaml.safe_dump(data, sort_keys=False))
-    return target
-
-
-class Layout(BaseModel):
-    """Derived batch layout of a run (computed from config, world size and shard metadata)."""
-
-    world_size: int
-    tp: int
-    pp: int
-    dp: int
-    micro_batch_size: int
-    global_batch_size: int
-    num_microbatches: int
-    seq_length: int
-    packing: str
-
-
-def resolve_layout(
-    config: TrainConfig, world_size: int, shard_meta: dict, checkpoint_meta: dict | None = None
-) -> Layout:
-    """Check everything that can be checked before process groups exist; return the derived layout."""
-    par, tr, data = config.parallel, config.training, config.data
-    if world_size % (par.tp * par.pp):
-        raise MegapackError(
-            f"parallel.tp/parallel.pp: world size {world_size} is not divisible by tp*pp = {par.tp * par.pp}"
-        )
-    dp = world_size // (par.tp * par.pp)
-    meta_seq = shard_meta.get("seq_length")
-    if meta_seq is not None and int(meta_seq) != data.seq_length:
-        raise MegapackError(
-            f"data.seq_length: run uses {data.seq_length} but shards in {data.path} were made with {meta_seq}"
-        )
-    meta_pad = shard_meta.get("pad_to_multiple")
-    if data.pad_to_multiple is not None and meta_pad is not None and int(meta_pad) != data.pad_to_multiple:
-        raise MegapackError(
-            f"data.pad_to_multiple: run uses {data.pad_to_multiple} but shards in {data.path} were made with {meta_pad}"
-        )
-    if tr.global_batch_tokens is not None:
-        if tr.global_batch_tokens % data.seq_length:
-            raise MegapackError(
-                f"training.global_batch_tokens: {tr.global_batch_tokens} is not a multiple of data.seq_length "
-                f"{data.seq_length}"
-            )
-        gbs = tr.global_batch_tokens // data.seq_length
-    else:
-        gbs = tr.global_batch_size
-    per_step = tr.micro_batch_size * dp
-    if gbs % per_step:
-        raise MegapackError(
-            f"training.global_batch_size: {gbs} is not divisible by micro_batch_size*dp = "
-            f"{tr.micro_batch_size}*{dp}"
-        )
-    if checkpoint_meta is not None:
-        ckpt_tok = checkpoint_meta.get("tokenizer_identity")
-        shard_tok = tokenizer_identity(shard_meta)
-        if same_tokenizer(ckpt_tok, shard_tok) is False:
-            raise MegapackError(
-                f"data.path: tokenizer identity {shard_tok} of the shards in {data.path} differs from the "
-                f"checkpoint's {ckpt_tok}"
-            )
-    if par.sequence_parallel and par.tp == 1:
-        raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
-    return Layout(
-        world_size=world_size,
-        tp=par.tp,
-        pp=par.pp,
-        dp=dp,
-        micro_batch_size=tr.micro_batch_size,
-        global_batch_size=gbs,
-        num_microbatches=gbs // per_step,
-        seq_length=data.seq_length,
-        packing=str(shard_meta.get("packing", "unknown")),
-    )
-
-
-def same_tokenizer(a: str | None, b: str | None) -> bool | None:
-    """Whether two tokenizer identities are equal; None when either is missing or not a "vocab:" identity.
-
-    Identities are `vocab_identity` values, the same for every file format of one vocabulary. Older shards and
-    checkpoints recorded file digests ("tiktoken-llama3:<hex>", "<file>:sha256:<hex>"): those are not compared.
-    """
-    if not (a and b and a.startswith("vocab:") and b.startswith("vocab:")):
-        return None
-    return a == b
-
-
-def tokenizer_identity(meta: dict) -> str | None:
-    """The tokenizer identity string recorded in shard metadata (str, or the `identity`/`hash` of a dict)."""
-    tok = meta.get("tokenizer_identity", meta.get("tokenizer"))
-    if isinstance(tok, dict):
-        tok = tok.get("identity") or tok.get("hash") or json.dumps(tok, sort_keys=True)
-    return tok
-
-
-def _world_size_from_env() -> int:
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return 1
-
-
-def _packing_name(meta: dict) -> str:
-    packing = meta.get("packing", "unknown")
-    if isinstance(packing, dict):
-        packing = packing.get("algorithm") or packing.get("name") or "unknown"
-    return str(packing)
-
-
-def preflight(config: TrainConfig, world_size: int | None = None) -> tuple[Layout, dict, dict, Path | None]:
-    """Everything checked before any process group: layout, shards vs run, checkpoint vs shards.
-
-    Returns (layout, shard meta, HF config, checkpoint to resume from or None).
-    """
-    from megapack.data.shards import read_meta
-    from megapack.model.config import load_hf_config
-    from megapack.training.checkpointing import check_resume_layout, latest_checkpoint, read_checkpoint_meta
-
-    world_size = world_size or _world_size_from_env()
-    meta = read_meta(config.data.path)
-    meta.setdefault("packing", _packing_name(meta))
-    ck, resume = config.checkpoint, None
-    if ck.dir and ck.resume == "auto":
-        resume = latest_checkpoint(ck.dir)
-    if resume is None and ck.load:
-        resume = Path(ck.load) if (Path(ck.load) / "megapack.json").is_file() else latest_checkpoint(ck.load)
-        if resume is None:
-            raise MegapackError(f"checkpoint.load: no complete checkpoint in {ck.load}")
-    ckpt_meta = None
-    if resume is not None:
-        ckpt_meta = read_checkpoint_meta(resume)
-        check_resume_layout(resume, ckpt_meta, config.parallel.tp, config.parallel.pp)
-    elif config.model.init == "megatron":
-        ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
-    layout = resolve_layout(config, world_size, dict(meta, packing=_packing_name(meta)), ckpt_meta)
-    hf_config = load_hf_config(config.model.hf_dir)
-    return layout, meta, hf_config, resume

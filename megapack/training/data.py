@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -10,132 +11,105 @@ import numpy as np
 STAT_KEYS = ("real_tokens", "total_tokens", "target_tokens", "conversations", "packs", "seq_sq_sum")
 
 
+# The padding arm pads each micro-batch to its longest conversation, rounded up to this many tokens.
+PADDED_ARM_MULTIPLE = 8
+
+
 @dataclass
 class MicroBatch:
-    """One micro-batch in THD form (a single row of `total_tokens` tokens with segment boundaries)."""
+    """One micro-batch in THD form: a single row of `total_tokens` tokens holding padded segments.
+
+    Segment k occupies tokens[cu_seqlens_padded[k]:cu_seqlens_padded[k+1]] and its first
+    cu_seqlens[k+1] - cu_seqlens[k] tokens are real (Transformer Engine's THD convention).
+    """
 
     tokens: np.ndarray  # int64 [t]
     labels: np.ndarray  # int64 [t]; the next token within the segment, 0 where there is no target
-    loss_weight: np.ndarray  # float32 [t]; 1 per trained target (token reduction) or 1/targets-in-segment (sample)
+    loss_weight: np.ndarray  # float32 [t]; per target (after the shift): 1 (token reduction) or 1/targets-in-segment
     position_ids: np.ndarray  # int64 [t], restarting at 0 on every segment
-    cu_seqlens: np.ndarray  # int32 [segments+1]
-    max_seqlen: int
-    num_targets: int  # loss denominator: trained targets (token) or segments with a target (sample)
+    cu_seqlens: np.ndarray  # int32 [segments+1], real tokens
+    cu_seqlens_padded: np.ndarray  # int32 [segments+1], offsets in the row (ends at t)
+    max_seqlen: int  # longest padded segment
+    loss_denominator: int  # trained targets (token reduction) or segments with a target (sample reduction)
     stats: dict[str, int]
 
 
-def _segments(pack) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens, loss_mask, cu_seqlens) of a pack; tokens past cu_seqlens[-1] become one padding segment."""
-    tokens = np.asarray(pack.tokens, dtype=np.int64)
-    mask = np.asarray(pack.loss_mask, dtype=np.uint8)
-    cu = np.asarray(pack.cu_seqlens, dtype=np.int64)
-    if cu[-1] < len(tokens):
-        cu = np.append(cu, len(tokens))
-    return tokens, mask, cu
-
-
-def real_lengths(tokens: np.ndarray, mask: np.ndarray, cu: np.ndarray, pad_id: int | None) -> np.ndarray:
-    """Per segment, its length without the trailing padding (pad_id tokens outside the loss) shards may add."""
-    lengths = np.diff(cu)
-    if pad_id is None:
-        return lengths
-    is_pad = (tokens == pad_id) & (mask == 0)
-    out = lengths.copy()
-    for k in range(len(lengths)):
-        seg = is_pad[cu[k] : cu[k + 1]]
-        keep = np.flatnonzero(~seg)
-        out[k] = keep[-1] + 1 if len(keep) else 0
-    return out
+def _cumulative(lengths: list[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(np.asarray(lengths, np.int64))]).astype(np.int64)
 
 
 def build_micro_batch(
-    packs: Sequence, *, padded: bool = False, pad_multiple: int = 8, reduction: str = "token",
-    pad_id: int | None = None, row_multiple: int = 1,
+    packs: Sequence, *, padded: bool = False, pad_multiple: int = PADDED_ARM_MULTIPLE, reduction: str = "token",
+    pad_id: int = 0, row_multiple: int = 1,
 ) -> MicroBatch:
     """Concatenate packs into one THD row; `padded` pads each pack (one conversation) to the longest, rounded up.
 
-    `row_multiple` pads the row's total length to a multiple (one extra padding segment).
-    `pad_id` (the shards' padding token) lets trailing per-segment padding be counted as padding, not data.
-    Labels are shifted within each segment: position i predicts token i+1 of the same segment and is trained when
-    that token's loss_mask is 1; the last position of every segment has no target.
+    Real and padded segment lengths come from the shards (format v2). `row_multiple` pads the row's total length
+    to a multiple with one extra segment of padding (sequence parallelism splits the row over TP ranks). Labels are
+    shifted within each segment: position i predicts token i+1 of the same segment and is trained when that token's
+    loss mask is 1; the last position of every segment has no target.
     """
-    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # tokens, mask, cu, real lengths
-    for p in packs:
-        toks, mask, cu = _segments(p)
-        pieces.append((toks, mask, cu, real_lengths(toks, mask, cu, pad_id)))
+    tokens_parts, mask_parts, real, width = [], [], [], []
     if padded:
-        # one conversation per pack: pad each to the longest real length of the micro-batch, rounded up
-        longest = max(int(r.sum()) for *_, r in pieces)
-        width = -(-longest // pad_multiple) * pad_multiple
-        padded_pieces = []
-        for toks, mask, _cu, real in pieces:
-            n = int(real.sum())
-            t = np.full(width, pad_id if pad_id is not None else 0, np.int64)
-            m = np.zeros(width, np.uint8)
-            t[:n], m[:n] = toks[:n], mask[:n]
-            # the padded row is one segment: pads sit after the conversation, so causal attention keeps it exact
-            padded_pieces.append((t, m, np.array([0, width], np.int64), np.array([n])))
-        pieces = padded_pieces
-    extra = -sum(len(t) for t, *_ in pieces) % row_multiple
-    if extra:  # e.g. sequence parallelism splits the row over TP ranks: pad it with one masked segment
-        fill = pad_id if pad_id is not None else 0
-        pieces.append((np.full(extra, fill, np.int64), np.zeros(extra, np.uint8), np.array([0, extra], np.int64),
-                       np.array([0])))
+        # one conversation per pack: each becomes one segment padded to the micro-batch's longest, rounded up
+        lengths = [int(p.real_lengths.sum()) for p in packs]
+        row = -(-max(lengths) // pad_multiple) * pad_multiple
+        for p, n in zip(packs, lengths):
+            t = np.full(row, pad_id, np.int64)
+            m = np.zeros(row, np.uint8)
+            t[:n], m[:n] = p.tokens[:n], p.loss_mask[:n]
+            tokens_parts.append(t)
+            mask_parts.append(m)
+            real.append(n)
+            width.append(row)
+    else:
+        for p in packs:
+            tokens_parts.append(np.asarray(p.tokens, np.int64))
+            mask_parts.append(np.asarray(p.loss_mask, np.uint8))
+            real.extend(p.real_lengths.tolist())
+            width.extend(p.padded_lengths.tolist())
+    extra = -sum(width) % row_multiple
+    if extra:
+        tokens_parts.append(np.full(extra, pad_id, np.int64))
+        mask_parts.append(np.zeros(extra, np.uint8))
+        real.append(0)
+        width.append(extra)
 
-    tokens = np.concatenate([t for t, _, _, _ in pieces])
-    mask = np.concatenate([m for _, m, _, _ in pieces])
-    cu_list, offset = [0], 0
-    # a segment that carries on a conversation cut at the end of the previous pack (`random`) is not a new one
-    continued = sum(int(p.continues) for p in packs) if not padded else 0
-    conversations = -continued
-    for toks, _m, cu, real in pieces:
-        cu_list.extend(int(c) + offset for c in cu[1:])
-        conversations += int((real > 0).sum())
-        offset += len(toks)
-    cu_seqlens = np.asarray(cu_list, np.int64)
-    seg_len = np.diff(cu_seqlens)
+    tokens, mask = np.concatenate(tokens_parts), np.concatenate(mask_parts)
+    cu_padded, seg_len = _cumulative(width), np.asarray(width, np.int64)
     seg_id = np.repeat(np.arange(len(seg_len)), seg_len)
-    starts = cu_seqlens[:-1]
-
-    position_ids = np.arange(len(tokens), dtype=np.int64) - np.repeat(starts, seg_len)
+    position_ids = np.arange(len(tokens), dtype=np.int64) - np.repeat(cu_padded[:-1], seg_len)
     labels = np.zeros_like(tokens)
-    target_mask = np.zeros(len(tokens), np.float32)
-    labels[:-1] = tokens[1:]
-    target_mask[:-1] = mask[1:]
-    last = cu_seqlens[1:] - 1
-    labels[last] = 0
-    target_mask[last] = 0
+    target = np.zeros(len(tokens), np.float32)
+    labels[:-1], target[:-1] = tokens[1:], mask[1:]
+    last = cu_padded[1:] - 1
+    labels[last], target[last] = 0, 0
 
     if reduction == "sample":
-        per_seg = np.bincount(seg_id, weights=target_mask, minlength=len(seg_len))
-        denom = np.where(per_seg > 0, per_seg, 1.0)
-        loss_weight = (target_mask / denom[seg_id]).astype(np.float32)
-        num_targets = int((per_seg > 0).sum())
+        per_seg = np.bincount(seg_id, weights=target, minlength=len(seg_len))
+        loss_weight = (target / np.where(per_seg > 0, per_seg, 1.0)[seg_id]).astype(np.float32)
+        denominator = int((per_seg > 0).sum())
     elif reduction == "token":
-        loss_weight = target_mask
-        num_targets = int(target_mask.sum())
+        loss_weight, denominator = target, int(target.sum())
     else:
         raise ValueError(f"unknown loss reduction {reduction!r}")
 
-    real = int(sum(int(r.sum()) for *_, r in pieces))
+    real_arr = np.asarray(real, np.int64)
+    # a segment that carries on a conversation cut at the end of the previous pack (`random`) is not a new one
+    continued = 0 if padded else sum(int(p.continues) for p in packs)
     stats = {
-        "real_tokens": real,
+        "real_tokens": int(real_arr.sum()),
         "total_tokens": len(tokens),
-        "target_tokens": int(target_mask.sum()),
-        "conversations": conversations,
+        "target_tokens": int(target.sum()),
+        "conversations": int((real_arr > 0).sum()) - continued,
         "packs": len(packs),
         # useful attention work for MFU: squared real segment lengths (padding is computed but not counted)
-        "seq_sq_sum": int(sum(int((r.astype(np.int64) ** 2).sum()) for *_, r in pieces)),
+        "seq_sq_sum": int((real_arr**2).sum()),
     }
     return MicroBatch(
-        tokens=tokens,
-        labels=labels,
-        loss_weight=loss_weight,
-        position_ids=position_ids,
-        cu_seqlens=cu_seqlens.astype(np.int32),
-        max_seqlen=int(seg_len.max()),
-        num_targets=num_targets,
-        stats=stats,
+        tokens=tokens, labels=labels, loss_weight=loss_weight, position_ids=position_ids,
+        cu_seqlens=_cumulative(real).astype(np.int32), cu_seqlens_padded=cu_padded.astype(np.int32),
+        max_seqlen=int(seg_len.max()), loss_denominator=denominator, stats=stats,
     )
 
 
@@ -144,86 +118,84 @@ def zero_weight(batch: MicroBatch) -> MicroBatch:
     stats = dict.fromkeys(STAT_KEYS, 0)
     return MicroBatch(
         batch.tokens, batch.labels, np.zeros_like(batch.loss_weight), batch.position_ids, batch.cu_seqlens,
-        batch.max_seqlen, 0, stats,
+        batch.cu_seqlens_padded, batch.max_seqlen, 0, stats,
     )
 
 
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one epoch (same on every rank and for every parallel layout)."""
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+def epoch_permutation(num_packs: int, seed: int, epoch: int) -> np.ndarray:
+    """The pack order of one epoch (same on every rank and for every parallel layout)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_packs)
 
 
 class TrainSampler:
-    """Global-batch sampler over an endless sequence of shuffled epochs; its position is `consumed_samples`.
+    """Global-batch sampler over an endless sequence of shuffled epochs; its position is `consumed_packs`.
 
-    Global batch j-th sample goes to micro-batch j // (mbs*dp) of DP rank (j % (mbs*dp)) // mbs, so a step trains
-    the same set of samples whatever the DP size (and resuming on a different DP size continues the same stream).
+    The j-th pack of a global batch goes to micro-batch j // (mbs*dp) of DP rank (j % (mbs*dp)) // mbs, so a step
+    trains the same packs whatever the DP size (and resuming at another DP size continues the same stream).
     """
 
-    def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int, consumed_samples: int = 0) -> None:
-        if num_samples <= 0:
+    def __init__(self, num_packs: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 seed: int, consumed_packs: int = 0) -> None:
+        if num_packs <= 0:
             raise ValueError("empty dataset")
-        self.n, self.gbs, self.mbs = num_samples, global_batch_size, micro_batch_size
+        self.n, self.gbs, self.mbs = num_packs, global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.consumed_samples = consumed_samples
+        self.consumed_packs = consumed_packs
         self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
 
-    def _sample(self, k: int) -> int:
+    def _pack(self, k: int) -> int:
         epoch, pos = divmod(k, self.n)
         if epoch != self._perm_epoch:
             self._perm, self._perm_epoch = epoch_permutation(self.n, self.seed, epoch), epoch
         return int(self._perm[pos])
 
     def next_step(self) -> list[list[int]]:
-        """This DP rank's micro-batches (lists of sample indices) for the next step; advances the position."""
-        start, per_mb = self.consumed_samples, self.mbs * self.dp_size
+        """This DP rank's micro-batches (lists of pack indices) for the next step; advances the position."""
+        start, per_mb = self.consumed_packs, self.mbs * self.dp_size
         out = []
         for m in range(self.gbs // per_mb):
             base = start + m * per_mb + self.dp_rank * self.mbs
-            out.append([self._sample(base + k) for k in range(self.mbs)])
-        self.consumed_samples += self.gbs
+            out.append([self._pack(base + k) for k in range(self.mbs)])
+        self.consumed_packs += self.gbs
         return out
 
     @property
     def epoch(self) -> float:
         """Fractional epochs consumed."""
-        return self.consumed_samples / self.n
+        return self.consumed_packs / self.n
 
 
-def validation_batches(num_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+def validation_batches(num_packs: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                        max_batches: int | None = None) -> list[list[int] | None]:
     """Strided, unshuffled validation micro-batches of this DP rank; None entries pad ranks to equal counts."""
     per_mb = micro_batch_size * dp_size
-    count = -(-num_samples // per_mb)
+    count = -(-num_packs // per_mb)
     if max_batches is not None:
         count = min(count, max_batches)
     out: list[list[int] | None] = []
     for m in range(count):
         base = m * per_mb + dp_rank * micro_batch_size
-        idx = [i for i in range(base, base + micro_batch_size) if i < num_samples]
+        idx = [i for i in range(base, base + micro_batch_size) if i < num_packs]
         out.append(idx or None)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- torch side
 
+_INT_FIELDS = ("tokens", "labels", "position_ids")
+
 
 def to_tensors(batch: MicroBatch, device) -> dict:
     """Tensors the forward step needs, shaped [1, t] like the model expects."""
     import torch
 
-    def t(a, dtype):
-        return torch.as_tensor(a, dtype=dtype, device=device)
-
-    return {
-        "tokens": t(batch.tokens, torch.int64).unsqueeze(0),
-        "labels": t(batch.labels, torch.int64).unsqueeze(0),
-        "loss_weight": t(batch.loss_weight, torch.float32).unsqueeze(0),
-        "position_ids": t(batch.position_ids, torch.int64).unsqueeze(0),
-        "cu_seqlens": t(batch.cu_seqlens, torch.int32),
+    out = {k: torch.as_tensor(getattr(batch, k), dtype=torch.int64, device=device)[None] for k in _INT_FIELDS}
+    return out | {
+        "loss_weight": torch.as_tensor(batch.loss_weight, dtype=torch.float32, device=device)[None],
+        "cu_seqlens": torch.as_tensor(batch.cu_seqlens, dtype=torch.int32, device=device),
+        "cu_seqlens_padded": torch.as_tensor(batch.cu_seqlens_padded, dtype=torch.int32, device=device),
         "max_seqlen": int(batch.max_seqlen),
-        "num_targets": int(batch.num_targets),
+        "loss_denominator": int(batch.loss_denominator),
         "stats": dict(batch.stats),
     }
 
@@ -238,44 +210,69 @@ def broadcast_batch(batch: MicroBatch | None, src: int, group, device) -> dict:
     is_src = dist.get_rank() == src
     header = torch.zeros(4 + len(STAT_KEYS), dtype=torch.int64, device=device)
     if is_src:
-        header[:4] = torch.tensor([len(batch.tokens), len(batch.cu_seqlens), batch.max_seqlen, batch.num_targets])
+        header[:4] = torch.tensor([len(batch.tokens), len(batch.cu_seqlens), batch.max_seqlen,
+                                   batch.loss_denominator])
         header[4:] = torch.tensor([batch.stats[k] for k in STAT_KEYS])
     dist.broadcast(header, src=src, group=group)
-    t, ncu, max_seqlen, num_targets = (int(v) for v in header[:4].tolist())
-    ints = torch.empty(3 * t + ncu, dtype=torch.int64, device=device)
+    t, ncu, max_seqlen, denominator = (int(v) for v in header[:4].tolist())
+    ints = torch.empty(3 * t + 2 * ncu, dtype=torch.int64, device=device)
     weights = torch.empty(t, dtype=torch.float32, device=device)
     if is_src:
-        flat = np.concatenate([batch.tokens, batch.labels, batch.position_ids, batch.cu_seqlens.astype(np.int64)])
+        flat = np.concatenate([*(getattr(batch, k) for k in _INT_FIELDS), batch.cu_seqlens.astype(np.int64),
+                               batch.cu_seqlens_padded.astype(np.int64)])
         ints.copy_(torch.from_numpy(flat))
         weights.copy_(torch.from_numpy(batch.loss_weight))
     dist.broadcast(ints, src=src, group=group)
     dist.broadcast(weights, src=src, group=group)
-    return {
-        "tokens": ints[:t].unsqueeze(0),
-        "labels": ints[t : 2 * t].unsqueeze(0),
-        "position_ids": ints[2 * t : 3 * t].unsqueeze(0),
-        "cu_seqlens": ints[3 * t :].to(torch.int32),
-        "loss_weight": weights.unsqueeze(0),
+    out = {k: ints[i * t : (i + 1) * t][None] for i, k in enumerate(_INT_FIELDS)}
+    return out | {
+        "cu_seqlens": ints[3 * t : 3 * t + ncu].to(torch.int32),
+        "cu_seqlens_padded": ints[3 * t + ncu :].to(torch.int32),
+        "loss_weight": weights[None],
         "max_seqlen": max_seqlen,
-        "num_targets": num_targets,
+        "loss_denominator": denominator,
         "stats": dict(zip(STAT_KEYS, (int(v) for v in header[4:].tolist()))),
     }
 
 
 def micro_batch_iterator(dataset, index_lists: Sequence[list[int] | None], *, padded: bool, reduction: str,
-                         pad_multiple: int, pad_id: int | None, is_src: bool, src: int, group,
-                         device, row_multiple: int = 1) -> Iterator[dict]:
+                         pad_id: int, is_src: bool, src: int, group, device, row_multiple: int = 1) -> Iterator[dict]:
     """Yield broadcast tensor dicts for the given micro-batches (only the TP source rank reads the shards)."""
     last = None
     for idx in index_lists:
         batch = None
         if is_src:
-            if idx is None:
-                batch = zero_weight(last if last is not None else build_micro_batch(
-                    [dataset[0]], padded=padded, pad_multiple=pad_multiple, reduction=reduction, pad_id=pad_id,
-                    row_multiple=row_multiple))
+            build = partial(build_micro_batch, padded=padded, reduction=reduction, pad_id=pad_id,
+                            row_multiple=row_multiple)
+            if idx is None:  # this rank has no validation pack left: repeat one with zero weight
+                batch = zero_weight(last if last is not None else build([dataset[0]]))
             else:
-                batch = build_micro_batch([dataset[i] for i in idx], padded=padded, pad_multiple=pad_multiple,
-                                          reduction=reduction, pad_id=pad_id, row_multiple=row_multiple)
-                last = batch
+                batch = last = build([dataset[i] for i in idx])
         yield broadcast_batch(batch, src, group, device)
+
+
+class PackBatches:
+    """The packs this rank trains and validates on: the sampler's position and the TP-broadcast micro-batches.
+
+    Only the TP source rank reads shards; the other ranks of its TP group receive the tensors.
+    """
+
+    def __init__(self, train, valid, sampler: TrainSampler, *, padded: bool, reduction: str, pad_id: int,
+                 row_multiple: int, tp_src: int, tp_group, is_tp_src: bool, device) -> None:
+        self.train, self.valid, self.sampler = train, valid, sampler
+        self._batches = partial(micro_batch_iterator, padded=padded, reduction=reduction, pad_id=pad_id,
+                                is_src=is_tp_src, src=tp_src, group=tp_group, device=device,
+                                row_multiple=row_multiple)
+
+    def next_step(self) -> tuple[Iterator[dict], int]:
+        """(micro-batch iterator, number of micro-batches) of the next training step; advances the sampler."""
+        index_lists = self.sampler.next_step()
+        return self._batches(self.train, index_lists), len(index_lists)
+
+    def validation(self, micro_batch_size: int, max_batches: int | None) -> tuple[Iterator[dict], int] | None:
+        """(iterator, count) over the validation split, or None without one."""
+        if self.valid is None or len(self.valid) == 0:
+            return None
+        index_lists = validation_batches(len(self.valid), micro_batch_size, self.sampler.dp_rank,
+                                         self.sampler.dp_size, max_batches)
+        return self._batches(self.valid, index_lists), len(index_lists)

@@ -85,9 +85,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_distributed(
-    tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234, timeout_s: int = 600
-) -> DistEnv:
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> DistEnv:
     """Initialise torch.distributed (nccl with CUDA, gloo + CPU patches without) and megatron's parallel_state."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -98,8 +96,6 @@ def init_distributed(
         raise MegapackError(
             f"world size {world} is not divisible by tensor parallel {tp} x pipeline parallel {pp}"
         )
-    if vpp is not None and (vpp < 1 or pp == 1):
-        raise MegapackError(f"virtual pipeline size {vpp}: expected >= 1 and pipeline parallel > 1")
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local % torch.cuda.device_count())
@@ -121,7 +117,6 @@ def init_distributed(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
     )
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -6,6 +6,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from megapack.training.data import STAT_KEYS
+
 # Dense bf16 peak FLOP/s per device (no sparsity), matched by substring of torch.cuda.get_device_name().
 BF16_PEAK_FLOPS = {
     "H200": 989e12,
@@ -149,3 +151,89 @@ def read_metrics(path: str | os.PathLike, kind: str = "train") -> dict[int, dict
             if rec.get("kind") == kind:
                 out[rec["step"]] = rec
     return out
+
+
+TOTAL_KEYS = ("train_time_s", *STAT_KEYS)
+
+
+class RunMetrics:
+    """The run's metrics schedule and sinks: per-step records, running totals, validation, the final summary.
+
+    Every rank keeps the totals (they go into checkpoints); only the logger rank prints and writes files.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None, *, is_logger: bool, interval: int, tensorboard: bool,
+                 total_steps: int, hf_config: dict, peak_flops: float | None, world_size: int, packing: str,
+                 totals: dict | None = None) -> None:
+        self.directory = Path(directory) if directory else None
+        self.is_logger, self.interval, self.total_steps = is_logger, interval, total_steps
+        self.hf_config, self.peak_flops, self.world_size, self.packing = hf_config, peak_flops, world_size, packing
+        self.writer = MetricsWriter(self.directory if is_logger else None, tensorboard)
+        self.totals = dict.fromkeys(TOTAL_KEYS, 0) | dict(totals or {})
+        self.last_loss: float | None = None
+        self.valid_loss: float | None = None
+
+    def log(self, text: str) -> None:
+        """Print a line on the logger rank."""
+        if self.is_logger:
+            print(text, flush=True)
+
+    def should_log(self, step: int) -> bool:
+        """Whether step `step` is written (every `interval` steps and the last one)."""
+        return step % self.interval == 0 or step == self.total_steps
+
+    def record_step(self, step: int, rec: dict, epoch: float) -> dict:
+        """Add a finished step to the totals; returns its record with throughput and MFU."""
+        dt = rec["step_time_s"]
+        self.last_loss = rec["loss"]
+        self.totals["train_time_s"] += dt
+        for k in TOTAL_KEYS[1:]:
+            self.totals[k] += rec[k]
+        rec = rec | {
+            "tokens_per_s": rec["real_tokens"] / dt,
+            "trained_tokens_per_s": rec["target_tokens"] / dt,
+            "conversations_per_s": rec["conversations"] / dt,
+            "packs_per_s": rec["packs"] / dt,
+            "padding_fraction": 1.0 - rec["real_tokens"] / max(rec["total_tokens"], 1),
+            "epoch": epoch,
+        }
+        if self.peak_flops:
+            flops = model_flops(self.hf_config, rec["real_tokens"], rec["seq_sq_sum"])
+            rec["mfu"] = flops / (dt * self.world_size * self.peak_flops)
+        if self.should_log(step):
+            self._emit(step, rec)
+        return rec
+
+    def _emit(self, step: int, rec: dict) -> None:
+        rec = {"kind": "train", "step": step} | {k: v for k, v in rec.items() if k != "seq_sq_sum"}
+        self.writer.write(rec)
+        mfu = f" mfu {rec['mfu']:.3f}" if "mfu" in rec else ""
+        gn = f"{rec['grad_norm']:.3f}" if rec["grad_norm"] is not None else "-"
+        self.log(f"step {step}/{self.total_steps} loss {rec['loss']:.6f} lr {rec['lr']:.3e} grad_norm {gn} "
+                 f"conv {rec['conversations']} tok/s {rec['tokens_per_s']:.0f} conv/s {rec['conversations_per_s']:.2f} "
+                 f"packs/s {rec['packs_per_s']:.2f} pad {rec['padding_fraction']:.3f}{mfu}")
+
+    def record_validation(self, step: int, loss: float) -> None:
+        """Log a validation loss."""
+        self.valid_loss = loss
+        self.writer.write({"kind": "valid", "step": step, "valid_loss": loss})
+        self.log(f"step {step} validation loss {loss:.6f}")
+
+    def finish(self, steps: int, epochs: float, interrupted: bool) -> dict:
+        """The run summary (Table 3 columns); printed and written as summary.json on the logger rank."""
+        from megapack.atomic import write_json_atomic
+
+        t = self.totals
+        result = summary(epochs=epochs, steps=steps, train_time_s=t["train_time_s"], packs=t["packs"],
+                         conversations=t["conversations"], tokens=t["real_tokens"], target_tokens=t["target_tokens"],
+                         final_loss=self.last_loss, final_valid_loss=self.valid_loss, packing=self.packing)
+        result["interrupted"] = interrupted
+        if self.is_logger:
+            print(format_table([result]), flush=True)
+            if self.directory is not None:
+                write_json_atomic(self.directory / "summary.json", result)
+        return result
+
+    def close(self) -> None:
+        """Close the sinks."""
+        self.writer.close()

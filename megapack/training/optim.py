@@ -13,7 +13,7 @@ def warmup_steps(cfg: OptimizerSection, total_steps: int) -> int:
     return 0
 
 
-def wrap_ddp(model, bf16: bool):
+def wrap_ddp(model):
     """Wrap this rank's model in megatron's DistributedDataParallel with buffers for the distributed optimizer."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 

@@ -1,0 +1,207 @@
+"""The run plan: every check and every `auto` resolved once, before any process group exists.
+
+`preflight(config)` reads the shard metadata, the model's config.json and the checkpoint to resume from, checks
+that they fit together and fit the parallel layout, and returns a frozen `RunPlan`. The trainer is built from the
+plan alone (plus the config's plain values); `megapack train --check` prints it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from megapack.atomic import write_text_atomic
+from megapack.errors import MegapackError
+from megapack.training.config import TrainConfig
+
+# the shards' pad_id fills every padding position the trainer adds (padding arm, sequence-parallel row rounding)
+DEFAULT_PAD_ID = 0
+
+
+class RunPlan(BaseModel):
+    """What a run will actually do: layout, resolved choices, and the inputs they were derived from."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int  # packs (padding arm: conversations) per micro-batch, on every DP rank
+    global_batch_size: int  # packs per optimizer step
+    num_microbatches: int  # micro-batches per step on each DP rank
+    seq_length: int
+    packing: str
+    padded: bool  # the padding arm: one conversation per pack, padded to the longest of the micro-batch
+    pad_id: int
+    row_multiple: int  # THD rows are padded to a multiple of this (TP with sequence parallelism)
+    precision: Literal["bf16", "fp32"]
+    attention_backend: str
+    async_save: bool
+    peak_flops: float | None
+    total_steps: int
+    train_packs: int
+    tokenizer_identity: str | None
+    resume_from: str | None
+    hf_config: dict
+    shard_meta: dict
+
+    def summary(self) -> dict:
+        """The plan without the bulky inputs (for logs, --check and config.yaml)."""
+        return self.model_dump(exclude={"hf_config", "shard_meta"})
+
+
+def same_tokenizer(a: str | None, b: str | None) -> bool | None:
+    """Whether two tokenizer identities are equal; None when either is missing or not a "vocab:" identity.
+
+    Identities are `vocab_identity` values, the same for every file format of one vocabulary. Older shards and
+    checkpoints recorded file digests ("tiktoken-llama3:<hex>", "<file>:sha256:<hex>"): those are not compared.
+    """
+    if not (a and b and a.startswith("vocab:") and b.startswith("vocab:")):
+        return None
+    return a == b
+
+
+def tokenizer_identity(meta: dict) -> str | None:
+    """The tokenizer identity of shard or checkpoint metadata (`tokenizer_identity`; older files: `tokenizer`)."""
+    return meta.get("tokenizer_identity", meta.get("tokenizer"))
+
+
+def world_size_from_env() -> int:
+    """The launcher's world size (torchrun's WORLD_SIZE, Slurm's SLURM_NTASKS), else 1."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
+def batch_layout(config: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(dp, global batch in packs, micro-batches per step) or a one-line error naming the key."""
+    par, tr, data = config.parallel, config.training, config.data
+    if world_size % (par.tp * par.pp):
+        raise MegapackError(
+            f"parallel.tp/parallel.pp: world size {world_size} is not divisible by tp*pp = {par.tp * par.pp}")
+    dp = world_size // (par.tp * par.pp)
+    if tr.global_batch_tokens is not None:
+        if tr.global_batch_tokens % data.seq_length:
+            raise MegapackError(f"training.global_batch_tokens: {tr.global_batch_tokens} is not a multiple of "
+                                f"data.seq_length {data.seq_length}")
+        gbs = tr.global_batch_tokens // data.seq_length
+    else:
+        gbs = tr.global_batch_size
+    per_step = tr.micro_batch_size * dp
+    if gbs % per_step:
+        raise MegapackError(f"training.global_batch_size: {gbs} is not divisible by micro_batch_size*dp = "
+                            f"{tr.micro_batch_size}*{dp}")
+    return dp, gbs, gbs // per_step
+
+
+def _check_shards(config: TrainConfig, meta: dict) -> None:
+    data = config.data
+    if int(meta.get("seq_length", data.seq_length)) != data.seq_length:
+        raise MegapackError(f"data.seq_length: run uses {data.seq_length} but shards in {data.path} were made with "
+                            f"{meta['seq_length']}")
+    meta_pad = meta.get("pad_to_multiple")
+    if data.pad_to_multiple is not None and meta_pad is not None and int(meta_pad) != data.pad_to_multiple:
+        raise MegapackError(f"data.pad_to_multiple: run uses {data.pad_to_multiple} but shards in {data.path} were "
+                            f"made with {meta_pad}")
+
+
+def _check_tokenizer(config: TrainConfig, shard_tok: str | None, checkpoint_meta: dict | None) -> None:
+    if checkpoint_meta is None:
+        return
+    ckpt_tok = tokenizer_identity(checkpoint_meta)
+    if same_tokenizer(ckpt_tok, shard_tok) is False:
+        raise MegapackError(f"data.path: tokenizer identity {shard_tok} of the shards in {config.data.path} differs "
+                            f"from the checkpoint's {ckpt_tok}")
+
+
+def _total_steps(config: TrainConfig, train_packs: int, global_batch_size: int) -> int:
+    if config.training.train_steps is not None:
+        return config.training.train_steps
+    return max(1, math.ceil((config.training.epochs or 1.0) * train_packs / global_batch_size))
+
+
+def _resume_point(config: TrainConfig) -> Path | None:
+    from megapack.training.checkpointing import latest_checkpoint
+
+    ck = config.checkpoint
+    resume = latest_checkpoint(ck.dir) if ck.dir and ck.resume == "latest" else None
+    if resume is None and ck.load:
+        resume = Path(ck.load) if (Path(ck.load) / "megapack.json").is_file() else latest_checkpoint(ck.load)
+        if resume is None:
+            raise MegapackError(f"checkpoint.load: no complete checkpoint in {ck.load}")
+    return resume
+
+
+def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool | None = None) -> RunPlan:
+    """Check shards, model, checkpoint and layout against each other and resolve every `auto` into a RunPlan."""
+    import torch
+
+    from megapack.data.shards import read_meta
+    from megapack.model.config import check_parallel_sizes, load_hf_config
+    from megapack.model.spec import resolve_attention_backend
+    from megapack.training.checkpointing import check_resume_layout, read_checkpoint_meta
+    from megapack.training.metrics import device_peak_flops
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    world_size = world_size or world_size_from_env()
+    par, tr = config.parallel, config.training
+    meta = read_meta(config.data.path)
+    _check_shards(config, meta)
+    dp, gbs, num_micro = batch_layout(config, world_size)
+    if par.sequence_parallel and par.tp == 1:
+        raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
+    hf_config = load_hf_config(config.model.hf_dir)
+    check_parallel_sizes(hf_config, par.tp, par.pp, config.data.seq_length)
+
+    resume = _resume_point(config)
+    ckpt_meta = None
+    if resume is not None:
+        ckpt_meta = read_checkpoint_meta(resume)
+        check_resume_layout(resume, ckpt_meta, par.tp, par.pp)
+    elif config.model.init == "megatron":
+        ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
+    shard_tok = tokenizer_identity(meta)
+    _check_tokenizer(config, shard_tok, ckpt_meta)
+
+    train_packs = int(meta["splits"][config.data.train_split]["num_packs"]) \
+        if config.data.train_split in meta.get("splits", {}) else int(meta.get("num_packs", 0))
+    precision = tr.precision if tr.precision != "auto" else ("bf16" if cuda else "fp32")
+    async_save = config.checkpoint.async_save if config.checkpoint.async_save != "auto" else cuda
+    device_name = torch.cuda.get_device_name() if cuda and torch.cuda.is_available() else None
+    return RunPlan(
+        world_size=world_size, tp=par.tp, pp=par.pp, dp=dp, micro_batch_size=tr.micro_batch_size,
+        global_batch_size=gbs, num_microbatches=num_micro, seq_length=config.data.seq_length,
+        packing=str(meta.get("packing", "unknown")), padded=meta.get("packing") == "padding",
+        pad_id=int(meta.get("pad_id", DEFAULT_PAD_ID)), row_multiple=par.tp if par.sequence_parallel else 1,
+        precision=precision,
+        attention_backend=resolve_attention_backend(config.model.attention_backend,
+                                                    config.model.cross_sample_attention),
+        async_save=bool(async_save), peak_flops=config.logging.peak_flops or device_peak_flops(device_name),
+        total_steps=_total_steps(config, train_packs, gbs), train_packs=train_packs,
+        tokenizer_identity=shard_tok, resume_from=str(resume) if resume is not None else None,
+        hf_config=hf_config, shard_meta=meta,
+    )
+
+
+def resolved_config(config: TrainConfig, plan: RunPlan) -> dict:
+    """The config as it ran: every `auto` replaced by the plan's choice, the derived layout under `derived`."""
+    data = config.to_dict()
+    data["training"]["precision"] = plan.precision
+    data["model"]["attention_backend"] = plan.attention_backend
+    data["checkpoint"]["async_save"] = plan.async_save
+    data["derived"] = {k: v for k, v in plan.summary().items()
+                       if k not in ("precision", "attention_backend", "async_save")}
+    return data
+
+
+def save_resolved_config(config: TrainConfig, plan: RunPlan, directory: str | os.PathLike) -> Path:
+    """Write the resolved config (see `resolved_config`) as directory/config.yaml, atomically."""
+    target = Path(directory) / "config.yaml"
+    write_text_atomic(target, yaml.safe_dump(resolved_config(config, plan), sort_keys=False))
+    return target

@@ -1,0 +1,131 @@
+"""One optimizer step and one validation pass over THD micro-batches, with the time each phase took.
+
+The forward step hands megatron's pipeline schedule per-token losses and a loss function returning
+(sum of weighted token losses, loss denominator); with `calculate_per_token_loss` megatron divides the gradients
+by the global denominator, so the loss is token-weighted across micro-batches and DP ranks (not a mean of means).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from functools import partial
+
+from megapack.training.data import STAT_KEYS
+
+
+def forward_step(data_iterator, model, *, stats_sink: list):
+    """One micro-batch forward; returns per-token losses and the loss function the schedule calls on them."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    batch = next(data_iterator)
+    stats_sink.append(batch["stats"])
+    cu, cu_padded, m = batch["cu_seqlens"], batch["cu_seqlens_padded"], batch["max_seqlen"]
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                             cu_seqlens_kv_padded=cu_padded, max_seqlen_q=m, max_seqlen_kv=m)
+    output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
+                   labels=batch["labels"], packed_seq_params=params)
+    return output, partial(loss_func, batch["loss_weight"], batch["loss_denominator"])
+
+
+def loss_func(weight, loss_denominator: int, losses):
+    """(sum of weighted token losses, denominator, report): megatron divides by the global denominator."""
+    import torch
+
+    loss = (losses.float().reshape(-1) * weight.reshape(-1)).sum()
+    count = torch.tensor(loss_denominator, dtype=torch.int, device=loss.device)
+    return loss, count, {"lm loss": torch.stack([loss.detach(), count.to(loss.dtype)])}
+
+
+def reduce_loss(outputs: list, device) -> float:
+    """Token-weighted loss over all micro-batches, pipeline stages and DP ranks (same value on every rank)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for item in outputs:
+        total += item["lm loss"].to(torch.float64)
+    dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # only the last stage is non-zero
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return float(total[0]) / max(float(total[1]), 1.0)
+
+
+def reduce_stats(stats: list[dict], device) -> dict[str, int]:
+    """Per-step counters (tokens, conversations, packs...) summed over micro-batches and DP ranks."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([sum(s[k] for s in stats) for k in STAT_KEYS], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return {k: int(v) for k, v in zip(STAT_KEYS, t.tolist())}
+
+
+class TimedIterator:
+    """Wraps the micro-batch iterator and adds up the seconds spent waiting for the next batch."""
+
+    def __init__(self, inner: Iterator[dict]) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def __iter__(self) -> "TimedIterator":
+        return self
+
+    def __next__(self) -> dict:
+        t0 = time.perf_counter()
+        try:
+            return next(self.inner)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_schedule(model, batches: Iterator[dict], num_microbatches: int, row_length: int, *,
+                 forward_only: bool, stats: list) -> list:
+    """megatron's forward(-backward) schedule over THD rows (one row of `row_length` tokens per micro-batch)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, stats_sink=stats), data_iterator=batches, model=[model],
+        num_microbatches=num_microbatches, seq_length=row_length, micro_batch_size=1, forward_only=forward_only)
+
+
+def train_step(model, optimizer, scheduler, batches: Iterator[dict], num_microbatches: int, row_length: int,
+               device) -> dict:
+    """One optimizer step over the global batch; returns the step's metrics (the same on every rank).
+
+    `time_data_s` is the time spent waiting for micro-batches, `time_forward_backward_s` the schedule without it,
+    `time_optimizer_s` the optimizer and scheduler step.
+    """
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    timed, stats = TimedIterator(batches), []
+    t0 = time.perf_counter()
+    outputs = run_schedule(model, timed, num_microbatches, row_length, forward_only=False, stats=stats)
+    _sync()
+    t1 = time.perf_counter()
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+    ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    _sync()
+    t2 = time.perf_counter()
+    record = {"loss": reduce_loss(outputs, device), "grad_norm": float(grad_norm) if grad_norm is not None else None,
+              "lr": lr, "skipped": not ok, "time_data_s": timed.seconds,
+              "time_forward_backward_s": t1 - t0 - timed.seconds, "time_optimizer_s": t2 - t1}
+    return record | reduce_stats(stats, device)
+
+
+def evaluate(model, batches: Iterator[dict], num_microbatches: int, row_length: int, device) -> float:
+    """Token-weighted (or conversation-weighted) loss over the given validation micro-batches."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        outputs = run_schedule(model, batches, num_microbatches, row_length, forward_only=True, stats=[])
+    model.train()
+    return reduce_loss(outputs, device)
