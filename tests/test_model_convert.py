@@ -75,7 +75,8 @@ def test_tokenizer_json_checkpoint_matches_tiktoken_shards(tmp_path, llama3_toke
     from megapack.data.pipeline import PreprocessConfig, run_preprocess
     from megapack.data.tokenizers import vocab_identity
     from megapack.errors import MegapackError
-    from megapack.training.config import load_config, preflight
+    from megapack.training.config import load_config
+    from megapack.training.plan import preflight
 
     hf = make_hf_checkpoint(tmp_path / "hf", seed=1, num_layers=1)
     shutil.copyfile(hf_tokenizer_json_path, hf / "tokenizer.json")
@@ -88,12 +89,11 @@ def test_tokenizer_json_checkpoint_matches_tiktoken_shards(tmp_path, llama3_toke
     meta = run_preprocess(PreprocessConfig(output_dir=str(shards), tokenizer_model=str(llama3_tokenizer_path),
                                            datasets=["identity"], dataset_dir=str(llamafactory_data_dir),
                                            seq_length=256, progress=False))
-    assert meta["tokenizer"] == ckpt_meta["tokenizer_identity"] == LLAMA3_VOCAB
+    assert meta["tokenizer_identity"] == ckpt_meta["tokenizer_identity"] == LLAMA3_VOCAB
 
     raw = {"model": {"hf_dir": str(hf), "init": "megatron", "megatron_checkpoint": str(tmp_path / "ckpt")},
            "data": {"path": str(shards), "seq_length": 256}, "training": {"global_batch_size": 2, "train_steps": 1}}
-    layout, _, _, _ = preflight(load_config(None, raw=raw), world_size=1)
-    assert layout.dp == 1
+    assert preflight(load_config(None, raw=raw), world_size=1).dp == 1
 
     other = tmp_path / "ckpt_mistral"  # the same checkpoint claiming Mistral's vocabulary
     shutil.copytree(tmp_path / "ckpt", other)

@@ -47,8 +47,8 @@ def config(tmp_path, data_dir, tok, name, **kw) -> PreprocessConfig:
 def segments(ds: ShardDataset):
     for i in range(len(ds)):
         p = ds[i]
-        for a, b in zip(p.cu_seqlens[:-1], p.cu_seqlens[1:]):
-            yield p.tokens[a:b], p.loss_mask[a:b]
+        for a, b, n in zip(p.cu_seqlens_padded[:-1], p.cu_seqlens_padded[1:], p.real_lengths):
+            yield p.tokens[a:b], p.loss_mask[a:b], int(n)
 
 
 @pytest.mark.parametrize("packing", ["padding", "random", "greedy", "bfd"])
@@ -59,10 +59,10 @@ def test_real_demo_data_all_packings(tmp_path, llamafactory_data_dir, llama3_tok
                                  packing=packing, pad_to_multiple=K, val_fraction=0.05 if packing == "bfd" else 0.0))
     n = len(reference)
     assert n == 999 + 300 + 91 and meta["num_records"] == n and meta["skipped"] == {}
-    assert meta["tokenizer"] == LLAMA3_VOCAB and meta["dtype"] == "int32"
+    assert meta["tokenizer_identity"] == LLAMA3_VOCAB and meta["dtype"] == "int32"
     for key in ("format_version", "num_samples", "num_tokens", "num_loss_tokens", "num_packs", "seq_length", "packing",
                 "seed", "pad_to_multiple", "lower_bound_packs", "packing_efficiency", "truncated", "dropped",
-                "skipped", "tokenizer", "template", "vocab_size", "sha256"):
+                "skipped", "tokenizer_identity", "template", "vocab_size", "sha256"):
         assert key in meta, key
     cut = None if packing == "random" else L  # only random keeps over-long conversations whole (split across rows)
     want = Counter((tuple(ids[:cut].tolist()), tuple(mask[:cut].tolist())) for ids, mask in reference)
@@ -85,8 +85,8 @@ def test_real_demo_data_all_packings(tmp_path, llamafactory_data_dir, llama3_tok
             assert sum(len(p.cu_seqlens) - 1 - p.continues for p in packs) == n
             continue
         assert not any(ds[i].continues for i in range(len(ds)))
-        for toks, mask in segments(ds):
-            real = len(toks) if K == 1 else int(np.flatnonzero(toks != meta["pad_id"])[-1]) + 1
+        for toks, mask, real in segments(ds):  # real lengths as recorded by the shards (format v2)
+            assert real == len(toks) or (K > 1 and len(toks) - real < K)
             assert (toks[real:] == meta["pad_id"]).all() and (mask[real:] == 0).all() and len(toks) % K == 0
             got[(tuple(toks[:real].tolist()), tuple(mask[:real].tolist()))] += 1
             assert len(toks) <= L

@@ -187,7 +187,7 @@ def test_async_and_sync_checkpoints_are_published_complete(runs):
     for it in (2, 4, 6):
         meta = json.loads((sync / f"iter_{it:07d}" / "megapack.json").read_text())
         assert meta["iteration"] == it and meta["saved_with"] == {"tp": 2, "pp": 1, "dp": 1}
-        assert meta["train_state"]["consumed_samples"] == 2 * it
+        assert meta["train_state"]["consumed_packs"] == 2 * it
     assert not list(sync.glob("*.tmp")) and not list((w / "ck_sigusr1").glob("*.tmp"))
 
 
@@ -209,7 +209,7 @@ def test_mfu_counts_real_tokens_and_each_segments_attention(runs):
     w = runs["dir"]
     hf_config = json.loads((w / "hf" / "config.json").read_text())
     ds = ShardDataset(w / "greedy", "train")
-    sampler = TrainSampler(len(ds), 2, 1, 0, 1, seed=1234, consumed_samples=0)
+    sampler = TrainSampler(len(ds), 2, 1, 0, 1, seed=1234, consumed_packs=0)
     for rec in _records(w / "tp1")[:3]:
         lengths = [int(n) for mb in sampler.next_step() for i in mb for n in np.diff(ds[i].cu_seqlens)]
         flops = model_flops(hf_config, sum(lengths), sum(n * n for n in lengths))
@@ -243,7 +243,7 @@ def test_sigusr1_and_sigterm_checkpoint_then_exit(runs):
     assert sorted(losses(w / "sigusr1")) == [1, 2]
     assert (w / "ck_sigusr1" / "latest").read_text().strip() == "iter_0000002"
     meta = json.loads((w / "ck_sigusr1" / "iter_0000002" / "megapack.json").read_text())
-    assert meta["train_state"]["consumed_samples"] == 4 and meta["tokenizer_identity"] == LLAMA3_VOCAB
+    assert meta["train_state"]["consumed_packs"] == 4 and meta["tokenizer_identity"] == LLAMA3_VOCAB
     assert json.loads((w / "sigusr1" / "summary.json").read_text())["interrupted"] is True
     # SIGTERM while step 1's async checkpoint may still be writing: both end up complete, step 2 is current
     assert sorted(losses(w / "sigterm")) == [1, 2]
@@ -287,11 +287,11 @@ def _expected_step_loss(seg: dict, shards: Path, gbs: int, mbs: int, consumed: i
 
     ds = ShardDataset(shards, "train")
     total, count = 0.0, 0
-    for mb in TrainSampler(len(ds), gbs, mbs, 0, 1, seed=1234, consumed_samples=consumed).next_step():
+    for mb in TrainSampler(len(ds), gbs, mbs, 0, 1, seed=1234, consumed_packs=consumed).next_step():
         for i in mb:
             pack = ds[i]
-            for a, e in zip(pack.cu_seqlens[:-1], pack.cu_seqlens[1:]):
-                loss, n = seg[json.dumps(pack.tokens[a:e].tolist())]
+            for a, r in zip(pack.cu_seqlens_padded[:-1], pack.real_lengths):
+                loss, n = seg[json.dumps(pack.tokens[a : a + r].tolist())]
                 if sample:
                     total, count = total + loss / n, count + 1
                 else:

@@ -97,34 +97,24 @@ def launch(nproc: int, jobs: list[dict], workdir: Path, name: str, timeout: int 
 
 
 def segment_losses(trainer, dataset) -> dict[tuple, tuple[float, int]]:
-    """Forward-only per-conversation (loss sum, targets) of every pack, keyed by the conversation's tokens."""
+    """Forward-only per-conversation (loss sum, targets) of every pack, keyed by the conversation's real tokens."""
     import numpy as np
     import torch
-    from megatron.core.packed_seq_params import PackedSeqParams
 
     from megapack.training.data import build_micro_batch, to_tensors
+    from megapack.training.step import forward_step
 
-    pad_id = trainer.shard_meta.get("pad_id")
     out = {}
-    model = trainer.model
+    model = trainer.parts.model
     model.eval()
     with torch.no_grad():
         for i in range(len(dataset)):
-            p = dataset[i]
-            mb = build_micro_batch([p], padded=trainer.padded, pad_id=pad_id)
-            b = to_tensors(mb, trainer.device)
-            cu, m = b["cu_seqlens"], b["max_seqlen"]
-            params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m,
-                                     max_seqlen_kv=m)
-            tok_loss = model(input_ids=b["tokens"], position_ids=b["position_ids"], attention_mask=None,
-                             labels=b["labels"], packed_seq_params=params).reshape(-1).double().numpy()
+            mb = build_micro_batch([dataset[i]], padded=trainer.plan.padded, pad_id=trainer.plan.pad_id)
+            tok_loss, _ = forward_step(iter([to_tensors(mb, trainer.env.device)]), model, stats_sink=[])
+            tok_loss = tok_loss.reshape(-1).double().numpy()
             weights = mb.loss_weight.astype(np.float64)
-            for k in range(len(mb.cu_seqlens) - 1):
-                a, e = int(mb.cu_seqlens[k]), int(mb.cu_seqlens[k + 1])
-                seg = mb.tokens[a:e]
-                while len(seg) and seg[-1] == pad_id:  # conversations end with <|eot_id|>, never with padding
-                    seg = seg[:-1]
-                key = tuple(seg.tolist())
+            for a, e, n in zip(mb.cu_seqlens_padded[:-1], mb.cu_seqlens_padded[1:], np.diff(mb.cu_seqlens)):
+                key = tuple(mb.tokens[a : a + n].tolist())
                 out[key] = (float((tok_loss[a:e] * weights[a:e]).sum()), int(weights[a:e].sum()))
     return out
 
@@ -132,15 +122,14 @@ def segment_losses(trainer, dataset) -> dict[tuple, tuple[float, int]]:
 def _run_jobs(spec_path: str) -> None:
     import torch.distributed as dist
 
+    from megapack.training import metrics
     from megapack.training.config import load_config
     from megapack.training.loop import Trainer
 
-    import megapack.training.loop as loop
-
-    original_write = loop.MetricsWriter.write
+    original_write = metrics.MetricsWriter.write
     jobs = json.loads(Path(spec_path).read_text())
     for job in jobs:
-        loop.MetricsWriter.write = original_write
+        metrics.MetricsWriter.write = original_write
         if job.get("signal_at_step"):
             # deliver SIGUSR1 to this process right after logging the given step (what Slurm does before the limit)
             def write(self, record, _at=job["signal_at_step"], _sig=getattr(signal, job.get("signal", "SIGUSR1"))):
@@ -148,17 +137,14 @@ def _run_jobs(spec_path: str) -> None:
                 if record.get("kind") == "train" and record["step"] == _at:
                     os.kill(os.getpid(), _sig)
 
-            loop.MetricsWriter.write = write
+            metrics.MetricsWriter.write = write
         config = load_config(None, job.get("overrides", []), raw=job["config"])
         trainer = Trainer(config)
         if job.get("segment_losses"):
-            trainer._setup()
-            result = {json.dumps(list(k)): v for k, v in segment_losses(trainer, trainer.train_ds).items()}
+            result = {json.dumps(list(k)): v for k, v in segment_losses(trainer, trainer.data.train).items()}
             if dist.get_rank() == 0:
                 Path(job["segment_losses"]).write_text(json.dumps(result))
-            from megatron.core import parallel_state
-
-            parallel_state.destroy_model_parallel()
+            trainer.close(keep_process_group=True)
             continue
         trainer.run(keep_process_group=True)
     dist.barrier()
@@ -179,8 +165,8 @@ def hf_loss_on_split(hf_dir: Path, shards: Path, split: str) -> tuple[float, int
     with torch.no_grad():
         for i in range(len(ds)):
             pack = ds[i]
-            cu = np.asarray(pack.cu_seqlens)
-            for a, e in zip(cu[:-1], cu[1:]):
+            for a, n in zip(pack.cu_seqlens_padded[:-1], pack.real_lengths):
+                e = a + n
                 ids = torch.as_tensor(np.asarray(pack.tokens[a:e], np.int64))[None]
                 target = torch.as_tensor(np.asarray(pack.loss_mask[a + 1 : e], np.float64))
                 logits = model(input_ids=ids).logits[0, :-1].double()
