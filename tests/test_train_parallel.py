@@ -1,6 +1,7 @@
 """Multi-process proofs of the trainer on CPU/gloo with a tiny LLaMA-3-architecture model and real demo data.
 
-Launches (grouped: each torchrun start + megatron import costs seconds):
+Launches, one module fixture each (grouped: each torchrun start + megatron import costs seconds), requested only by
+the tests that read them, so a failed launch fails exactly its readers:
   D  2 procs  DP2, async checkpoint every 2 steps, killed with SIGKILL after step 3 once one is published
   B  2 procs  TP2 (synchronous, fully reshardable checkpoints) | PP2 resumed from TP2's step 2 |
               TP2 + sequence parallel | PP2 | DP2 (uninterrupted) | DP2 resumed from D's checkpoint
@@ -31,25 +32,31 @@ LONG_OPTIMIZER = {"lr": 3e-3, "warmup_steps": 0, "decay_style": "constant"}  # t
 LLAMA3_VOCAB = "vocab:2b6dff733d9c48f89f6efd2e9c62e69238bb03ca9c50345b0c7a00a48b35196b"  # as in test_tokenizers.py
 
 
+SAVING = {"save_interval": 2, "keep_last": 2, "async_save": True}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
-    """Run every launch once; tests then read metrics.jsonl files and checkpoint directories."""
+def inputs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
+    """The tiny HF model, greedy and padding shards of the demo data, and a config builder for the runs."""
     w = tmp_path_factory.mktemp("train")
     hf = make_tiny_hf(w / "hf")
     greedy = make_demo_shards(llamafactory_data_dir, llama3_tokenizer_path, w / "greedy", "greedy")
     padding = make_demo_shards(llamafactory_data_dir, llama3_tokenizer_path, w / "padding", "padding")
-    common = {"training": {"global_batch_size": 2, "train_steps": STEPS}}
 
     def cfg(name: str, **sections):
-        merged = {k: dict(v) for k, v in common.items()}
+        merged = {"training": {"global_batch_size": 2, "train_steps": STEPS}}
         for k, v in sections.items():
             merged.setdefault(k, {}).update(v)
         return base_config(hf, greedy, w / name, **merged)
 
-    saving = {"save_interval": 2, "keep_last": 2, "async_save": True}
+    return {"dir": w, "hf": hf, "greedy": greedy, "padding": padding, "cfg": cfg}
 
-    # D: killed run
-    proc = launch(2, [{"config": cfg("killed", checkpoint={"dir": str(w / "ck_killed"), **saving})}], w, "D",
+
+@pytest.fixture(scope="module")
+def killed(inputs):
+    """Launch D (2 procs): DP2 with async checkpoints every 2 steps, SIGKILLed after step 3 once one is published."""
+    w, cfg = inputs["dir"], inputs["cfg"]
+    proc = launch(2, [{"config": cfg("killed", checkpoint={"dir": str(w / "ck_killed"), **SAVING})}], w, "D",
                   wait=False)
     metrics = w / "killed" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -73,10 +80,18 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
     assert killed_at < STEPS, "the run finished before it could be killed"
     for name in ("ck_resume_dp2", "ck_resume_dp1"):
         shutil.copytree(w / "ck_killed", w / name)
+    return killed_at
 
-    def resumed(name: str, ck: str):
-        return {"config": cfg(name, checkpoint={"dir": str(w / ck), **saving})}
 
+def _resumed(inputs, name: str, ck: str) -> dict:
+    return {"config": inputs["cfg"](name, checkpoint={"dir": str(inputs["dir"] / ck), **SAVING})}
+
+
+@pytest.fixture(scope="module")
+def two_procs(inputs, killed):
+    """Launch B (2 procs): TP2 (sync, fully reshardable checkpoints) | PP2 resumed from TP2's step 2 | TP2 + SP |
+    PP2 | DP2 (uninterrupted, async checkpoints) | DP2 resumed from D's checkpoint."""
+    w, cfg = inputs["dir"], inputs["cfg"]
     launch(2, [
         {"config": cfg("tp2", parallel={"tp": 2},
                        checkpoint={"dir": str(w / "ck_tp2"), "save_interval": 2, "keep_last": 3, "async_save": False,
@@ -86,8 +101,17 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
         {"config": cfg("tp2sp", parallel={"tp": 2, "sequence_parallel": True})},
         {"config": cfg("pp2", parallel={"pp": 2})},
         {"config": cfg("dp2", checkpoint={"dir": str(w / "ck_dp2"), "save_interval": 2, "async_save": True})},
-        resumed("dp2_resumed", "ck_resume_dp2"),
+        _resumed(inputs, "dp2_resumed", "ck_resume_dp2"),
     ], w, "B")
+
+
+@pytest.fixture(scope="module")
+def one_proc(inputs, killed):
+    """Launch A (1 proc): TP1 (+ HF export, MFU against a given peak) | bf16 | SIGUSR1 at step 2 | SIGTERM at step 2
+    (async checkpoint of step 1 in flight) | DP1 resumed from D | per-conversation losses: packed, padded, and
+    initialised from D's step-2 checkpoint | loss_reduction sample | padded shards, 2 conversations per micro-batch |
+    50 steps."""
+    w, cfg, hf, greedy, padding = (inputs[k] for k in ("dir", "cfg", "hf", "greedy", "padding"))
     launch(1, [
         {"config": cfg("tp1", checkpoint={"export_hf": str(w / "tp1_hf")}, logging={"peak_flops": 1e12})},
         {"config": cfg("bf16", optimizer=LONG_OPTIMIZER, data={"valid_split": None},
@@ -97,7 +121,7 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
         {"config": cfg("sigterm",
                        checkpoint={"dir": str(w / "ck_sigterm"), "save_interval": 1, "async_save": True}),
          "signal_at_step": 2, "signal": "SIGTERM"},
-        resumed("dp1_resumed", "ck_resume_dp1"),
+        _resumed(inputs, "dp1_resumed", "ck_resume_dp1"),
         {"config": base_config(hf, greedy, w / "seg_greedy"), "segment_losses": str(w / "seg_greedy.json")},
         {"config": base_config(hf, padding, w / "seg_padding"), "segment_losses": str(w / "seg_padding.json")},
         {"config": base_config(hf, greedy, w / "seg_init", model={
@@ -109,8 +133,12 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
         {"config": cfg("long", optimizer=LONG_OPTIMIZER,
                        training={"train_steps": 50, "global_batch_size": 1, "eval_interval": 25})},
     ], w, "A")
-    launch(4, [{"config": cfg("tp2pp2", parallel={"tp": 2, "pp": 2})}], w, "C")
-    return {"dir": w, "killed_at": killed_at}
+
+
+@pytest.fixture(scope="module")
+def four_procs(inputs):
+    """Launch C (4 procs): TP2 x PP2."""
+    launch(4, [{"config": inputs["cfg"]("tp2pp2", parallel={"tp": 2, "pp": 2})}], inputs["dir"], "C")
 
 
 def _proc(pid: int):
@@ -124,8 +152,8 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def test_same_loss_across_tp_pp_dp(runs):
-    w = runs["dir"]
+def test_same_loss_across_tp_pp_dp(inputs, one_proc, two_procs, four_procs):
+    w = inputs["dir"]
     ref = losses(w / "tp1")
     assert sorted(ref) == list(range(1, STEPS + 1))
     for name in ("tp2", "tp2sp", "pp2", "dp2", "tp2pp2"):
@@ -147,8 +175,8 @@ def _records(run_dir: Path) -> list[dict]:
     return [r for _, r in sorted(read_metrics(run_dir / "metrics.jsonl").items())]
 
 
-def test_kill9_then_resume_continues_the_loss_curve(runs):
-    w, killed_at = runs["dir"], runs["killed_at"]
+def test_kill9_then_resume_continues_the_loss_curve(inputs, killed, two_procs, one_proc):
+    w, killed_at = inputs["dir"], killed
     ck = w / "ck_killed"
     latest = (ck / "latest").read_text().strip()
     iters = sorted(p.name for p in ck.glob("iter_*") if not p.name.endswith(".tmp"))
@@ -170,9 +198,9 @@ def test_kill9_then_resume_continues_the_loss_curve(runs):
     assert summary["total_steps"] == STEPS and not summary["interrupted"]
 
 
-def test_async_and_sync_checkpoints_are_published_complete(runs):
+def test_async_and_sync_checkpoints_are_published_complete(inputs, two_procs, one_proc):
     """Async saves (run D) are published after the writers finish, later steps running meanwhile; sync ones at once."""
-    w = runs["dir"]
+    w = inputs["dir"]
     log = (w / "B.log").read_text()
     # dp2 (async): started at step 2, published only after step 3 ran; tp2 (sync): published at once
     after = re.search(re.escape(f"saved checkpoint {w / 'ck_dp2' / 'iter_0000002'} (published after step ") + r"(\d+)\)",
@@ -191,22 +219,22 @@ def test_async_and_sync_checkpoints_are_published_complete(runs):
     assert not list(sync.glob("*.tmp")) and not list((w / "ck_sigusr1").glob("*.tmp"))
 
 
-def test_bf16_trains_close_to_fp32(runs):
+def test_bf16_trains_close_to_fp32(inputs, one_proc):
     """precision bf16 (Float16Module, fp32 main params in the distributed optimizer) runs and stays near fp32."""
-    w = runs["dir"]
+    w = inputs["dir"]
     bf16, fp32 = losses(w / "bf16"), losses(w / "long")  # same batches, same optimizer
     assert sorted(bf16) == [1, 2] and fp32[2] < fp32[1] - 1e-3
     for s in bf16:
         assert 0 < _rel(bf16[s], fp32[s]) < 1e-3, (s, bf16[s], fp32[s])  # differs (bf16 math) but only a little
 
 
-def test_mfu_counts_real_tokens_and_each_segments_attention(runs):
+def test_mfu_counts_real_tokens_and_each_segments_attention(inputs, one_proc):
     """mfu = model FLOPs of the step's real tokens and per-conversation attention / (step time x peak)."""
     from megapack.data.shards import ShardDataset
     from megapack.training.data import TrainSampler
     from megapack.training.metrics import model_flops
 
-    w = runs["dir"]
+    w = inputs["dir"]
     hf_config = json.loads((w / "hf" / "config.json").read_text())
     ds = ShardDataset(w / "greedy", "train")
     sampler = TrainSampler(len(ds), 2, 1, 0, 1, seed=1234, consumed_packs=0)
@@ -218,13 +246,13 @@ def test_mfu_counts_real_tokens_and_each_segments_attention(runs):
         assert 0 < rec["mfu"] < 1
 
 
-def test_resume_at_another_tp_and_pp(runs, tmp_path, capsys):
+def test_resume_at_another_tp_and_pp(inputs, killed, two_procs, one_proc, tmp_path, capsys):
     """A fully_reshardable checkpoint saved at TP2 resumes at PP2 on the uninterrupted curve; a dp_reshardable one
     (run D, DP2) is refused at TP2 before any process group, naming the option that allows it."""
     from megapack.cli import main
     from train_helpers import write_yaml
 
-    w = runs["dir"]
+    w = inputs["dir"]
     resumed, full = losses(w / "pp2_from_tp2"), losses(w / "tp1")
     assert sorted(resumed) == list(range(3, STEPS + 1))
     assert max(_rel(resumed[s], full[s]) for s in resumed) <= 1e-5, (resumed, full)
@@ -238,8 +266,8 @@ def test_resume_at_another_tp_and_pp(runs, tmp_path, capsys):
     assert "checkpoint.optimizer_sharding=fully_reshardable" in err and "\n" not in err
 
 
-def test_sigusr1_and_sigterm_checkpoint_then_exit(runs):
-    w = runs["dir"]
+def test_sigusr1_and_sigterm_checkpoint_then_exit(inputs, one_proc):
+    w = inputs["dir"]
     assert sorted(losses(w / "sigusr1")) == [1, 2]
     assert (w / "ck_sigusr1" / "latest").read_text().strip() == "iter_0000002"
     meta = json.loads((w / "ck_sigusr1" / "iter_0000002" / "megapack.json").read_text())
@@ -255,11 +283,11 @@ def test_sigusr1_and_sigterm_checkpoint_then_exit(runs):
     assert json.loads((w / "sigterm" / "summary.json").read_text())["interrupted"] is True
 
 
-def test_exported_hf_model_reproduces_the_trainers_validation_loss(runs):
+def test_exported_hf_model_reproduces_the_trainers_validation_loss(inputs, one_proc):
     """After training, transformers' LlamaForCausalLM on the exported weights gives the trainer's validation loss."""
     from train_helpers import hf_loss_on_split
 
-    w = runs["dir"]
+    w = inputs["dir"]
     trainer_valid = losses(w / "tp1", kind="valid", key="valid_loss")[STEPS]
     total, count = hf_loss_on_split(w / "tp1_hf", w / "greedy", "val")
     assert count > 100
@@ -267,8 +295,8 @@ def test_exported_hf_model_reproduces_the_trainers_validation_loss(runs):
     assert trainer_valid < losses(w / "tp1")[1]  # trained weights, not the initial ones
 
 
-def test_packed_and_padded_give_the_same_per_conversation_losses(runs):
-    w = runs["dir"]
+def test_packed_and_padded_give_the_same_per_conversation_losses(inputs, one_proc):
+    w = inputs["dir"]
     packed = json.loads((w / "seg_greedy.json").read_text())
     padded = json.loads((w / "seg_padding.json").read_text())
     assert len(padded) >= 40 and set(packed) == set(padded)
@@ -299,10 +327,10 @@ def _expected_step_loss(seg: dict, shards: Path, gbs: int, mbs: int, consumed: i
     return total / count
 
 
-def test_step_loss_is_token_or_sample_weighted_over_the_global_batch(runs):
+def test_step_loss_is_token_or_sample_weighted_over_the_global_batch(inputs, one_proc):
     """Step 1 (initial weights) against per-conversation losses: token-weighted over all micro-batches by default,
     the mean of per-conversation means with loss_reduction: sample, and the same for padded micro-batches."""
-    w = runs["dir"]
+    w = inputs["dir"]
     seg = json.loads((w / "seg_greedy.json").read_text())
     token = _expected_step_loss(seg, w / "greedy", 2, 1, 0, sample=False)
     sample = _expected_step_loss(seg, w / "greedy", 2, 1, 0, sample=True)
@@ -316,16 +344,16 @@ def test_step_loss_is_token_or_sample_weighted_over_the_global_batch(runs):
     assert rec["conversations"] == 4 and rec["total_tokens"] % 8 == 0 and rec["padding_fraction"] > 0
 
 
-def test_init_from_megatron_checkpoint(runs):
+def test_init_from_megatron_checkpoint(inputs, one_proc, two_procs):
     """Weights loaded with `model.init: megatron` from the step-2 checkpoint give step 3's training loss."""
-    w = runs["dir"]
+    w = inputs["dir"]
     seg = json.loads((w / "seg_init.json").read_text())
     expected = _expected_step_loss(seg, w / "greedy", 2, 1, consumed=2 * 2, sample=False)
     assert _rel(losses(w / "dp2")[3], expected) <= 1e-5, (losses(w / "dp2")[3], expected)
 
 
-def test_loss_decreases_over_50_steps_on_demo_data(runs):
-    w = runs["dir"]
+def test_loss_decreases_over_50_steps_on_demo_data(inputs, one_proc):
+    w = inputs["dir"]
     curve = losses(w / "long")
     first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(46, 51)) / 5
     assert last < first - 1.0, (first, last)

@@ -26,30 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-        module = _load(module_name)
-        if module is None:
-            sub.set_defaults(_run=_not_built(name))
-        else:
-            module.add_arguments(sub)
-            sub.set_defaults(_run=module.run)
+        module = importlib.import_module(f"megapack.cli.{module_name}")
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
     return parser
-
-
-def _load(module_name: str):
-    try:
-        return importlib.import_module(f"megapack.cli.{module_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"megapack.cli.{module_name}":
-            return None
-        raise
-
-
-def _not_built(name: str):
-    def run(_args: argparse.Namespace) -> int:
-        print(f"megapack {name}: not built yet", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Plan every config (before any process group), then train them in order."""
     from megapack.training.config import load_config
-    from megapack.training.loop import quiet_warnings
+    from megapack.quiet import quiet_warnings
     from megapack.training.plan import preflight
 
     quiet_warnings()

@@ -62,12 +62,6 @@ class SkipReport:
             detail = f" ({bad.detail})" if bad.detail else ""
             self.examples.append(f"{bad.source}: {bad.reason}{detail}")
 
-    def merge(self, other: "SkipReport") -> None:
-        """Add another report's counts (e.g. from a worker process)."""
-        for reason, n in other.counts.items():
-            self.counts[reason] = self.counts.get(reason, 0) + n
-        self.examples.extend(other.examples[: max(0, self.max_examples - len(self.examples))])
-
     @property
     def total(self) -> int:
         """Number of skipped records."""

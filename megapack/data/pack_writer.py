@@ -59,14 +59,6 @@ class SampleStore:
             self.file_dtype,
         )
 
-    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, mask) of sample i."""
-        n = int(self.length[i])
-        ids = np.empty(n, dtype=self.file_dtype or self.tokens[int(self.part[i])].dtype)
-        mask = np.empty(n, dtype=np.uint8)
-        self.gather_into(np.array([i]), np.zeros(1, np.int64), np.array([n]), ids, mask, np.zeros(1, np.int64))
-        return ids, mask
-
     def gather_into(self, sample, start, length, tokens: np.ndarray, mask: np.ndarray, out_start) -> None:
         """Copy `length[k]` tokens and mask values of sample[k] from token start[k] to out_start[k] in the outputs."""
         parts = self.part[sample]

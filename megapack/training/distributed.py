@@ -13,6 +13,10 @@ import torch
 from megapack.errors import MegapackError
 
 
+# Under Slurm without MASTER_PORT, every job derives its own rendezvous port from its id in this range.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
+
+
 @dataclass
 class DistEnv:
     """Where this process sits: global rank, world size, local rank, parallel sizes and its torch device."""
@@ -64,7 +68,7 @@ def _rank_from_environment() -> tuple[int, int, int]:
             os.environ["MASTER_ADDR"] = first_slurm_host(nodelist)
         if "MASTER_PORT" not in os.environ:
             job = int(os.environ.get("SLURM_JOB_ID", "0") or 0)
-            os.environ["MASTER_PORT"] = str(20000 + job % 20000)
+            os.environ["MASTER_PORT"] = str(SLURM_PORT_BASE + job % SLURM_PORT_SPAN)
     else:
         rank, world, local = 0, 1, 0
     if world == 1:

@@ -8,27 +8,11 @@ from __future__ import annotations
 
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 
+from megapack.quiet import quiet_warnings
 from megapack.training.config import TrainConfig
 from megapack.training.plan import RunPlan, preflight, save_resolved_config
-
-# Known, harmless warnings megatron-core and torch print on every rank at every step (silenced in one place).
-QUIET_WARNINGS = (
-    ".*Apex is not installed.*",
-    ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
-    ".*full scope is deprecated.*",
-    ".*is deprecated. Please use `torch.distributed.*",
-    ".*non-leaf Tensor.*",
-)
-
-
-def quiet_warnings() -> None:
-    """Silence QUIET_WARNINGS."""
-    for pattern in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-
 
 class StopFlag:
     """SIGTERM / SIGUSR1 (Slurm preemption, time limit) set a flag; the loop checkpoints at the next step boundary."""

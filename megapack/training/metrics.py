@@ -41,11 +41,12 @@ def model_flops(hf_config: dict, tokens: int, seq_sq_sum: int) -> float:
     Only real tokens count (padding is computed but is not model work, so padding shows up as lower MFU); causal
     attention counts s^2/2 score entries per segment of length s, for QK^T and for AV, at 2 FLOPs per multiply-add.
     """
+    from megapack.model.config import head_dim, num_kv_heads
+
     h = hf_config["hidden_size"]
     layers = hf_config["num_hidden_layers"]
     heads = hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    d = hf_config.get("head_dim") or h // heads
+    kv_heads, d = num_kv_heads(hf_config), head_dim(hf_config)
     ffn = hf_config["intermediate_size"]
     vocab = hf_config["vocab_size"]
     per_layer = h * heads * d + 2 * h * kv_heads * d + heads * d * h + 3 * h * ffn

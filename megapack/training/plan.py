@@ -153,12 +153,6 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     par, tr = config.parallel, config.training
     meta = read_meta(config.data.path)
     _check_shards(config, meta)
-    dp, gbs, num_micro = batch_layout(config, world_size)
-    if par.sequence_parallel and par.tp == 1:
-        raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
-    hf_config = load_hf_config(config.model.hf_dir)
-    check_parallel_sizes(hf_config, par.tp, par.pp, config.data.seq_length)
-
     resume = _resume_point(config)
     ckpt_meta = None
     if resume is not None:
@@ -166,6 +160,11 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
         check_resume_layout(resume, ckpt_meta, par.tp, par.pp)
     elif config.model.init == "megatron":
         ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
+    dp, gbs, num_micro = batch_layout(config, world_size)
+    if par.sequence_parallel and par.tp == 1:
+        raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
+    hf_config = load_hf_config(config.model.hf_dir)
+    check_parallel_sizes(hf_config, par.tp, par.pp, config.data.seq_length)
     shard_tok = tokenizer_identity(meta)
     _check_tokenizer(config, shard_tok, ckpt_meta)
 

@@ -1,0 +1,20 @@
+"""Known, harmless warnings of megatron-core and torch, silenced in one place (each rank prints them every step)."""
+from __future__ import annotations
+
+import warnings
+
+KNOWN_HARMLESS_WARNINGS = (
+    r".*Transformer Engine and Apex are not installed.*",  # optional GPU libraries absent (expected on CPU)
+    r".*Apex is not installed.*",
+    r".*imports from `dynamic_context.py` will be removed.*",
+    r".*full scope is deprecated.*",
+    r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+    r".*is deprecated. Please use `torch.distributed.*",
+    r".*non-leaf Tensor.*",
+)
+
+
+def quiet_warnings() -> None:
+    """Ignore KNOWN_HARMLESS_WARNINGS in this process."""
+    for pattern in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
