@@ -20,6 +20,7 @@ from megapack.atomic import write_json_atomic
 from megapack.data.packing import PACKINGS
 from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME
 from megapack.errors import MegapackError
+from megapack.seeds import SEED_LIMIT
 
 WORK = ".work"
 JOB = "job.json"
@@ -69,6 +70,7 @@ def validate(cfg: PreprocessConfig) -> None:
         (cfg.num_partitions > 0, f"--num-partitions {cfg.num_partitions}: expected a positive integer"),
         (cfg.partition_index is None or 0 <= cfg.partition_index < cfg.num_partitions,
          f"--partition-index {cfg.partition_index}: expected 0 <= index < --num-partitions {cfg.num_partitions}"),
+        (isinstance(cfg.seed, int) and 0 <= cfg.seed < SEED_LIMIT, f"--seed {cfg.seed}: expected an integer in [0, 2**64)"),
         (cfg.max_shard_tokens > 0, f"max_shard_tokens {cfg.max_shard_tokens}: expected a positive integer"),
     ]
     for ok, message in checks:
