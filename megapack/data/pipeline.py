@@ -24,6 +24,7 @@ from megapack.seeds import SEED_LIMIT
 
 WORK = ".work"
 JOB = "job.json"
+MIN_SEQ_LENGTH = 16  # shorter packs hold little more than a chat template's header tokens
 
 
 @dataclass
@@ -59,7 +60,7 @@ class PreprocessConfig:
 def validate(cfg: PreprocessConfig) -> None:
     """Check the numeric and choice arguments (no file system access)."""
     checks = [
-        (cfg.seq_length > 0, f"--seq-length {cfg.seq_length}: expected a positive integer"),
+        (cfg.seq_length >= MIN_SEQ_LENGTH, f"--seq-length {cfg.seq_length}: expected an integer >= {MIN_SEQ_LENGTH}"),
         (cfg.workers > 0, f"--workers {cfg.workers}: expected a positive integer"),
         (cfg.packing in PACKINGS, f"--packing {cfg.packing!r}: expected one of {', '.join(PACKINGS)}"),
         (cfg.pad_to_multiple > 0, f"--pad-to-multiple {cfg.pad_to_multiple}: expected a positive integer"),
@@ -199,6 +200,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
                 f"no samples left to pack: {sum(p['records'] for p in parts.values())} records read, "
                 f"skipped: {json.dumps(skipped) if skipped else 'none'} (check --format and the input files)"
             )
+        check_trained_tokens(store, cfg, sum(p["loss_tokens"] for p in parts.values()))
         for entry in out.iterdir():  # leftovers of a killed pack step
             if entry.name != WORK and _ours(entry):
                 entry.unlink()
@@ -234,6 +236,38 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         else:
             shutil.rmtree(part_dir(work, cfg.partition_index, cfg.num_partitions), ignore_errors=True)
         raise
+
+
+def check_trained_tokens(store, cfg: PreprocessConfig, loss_tokens: int) -> None:
+    """Refuse, before any shard is written, a train split whose packs would hold no trained token (every response
+    cut off at --seq-length or dropped by --drop-long). Reads masks only until a trained token is found."""
+    from megapack.data.pack_writer import split_train_val
+
+    train, _ = split_train_val(len(store.length), cfg.val_fraction, cfg.seed)
+    lengths = store.length[train]
+    long = lengths > cfg.seq_length
+    keep = lengths.copy() if cfg.packing == "random" else np.minimum(lengths, cfg.seq_length)  # what packing keeps
+    if cfg.drop_long:
+        keep[long] = 0
+    todo = np.flatnonzero(keep) if loss_tokens else np.zeros(0, np.int64)
+    ends = np.cumsum(keep[todo])
+    pos, budget = 0, 1 << 12  # the first few samples decide in the usual case; then batches of up to 4M tokens
+    dtype = store.file_dtype or store.tokens[0].dtype
+    while pos < len(todo):
+        stop = max(pos + 1, int(np.searchsorted(ends, (ends[pos - 1] if pos else 0) + budget, side="right")))
+        batch, n = train[todo[pos:stop]], keep[todo[pos:stop]]
+        tokens, mask = np.empty(int(n.sum()), dtype=dtype), np.zeros(int(n.sum()), dtype=np.uint8)
+        store.gather_into(batch, np.zeros(len(batch), np.int64), n, tokens, mask, np.cumsum(n) - n)
+        if mask.any():
+            return
+        pos, budget = stop, min(budget * 8, 1 << 22)
+    cut = 0 if cfg.packing == "random" or cfg.drop_long else int(long.sum())
+    dropped = int(long.sum()) if cfg.drop_long else 0
+    raise MegapackError(
+        f"{cfg.output_dir}: the train split has no trained tokens (num_loss_tokens 0): {len(train)} samples, "
+        f"{cut} cut at --seq-length {cfg.seq_length}, {dropped} dropped by --drop-long; expected at least one "
+        "response token within --seq-length (raise --seq-length, or check --mask-history and the data)"
+    )
 
 
 def _merge(work: Path, num_parts: int, dtype: np.dtype, store_cls):
