@@ -6,6 +6,7 @@ so the renamed file gets the permissions any other file written by the same proc
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -59,11 +60,35 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a failed write()/fsync() names no file: name the one being written
         raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: dict, indent: int = 2) -> None:
     """Write obj as JSON (plus a final newline) atomically."""
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes available to this user on the file system holding `path` (None when it cannot be told)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def describe_os_error(exc: OSError, path: str | os.PathLike, doing: str, needed: int | None = None,
+                      free: int | None = None) -> str:
+    """One line for a failed file operation: the file (exc.filename, else `path`), the system's reason, what was
+    being done and, for a full disk, the bytes needed and free where known."""
+    where = exc.filename if exc.filename is not None else path
+    line = f"{where}: {exc.strerror or exc} {doing}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        sizes = ([f"about {needed:,} bytes needed"] if needed is not None else []) + (
+            [f"{free:,} bytes were free"] if free is not None else [])
+        line += f" ({', '.join(sizes)})" if sizes else ""
+    return line

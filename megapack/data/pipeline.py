@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megapack.atomic import write_json_atomic
+from megapack.atomic import describe_os_error, free_bytes, write_json_atomic
 from megapack.data.packing import PACKINGS
 from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME
 from megapack.errors import MegapackError
@@ -107,7 +107,8 @@ def _ours(path: Path) -> bool:
     """Whether a directory entry is something preprocess writes."""
     n = path.name
     shard = n.startswith(("train-", "val-")) and (".tokens." in n or ".mask." in n)
-    return n in (META_NAME, META_NAME + ".tmp", WORK) or shard
+    atomic_tmp = n.startswith(f".{META_NAME}.") and n.endswith(".tmp")  # megapack.atomic's temporary name
+    return n in (META_NAME, META_NAME + ".tmp", WORK) or shard or atomic_tmp
 
 
 def _clear_ours(out: Path) -> None:
@@ -173,13 +174,22 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     template_identity = template.identity(template_options)
     dtype = token_dtype(tokenizer.vocab_size)
     job = _fingerprint(cfg, specs, tokenizer.file_sha256, template_identity)
-    created = prepare_output(cfg, job)
     out = Path(cfg.output_dir)
     work = out / WORK
+    existed = out.exists()
+    try:
+        created = prepare_output(cfg, job)
+    except OSError as exc:  # e.g. a full disk while writing job.json
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise MegapackError(describe_os_error(exc, work / JOB, "while creating the output directory")) from None
+    at: dict = {}  # what is being written, for an OSError's message
     try:
         wanted = range(cfg.num_partitions) if cfg.partition_index is None else [cfg.partition_index]
         parts: dict[int, dict] = {}
         for i in wanted:
+            at = {"path": part_dir(work, i, cfg.num_partitions), "doing": f"while tokenizing partition {i + 1}/"
+                  f"{cfg.num_partitions}", "free": free_bytes(out)}
             done = finished_partition(work, i, cfg.num_partitions)
             parts[i] = done or tokenize_partition(
                 specs, encode, dtype, work, i, cfg.num_partitions,
@@ -190,6 +200,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         if cfg.partition_index is not None:
             return parts[cfg.partition_index]
 
+        at = {"path": work, "doing": "while reading the tokenized partitions"}
         store = _merge(work, cfg.num_partitions, dtype, SampleStore)
         skipped: dict[str, int] = {}
         for p in parts.values():
@@ -214,6 +225,8 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             "inputs": [{"name": s.name, "path": str(s.path), "formatting": s.formatting} for s in specs],
             "num_partitions": cfg.num_partitions,
         }
+        at = {"path": out, "doing": "while writing the shards", "free": free_bytes(out),
+              "needed": shard_bytes(store.length, cfg, dtype.itemsize)}
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else tokenizer.eos_id
         factory = None
         if cfg.progress:
@@ -236,6 +249,40 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         else:
             shutil.rmtree(part_dir(work, cfg.partition_index, cfg.num_partitions), ignore_errors=True)
         raise
+    except OSError as exc:  # a full disk, a quota, an I/O error: one line, nothing that looks complete
+        kept = _discard_after_os_error(out, created, cfg.partition_index is None, cfg.num_partitions)
+        tail = (f"; the tokenized partitions are kept in {work}: free some space and rerun the same command"
+                if kept else "")
+        message = describe_os_error(exc, at.get("path", out), at.get("doing", "while preprocessing"),
+                                    at.get("needed"), at.get("free"))
+        raise MegapackError(message + tail) from None
+
+
+def _discard_after_os_error(out: Path, created: bool, whole_job: bool, num_parts: int) -> bool:
+    """Remove what a failed run wrote except finished partitions; returns whether any partition was kept."""
+    from megapack.data.pipeline_tokenize import finished_partition
+
+    if not whole_job:  # one partition of a Slurm array: tokenize_partition removed its temporary folder
+        return False
+    (out / META_NAME).unlink(missing_ok=True)
+    for entry in out.iterdir():
+        if entry.name != WORK and _ours(entry):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    if any(finished_partition(out / WORK, i, num_parts) for i in range(num_parts)):
+        return True
+    shutil.rmtree(out, ignore_errors=True) if created else _clear_ours(out)
+    return False
+
+
+def shard_bytes(lengths: np.ndarray, cfg: PreprocessConfig, itemsize: int) -> int:
+    """About how many bytes the shards of these samples take (tokens, masks and both .idx files)."""
+    keep = lengths if cfg.packing == "random" else np.minimum(lengths, cfg.seq_length)
+    if cfg.drop_long:
+        keep = keep[lengths <= cfg.seq_length]
+    tokens = int((-(-keep // cfg.pad_to_multiple) * cfg.pad_to_multiple).sum())
+    packs = len(keep) if cfg.packing == "padding" else -(-tokens // cfg.seq_length)
+    segments = len(keep) + (packs if cfg.packing == "random" else 0)
+    return tokens * (itemsize + 1) + segments * 24 + packs * 17 + 4096
 
 
 def check_trained_tokens(store, cfg: PreprocessConfig, loss_tokens: int) -> None:
