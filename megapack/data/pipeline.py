@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from megapack.data.packing import PACKINGS
 from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME
 from megapack.errors import MegapackError
 from megapack.seeds import SEED_LIMIT
+
+if TYPE_CHECKING:
+    from megapack.data.pack_writer import SampleStore
 
 WORK = ".work"
 JOB = "job.json"
@@ -250,7 +254,10 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             shutil.rmtree(part_dir(work, cfg.partition_index, cfg.num_partitions), ignore_errors=True)
         raise
     except OSError as exc:  # a full disk, a quota, an I/O error: one line, nothing that looks complete
-        kept = _discard_after_os_error(out, created, cfg.partition_index is None, cfg.num_partitions)
+        try:
+            kept = _discard_after_os_error(out, created, cfg.partition_index is None, cfg.num_partitions)
+        except OSError:  # the file system fails even to list or remove: report the first error
+            kept = False
         tail = (f"; the tokenized partitions are kept in {work}: free some space and rerun the same command"
                 if kept else "")
         message = describe_os_error(exc, at.get("path", out), at.get("doing", "while preprocessing"),
@@ -285,7 +292,7 @@ def shard_bytes(lengths: np.ndarray, cfg: PreprocessConfig, itemsize: int) -> in
     return tokens * (itemsize + 1) + segments * 24 + packs * 17 + 4096
 
 
-def check_trained_tokens(store, cfg: PreprocessConfig, loss_tokens: int) -> None:
+def check_trained_tokens(store: SampleStore, cfg: PreprocessConfig, loss_tokens: int) -> None:
     """Refuse, before any shard is written, a train split whose packs would hold no trained token (every response
     cut off at --seq-length or dropped by --drop-long). Reads masks only until a trained token is found."""
     from megapack.data.pack_writer import split_train_val
