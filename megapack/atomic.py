@@ -1,28 +1,94 @@
-"""Atomic file writes shared by every stage: a temporary name in the same folder, fsync, then rename."""
+"""Atomic file writes shared by every stage: a temporary name in the same folder, fsync, then rename.
+
+The temporary file is created with mode 0o666 and the kernel applies the umask (and a default ACL) as for open(),
+so the renamed file gets the permissions any other file written by the same process gets (0644 under umask 022).
+`tempfile.mkstemp` would create it 0600, and reading the umask to chmod afterwards is racy in threaded programs.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
+import threading
 from pathlib import Path
+
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc without changing it (Linux), else set and restored under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # os.umask can only be read by setting it: other threads may create files meanwhile
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def chmod_default(path: str | os.PathLike) -> None:
+    """Give a file that a library created 0600 (safetensors' save_file) the mode open() gives: 0o666 minus the umask."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def create_temp(path: str | os.PathLike) -> tuple[int, Path]:
+    """Create a new hidden temporary file beside `path` (mode 0o666 minus the umask); returns (fd, temp path)."""
+    path = Path(path)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, _FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write text so that readers see the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a failed write()/fsync() names no file: name the one being written
         raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: dict, indent: int = 2) -> None:
     """Write obj as JSON (plus a final newline) atomically."""
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes available to this user on the file system holding `path` (None when it cannot be told)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def describe_os_error(exc: OSError, path: str | os.PathLike, doing: str, needed: int | None = None,
+                      free: int | None = None) -> str:
+    """One line for a failed file operation: the file (exc.filename, else `path`), the system's reason, what was
+    being done and, for a full disk, the bytes needed and free where known."""
+    where = exc.filename if exc.filename is not None else path
+    line = f"{where}: {exc.strerror or exc} {doing}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        sizes = ([f"about {needed:,} bytes needed"] if needed is not None else []) + (
+            [f"{free:,} bytes were free"] if free is not None else [])
+        line += f" ({', '.join(sizes)})" if sizes else ""
+    return line

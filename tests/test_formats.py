@@ -202,3 +202,23 @@ def test_real_v1_sft_and_glaive_demos(llamafactory_data_dir):
     roles = {m.role for s in samples for m in s.messages}
     assert roles == {"user", "assistant", "function_call", "observation"}
     assert samples[0].messages[3].content.startswith('{"name": "search_recipes"')
+
+
+def test_auto_detects_per_file_in_a_folder(tmp_path, llamafactory_data_dir):
+    """A folder of an alpaca .jsonl and a sharegpt .json (real demo data): each file is detected on its own."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    alpaca = json.loads((llamafactory_data_dir / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:50]
+    _jsonl(folder / "a_alpaca.jsonl", alpaca)
+    (folder / "b_sharegpt.json").write_bytes((llamafactory_data_dir / "glaive_toolcall_en_demo.json").read_bytes())
+    report = SkipReport()
+    samples = list(read_datasets(resolve_datasets([str(folder)], None, None), "skip", report))
+    assert report.counts == {} and len(samples) == 50 + 300
+    assert samples[0].messages[-1].content == alpaca[0]["output"]
+    assert samples[50].source.startswith(str(folder / "b_sharegpt.json"))
+    assert any(m.role == "function_call" for s in samples[50:] for m in s.messages)
+    assert all(s.tools for s in samples[50:])  # sharegpt's tools column read in the second file
+    # an explicit format applies to every file: the other file's records are bad records, counted
+    report = SkipReport()
+    samples = list(read_datasets(resolve_datasets([str(folder)], None, None, "alpaca"), "skip", report))
+    assert len(samples) == 50 and report.counts == {"missing column": 300}

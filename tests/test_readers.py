@@ -142,3 +142,22 @@ def test_directory_listing(tmp_path):
     _write(tmp_path / "c.parquet", "")
     with pytest.raises(MegapackError, match="mixes file types"):
         list_data_files(str(tmp_path))
+
+
+def test_directory_skips_documentation_and_the_registry(tmp_path):
+    """LLaMA-Factory's data folder holds README.md, README_zh.md and dataset_info.json beside the data."""
+    for name in ("README.md", "README_zh.md", "notes.markdown", "dataset_info.json", "b.jsonl", "a.json"):
+        _write(tmp_path / name, "# docs\n" if name.endswith("md") else "")
+    assert list_data_files(str(tmp_path)) == [str(tmp_path / "a.json"), str(tmp_path / "b.jsonl")]
+    only_docs = tmp_path / "docs"
+    only_docs.mkdir()
+    _write(only_docs / "README.md", "# x\n")
+    _write(only_docs / "dataset_info.json", "{}")
+    with pytest.raises(MegapackError, match=r"docs: the folder contains no dataset files"):
+        list_data_files(str(only_docs))
+    # an unknown type among data files is still refused, not silently skipped
+    _write(tmp_path / "c.xlsx", "")
+    with pytest.raises(MegapackError, match=r"c\.xlsx: unsupported file type"):
+        list_data_files(str(tmp_path))
+    # a file given by name is read whatever its name
+    assert list_data_files(str(tmp_path / "a.json")) == [str(tmp_path / "a.json")]

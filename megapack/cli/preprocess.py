@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tok.add_argument("--mask-history", action="store_true", help="loss on the last response only")
     tok.add_argument("--system", default=None, help="system prompt for conversations without one")
     pack = parser.add_argument_group("packing")
-    pack.add_argument("--seq-length", type=int, default=4096)
+    pack.add_argument("--seq-length", type=int, default=4096, metavar="L",
+                      help="tokens per pack, at least 16 (default 4096)")
     pack.add_argument("--packing", default="bfd", help="padding, random, greedy or bfd (default bfd)")
     pack.add_argument("--pad-to-multiple", type=int, default=1, metavar="K", help="round each segment up to K tokens")
     pack.add_argument("--drop-long", action="store_true", help="drop samples longer than --seq-length (else truncate)")

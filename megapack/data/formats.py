@@ -104,10 +104,12 @@ def detect_format(record: Any) -> tuple[str, dict[str, str]] | None:
 
 
 def iter_samples(spec: DatasetSpec) -> Iterator[Sample | BadRecord]:
-    """Stream a dataset's samples and bad records in file order; `auto` picks the format on the first usable record."""
-    convert = None if spec.formatting == "auto" else make_converter(spec.formatting, spec.columns, spec.tags)
+    """Stream a dataset's samples and bad records in file order; `auto` picks the format on each file's first
+    usable record (a folder may hold an alpaca file beside a sharegpt one)."""
+    fixed = None if spec.formatting == "auto" else make_converter(spec.formatting, spec.columns, spec.tags)
     produced = 0
     for path in spec.files:
+        convert = fixed
         for item in iter_records(path):
             if isinstance(item, BadRecord):
                 yield item

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megapack import seeds
 from megapack.atomic import write_json_atomic
 from megapack.data.packing import PackPlan
 from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, ShardWriter
@@ -162,7 +163,7 @@ def split_train_val(num_samples: int, val_fraction: float, seed: int) -> tuple[n
     if val_fraction > 0 and n_val == 0 and num_samples >= 2:
         n_val = 1
     n_val = min(n_val, num_samples - 1) if num_samples else 0
-    perm = np.random.default_rng([seed, 0x5EED]).permutation(num_samples)
+    perm = seeds.rng(seed, "val_split").permutation(num_samples)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 

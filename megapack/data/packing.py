@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megapack import seeds
 from megapack.errors import MegapackError
 
 PACKINGS = ("padding", "random", "greedy", "bfd")
@@ -78,9 +79,9 @@ def plan_packs(
         raise MegapackError(f"--pad-to-multiple {pad_to_multiple}: expected a positive divisor of --seq-length {seq_length}")
     if lengths.ndim != 1 or (lengths.size and lengths.min() <= 0):
         raise MegapackError("sample lengths: expected a 1-D array of positive integers")
-    rng = np.random.default_rng(seed)
+    seeds.check_seed(seed, "--seed")
     if packing == "random":
-        return _random(lengths, seq_length, pad_to_multiple, rng, drop_long)
+        return _random(lengths, seq_length, pad_to_multiple, seeds.rng(seed, "packing"), drop_long)
 
     long = lengths > seq_length
     kept = np.flatnonzero(~long) if drop_long else np.arange(len(lengths))
@@ -99,8 +100,9 @@ def plan_packs(
         placement = _stable_argsort(seq_length - seg)  # decreasing length, ties by sample index
         fit = _first_fit if packing == "greedy" else _best_fit
         bins = fit(seg[placement], seq_length)
-        # Shuffle pack order so training does not see packs sorted by length.
-        bins = rng.permutation(int(bins.max()) + 1 if bins.size else 0)[bins]
+        # Shuffle pack order so training does not see packs sorted by length (a stream of its own: the trainer's
+        # epoch order must not undo it).
+        bins = seeds.rng(seed, "pack_order").permutation(int(bins.max()) + 1 if bins.size else 0)[bins]
     return _plan_from_bins(kept, real, seg, placement, bins, stats)
 
 

@@ -13,16 +13,22 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from megapack.atomic import write_json_atomic
+from megapack.atomic import describe_os_error, free_bytes, write_json_atomic
 from megapack.data.packing import PACKINGS
 from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME
 from megapack.errors import MegapackError
+from megapack.seeds import SEED_LIMIT
+
+if TYPE_CHECKING:
+    from megapack.data.pack_writer import SampleStore
 
 WORK = ".work"
 JOB = "job.json"
+MIN_SEQ_LENGTH = 16  # shorter packs hold little more than a chat template's header tokens
 
 
 @dataclass
@@ -58,7 +64,7 @@ class PreprocessConfig:
 def validate(cfg: PreprocessConfig) -> None:
     """Check the numeric and choice arguments (no file system access)."""
     checks = [
-        (cfg.seq_length > 0, f"--seq-length {cfg.seq_length}: expected a positive integer"),
+        (cfg.seq_length >= MIN_SEQ_LENGTH, f"--seq-length {cfg.seq_length}: expected an integer >= {MIN_SEQ_LENGTH}"),
         (cfg.workers > 0, f"--workers {cfg.workers}: expected a positive integer"),
         (cfg.packing in PACKINGS, f"--packing {cfg.packing!r}: expected one of {', '.join(PACKINGS)}"),
         (cfg.pad_to_multiple > 0, f"--pad-to-multiple {cfg.pad_to_multiple}: expected a positive integer"),
@@ -69,6 +75,7 @@ def validate(cfg: PreprocessConfig) -> None:
         (cfg.num_partitions > 0, f"--num-partitions {cfg.num_partitions}: expected a positive integer"),
         (cfg.partition_index is None or 0 <= cfg.partition_index < cfg.num_partitions,
          f"--partition-index {cfg.partition_index}: expected 0 <= index < --num-partitions {cfg.num_partitions}"),
+        (isinstance(cfg.seed, int) and 0 <= cfg.seed < SEED_LIMIT, f"--seed {cfg.seed}: expected an integer in [0, 2**64)"),
         (cfg.max_shard_tokens > 0, f"max_shard_tokens {cfg.max_shard_tokens}: expected a positive integer"),
     ]
     for ok, message in checks:
@@ -104,7 +111,8 @@ def _ours(path: Path) -> bool:
     """Whether a directory entry is something preprocess writes."""
     n = path.name
     shard = n.startswith(("train-", "val-")) and (".tokens." in n or ".mask." in n)
-    return n in (META_NAME, META_NAME + ".tmp", WORK) or shard
+    atomic_tmp = n.startswith(f".{META_NAME}.") and n.endswith(".tmp")  # megapack.atomic's temporary name
+    return n in (META_NAME, META_NAME + ".tmp", WORK) or shard or atomic_tmp
 
 
 def _clear_ours(out: Path) -> None:
@@ -170,13 +178,22 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     template_identity = template.identity(template_options)
     dtype = token_dtype(tokenizer.vocab_size)
     job = _fingerprint(cfg, specs, tokenizer.file_sha256, template_identity)
-    created = prepare_output(cfg, job)
     out = Path(cfg.output_dir)
     work = out / WORK
+    existed = out.exists()
+    try:
+        created = prepare_output(cfg, job)
+    except OSError as exc:  # e.g. a full disk while writing job.json
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise MegapackError(describe_os_error(exc, work / JOB, "while creating the output directory")) from None
+    at: dict = {}  # what is being written, for an OSError's message
     try:
         wanted = range(cfg.num_partitions) if cfg.partition_index is None else [cfg.partition_index]
         parts: dict[int, dict] = {}
         for i in wanted:
+            at = {"path": part_dir(work, i, cfg.num_partitions), "doing": f"while tokenizing partition {i + 1}/"
+                  f"{cfg.num_partitions}", "free": free_bytes(out)}
             done = finished_partition(work, i, cfg.num_partitions)
             parts[i] = done or tokenize_partition(
                 specs, encode, dtype, work, i, cfg.num_partitions,
@@ -187,6 +204,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         if cfg.partition_index is not None:
             return parts[cfg.partition_index]
 
+        at = {"path": work, "doing": "while reading the tokenized partitions"}
         store = _merge(work, cfg.num_partitions, dtype, SampleStore)
         skipped: dict[str, int] = {}
         for p in parts.values():
@@ -197,6 +215,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
                 f"no samples left to pack: {sum(p['records'] for p in parts.values())} records read, "
                 f"skipped: {json.dumps(skipped) if skipped else 'none'} (check --format and the input files)"
             )
+        check_trained_tokens(store, cfg, sum(p["loss_tokens"] for p in parts.values()))
         for entry in out.iterdir():  # leftovers of a killed pack step
             if entry.name != WORK and _ours(entry):
                 entry.unlink()
@@ -210,6 +229,8 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             "inputs": [{"name": s.name, "path": str(s.path), "formatting": s.formatting} for s in specs],
             "num_partitions": cfg.num_partitions,
         }
+        at = {"path": out, "doing": "while writing the shards", "free": free_bytes(out),
+              "needed": shard_bytes(store.length, cfg, dtype.itemsize)}
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else tokenizer.eos_id
         factory = None
         if cfg.progress:
@@ -232,6 +253,75 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         else:
             shutil.rmtree(part_dir(work, cfg.partition_index, cfg.num_partitions), ignore_errors=True)
         raise
+    except OSError as exc:  # a full disk, a quota, an I/O error: one line, nothing that looks complete
+        try:
+            kept = _discard_after_os_error(out, created, cfg.partition_index is None, cfg.num_partitions)
+        except OSError:  # the file system fails even to list or remove: report the first error
+            kept = False
+        tail = (f"; the tokenized partitions are kept in {work}: free some space and rerun the same command"
+                if kept else "")
+        message = describe_os_error(exc, at.get("path", out), at.get("doing", "while preprocessing"),
+                                    at.get("needed"), at.get("free"))
+        raise MegapackError(message + tail) from None
+
+
+def _discard_after_os_error(out: Path, created: bool, whole_job: bool, num_parts: int) -> bool:
+    """Remove what a failed run wrote except finished partitions; returns whether any partition was kept."""
+    from megapack.data.pipeline_tokenize import finished_partition
+
+    if not whole_job:  # one partition of a Slurm array: tokenize_partition removed its temporary folder
+        return False
+    (out / META_NAME).unlink(missing_ok=True)
+    for entry in out.iterdir():
+        if entry.name != WORK and _ours(entry):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    if any(finished_partition(out / WORK, i, num_parts) for i in range(num_parts)):
+        return True
+    shutil.rmtree(out, ignore_errors=True) if created else _clear_ours(out)
+    return False
+
+
+def shard_bytes(lengths: np.ndarray, cfg: PreprocessConfig, itemsize: int) -> int:
+    """About how many bytes the shards of these samples take (tokens, masks and both .idx files)."""
+    keep = lengths if cfg.packing == "random" else np.minimum(lengths, cfg.seq_length)
+    if cfg.drop_long:
+        keep = keep[lengths <= cfg.seq_length]
+    tokens = int((-(-keep // cfg.pad_to_multiple) * cfg.pad_to_multiple).sum())
+    packs = len(keep) if cfg.packing == "padding" else -(-tokens // cfg.seq_length)
+    segments = len(keep) + (packs if cfg.packing == "random" else 0)
+    return tokens * (itemsize + 1) + segments * 24 + packs * 17 + 4096
+
+
+def check_trained_tokens(store: SampleStore, cfg: PreprocessConfig, loss_tokens: int) -> None:
+    """Refuse, before any shard is written, a train split whose packs would hold no trained token (every response
+    cut off at --seq-length or dropped by --drop-long). Reads masks only until a trained token is found."""
+    from megapack.data.pack_writer import split_train_val
+
+    train, _ = split_train_val(len(store.length), cfg.val_fraction, cfg.seed)
+    lengths = store.length[train]
+    long = lengths > cfg.seq_length
+    keep = lengths.copy() if cfg.packing == "random" else np.minimum(lengths, cfg.seq_length)  # what packing keeps
+    if cfg.drop_long:
+        keep[long] = 0
+    todo = np.flatnonzero(keep) if loss_tokens else np.zeros(0, np.int64)
+    ends = np.cumsum(keep[todo])
+    pos, budget = 0, 1 << 12  # the first few samples decide in the usual case; then batches of up to 4M tokens
+    dtype = store.file_dtype or store.tokens[0].dtype
+    while pos < len(todo):
+        stop = max(pos + 1, int(np.searchsorted(ends, (ends[pos - 1] if pos else 0) + budget, side="right")))
+        batch, n = train[todo[pos:stop]], keep[todo[pos:stop]]
+        tokens, mask = np.empty(int(n.sum()), dtype=dtype), np.zeros(int(n.sum()), dtype=np.uint8)
+        store.gather_into(batch, np.zeros(len(batch), np.int64), n, tokens, mask, np.cumsum(n) - n)
+        if mask.any():
+            return
+        pos, budget = stop, min(budget * 8, 1 << 22)
+    cut = 0 if cfg.packing == "random" or cfg.drop_long else int(long.sum())
+    dropped = int(long.sum()) if cfg.drop_long else 0
+    raise MegapackError(
+        f"{cfg.output_dir}: the train split has no trained tokens (num_loss_tokens 0): {len(train)} samples, "
+        f"{cut} cut at --seq-length {cfg.seq_length}, {dropped} dropped by --drop-long; expected at least one "
+        "response token within --seq-length (raise --seq-length, or check --mask-history and the data)"
+    )
 
 
 def _merge(work: Path, num_parts: int, dtype: np.dtype, store_cls):

@@ -20,6 +20,11 @@ EXTENSIONS = {"json": "json", "jsonl": "jsonl", "parquet": "parquet", "csv": "cs
 
 Record = tuple[str, Any]
 
+# Skipped when a folder is read (a file named directly is read whatever its name).
+_DOC_SUFFIXES = (".md", ".markdown", ".rst")
+_DOC_STEMS = ("README", "LICENSE", "LICENCE", "CHANGELOG", "NOTICE")
+_REGISTRY_NAME = "dataset_info.json"
+
 _BATCH_ROWS = 1024
 
 
@@ -33,8 +38,17 @@ def file_kind(path: str) -> str:
     return EXTENSIONS[ext]
 
 
+def is_documentation(name: str) -> bool:
+    """Whether a file name in a dataset folder is documentation or the registry, not data (README.md, LICENSE,
+    dataset_info.json: LLaMA-Factory's data/ folder holds such files beside its datasets)."""
+    lower = name.lower()
+    return (lower.endswith(_DOC_SUFFIXES) or lower.split(".", 1)[0].upper() in _DOC_STEMS
+            or lower == _REGISTRY_NAME)
+
+
 def list_data_files(path: str) -> list[str]:
-    """The data files at `path`: the file itself, or every (non-hidden) file of a directory, sorted, all one type."""
+    """The data files at `path`: the file itself, or every file of a directory, sorted, all one type (hidden
+    files, documentation and dataset_info.json skipped)."""
     if os.path.isfile(path):
         file_kind(path)
         return [path]
@@ -43,7 +57,7 @@ def list_data_files(path: str) -> list[str]:
     files = sorted(
         os.path.join(path, name)
         for name in os.listdir(path)
-        if not name.startswith(".") and os.path.isfile(os.path.join(path, name))
+        if not name.startswith(".") and not is_documentation(name) and os.path.isfile(os.path.join(path, name))
     )
     if not files:
         raise MegapackError(f"{path}: the folder contains no dataset files")

@@ -1,0 +1,222 @@
+"""Preprocess refuses what it cannot do well and never leaves a finished-looking directory behind: output files
+honour the umask, degenerate inputs are refused with one line, a full disk gives one line and no leftovers."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megapack.cli import main
+from megapack.data.pipeline import MIN_SEQ_LENGTH
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _docs(path: Path, n: int = 40) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": f"document {i}: " + "packing many tokens " * (i % 7 + 1)}) + "\n")
+    return path
+
+
+def _argv(tok, inputs, out, *extra) -> list[str]:
+    return ["preprocess", "--tokenizer-model", str(tok), "--no-progress", *[a for p in inputs for a in ("--input", str(p))],
+            "--output-dir", str(out), *extra]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_output_files_honour_the_umask(tmp_path, llama3_tokenizer_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        assert main(_argv(llama3_tokenizer_path, [_docs(tmp_path / "d.jsonl")], out, "--template", "plain",
+                          "--seq-length", "256")) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "meta.json" in modes and len(modes) > 1
+    assert modes == {name: 0o644 for name in modes}, modes
+
+
+def test_seq_length_below_the_minimum_is_refused(tmp_path, llama3_tokenizer_path, capsys):
+    data = _docs(tmp_path / "d.jsonl")
+    for bad in ("8", "15", "0", "-4"):
+        out = tmp_path / f"o{bad}"
+        assert main(_argv(llama3_tokenizer_path, [data], out, "--template", "plain", "--seq-length", bad)) == 1
+        err = _one_line_error(capsys)
+        assert f"--seq-length {bad}: expected an integer >= 16" in err, err
+        assert not out.exists()
+    assert main(_argv(llama3_tokenizer_path, [data], tmp_path / "o16", "--template", "plain", "--seq-length", "16")) == 0
+
+
+def test_help_documents_the_minimum_seq_length(capsys):
+    with pytest.raises(SystemExit):
+        main(["preprocess", "--help"])
+    assert f"at least {MIN_SEQ_LENGTH}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_train_split_without_trained_tokens_is_refused(tmp_path, llama3_tokenizer_path, llamafactory_data_dir, capsys):
+    """glaive_toolcall_en_demo's first response token is at position >= 17: at --seq-length 16 every conversation is
+    cut before its first trained token."""
+    base = ["--dataset", "glaive_toolcall_en_demo", "--dataset-dir", str(llamafactory_data_dir), "--seq-length", "16"]
+    for packing in ("bfd", "padding"):
+        out = tmp_path / f"out-{packing}"
+        assert main(_argv(llama3_tokenizer_path, [], out, *base, "--packing", packing)) == 1
+        err = _one_line_error(capsys)
+        assert "no trained tokens" in err and "--seq-length 16" in err and "300 samples" in err, err
+        assert not out.exists()
+    # an existing directory keeps what is not ours and gets no meta.json
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(_argv(llama3_tokenizer_path, [], out, *base, "--overwrite")) == 1
+    _one_line_error(capsys)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # random packing keeps whole conversations: the same data trains there
+    assert main(_argv(llama3_tokenizer_path, [], tmp_path / "random", *base, "--packing", "random")) == 0
+    assert json.loads((tmp_path / "random" / "meta.json").read_text())["num_loss_tokens"] > 0
+
+
+def test_all_samples_dropped_is_refused(tmp_path, llama3_tokenizer_path, llamafactory_data_dir, capsys):
+    base = ["--dataset", "identity,glaive_toolcall_en_demo", "--dataset-dir", str(llamafactory_data_dir)]
+    out = tmp_path / "out"
+    assert main(_argv(llama3_tokenizer_path, [], out, *base, "--seq-length", "16", "--drop-long")) == 1
+    err = _one_line_error(capsys)
+    assert "no trained tokens" in err and "391 dropped by --drop-long" in err, err
+    assert not out.exists()
+
+
+def test_folder_with_docs_and_registry_reads_only_data(tmp_path, llama3_tokenizer_path, llamafactory_data_dir, capsys):
+    """A copy of LLaMA-Factory's data folder layout: README.md, README_zh.md, dataset_info.json and a dataset."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("README.md", "README_zh.md", "dataset_info.json", "alpaca_en_demo.json"):
+        (folder / name).write_bytes((llamafactory_data_dir / name).read_bytes())
+    out = tmp_path / "out"
+    assert main(_argv(llama3_tokenizer_path, [folder], out, "--seq-length", "512")) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["num_records"] == 999 and meta["skipped"] == {}
+
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _tree(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+
+
+def _assert_not_complete(out: Path) -> None:
+    tree = _tree(out)
+    assert "meta.json" not in tree and not [p for p in tree if p.endswith(".tmp") or ".tmp" in Path(p).name], tree
+    assert not [p for p in tree if p.startswith(("train-", "val-"))], tree
+
+
+def test_disk_full_while_writing_shards(tmp_path, llama3_tokenizer_path, monkeypatch, capsys):
+    from megapack.data import shards
+
+    real_write = shards._HashingFile.write
+    calls = {"n": 0}
+
+    def write(self, data):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise ENOSPC
+        real_write(self, data)
+
+    monkeypatch.setattr(shards._HashingFile, "write", write)
+    data, out = _docs(tmp_path / "d.jsonl"), tmp_path / "out"
+    argv = _argv(llama3_tokenizer_path, [data], out, "--template", "plain", "--seq-length", "64")
+    assert main(argv) == 1
+    err = _one_line_error(capsys)
+    assert f"{out}: No space left on device while writing the shards" in err, err
+    assert "bytes needed" in err and "rerun" in err, err
+    _assert_not_complete(out)
+    assert (out / ".work" / "part-00000-of-00001" / "part.json").exists()  # the tokenized partition is kept
+    monkeypatch.setattr(shards._HashingFile, "write", real_write)
+    assert main(argv) == 0 and "reused partitions" in capsys.readouterr().out
+    assert (out / "meta.json").exists() and not (out / ".work").exists()
+
+
+def test_disk_full_while_tokenizing(tmp_path, llama3_tokenizer_path, monkeypatch, capsys):
+    from megapack.data import pipeline_tokenize
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise ENOSPC
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *args, **kw):
+        f = open(path, mode, *args, **kw)
+        return Full(f) if str(path).endswith("tokens.bin") and "w" in mode else f
+
+    monkeypatch.setattr(pipeline_tokenize, "open", fake_open, raising=False)
+    out = tmp_path / "out"
+    assert main(_argv(llama3_tokenizer_path, [_docs(tmp_path / "d.jsonl")], out, "--template", "plain")) == 1
+    err = _one_line_error(capsys)
+    assert str(out / ".work" / "part-00000-of-00001") in err and "No space left on device" in err, err
+    assert not out.exists()  # created by this run, nothing reusable: removed
+
+
+def test_disk_full_while_writing_meta(tmp_path, llama3_tokenizer_path, monkeypatch, capsys):
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if ".meta.json." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise ENOSPC
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(_argv(llama3_tokenizer_path, [_docs(tmp_path / "d.jsonl")], out, "--template", "plain",
+                      "--overwrite")) == 1
+    err = _one_line_error(capsys)
+    assert str(out / "meta.json") in err and "No space left on device" in err, err
+    _assert_not_complete(out)
+    assert "keep.txt" in _tree(out)
+
+
+def test_real_full_disk_in_a_small_tmpfs(tmp_path, llama3_tokenizer_path, llamafactory_data_dir):
+    """A real ENOSPC from the kernel: preprocess into a 1.5 MB tmpfs mounted in a private mount namespace."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare --mount (root or user namespaces)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--tokenizer-model", str(llama3_tokenizer_path),
+           "--dataset", "alpaca_en_demo", "--dataset-dir", str(llamafactory_data_dir), "--seq-length", "512",
+           "--no-progress", "--output-dir", str(mnt / "out")]
+    for size, stage in (("1500k", "while writing the shards"), ("300k", "while tokenizing")):
+        script = (f"mount -t tmpfs -o size={size} tmpfs {mnt} || exit 99; {shlex.join(cli)}; rc=$?; "
+                  f"find {mnt / 'out'} 2>/dev/null | sed 's|^{mnt / 'out'}||'; exit $rc")
+        run = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if run.returncode == 99:
+            pytest.skip(f"cannot mount a tmpfs: {run.stderr.strip()}")
+        err = run.stderr.strip()
+        assert run.returncode == 1 and err.startswith("error: ") and "\n" not in err, (size, err)
+        assert "No space left on device" in err and stage in err, (size, err)
+        tree = run.stdout.split()
+        assert "/meta.json" not in tree and not [p for p in tree if ".tmp" in p], (size, tree)
