@@ -32,9 +32,10 @@ def current_umask() -> int:
     return mask
 
 
-def chmod_default(path: str | os.PathLike) -> None:
-    """Give a file that a library created 0600 (safetensors' save_file) the mode open() gives: 0o666 minus the umask."""
-    os.chmod(path, 0o666 & ~current_umask())
+def chmod_default(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file a library created 0600 (safetensors' save_file), or a directory mkdtemp created 0700, the mode
+    open()/mkdir() give: 0o666 (directories 0o777) minus the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 def create_temp(path: str | os.PathLike) -> tuple[int, Path]:

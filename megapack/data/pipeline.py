@@ -19,7 +19,7 @@ import numpy as np
 
 from megapack.atomic import describe_os_error, free_bytes, write_json_atomic
 from megapack.data.packing import PACKINGS
-from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME
+from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME, is_shard_file
 from megapack.errors import MegapackError
 from megapack.seeds import SEED_LIMIT
 
@@ -110,7 +110,7 @@ def _fingerprint(cfg: PreprocessConfig, specs: list, tokenizer_file_sha256: str,
 def _ours(path: Path) -> bool:
     """Whether a directory entry is something preprocess writes."""
     n = path.name
-    shard = n.startswith(("train-", "val-")) and (".tokens." in n or ".mask." in n)
+    shard = is_shard_file(n)
     atomic_tmp = n.startswith(f".{META_NAME}.") and n.endswith(".tmp")  # megapack.atomic's temporary name
     return n in (META_NAME, META_NAME + ".tmp", WORK) or shard or atomic_tmp
 

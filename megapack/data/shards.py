@@ -23,6 +23,15 @@ DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4, np.dtype(np.uint16)
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 DEFAULT_MAX_SHARD_TOKENS = 1 << 30
 REAL_LENGTHS_SUFFIX = "real_lengths.bin"  # int32 per segment: its tokens before the pad_to_multiple padding
+SHARD_FILE_SUFFIXES = ("tokens.bin", "tokens.idx", "mask.bin", "mask.idx", REAL_LENGTHS_SUFFIX, "continues.bin")
+SPLITS = ("train", "val")
+
+
+def is_shard_file(name: str) -> bool:
+    """Whether a file name is one of a shard's files (or its temporary name while written)."""
+    base = name.removesuffix(".tmp")
+    split, _, rest = base.partition("-")
+    return split in SPLITS and any(rest.endswith("." + suffix) for suffix in SHARD_FILE_SUFFIXES)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from megapack.atomic import chmod_default
 from megapack.errors import MegapackError
 from megapack.model.config import head_dim, num_kv_heads
 from megapack.model.weights_map import named_mappings
@@ -125,6 +126,7 @@ def export_hf(model, hf_config: dict, output_dir: str | Path, tokenizer_dir: str
         for i, names in enumerate(plan):
             name = file_name(first + i)
             save_file({n: tensors[n] for n in names}, str(staging / name), metadata={"format": "pt"})
+            chmod_default(staging / name)  # safetensors writes 0600 whatever the umask
             weight_map.update({n: name for n in names})
     sizes = sum(t.numel() * t.element_size() for t in tensors.values()) if writer else 0
     maps: list = [None] * dist.get_world_size()

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from megapack import seeds
+from megapack.atomic import chmod_default
+
 
 def tiny_llama_config(
     *,
@@ -55,7 +58,7 @@ def tiny_llama_config(
 
 def random_llama_weights(config: dict, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
     """Random fp32 weights under Hugging Face LlamaForCausalLM names (norms initialised to one)."""
-    rng = np.random.default_rng(seed)
+    rng = seeds.rng(seed, "tiny_checkpoint")
     h, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     head_dim = config.get("head_dim") or h // config["num_attention_heads"]
     q_out = config["num_attention_heads"] * head_dim
@@ -94,8 +97,10 @@ def write_tiny_checkpoint(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=output_dir.name + ".tmp-", dir=output_dir.parent))
     try:
+        chmod_default(tmp, directory=True)  # mkdtemp makes it 0700
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(random_llama_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        chmod_default(tmp / "model.safetensors")  # safetensors writes 0600 whatever the umask
         if tokenizer_model is not None:
             (tmp / "original").mkdir()
             shutil.copyfile(tokenizer_model, tmp / "original" / "tokenizer.model")

@@ -85,7 +85,7 @@ class TrainingSection(_Strict):
     epochs: float | None = Field(None, gt=0)  # used when train_steps is not set
     loss_reduction: Literal["token", "sample"] = "token"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, lt=2**64)
     eval_interval: int | None = Field(None, ge=1)  # steps between validations (also run at the end)
     eval_max_batches: int | None = Field(None, ge=1)  # cap on validation micro-batches per DP rank
 

@@ -7,6 +7,8 @@ from functools import partial
 
 import numpy as np
 
+from megapack import seeds
+
 # Per-micro-batch counters, in this order, carried next to the tensors (summed over DP ranks for metrics).
 STAT_KEYS = ("real_tokens", "total_tokens", "target_tokens", "conversations", "packs", "seq_sq_sum")
 
@@ -124,7 +126,7 @@ def zero_weight(batch: MicroBatch) -> MicroBatch:
 
 def epoch_permutation(num_packs: int, seed: int, epoch: int) -> np.ndarray:
     """The pack order of one epoch (same on every rank and for every parallel layout)."""
-    return np.random.default_rng([seed, epoch]).permutation(num_packs)
+    return seeds.rng(seed, "epoch_order", epoch).permutation(num_packs)
 
 
 class TrainSampler:
