@@ -13,14 +13,18 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from megapack.data.packing import plan_packs
 from megapack.training.data import MicroBatch, build_micro_batch
+
+if TYPE_CHECKING:  # torch is imported where it is used: settings and length helpers stay light
+    import torch
 
 BYTES_PER_PARAM = 18  # bf16 parameter + fp32 gradient + fp32 main parameter + two fp32 Adam moments
 # Conservative on purpose (an out-of-memory retry costs a worker start): 8 LLaMA-3-8B-shaped layers with 8192-token
@@ -167,7 +171,7 @@ class StepRunner:
         self.fb = get_forward_backward_func()
         self.max_row = max_row
 
-    def step(self, micro_batches: list[MicroBatch], device) -> float:
+    def step(self, micro_batches: list[MicroBatch], device: torch.device) -> float:
         """One optimizer step over the micro-batches; returns the token-weighted loss."""
         import torch
 
@@ -184,7 +188,7 @@ class StepRunner:
         return float(total[0] / total[1].clamp(min=1))
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
     """Forward of one THD micro-batch with the trainer's token-weighted loss."""
     import torch
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -196,7 +200,7 @@ def _forward_step(data_iterator, model):
                    labels=batch["labels"], packed_seq_params=params)
     weight, count = batch["loss_weight"], batch["num_targets"]
 
-    def loss_func(out):
+    def loss_func(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         loss = (out.float().reshape(-1) * weight.reshape(-1)).sum()
         n = torch.tensor(count, dtype=torch.int, device=loss.device)
         return loss, n, {"lm loss": torch.stack([loss.detach(), n.to(loss.dtype)])}
@@ -225,7 +229,7 @@ class ArmResult:
     stopped_early: bool = False
 
 
-def time_arm(runner: StepRunner, steps: list[list[MicroBatch]], s: BenchSettings, config: dict, device,
+def time_arm(runner: StepRunner, steps: list[list[MicroBatch]], s: BenchSettings, config: dict, device: torch.device,
              peak_flops: float | None, deadline: float, on_step: Callable[[ArmResult], None]) -> ArmResult:
     """Warm up, then time steps until timed_steps or the deadline; on_step sees the partial result after each."""
     import torch

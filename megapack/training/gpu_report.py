@@ -96,13 +96,15 @@ def _bench_markdown(bench: dict) -> list[str]:
                 continue
             mem = a.get("peak_memory_bytes")
             rows.append([
-                name, arm, _fmt(res.get("layers")), _fmt(a.get("tokens_per_s"), "{:,.0f}"), _fmt(a.get("mfu"), "{:.1%}"),
+                name, arm, _fmt(res.get("layers")), _fmt(a.get("tokens_per_s"), "{:,.0f}"),
+                _fmt(a.get("mfu"), "{:.1%}"),
                 _fmt(mem / 2**30 if mem else None, "{:.1f}"), _fmt(a.get("median_step_s"), "{:.3f}"),
                 f"{a.get('timed_steps')}/{a.get('steps_per_epoch')}", _fmt(a.get("epoch_time_est_s"), "{:.1f}"),
                 _fmt(a.get("padding_fraction"), "{:.1%}"),
             ])
         if res.get("packed_over_padded_time") is not None:
-            rows.append([name, "packed / padded", "", "", "", "", "", "", _fmt(res["packed_over_padded_time"], "{:.3f}"),
+            rows.append([name, "packed / padded", "", "", "", "", "", "",
+                         _fmt(res["packed_over_padded_time"], "{:.3f}"),
                          f"speedup {res['padded_over_packed_time']:.2f}x"])
     if rows:
         out += _table(["backend", "arm", "layers", "tokens/s", "MFU", "peak GiB", "median step (s)",
