@@ -66,6 +66,22 @@ def _bash_commands() -> list[list[str]]:
     return commands
 
 
+def _own_script(argv: list[str]) -> str | None:
+    """The tools/ script a `bash tools/x.sh ...` or `python tools/x.py ...` command runs, unless it wraps megapack."""
+    if len(argv) < 2 or argv[0] not in ("bash", "python") or not argv[1].startswith("tools/"):
+        return None
+    path = ROOT / argv[1]
+    return argv[1] if path.is_file() and not re.search(r'main\(\["\w+"', path.read_text()) else None
+
+
+def _check_script_flags(argv: list[str], script: str) -> None:
+    """Every --flag given to one of our scripts appears in its source (argparse option or shell test)."""
+    text = (ROOT / script).read_text()
+    for word in argv:
+        for flag in re.findall(r"^--[a-z][a-z0-9-]*", word):
+            assert flag in text, f"README `{' '.join(argv)}`: {script} has no {flag}"
+
+
 def _megapack_argv(argv: list[str]) -> list[str] | None:
     if argv[0] == "megapack":
         return argv[1:]
@@ -97,12 +113,16 @@ def test_readme_command_parses(argv, monkeypatch):
     if argv[0] in ("bash", "sbatch"):
         script = next(a for a in argv[1:] if not a.startswith("-"))
         assert (ROOT / script).is_file(), script
+        if _own_script(argv):
+            _check_script_flags(argv, script)
         rest = argv[argv.index(script) + 1:]
         if rest and rest[0].endswith(".yaml"):  # the launchers take CONFIG [key.sub=value ...]
             load_config(ROOT / rest[0], rest[1:])
         return
     if argv[0] == "python":
         assert (ROOT / argv[1]).is_file(), argv[1]
+        if _own_script(argv):
+            _check_script_flags(argv, argv[1])
 
 
 def test_readme_inline_flags_exist():
@@ -112,6 +132,9 @@ def test_readme_inline_flags_exist():
     every = _options(parser)
     for span in re.findall(r"`([^`\n]*--[^`\n]*)`", README):
         words = span.split()
+        if _own_script(words):  # `bash tools/gpu_check.sh OUT --budget-s 300`: flags of our own scripts
+            _check_script_flags(words, words[1])
+            continue
         scope = _options(subs[words[1]]) if words[0] == "megapack" and words[1] in subs else every
         for word in words:
             for flag in re.findall(r"--[a-z][a-z0-9-]*", word):
