@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 
+import yaml
+
 from megapack.cli import main
 
 
@@ -25,4 +27,12 @@ def test_demo_trains_every_arm_in_one_launch(tmp_path, llama3_tokenizer_path, ll
         assert train["num_samples"] <= round(conversations) <= 2 * train["num_samples"]
         # a few steps from random weights: the token-mean cross-entropy is still about ln(vocabulary size)
         assert abs(row["final_loss"] - math.log(128256)) < 0.5
-    assert rows[1]["total_steps"] < rows[0]["total_steps"]  # packing needs fewer steps for the same conversations
+    assert rows[1]["total_steps"] < rows[0]["total_steps"]
+    # the saved configs record what ran: no `auto` left (CPU run: fp32, sdpa, synchronous checkpoints)
+    for packing in ("padding", "greedy"):
+        run = workdir / "train" / packing
+        for path in (run / "config.yaml", run / "checkpoints" / "config.yaml"):
+            assert "auto" not in path.read_text(), path
+        resolved = yaml.safe_load((run / "checkpoints" / "config.yaml").read_text())
+        assert resolved["training"]["precision"] == "fp32" and resolved["model"]["attention_backend"] == "sdpa"
+        assert resolved["checkpoint"]["async_save"] is False and resolved["derived"]["total_steps"] >= 1  # packing needs fewer steps for the same conversations

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from megapack.data.packing import plan_packs
+from megapack.data.shards import Pack
 from megapack.training.data import MicroBatch, build_micro_batch
 
 if TYPE_CHECKING:  # torch is imported where it is used: settings and length helpers stay light
@@ -109,20 +110,12 @@ def estimate_layers(s: BenchSettings, free_bytes: int) -> tuple[int, str]:
     return layers, why
 
 
-@dataclass
-class _Conversation:
-    """A stand-in for a shard pack, as build_micro_batch reads it."""
-
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    cu_seqlens: np.ndarray
-    continues: bool = False
-
-
-def _pack(lengths: list[int], vocab: int, rng: np.random.Generator) -> _Conversation:
+def _pack(lengths: list[int], vocab: int, rng: np.random.Generator) -> Pack:
+    """A pack of random tokens with unpadded segments of the given lengths, every token trained."""
     total = int(sum(lengths))
-    return _Conversation(tokens=rng.integers(0, vocab, total, dtype=np.int64), loss_mask=np.ones(total, np.uint8),
-                         cu_seqlens=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return Pack(tokens=rng.integers(0, vocab, total, dtype=np.int64), loss_mask=np.ones(total, np.uint8),
+                cu_seqlens=cu, cu_seqlens_padded=cu)
 
 
 def arm_steps(s: BenchSettings, lengths: np.ndarray, arm: str) -> list[list[MicroBatch]]:
@@ -145,67 +138,28 @@ def arm_steps(s: BenchSettings, lengths: np.ndarray, arm: str) -> list[list[Micr
 
 
 class StepRunner:
-    """The trainer's model stack for one attention backend: GPTModel, Float16Module (bf16), DDP, distributed AdamW."""
+    """The trainer's model stack for one attention backend (GPTModel, Float16Module in bf16, DDP, distributed AdamW)
+    and its optimizer step."""
 
     def __init__(self, config: dict, backend: str, bf16: bool, max_row: int) -> None:
-        from megatron.core.distributed import finalize_model_grads
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from megapack.model.builder import build_model
         from megapack.training.config import OptimizerSection
-        from megapack.training.optim import build_optimizer, wrap_ddp
+        from megapack.training.loop import build_model_and_optimizer
 
-        model = build_model(config, attention_backend=backend, bf16=bf16, seq_length=max_row,
-                            calculate_per_token_loss=True)
-        self.num_params = sum(p.numel() for p in model.parameters())
-        if bf16:
-            from megatron.core.transformer.module import Float16Module
-
-            model = Float16Module(model.config, model)
-        self.model = wrap_ddp(model, bf16)
-        self.optimizer = build_optimizer(OptimizerSection(lr=1e-5), [self.model], bf16)
-        mc = model.config
-        mc.finalize_model_grads_func = finalize_model_grads
-        mc.no_sync_func = self.model.no_sync
-        mc.grad_scale_func = self.optimizer.scale_loss
-        self.fb = get_forward_backward_func()
+        self.parts = build_model_and_optimizer(config, OptimizerSection(lr=1e-5), attention_backend=backend,
+                                               precision="bf16" if bf16 else "fp32", row_length=max_row,
+                                               total_steps=1_000_000)
+        self.num_params = sum(p.numel() for p in self.parts.raw_model.parameters())
         self.max_row = max_row
 
     def step(self, micro_batches: list[MicroBatch], device: torch.device) -> float:
-        """One optimizer step over the micro-batches; returns the token-weighted loss."""
-        import torch
-
+        """One optimizer step over the micro-batches (the trainer's train_step); returns the token-weighted loss."""
         from megapack.training.data import to_tensors
+        from megapack.training.step import train_step
 
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        it = iter([to_tensors(mb, device) for mb in micro_batches])
-        outputs = self.fb(forward_step_func=_forward_step, data_iterator=it, model=[self.model],
-                          num_microbatches=len(micro_batches), seq_length=self.max_row, micro_batch_size=1,
-                          forward_only=False)
-        self.optimizer.step()
-        total = torch.stack([o["lm loss"] for o in outputs]).sum(0)
-        return float(total[0] / total[1].clamp(min=1))
-
-
-def _forward_step(data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
-    """Forward of one THD micro-batch with the trainer's token-weighted loss."""
-    import torch
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    batch = next(data_iterator)
-    cu, m = batch["cu_seqlens"], batch["max_seqlen"]
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m, max_seqlen_kv=m)
-    losses = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
-                   labels=batch["labels"], packed_seq_params=params)
-    weight, count = batch["loss_weight"], batch["num_targets"]
-
-    def loss_func(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        loss = (out.float().reshape(-1) * weight.reshape(-1)).sum()
-        n = torch.tensor(count, dtype=torch.int, device=loss.device)
-        return loss, n, {"lm loss": torch.stack([loss.detach(), n.to(loss.dtype)])}
-
-    return losses, loss_func
+        p = self.parts
+        batches = iter([to_tensors(mb, device) for mb in micro_batches])
+        return train_step(p.model, p.optimizer, p.scheduler, batches, len(micro_batches), self.max_row,
+                          device)["loss"]
 
 
 @dataclass

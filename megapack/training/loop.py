@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from megapack.quiet import quiet_warnings
-from megapack.training.config import TrainConfig
+from megapack.training.config import OptimizerSection, TrainConfig
 from megapack.training.plan import RunPlan, preflight, save_resolved_config
 
 class StopFlag:
@@ -36,38 +38,42 @@ class ModelParts:
     scheduler: object
 
 
-def build_model_and_optimizer(config: TrainConfig, plan: RunPlan) -> ModelParts:
-    """The GPTModel of this pipeline stage with its initial weights, DDP, distributed AdamW and the LR schedule."""
+def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerSection, *, attention_backend: str,
+                              precision: str, row_length: int, total_steps: int, pp: int = 1,
+                              sequence_parallel: bool = False, cross_sample_attention: bool = False,
+                              init_weights: Callable | None = None) -> ModelParts:
+    """The GPTModel of this pipeline stage (initial weights from `init_weights`), DDP, distributed AdamW and the LR
+    schedule; `row_length` is the longest THD row of a micro-batch."""
     from megatron.core.distributed import finalize_model_grads
 
     from megapack.model.builder import build_model
     from megapack.training.optim import build_optimizer, build_scheduler, wrap_ddp
 
-    bf16 = plan.precision == "bf16"
+    bf16 = precision == "bf16"
     # THD micro-batches differ in length, so pipeline p2p sends shapes first (megatron refuses that flag with
     # its default MoE dispatcher, which a dense model never uses)
-    varlen = {"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if plan.pp > 1 else {}
-    raw = build_model(plan.hf_config, attention_backend=plan.attention_backend,
-                      cross_sample_attention=config.model.cross_sample_attention, bf16=bf16,
-                      sequence_parallel=config.parallel.sequence_parallel, seq_length=row_length(plan),
+    varlen = {"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if pp > 1 else {}
+    raw = build_model(hf_config, attention_backend=attention_backend, cross_sample_attention=cross_sample_attention,
+                      bf16=bf16, sequence_parallel=sequence_parallel, seq_length=row_length,
                       calculate_per_token_loss=True, **varlen)
-    if plan.resume_from is None:
-        _init_weights(raw, config)
+    if init_weights is not None:
+        init_weights(raw)
     model = raw
     if bf16:
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(raw.config, raw)
     model = wrap_ddp(model)
-    optimizer = build_optimizer(config.optimizer, [model], bf16)
-    scheduler = build_scheduler(config.optimizer, optimizer, plan.total_steps)
+    opt = build_optimizer(optimizer, [model], bf16)
+    scheduler = build_scheduler(optimizer, opt, total_steps)
     raw.config.finalize_model_grads_func = finalize_model_grads
     raw.config.no_sync_func = model.no_sync
-    raw.config.grad_scale_func = optimizer.scale_loss
-    return ModelParts(model, raw, optimizer, scheduler)
+    raw.config.grad_scale_func = opt.scale_loss
+    return ModelParts(model, raw, opt, scheduler)
 
 
-def _init_weights(model, config: TrainConfig) -> None:
+def load_initial_weights(model, config: TrainConfig) -> None:
+    """Load the starting weights `model.init` names (HF safetensors or a megatron checkpoint; random: as built)."""
     if config.model.init == "hf":
         from megapack.model.hf_import import load_hf_weights
 
@@ -119,7 +125,12 @@ class Trainer:
         self.config = config
         self.plan = plan = plan or preflight(config)
         self.env = init_distributed(tp=plan.tp, pp=plan.pp, seed=config.training.seed)
-        self.parts = build_model_and_optimizer(config, plan)
+        self.parts = build_model_and_optimizer(
+            plan.hf_config, config.optimizer, attention_backend=plan.attention_backend, precision=plan.precision,
+            row_length=row_length(plan), total_steps=plan.total_steps, pp=plan.pp,
+            sequence_parallel=config.parallel.sequence_parallel,
+            cross_sample_attention=config.model.cross_sample_attention,
+            init_weights=None if plan.resume_from else partial(load_initial_weights, config=config))
         state = {"iteration": 0, "consumed_packs": 0, "totals": {}}
         if plan.resume_from is not None:
             state = load_checkpoint(plan.resume_from, self.parts.model, self.parts.optimizer, self.parts.scheduler)
