@@ -62,7 +62,7 @@ def prepare_inputs(cfg: DemoConfig, workdir: Path) -> tuple[Path, Path, Path]:
 
 def preprocess_all(cfg: DemoConfig, workdir: Path, tokenizer: Path, data_dir: Path) -> dict[str, dict]:
     """Run `megapack preprocess` once per packing; returns each meta.json."""
-    from megapack.data.pipeline import PreprocessConfig, run_preprocess
+    from megapack.data.pipeline.preprocess import PreprocessConfig, run_preprocess
 
     metas = {}
     for packing in cfg.packings:
@@ -130,7 +130,7 @@ def train_all(cfg: DemoConfig, workdir: Path, hf_dir: Path) -> list[dict]:
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
     """Preprocess with every packing, train each arm briefly, print and save the Table 3 comparison."""
-    from megapack.data.stats import table
+    from megapack.data.packs.stats import table
     from megapack.atomic import write_json_atomic
     from megapack.training.metrics import format_table
 

@@ -24,7 +24,7 @@ def llama3_tokenizer_path() -> Path:
 @pytest.fixture(scope="session")
 def llama3_tokenizer(llama3_tokenizer_path: Path):
     """The real LLaMA-3 tokenizer, loaded with megapack's loader."""
-    from megapack.data.tokenizers import load_tokenizer
+    from megapack.data.render.tokenizers import load_tokenizer
 
     return load_tokenizer(llama3_tokenizer_path)
 

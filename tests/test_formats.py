@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from megapack.data.conversation import BadRecord, Conversation, Document, Message, SkipReport
-from megapack.data.formats import REASONS, apply_error_policy, iter_samples, make_converter, read_datasets
-from megapack.data.registry import DatasetSpec, resolve_datasets
+from megapack.data.sources.conversation import BadRecord, Conversation, Document, Message, SkipReport
+from megapack.data.sources.formats import REASONS, apply_error_policy, iter_samples, make_converter, read_datasets
+from megapack.data.sources.registry import DatasetSpec, resolve_datasets
 from megapack.errors import MegapackError
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megapack.data.packing import PACKINGS, lower_bound, plan_packs, round_up
+from megapack.data.packs.packing import PACKINGS, lower_bound, plan_packs, round_up
 from megapack.errors import MegapackError
 
 

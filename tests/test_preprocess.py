@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from megapack.cli import main
-from megapack.data.pipeline import PreprocessConfig, run_preprocess
-from megapack.data.shards import ShardDataset
+from megapack.data.pipeline.preprocess import PreprocessConfig, run_preprocess
+from megapack.data.packs.shards import ShardDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 BOS = 128000
@@ -28,10 +28,10 @@ LLAMA3_VOCAB = "vocab:2b6dff733d9c48f89f6efd2e9c62e69238bb03ca9c50345b0c7a00a48b
 @pytest.fixture(scope="module")
 def reference(llama3_tokenizer, llamafactory_data_dir):
     """(ids, mask) of every demo conversation, straight from the template (the expected content of the shards)."""
-    from megapack.data.formats import read_datasets
-    from megapack.data.registry import resolve_datasets
-    from megapack.data.templates import TemplateOptions, get_template
-    from megapack.data.conversation import SkipReport
+    from megapack.data.sources.formats import read_datasets
+    from megapack.data.sources.registry import resolve_datasets
+    from megapack.data.render.templates import TemplateOptions, get_template
+    from megapack.data.sources.conversation import SkipReport
 
     template, opts = get_template("llama3"), TemplateOptions()
     specs = resolve_datasets(None, DATASETS, str(llamafactory_data_dir))

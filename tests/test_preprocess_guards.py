@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megapack.cli import main
-from megapack.data.pipeline import MIN_SEQ_LENGTH
+from megapack.data.pipeline.preprocess import MIN_SEQ_LENGTH
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def _assert_not_complete(out: Path) -> None:
 
 
 def test_disk_full_while_writing_shards(tmp_path, llama3_tokenizer_path, monkeypatch, capsys):
-    from megapack.data import shards
+    from megapack.data.packs import shards
 
     real_write = shards._HashingFile.write
     calls = {"n": 0}
@@ -151,7 +151,7 @@ def test_disk_full_while_writing_shards(tmp_path, llama3_tokenizer_path, monkeyp
 
 
 def test_disk_full_while_tokenizing(tmp_path, llama3_tokenizer_path, monkeypatch, capsys):
-    from megapack.data import pipeline_tokenize
+    from megapack.data.pipeline import partitions
 
     class Full:
         def __init__(self, f):
@@ -166,11 +166,14 @@ def test_disk_full_while_tokenizing(tmp_path, llama3_tokenizer_path, monkeypatch
         def __exit__(self, *exc):
             self.f.close()
 
+        def close(self):
+            self.f.close()
+
     def fake_open(path, mode="r", *args, **kw):
         f = open(path, mode, *args, **kw)
         return Full(f) if str(path).endswith("tokens.bin") and "w" in mode else f
 
-    monkeypatch.setattr(pipeline_tokenize, "open", fake_open, raising=False)
+    monkeypatch.setattr(partitions, "open", fake_open, raising=False)
     out = tmp_path / "out"
     assert main(_argv(llama3_tokenizer_path, [_docs(tmp_path / "d.jsonl")], out, "--template", "plain")) == 1
     err = _one_line_error(capsys)

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megapack.data.conversation import BadRecord
-from megapack.data.readers import iter_json, iter_records, list_data_files
+from megapack.data.sources.conversation import BadRecord
+from megapack.data.sources.readers import iter_json, iter_records, list_data_files
 from megapack.errors import MegapackError
 
 

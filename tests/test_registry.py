@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from megapack.data.conversation import BadRecord, Conversation, Document, Message
-from megapack.data.formats import iter_samples
-from megapack.data.registry import load_registry, resolve_datasets
+from megapack.data.sources.conversation import BadRecord, Conversation, Document, Message
+from megapack.data.sources.formats import iter_samples
+from megapack.data.sources.registry import load_registry, resolve_datasets
 from megapack.errors import MegapackError
 
 # Entries of LLaMA-Factory 0.9.5's data/dataset_info.json that have a local file but are not text SFT data.

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from megapack import seeds
-from megapack.data.pack_writer import split_train_val
-from megapack.data.packing import plan_packs
+from megapack.data.packs.writer import split_train_val
+from megapack.data.packs.packing import plan_packs
 from megapack.errors import MegapackError
 from megapack.training.data import epoch_permutation
 

@@ -9,9 +9,9 @@ import pickle
 import numpy as np
 import pytest
 
-from megapack.data.pack_writer import SampleStore, split_train_val, write_shard_dir
-from megapack.data.packing import plan_packs
-from megapack.data.shards import ShardDataset
+from megapack.data.packs.writer import SampleStore, split_train_val, write_shard_dir
+from megapack.data.packs.packing import plan_packs
+from megapack.data.packs.shards import ShardDataset
 from megapack.errors import MegapackError
 
 PAD = 7

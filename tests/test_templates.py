@@ -5,9 +5,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megapack.data.conversation import Conversation, Document, Message
-from megapack.data.templates import TEMPLATES, TemplateOptions, get_template
-from megapack.data.tokenizers import load_tokenizer
+from megapack.data.sources.conversation import Conversation, Document, Message
+from megapack.data.render.templates import TEMPLATES, TemplateOptions, get_template
+from megapack.data.render.tokenizers import load_tokenizer
 from megapack.errors import MegapackError
 
 BOS, START, END, EOT = 128000, 128006, 128007, 128009

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megapack.data.tokenizers import (
+from megapack.data.render.tokenizers import (
     SentencePieceTokenizer,
     TiktokenLlama3Tokenizer,
     load_tokenizer,

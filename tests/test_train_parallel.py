@@ -230,7 +230,7 @@ def test_bf16_trains_close_to_fp32(inputs, one_proc):
 
 def test_mfu_counts_real_tokens_and_each_segments_attention(inputs, one_proc):
     """mfu = model FLOPs of the step's real tokens and per-conversation attention / (step time x peak)."""
-    from megapack.data.shards import ShardDataset
+    from megapack.data.packs.shards import ShardDataset
     from megapack.training.data import TrainSampler
     from megapack.training.metrics import model_flops
 
@@ -310,7 +310,7 @@ def test_packed_and_padded_give_the_same_per_conversation_losses(inputs, one_pro
 
 def _expected_step_loss(seg: dict, shards: Path, gbs: int, mbs: int, consumed: int, sample: bool) -> float:
     """A training step's loss rebuilt from per-conversation forward losses of the same weights."""
-    from megapack.data.shards import ShardDataset
+    from megapack.data.packs.shards import ShardDataset
     from megapack.training.data import TrainSampler
 
     ds = ShardDataset(shards, "train")

@@ -18,7 +18,7 @@ ARMS = [("greedy", 1), ("greedy", 16), ("padding", 1), ("padding", 16)]
 
 
 def _conversations(data_dir, count: int):
-    from megapack.data.conversation import Conversation, Message
+    from megapack.data.sources.conversation import Conversation, Message
 
     records = json.loads((data_dir / "alpaca_en_demo.json").read_text())[: 2 * count]
     out = []
@@ -31,8 +31,8 @@ def _conversations(data_dir, count: int):
 
 def _eos_ending_samples(data_dir, sp_model, count: int = 12) -> tuple[list, int]:
     """(ids, mask) pairs that end in `</s>` with mask 0, and the pad id (= EOS)."""
-    from megapack.data.templates import TemplateOptions, get_template
-    from megapack.data.tokenizers import load_tokenizer
+    from megapack.data.render.templates import TemplateOptions, get_template
+    from megapack.data.render.tokenizers import load_tokenizer
 
     tok = load_tokenizer(sp_model)
     template, options = get_template("llama2"), TemplateOptions(mask_history=True)
@@ -48,7 +48,7 @@ def _eos_ending_samples(data_dir, sp_model, count: int = 12) -> tuple[list, int]
 
 @pytest.fixture(scope="module")
 def arms(tmp_path_factory, llamafactory_data_dir, mistral_sp_model_path):
-    from megapack.data.pack_writer import SampleStore, write_shard_dir
+    from megapack.data.packs.writer import SampleStore, write_shard_dir
 
     w = tmp_path_factory.mktemp("segments")
     hf = make_tiny_hf(w / "hf")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megapack.data.shards import Pack
+from megapack.data.packs.shards import Pack
 from megapack.errors import MegapackError
 from megapack.training.config import load_config
 from megapack.training.data import TrainSampler, build_micro_batch, validation_batches

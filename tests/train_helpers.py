@@ -157,7 +157,7 @@ def hf_loss_on_split(hf_dir: Path, shards: Path, split: str) -> tuple[float, int
     import torch
     import transformers
 
-    from megapack.data.shards import ShardDataset
+    from megapack.data.packs.shards import ShardDataset
 
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     total, count = 0.0, 0

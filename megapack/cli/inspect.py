@@ -17,9 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print statistics, then do what the flags ask; exit 1 when --verify finds problems."""
-    from megapack.data.inspect_shards import plot, render_pack, verify
-    from megapack.data.shards import read_meta, ShardDataset
-    from megapack.data.stats import summary_rows, table
+    from megapack.data.packs.inspect import plot, render_pack, verify
+    from megapack.data.packs.shards import read_meta, ShardDataset
+    from megapack.data.packs.stats import summary_rows, table
     from megapack.errors import MegapackError
 
     meta = read_meta(args.dir)
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = None
         path = args.tokenizer_model or meta.get("tokenizer_model")
         if path:
-            from megapack.data.tokenizers import load_tokenizer
+            from megapack.data.render.tokenizers import load_tokenizer
 
             try:
                 tokenizer = load_tokenizer(path)

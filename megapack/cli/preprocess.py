@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 
@@ -10,43 +11,62 @@ def _csv(value: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the preprocess flags."""
+    """Register the preprocess flags; choices come from the registries, defaults from PreprocessConfig."""
+    from megapack.data.packs.packing import PACKINGS
+    from megapack.data.pipeline.preprocess import MIN_SEQ_LENGTH, PreprocessConfig
+    from megapack.data.render.templates import TEMPLATES
+    from megapack.data.render.tokenizers import TOKENIZER_KINDS
+    from megapack.data.sources.formats import ON_ERROR
+    from megapack.data.sources.registry import FORMATS
+
+    default = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)}
     src = parser.add_argument_group("input")
     src.add_argument("--input", type=_csv, action="extend", metavar="PATH[,PATH...]", help="data files or folders")
     src.add_argument("--dataset", type=_csv, action="extend", metavar="NAME[,NAME...]", help="names in dataset_info.json")
     src.add_argument("--dataset-dir", help="folder holding dataset_info.json (LLaMA-Factory layout)")
-    src.add_argument("--format", default="auto", choices=["auto", "sharegpt", "openai", "alpaca", "text"])
-    src.add_argument("--on-error", default="skip", choices=["skip", "fail"], help="bad records: count and skip, or stop")
+    src.add_argument("--format", default=default["format"], choices=FORMATS,
+                     help="record format (auto: detected per file; default %(default)s)")
+    src.add_argument("--on-error", default=default["on_error"], choices=ON_ERROR,
+                     help="bad records: count and skip, or stop (default %(default)s)")
     tok = parser.add_argument_group("tokenizer and template")
     tok.add_argument("--tokenizer-model", required=True, help="tiktoken ranks / SentencePiece file or checkpoint dir")
-    tok.add_argument("--tokenizer-type", default="auto", choices=["auto", "tiktoken", "sentencepiece"])
-    tok.add_argument("--template", default="llama3", choices=["llama3", "llama2", "chatml", "plain"])
+    tok.add_argument("--tokenizer-type", default=default["tokenizer_type"], choices=TOKENIZER_KINDS,
+                     help="tokenizer kind (auto: detected from the file; default %(default)s)")
+    tok.add_argument("--template", default=default["template"], choices=tuple(TEMPLATES),
+                     help="chat template (default %(default)s)")
     tok.add_argument("--train-on-prompt", action="store_true", help="loss on every token, not only responses")
     tok.add_argument("--mask-history", action="store_true", help="loss on the last response only")
     tok.add_argument("--system", default=None, help="system prompt for conversations without one")
     pack = parser.add_argument_group("packing")
-    pack.add_argument("--seq-length", type=int, default=4096, metavar="L",
-                      help="tokens per pack, at least 16 (default 4096)")
-    pack.add_argument("--packing", default="bfd", help="padding, random, greedy or bfd (default bfd)")
-    pack.add_argument("--pad-to-multiple", type=int, default=1, metavar="K", help="round each segment up to K tokens")
+    pack.add_argument("--seq-length", type=int, default=default["seq_length"], metavar="L",
+                      help=f"tokens per pack, at least {MIN_SEQ_LENGTH} (default %(default)s)")
+    pack.add_argument("--packing", default=default["packing"],  # checked by the job: a one-line error, exit 1
+                      help=f"one of {', '.join(PACKINGS)} (default %(default)s)")
+    pack.add_argument("--pad-to-multiple", type=int, default=default["pad_to_multiple"], metavar="K",
+                      help="round each segment up to K tokens (default %(default)s)")
     pack.add_argument("--drop-long", action="store_true", help="drop samples longer than --seq-length (else truncate)")
-    pack.add_argument("--seed", type=int, default=1234)
-    pack.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction, written as the val split")
+    pack.add_argument("--seed", type=int, default=default["seed"],
+                      help="seed of the pack order and the val split (default %(default)s)")
+    pack.add_argument("--val-fraction", type=float, default=default["val_fraction"],
+                      help="held-out fraction, written as the val split (default %(default)s)")
     out = parser.add_argument_group("output and scale")
-    out.add_argument("--output-dir", required=True)
+    out.add_argument("--output-dir", required=True, help="the shard directory to write")
     out.add_argument("--overwrite", action="store_true", help="replace the shards of a non-empty --output-dir")
-    out.add_argument("--workers", type=int, default=1)
-    out.add_argument("--num-partitions", type=int, default=1, help="split the records into P parts (multi-node)")
+    out.add_argument("--workers", type=int, default=default["workers"],
+                     help="tokenizer processes (default %(default)s)")
+    out.add_argument("--num-partitions", type=int, default=default["num_partitions"],
+                     help="split the records into P parts (multi-node; default %(default)s)")
     out.add_argument("--partition-index", type=int, default=None,
                      help="tokenize only part i and stop; a run without it packs all parts (tokenizing missing ones)")
-    out.add_argument("--max-shard-tokens", type=int, default=1 << 30, help="tokens per shard file at most")
+    out.add_argument("--max-shard-tokens", type=int, default=default["max_shard_tokens"],
+                     help="tokens per shard file at most (default %(default)s)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run preprocessing and print the summary table."""
-    from megapack.data.pipeline import PreprocessConfig, run_preprocess
-    from megapack.data.stats import table, summary_rows
+    from megapack.data.pipeline.preprocess import PreprocessConfig, run_preprocess
+    from megapack.data.packs.stats import table, summary_rows
 
     cfg = PreprocessConfig(
         output_dir=args.output_dir, tokenizer_model=args.tokenizer_model, inputs=args.input, datasets=args.dataset,

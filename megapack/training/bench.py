@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from megapack.data.packing import plan_packs
-from megapack.data.shards import Pack
+from megapack.data.packs.packing import plan_packs
+from megapack.data.packs.shards import Pack
 from megapack.training.data import MicroBatch, build_micro_batch
 
 if TYPE_CHECKING:  # torch is imported where it is used: settings and length helpers stay light

@@ -93,7 +93,7 @@ def build_data(config: TrainConfig, plan: RunPlan, device, consumed_packs: int, 
     """Train and validation shards of this rank, the sampler at `consumed_packs`, TP broadcast of micro-batches."""
     from megatron.core import parallel_state as ps
 
-    from megapack.data.shards import ShardDataset
+    from megapack.data.packs.shards import ShardDataset
     from megapack.errors import MegapackError
     from megapack.training.data import PackBatches, TrainSampler
 

@@ -142,7 +142,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     """Check shards, model, checkpoint and layout against each other and resolve every `auto` into a RunPlan."""
     import torch
 
-    from megapack.data.shards import read_meta
+    from megapack.data.packs.shards import read_meta
     from megapack.model.config import check_parallel_sizes, load_hf_config
     from megapack.model.spec import resolve_attention_backend
     from megapack.training.checkpointing import check_resume_layout, read_checkpoint_meta

@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="training steps per mode (one checkpoint each)")
     args = parser.parse_args()
     from megapack.assets import fetch
-    from megapack.data.pipeline import PreprocessConfig, run_preprocess
+    from megapack.data.pipeline.preprocess import PreprocessConfig, run_preprocess
     from megapack.model.tiny_checkpoint import write_tiny_checkpoint
     from megapack.training.metrics import read_metrics
 

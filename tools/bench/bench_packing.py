@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from megapack.data.packing import PACKINGS, lower_bound, plan_packs
+from megapack.data.packs.packing import PACKINGS, lower_bound, plan_packs
 
 
 def main() -> None:

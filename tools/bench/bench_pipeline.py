@@ -79,7 +79,7 @@ def measure(cmd: list[str]) -> tuple[float, int, str]:
 
 def tiktoken_alone(path: Path, tokenizer_path: Path, n: int = 2000) -> float:
     """Tokens/s of the bare tokenizer in this one process on the first n samples' texts (the per-core ceiling)."""
-    from megapack.data.tokenizers import load_tokenizer
+    from megapack.data.render.tokenizers import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
     texts = []

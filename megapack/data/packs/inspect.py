@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megapack.data.shards import MMIndex, ShardDataset, read_meta
+from megapack.data.packs.shards import MMIndex, ShardDataset, read_meta
 
 
 def _sha256(path: Path) -> str:

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from megapack.data.readers import iter_records, list_data_files
+from megapack.data.sources.readers import iter_records, list_data_files
 from megapack.errors import MegapackError
 
 REGISTRY_FILE = "dataset_info.json"

@@ -15,8 +15,8 @@ import numpy as np
 
 from megapack import seeds
 from megapack.atomic import write_json_atomic
-from megapack.data.packing import PackPlan
-from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, ShardWriter
+from megapack.data.packs.packing import PackPlan
+from megapack.data.packs.shards import DEFAULT_MAX_SHARD_TOKENS, ShardWriter
 
 CHUNK_TOKENS = 1 << 22  # tokens gathered per write step (bounds memory)
 
@@ -183,7 +183,7 @@ def pack_split(
     progress_factory=None,
 ) -> dict:
     """Plan and write one split; returns its statistics and shard list (the `splits.<split>` entry of meta.json)."""
-    from megapack.data.packing import lower_bound, plan_packs
+    from megapack.data.packs.packing import lower_bound, plan_packs
 
     plan = plan_packs(
         store.length, seq_length, packing, seed=seed, pad_to_multiple=pad_to_multiple, drop_long=drop_long
@@ -237,7 +237,7 @@ def write_shard_dir(
     `info` adds keys to meta.json (tokenizer, template, skipped, inputs, ...). Top-level statistics describe the
     train split; `splits` holds every split's statistics and shard list.
     """
-    from megapack.data.shards import FORMAT_VERSION, META_NAME, token_dtype
+    from megapack.data.packs.shards import FORMAT_VERSION, META_NAME, token_dtype
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

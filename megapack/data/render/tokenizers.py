@@ -160,8 +160,11 @@ class SentencePieceTokenizer(Tokenizer):
         return (_reload, (type(self), str(self.path), self.file_sha256))
 
 
+TOKENIZER_KINDS = ("auto", "tiktoken", "sentencepiece")  # auto: detected from the file's content
+
+
 def load_tokenizer(path: str | Path, kind: str = "auto") -> Tokenizer:
-    """Load a tokenizer from a model file or a checkpoint directory; kind is "auto", "tiktoken" or "sentencepiece"."""
+    """Load a tokenizer from a model file or a checkpoint directory; kind is one of TOKENIZER_KINDS."""
     path = _resolve(Path(path))
     data = _read(path)
     if kind == "auto":
@@ -170,7 +173,7 @@ def load_tokenizer(path: str | Path, kind: str = "auto") -> Tokenizer:
         return TiktokenLlama3Tokenizer(path, data)
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path, data)
-    raise MegapackError(f"unknown tokenizer kind {kind!r}; expected auto, tiktoken or sentencepiece")
+    raise MegapackError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
 
 
 def _resolve(path: Path) -> Path:

@@ -12,12 +12,12 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from megapack.data.conversation import (
+from megapack.data.sources.conversation import (
     ASSISTANT, FUNCTION_CALL, OBSERVATION, SYSTEM, USER,
     BadRecord, Conversation, Document, Message, Sample, SkipReport,
 )
-from megapack.data.readers import iter_records
-from megapack.data.registry import DatasetSpec
+from megapack.data.sources.readers import iter_records
+from megapack.data.sources.registry import DatasetSpec
 from megapack.errors import MegapackError
 
 # Every reason a record can be rejected for (the keys of SkipReport.counts).
@@ -131,16 +131,26 @@ def iter_samples(spec: DatasetSpec) -> Iterator[Sample | BadRecord]:
                     return
 
 
-def apply_error_policy(items: Iterable[Sample | BadRecord], on_error: str, report: SkipReport) -> Iterator[Sample]:
-    """Pass samples through; bad records are counted into `report` ("skip") or raise at the first one ("fail")."""
+def _check_policy(on_error: str) -> None:
     if on_error not in ON_ERROR:
         raise MegapackError(f"--on-error {on_error!r} is not supported; expected one of {', '.join(ON_ERROR)}")
+
+
+def handle_bad_record(item: BadRecord, on_error: str, report: SkipReport) -> None:
+    """The bad-record policy, applied in this one place: count it into `report` ("skip") or stop ("fail")."""
+    _check_policy(on_error)
+    if on_error == "fail":
+        detail = f" ({item.detail})" if item.detail else ""
+        raise MegapackError(f"{item.source}: {item.reason}{detail}")
+    report.add(item)
+
+
+def apply_error_policy(items: Iterable[Sample | BadRecord], on_error: str, report: SkipReport) -> Iterator[Sample]:
+    """Pass samples through; bad records go to `handle_bad_record`."""
+    _check_policy(on_error)
     for item in items:
         if isinstance(item, BadRecord):
-            if on_error == "fail":
-                detail = f" ({item.detail})" if item.detail else ""
-                raise MegapackError(f"{item.source}: {item.reason}{detail}")
-            report.add(item)
+            handle_bad_record(item, on_error, report)
         else:
             yield item
 

@@ -18,16 +18,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from megapack.atomic import describe_os_error, free_bytes, write_json_atomic
-from megapack.data.packing import PACKINGS
-from megapack.data.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME, is_shard_file
+from megapack.data.packs.packing import PACKINGS
+from megapack.data.packs.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME, is_shard_file
+from megapack.data.pipeline.partitions import (
+    BLOCK, JOB_FILE, WORK_DIR, finished_partition, part_dir, read_partitions,
+)
+from megapack.data.sources.formats import ON_ERROR
 from megapack.errors import MegapackError
 from megapack.seeds import SEED_LIMIT
 
 if TYPE_CHECKING:
-    from megapack.data.pack_writer import SampleStore
+    from megapack.data.packs.writer import SampleStore
 
-WORK = ".work"
-JOB = "job.json"
 MIN_SEQ_LENGTH = 16  # shorter packs hold little more than a chat template's header tokens
 
 
@@ -71,7 +73,7 @@ def validate(cfg: PreprocessConfig) -> None:
         (cfg.pad_to_multiple <= 0 or cfg.seq_length % cfg.pad_to_multiple == 0,
          f"--pad-to-multiple {cfg.pad_to_multiple}: expected a divisor of --seq-length {cfg.seq_length}"),
         (0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction}: expected a number in [0, 1)"),
-        (cfg.on_error in ("skip", "fail"), f"--on-error {cfg.on_error!r}: expected skip or fail"),
+        (cfg.on_error in ON_ERROR, f"--on-error {cfg.on_error!r}: expected one of {', '.join(ON_ERROR)}"),
         (cfg.num_partitions > 0, f"--num-partitions {cfg.num_partitions}: expected a positive integer"),
         (cfg.partition_index is None or 0 <= cfg.partition_index < cfg.num_partitions,
          f"--partition-index {cfg.partition_index}: expected 0 <= index < --num-partitions {cfg.num_partitions}"),
@@ -89,7 +91,6 @@ def _fingerprint(cfg: PreprocessConfig, specs: list, tokenizer_file_sha256: str,
     The tokenizer counts by its file's sha256, not its vocabulary identity: changed SentencePiece scores keep the
     vocabulary but change how text is split.
     """
-    from megapack.data.pipeline_tokenize import BLOCK
 
     files = []
     for spec in specs:
@@ -112,7 +113,7 @@ def _ours(path: Path) -> bool:
     n = path.name
     shard = is_shard_file(n)
     atomic_tmp = n.startswith(f".{META_NAME}.") and n.endswith(".tmp")  # megapack.atomic's temporary name
-    return n in (META_NAME, META_NAME + ".tmp", WORK) or shard or atomic_tmp
+    return n in (META_NAME, META_NAME + ".tmp", WORK_DIR) or shard or atomic_tmp
 
 
 def _clear_ours(out: Path) -> None:
@@ -130,26 +131,26 @@ def prepare_output(cfg: PreprocessConfig, job: dict) -> bool:
     created = not out.exists()
     if not created:
         entries = list(out.iterdir())
-        job_path = out / WORK / JOB
+        job_path = out / WORK_DIR / JOB_FILE
         same_job = job_path.exists() and _read_json(job_path) == job
         if (out / META_NAME).exists() and not cfg.overwrite:
             raise MegapackError(f"--output-dir {out}: already holds finished shards (meta.json); pass --overwrite to replace them")
         if job_path.exists() and not same_job and not cfg.overwrite:
             raise MegapackError(f"--output-dir {out}: holds an unfinished run with other inputs or settings; "
                                 "rerun that command to resume it, or pass --overwrite to start over")
-        fresh = all(e.name == WORK for e in entries) and not job_path.exists()  # a parallel task just created it
+        fresh = all(e.name == WORK_DIR for e in entries) and not job_path.exists()  # a parallel task just created it
         if entries and not same_job and not fresh and not cfg.overwrite:
             raise MegapackError(f"--output-dir {out}: not empty; pass --overwrite to replace its contents, or choose an empty directory")
         if cfg.overwrite and not (same_job and not (out / META_NAME).exists()):
             _clear_ours(out)
     try:
-        (out / WORK).mkdir(parents=True, exist_ok=True)
-        probe = out / WORK / f".probe{os.getpid()}"
+        (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
+        probe = out / WORK_DIR / f".probe{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise MegapackError(f"--output-dir {out}: not writable ({exc.strerror or exc})") from None
-    job_path = out / WORK / JOB
+    job_path = out / WORK_DIR / JOB_FILE
     if not job_path.exists():
         write_json_atomic(job_path, job, indent=1)
     return created
@@ -164,10 +165,10 @@ def _read_json(path: Path) -> dict | None:
 
 def run_preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole job (or one partition of it); returns meta.json's content (or the partition's statistics)."""
-    from megapack.data.pack_writer import SampleStore, write_shard_dir
-    from megapack.data.pipeline_tokenize import EncodeSpec, finished_partition, load_encoder, part_dir, tokenize_partition
-    from megapack.data.registry import resolve_datasets
-    from megapack.data.shards import token_dtype
+    from megapack.data.packs.writer import write_shard_dir
+    from megapack.data.pipeline.encode import EncodeSpec, load_encoder, tokenize_partition
+    from megapack.data.sources.registry import resolve_datasets
+    from megapack.data.packs.shards import token_dtype
 
     t_start = time.perf_counter()
     validate(cfg)
@@ -179,14 +180,14 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     job = _fingerprint(cfg, specs, tokenizer.file_sha256, template_identity)
     out = Path(cfg.output_dir)
-    work = out / WORK
+    work = out / WORK_DIR
     existed = out.exists()
     try:
         created = prepare_output(cfg, job)
     except OSError as exc:  # e.g. a full disk while writing job.json
         if not existed:
             shutil.rmtree(out, ignore_errors=True)
-        raise MegapackError(describe_os_error(exc, work / JOB, "while creating the output directory")) from None
+        raise MegapackError(describe_os_error(exc, work / JOB_FILE, "while creating the output directory")) from None
     at: dict = {}  # what is being written, for an OSError's message
     try:
         wanted = range(cfg.num_partitions) if cfg.partition_index is None else [cfg.partition_index]
@@ -205,7 +206,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             return parts[cfg.partition_index]
 
         at = {"path": work, "doing": "while reading the tokenized partitions"}
-        store = _merge(work, cfg.num_partitions, dtype, SampleStore)
+        store = read_partitions(work, cfg.num_partitions, dtype)
         skipped: dict[str, int] = {}
         for p in parts.values():
             for reason, n in p["skipped"].items():
@@ -217,7 +218,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             )
         check_trained_tokens(store, cfg, sum(p["loss_tokens"] for p in parts.values()))
         for entry in out.iterdir():  # leftovers of a killed pack step
-            if entry.name != WORK and _ours(entry):
+            if entry.name != WORK_DIR and _ours(entry):
                 entry.unlink()
         info = {
             "num_records": sum(p["records"] for p in parts.values()),
@@ -267,15 +268,14 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
 
 def _discard_after_os_error(out: Path, created: bool, whole_job: bool, num_parts: int) -> bool:
     """Remove what a failed run wrote except finished partitions; returns whether any partition was kept."""
-    from megapack.data.pipeline_tokenize import finished_partition
 
     if not whole_job:  # one partition of a Slurm array: tokenize_partition removed its temporary folder
         return False
     (out / META_NAME).unlink(missing_ok=True)
     for entry in out.iterdir():
-        if entry.name != WORK and _ours(entry):
+        if entry.name != WORK_DIR and _ours(entry):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-    if any(finished_partition(out / WORK, i, num_parts) for i in range(num_parts)):
+    if any(finished_partition(out / WORK_DIR, i, num_parts) for i in range(num_parts)):
         return True
     shutil.rmtree(out, ignore_errors=True) if created else _clear_ours(out)
     return False
@@ -295,7 +295,7 @@ def shard_bytes(lengths: np.ndarray, cfg: PreprocessConfig, itemsize: int) -> in
 def check_trained_tokens(store: SampleStore, cfg: PreprocessConfig, loss_tokens: int) -> None:
     """Refuse, before any shard is written, a train split whose packs would hold no trained token (every response
     cut off at --seq-length or dropped by --drop-long). Reads masks only until a trained token is found."""
-    from megapack.data.pack_writer import split_train_val
+    from megapack.data.packs.writer import split_train_val
 
     train, _ = split_train_val(len(store.length), cfg.val_fraction, cfg.seed)
     lengths = store.length[train]
@@ -322,20 +322,3 @@ def check_trained_tokens(store: SampleStore, cfg: PreprocessConfig, loss_tokens:
         f"{cut} cut at --seq-length {cfg.seq_length}, {dropped} dropped by --drop-long; expected at least one "
         "response token within --seq-length (raise --seq-length, or check --mask-history and the data)"
     )
-
-
-def _merge(work: Path, num_parts: int, dtype: np.dtype, store_cls):
-    """A SampleStore over all partitions, samples in global record order."""
-    files, part, offset, length, record = [], [], [], [], []
-    for i in range(num_parts):
-        d = Path(work) / f"part-{i:05d}-of-{num_parts:05d}"
-        table = np.load(d / "samples.npy")
-        files.append((d / "tokens.bin", d / "mask.bin"))
-        record.append(table[:, 0])
-        length.append(table[:, 1])
-        offset.append(np.cumsum(table[:, 1]) - table[:, 1])
-        part.append(np.full(len(table), i, dtype=np.int32))
-    order = np.argsort(np.concatenate(record), kind="stable")
-    cat = lambda xs: np.concatenate(xs)[order]  # noqa: E731
-    return store_cls.from_files(files, dtype, cat(part), cat(offset), cat(length))
-

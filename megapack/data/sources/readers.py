@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from megapack.data.conversation import BadRecord
+from megapack.data.sources.conversation import BadRecord
 from megapack.errors import MegapackError
 
 # Extensions LLaMA-Factory accepts (its FILEEXT2TYPE), mapped to our reader kinds.

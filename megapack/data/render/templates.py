@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megapack.data.conversation import (
+from megapack.data.sources.conversation import (
     ASSISTANT,
     FUNCTION_CALL,
     OBSERVATION,
@@ -42,7 +42,7 @@ from megapack.data.conversation import (
     Document,
     Sample,
 )
-from megapack.data.tokenizers import Tokenizer
+from megapack.data.render.tokenizers import Tokenizer
 from megapack.errors import MegapackError
 
 TEMPLATE_FORMAT_VERSION = 1  # bump when rendering semantics change, so template identities change with them

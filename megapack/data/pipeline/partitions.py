@@ -1,0 +1,104 @@
+"""The preprocessing work folder, in one place: which partition owns a record, and how a partition is written and
+read back.
+
+    OUT/.work/job.json                          fingerprint of what tokenization depends on
+    OUT/.work/part-IIIII-of-PPPPP/tokens.bin    token ids of the partition's samples, back to back
+                                 /mask.bin      their loss masks (uint8)
+                                 /samples.npy   int64 [n, 2]: global record number, token count
+                                 /part.json     statistics; its presence marks the partition finished
+
+Records are numbered across all inputs in order, bad ones included; record r belongs to partition
+(r // BLOCK) % P, so each partition can be tokenized on its own node. A partition is written under a temporary
+folder name and renamed when complete: a finished partition is reusable, a killed one is redone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from megapack.data.packs.writer import SampleStore
+
+WORK_DIR = ".work"
+JOB_FILE = "job.json"
+BLOCK = 256  # consecutive records per partition block
+DONE_FILE = "part.json"
+TOKENS_FILE, MASK_FILE, SAMPLES_FILE = "tokens.bin", "mask.bin", "samples.npy"
+
+
+def part_dir(work_dir: Path, index: int, num_parts: int) -> Path:
+    """Folder of partition `index` of `num_parts`."""
+    return Path(work_dir) / f"part-{index:05d}-of-{num_parts:05d}"
+
+
+def owned_records(items: Iterable[Any], index: int, num_parts: int) -> Iterator[tuple[int, Any]]:
+    """(record number, item) for the items of all inputs (in order) that partition `index` owns."""
+    for record, item in enumerate(items):
+        if (record // BLOCK) % num_parts == index:
+            yield record, item
+
+
+class PartitionWriter:
+    """Writes one partition under a temporary folder; `finish` renames it into place, `abort` removes it."""
+
+    def __init__(self, work_dir: Path, index: int, num_parts: int) -> None:
+        self.final = part_dir(work_dir, index, num_parts)
+        self.tmp = self.final.with_name(self.final.name + f".tmp{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.tokens = open(self.tmp / TOKENS_FILE, "wb")
+        self.mask = open(self.tmp / MASK_FILE, "wb")
+
+    def write(self, tokens: bytes, mask: bytes) -> None:
+        """Append encoded samples (token bytes in the shards' dtype, uint8 mask bytes)."""
+        self.tokens.write(tokens)
+        self.mask.write(mask)
+
+    def finish(self, records: np.ndarray, lengths: np.ndarray, stats: dict) -> None:
+        """Write the sample table and part.json, then publish the folder."""
+        self.tokens.close()
+        self.mask.close()
+        np.save(self.tmp / SAMPLES_FILE, np.stack([records, lengths], axis=1))
+        with open(self.tmp / DONE_FILE, "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=1)
+        shutil.rmtree(self.final, ignore_errors=True)
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        """Remove the unfinished folder."""
+        self.tokens.close()
+        self.mask.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def finished_partition(work_dir: Path, index: int, num_parts: int) -> dict | None:
+    """part.json of a finished partition, or None."""
+    try:
+        with open(part_dir(work_dir, index, num_parts) / DONE_FILE, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_partitions(work_dir: Path, num_parts: int, dtype: np.dtype) -> "SampleStore":
+    """A SampleStore over every partition's files, samples in global record order."""
+    from megapack.data.packs.writer import SampleStore
+
+    files, part, offset, length, record = [], [], [], [], []
+    for i in range(num_parts):
+        d = part_dir(work_dir, i, num_parts)
+        table = np.load(d / SAMPLES_FILE)
+        files.append((d / TOKENS_FILE, d / MASK_FILE))
+        record.append(table[:, 0])
+        length.append(table[:, 1])
+        offset.append(np.cumsum(table[:, 1]) - table[:, 1])
+        part.append(np.full(len(table), i, dtype=np.int32))
+    order = np.argsort(np.concatenate(record), kind="stable")
+    cat = lambda xs: np.concatenate(xs)[order]  # noqa: E731
+    return SampleStore.from_files(files, dtype, cat(part), cat(offset), cat(length))
