@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megapack.checksums import file_sha256
 from megapack.errors import MegapackError
 
 
@@ -119,7 +119,7 @@ def _cached(target: Path, asset: Asset) -> bool:
     if not target.is_file():
         return False
     expected = asset.member_sha256.get(target.name)
-    return expected is None or _sha256(target) == expected
+    return expected is None or file_sha256(target) == expected
 
 
 def _download(asset: Asset, dest: Path) -> Path:
@@ -158,7 +158,7 @@ def _extract(archive: Path, asset: Asset, staged: Path) -> None:
             raise MegapackError(f"{archive.name}: member {asset.member}{rel if is_dir else ''} not found")
         _check_sha(path, expected, f"{asset.dist} member {rel}")
     if is_dir:
-        files = {p.relative_to(staged).as_posix(): _sha256(p) for p in sorted(staged.rglob("*")) if p.is_file()}
+        files = {p.relative_to(staged).as_posix(): file_sha256(p) for p in sorted(staged.rglob("*")) if p.is_file()}
         (staged / _MANIFEST).write_text(json.dumps({"dist": asset.dist, "files": files}, indent=1) + "\n")
 
 
@@ -198,17 +198,9 @@ def _install(staged: Path, target: Path) -> None:
 
 
 def _check_sha(path: Path, expected: str, what: str) -> None:
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise MegapackError(f"{what}: sha256 {actual} does not match the pinned {expected}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

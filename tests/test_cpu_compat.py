@@ -69,30 +69,24 @@ def test_first_slurm_host(nodelist, first):
     assert distributed.first_slurm_host(nodelist) == first
 
 
-def _clear(monkeypatch):
+def _clear(monkeypatch, **env: str):
+    """Remove every launcher variable, then set `env`."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                  "SLURM_LOCALID", "SLURM_NODELIST", "SLURM_STEP_NODELIST", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
 
 
 def test_rank_from_torchrun_slurm_and_single_process(monkeypatch):
-    _clear(monkeypatch)
-    monkeypatch.setenv("RANK", "5")
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("MASTER_ADDR", "h")
-    monkeypatch.setenv("MASTER_PORT", "1")
-    assert distributed._rank_from_environment() == (5, 8, 1)
-
-    _clear(monkeypatch)
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_NTASKS", "16")
-    monkeypatch.setenv("SLURM_LOCALID", "3")
-    monkeypatch.setenv("SLURM_NODELIST", "dgx[12-13]")
-    monkeypatch.setenv("SLURM_JOB_ID", "123456")
-    assert distributed._rank_from_environment() == (3, 16, 3)
     import os
 
+    _clear(monkeypatch, RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1")
+    assert distributed._rank_from_environment() == (5, 8, 1)
+
+    _clear(monkeypatch, SLURM_PROCID="3", SLURM_NTASKS="16", SLURM_LOCALID="3", SLURM_NODELIST="dgx[12-13]",
+           SLURM_JOB_ID="123456")
+    assert distributed._rank_from_environment() == (3, 16, 3)
     assert os.environ["MASTER_ADDR"] == "dgx12" and os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
 
     _clear(monkeypatch)
@@ -101,8 +95,6 @@ def test_rank_from_torchrun_slurm_and_single_process(monkeypatch):
 
 
 def test_multi_process_without_master_addr_is_a_one_line_error(monkeypatch):
-    _clear(monkeypatch)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    _clear(monkeypatch, RANK="0", WORLD_SIZE="2")
     with pytest.raises(MegapackError, match="MASTER_ADDR"):
         distributed._rank_from_environment()

@@ -7,6 +7,7 @@ packed_seq_params (padded micro-batches) q is `[s, b, heads, dim]` and the resul
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from typing import Any
@@ -53,26 +54,25 @@ def _varlen_kwargs() -> dict[str, Any]:
     return kwargs
 
 
-def flash_available() -> bool:
-    """Whether flash-attn imports and CUDA is present."""
+def cuda_kernel_available(module: str, attribute: str | None = None) -> bool:
+    """Whether CUDA is present and `module` (and its `attribute`, when given) imports."""
     if not torch.cuda.is_available():
         return False
     try:
-        import flash_attn  # noqa: F401
+        found = importlib.import_module(module)
     except ImportError:
         return False
-    return True
+    return attribute is None or hasattr(found, attribute)
+
+
+def flash_available() -> bool:
+    """Whether flash-attn imports and CUDA is present."""
+    return cuda_kernel_available("flash_attn")
 
 
 def torch_varlen_available() -> bool:
     """Whether `torch.nn.attention.varlen.varlen_attn` exists and CUDA is present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return cuda_kernel_available("torch.nn.attention.varlen", "varlen_attn")
 
 
 class PackedCoreAttention(MegatronModule):

@@ -6,19 +6,13 @@ import functools
 import torch
 
 from megapack.errors import MegapackError
-from megapack.model.attention import PackedCoreAttention, flash_available, torch_varlen_available
+from megapack.model.attention import PackedCoreAttention, cuda_kernel_available, flash_available, torch_varlen_available
 from megapack.model.config import ATTENTION_BACKENDS
 
 
 def te_available() -> bool:
     """Whether transformer_engine imports and CUDA is present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return cuda_kernel_available("transformer_engine")
 
 
 def resolve_attention_backend(attention_backend: str = "auto", cross_sample_attention: bool = False) -> str:

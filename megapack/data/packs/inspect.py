@@ -1,20 +1,12 @@
 """Checks and views of a shard directory: verify checksums and structure, render a pack, plot distributions."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
+from megapack.checksums import file_sha256
 from megapack.data.packs.shards import MMIndex, ShardDataset, read_meta
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(path: str | Path) -> list[str]:
@@ -26,7 +18,7 @@ def verify(path: str | Path) -> list[str]:
         f = path / name
         if not f.exists():
             problems.append(f"{name}: missing")
-        elif _sha256(f) != sha:
+        elif file_sha256(f) != sha:
             problems.append(f"{name}: sha256 differs from meta.json")
     if problems:
         return problems
