@@ -91,3 +91,17 @@ def test_mistral_architecture_maps_like_llama():
                                             "sliding_window": None, "rope_scaling": None, "rope_theta": 1e6}
     cfg = transformer_config_from_hf(hf)
     assert cfg.num_query_groups == 2 and cfg.kv_channels == 16
+
+
+def test_half_precision_kernels_are_not_chosen_for_fp32(monkeypatch):
+    """Seen on an H200: `auto` picked torch_varlen for an fp32 run, whose kernel computes in bf16/fp16 only."""
+    import megapack.model.spec as spec
+
+    monkeypatch.setattr(spec, "torch_varlen_available", lambda: True)
+    monkeypatch.setattr(spec, "te_available", lambda: False)
+    monkeypatch.setattr(spec, "flash_available", lambda: False)
+    assert resolve_attention_backend("auto", bf16=True) == "torch_varlen"
+    assert resolve_attention_backend("auto", bf16=False) == "sdpa"
+    with pytest.raises(MegapackError) as info:
+        resolve_attention_backend("torch_varlen", bf16=False)
+    assert "bf16/fp16 only" in str(info.value) and "\n" not in str(info.value)

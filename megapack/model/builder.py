@@ -87,7 +87,7 @@ def build_model(
         raise MegapackError("build_model needs megatron's parallel state: call init_distributed() first")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    backend = resolve_attention_backend(attention_backend, cross_sample_attention)
+    backend = resolve_attention_backend(attention_backend, cross_sample_attention, bf16)
     config = transformer_config_from_hf(
         hf_config,
         attention_backend=backend,

@@ -15,8 +15,14 @@ def te_available() -> bool:
     return cuda_kernel_available("transformer_engine")
 
 
-def resolve_attention_backend(attention_backend: str = "auto", cross_sample_attention: bool = False) -> str:
-    """The concrete backend ('te', 'flash', 'torch_varlen' or 'sdpa'); `auto` picks the fastest available."""
+# flash-attn and torch's varlen kernels compute in fp16/bf16 only
+HALF_PRECISION_BACKENDS = ("flash", "torch_varlen")
+
+
+def resolve_attention_backend(attention_backend: str = "auto", cross_sample_attention: bool = False,
+                              bf16: bool = True) -> str:
+    """The concrete backend ('te', 'flash', 'torch_varlen' or 'sdpa'); `auto` picks the fastest available for the
+    precision (`bf16` False: an fp32 model, which the half-precision kernels cannot run)."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise MegapackError(f"attention_backend {attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
     checks = {
@@ -27,12 +33,15 @@ def resolve_attention_backend(attention_backend: str = "auto", cross_sample_atte
     }
     if attention_backend == "auto":
         order = ("flash", "torch_varlen", "sdpa") if cross_sample_attention else ("te", "flash", "torch_varlen", "sdpa")
-        return next(name for name in order if checks[name][0]())
+        return next(name for name in order if checks[name][0]() and (bf16 or name not in HALF_PRECISION_BACKENDS))
     if attention_backend == "te" and cross_sample_attention:
         raise MegapackError("cross_sample_attention is not available with attention_backend 'te'; use flash or sdpa")
     available, why = checks[attention_backend]
     if not available():
         raise MegapackError(f"attention_backend {attention_backend!r} is not available here: it {why}")
+    if not bf16 and attention_backend in HALF_PRECISION_BACKENDS:
+        raise MegapackError(f"attention_backend {attention_backend!r} computes in bf16/fp16 only; use "
+                            f"training.precision bf16, or attention_backend sdpa (or te) for fp32")
     return attention_backend
 
 

@@ -180,7 +180,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
         pad_id=int(meta.get("pad_id", DEFAULT_PAD_ID)), row_multiple=par.tp if par.sequence_parallel else 1,
         precision=precision,
         attention_backend=resolve_attention_backend(config.model.attention_backend,
-                                                    config.model.cross_sample_attention),
+                                                    config.model.cross_sample_attention, precision == "bf16"),
         async_save=bool(async_save), peak_flops=config.logging.peak_flops or device_peak_flops(device_name),
         total_steps=_total_steps(config, train_packs, gbs), train_packs=train_packs,
         tokenizer_identity=shard_tok, resume_from=str(resume) if resume is not None else None,
