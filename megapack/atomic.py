@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import secrets
 import threading
@@ -68,9 +69,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def json_safe(obj):
+    """obj with every non-finite float (NaN, ±inf: not JSON) replaced by None, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj, indent: int | None = None) -> str:
+    """Strict JSON text of obj (non-finite floats become null; never NaN or Infinity)."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: dict, indent: int = 2) -> None:
-    """Write obj as JSON (plus a final newline) atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+    """Write obj as strict JSON (plus a final newline) atomically."""
+    write_text_atomic(path, dumps_json(obj, indent=indent) + "\n")
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:

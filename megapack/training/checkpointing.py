@@ -67,6 +67,65 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why a published checkpoint cannot be loaded (a file missing or cut short), or None when it is complete.
+
+    Reads torch_dist's own index (`.metadata`) for the byte ranges every shard file must hold; no process group.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    for name in ("megapack.json", "common.pt", ".metadata"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as exc:  # noqa: BLE001 - any unreadable index means the same to the user
+        return f".metadata is unreadable ({type(exc).__name__})"
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size < size:
+            return f"{name} is cut short ({file.stat().st_size} of {size} bytes)"
+    return None
+
+
+def _published(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("iter_*") if _ITER_RE.match(p.name))
+
+
+def resume_checkpoint(root: str | os.PathLike, fallback: str = "refuse", key: str = "checkpoint.dir") -> Path | None:
+    """The checkpoint to resume from under root: the one `latest` names (else the newest published one), checked
+    complete. An incomplete one is refused in one line, or with fallback="previous" the newest complete older one
+    is used (said on stderr)."""
+    import sys
+
+    root = Path(root)
+    marker = root / "latest"
+    candidates = _published(root)
+    if marker.is_file():
+        named = root / marker.read_text().strip()
+        candidates = [p for p in candidates if p.name < named.name] + [named]
+    if not candidates:
+        return None
+    newest = candidates[-1]
+    problem = checkpoint_problem(newest) if newest.is_dir() else "the directory is missing"
+    if problem is None:
+        return newest
+    older = next((p for p in reversed(candidates[:-1]) if checkpoint_problem(p) is None), None)
+    if fallback == "previous" and older is not None:
+        print(f"warning: {newest} is incomplete ({problem}); resuming from {older} (checkpoint.fallback=previous)",
+              file=sys.stderr, flush=True)
+        return older
+    hint = f"set checkpoint.fallback=previous to resume from {older.name}" if older is not None \
+        else "no older complete checkpoint exists"
+    raise MegapackError(f"{key}: {newest} is incomplete ({problem}); {hint}")
+
+
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     """megapack.json of a checkpoint directory (model-only and training checkpoints share the format)."""
     return read_metadata(path)
@@ -172,6 +231,10 @@ class CheckpointSaver:
         self.sharding = optimizer_sharding
         self.queue = AsyncCallsQueue() if async_save else None
         self._pending: list[Path] = []
+
+    def latest(self) -> Path | None:
+        """The newest published checkpoint."""
+        return latest_checkpoint(self.root)
 
     def due(self, step: int) -> bool:
         """Whether the schedule checkpoints after `step` (the final checkpoint is saved by the caller)."""

@@ -86,6 +86,10 @@ class TrainingSection(_Strict):
     loss_reduction: Literal["token", "sample"] = "token"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = Field(1234, ge=0, lt=2**64)
+    # a NaN/inf loss or gradient: stop before the optimizer step (exit 1, no checkpoint of that state), or skip the
+    # step's update and go on, stopping after max_nonfinite_skips consecutive skipped steps
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = Field(3, ge=1)
     eval_interval: int | None = Field(None, ge=1)  # steps between validations (also run at the end)
     eval_max_batches: int | None = Field(None, ge=1)  # cap on validation micro-batches per DP rank
 
@@ -109,6 +113,11 @@ class CheckpointSection(_Strict):
     optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
     resume: Literal["latest", "never"] = "latest"  # latest: continue from dir/latest when it exists
     load: str | None = None  # resume from this checkpoint (iter_ dir or a checkpoint dir) while dir has none
+    # resuming with other shards than the checkpoint was trained on is refused; true continues on the new data from
+    # its first pack (weights, optimizer and step count kept)
+    reset_data_position: bool = False
+    # the newest checkpoint is incomplete or corrupt: refuse (one line), or resume from the newest complete older one
+    fallback: Literal["refuse", "previous"] = "refuse"
     export_hf: str | None = None  # write HF safetensors here at the end
 
 

@@ -135,20 +135,28 @@ class Trainer:
         if plan.resume_from is not None:
             state = load_checkpoint(plan.resume_from, self.parts.model, self.parts.optimizer, self.parts.scheduler)
         self.iteration = int(state["iteration"])
-        log_dir = config.logging.dir or config.checkpoint.dir
+        self.nonfinite_streak = 0
+        log_dir = None if self.finished else config.logging.dir or config.checkpoint.dir  # nothing rewritten
         self.metrics = RunMetrics(log_dir, is_logger=self.env.rank == 0, interval=config.logging.interval,
                                   tensorboard=config.logging.tensorboard, total_steps=plan.total_steps,
                                   hf_config=plan.hf_config, peak_flops=plan.peak_flops,
                                   world_size=plan.world_size, packing=plan.packing, totals=state.get("totals"))
         if plan.resume_from is not None:
-            self.metrics.log(f"resumed from {plan.resume_from} at step {self.iteration}")
-        self.data = build_data(config, plan, self.env.device, int(state["consumed_packs"]), self.metrics.log)
+            self.metrics.log(f"resumed from {plan.resume_from} at step {self.iteration}"
+                             + (" with the data position reset to the first pack" if plan.reset_data_position else ""))
+        consumed = 0 if plan.reset_data_position else int(state["consumed_packs"])
+        self.data = build_data(config, plan, self.env.device, consumed, self.metrics.log)
         ck = config.checkpoint
         self.saver = CheckpointSaver(ck.dir, keep_last=ck.keep_last, async_save=plan.async_save,
                                      save_interval=ck.save_interval, total_steps=plan.total_steps,
                                      optimizer_sharding=ck.optimizer_sharding) if ck.dir else None
-        if self.env.rank == 0 and ck.dir:
+        if self.env.rank == 0 and ck.dir and not self.finished:
             save_resolved_config(config, plan, ck.dir)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run had already reached plan.total_steps when this process started (nothing to train)."""
+        return self.plan.resume_step >= self.plan.total_steps
 
     def run(self, keep_process_group: bool = False) -> dict:
         """Train to plan.total_steps (or until SIGTERM/SIGUSR1); returns the run summary.
@@ -156,12 +164,18 @@ class Trainer:
         keep_process_group leaves torch.distributed up (several runs in one launch, e.g. tests).
         """
         plan, metrics, stop = self.plan, self.metrics, StopFlag()
+        if self.finished:  # a finished run is never rewritten by a process that trains nothing
+            metrics.log(f"{plan.resume_from}: the run already finished at step {plan.resume_step} of "
+                        f"{plan.total_steps}; nothing to train, its checkpoints and summary are left as they are")
+            self.close(keep_process_group)
+            return {"total_steps": plan.resume_step, "interrupted": False, "already_finished": True}
         metrics.log(f"training {plan.total_steps} steps on {self.config.data.path}: {plan.summary()}")
         interrupted = False
         try:
             while self.iteration < plan.total_steps:
                 record = self._train_one_step(stop)
                 metrics.record_step(self.iteration, record, self.data.sampler.epoch)
+                self._check_finite(record)
                 if self._eval_due():
                     self.validate()
                 if stop.signal and self.iteration < plan.total_steps:
@@ -192,7 +206,7 @@ class Trainer:
         t1 = time.perf_counter()
         if self.saver is not None:
             self._log_saved(self.saver.poll())
-            if self.saver.due(self.iteration):
+            if self.saver.due(self.iteration) and record["nonfinite"] is None:
                 self.save()
         t2 = time.perf_counter()
         # slowest rank's times; the same all-reduce tells every rank whether any got a stop signal
@@ -203,6 +217,27 @@ class Trainer:
         values = sync.tolist()
         stop.signal = int(values[-1]) or None
         return record | {"step_time_s": values[0], "time_checkpoint_s": values[1]} | dict(zip(keys, values[2:5]))
+
+    def _check_finite(self, record: dict) -> None:
+        """Apply training.on_nonfinite to a step whose loss or gradient was NaN/inf (its update was not applied)."""
+        from megapack.errors import MegapackError
+
+        if record["nonfinite"] is None:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        tr = self.config.training
+        if tr.on_nonfinite == "skip" and self.nonfinite_streak <= tr.max_nonfinite_skips:
+            self.metrics.log(f"step {self.iteration}: non-finite {record['nonfinite']}, update skipped "
+                             f"({self.nonfinite_streak} of at most {tr.max_nonfinite_skips} in a row)")
+            return
+        newest = None
+        if self.saver is not None:
+            self._log_saved(self.saver.wait())  # earlier checkpoints (finite states) are published, none of this one
+            newest = self.saver.latest()
+        key = "training.on_nonfinite" if tr.on_nonfinite == "stop" else "training.max_nonfinite_skips"
+        raise MegapackError(f"{key}: step {self.iteration}: the {record['nonfinite']} is not finite (loss "
+                            f"{record['loss']}); stopped before the optimizer step; newest checkpoint: {newest or 'none'}")
 
     def _eval_due(self) -> bool:
         interval = self.config.training.eval_interval
@@ -225,7 +260,7 @@ class Trainer:
             return
         t0 = time.perf_counter()
         meta = {"hf_config": self.plan.hf_config, "tokenizer_identity": self.plan.tokenizer_identity,
-                "plan": self.plan.summary()}
+                "data_identity": self.plan.data_identity, "plan": self.plan.summary()}
         state = {"consumed_packs": self.data.sampler.consumed_packs, "totals": dict(self.metrics.totals)}
         p = self.parts
         self.saver.save(self.iteration, p.model, p.optimizer, p.scheduler, state, meta=meta)

@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from megapack.atomic import dumps_json
 from megapack.training.data import STAT_KEYS
 
 # Dense bf16 peak FLOP/s per device (no sparsity), matched by substring of torch.cuda.get_device_name().
@@ -77,7 +78,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         """Log one record (needs a `step` key)."""
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.write(dumps_json(record) + "\n")
         if self._tb is not None:
             prefix = "valid/" if record.get("kind") == "valid" else "train/"
             for key, value in record.items():

@@ -46,7 +46,10 @@ class RunPlan(BaseModel):
     total_steps: int
     train_packs: int
     tokenizer_identity: str | None
+    data_identity: dict  # what the packs are: digest of the shard checksums, packing, seq_length
     resume_from: str | None
+    resume_step: int  # the step the resumed checkpoint was taken after (0 without one)
+    reset_data_position: bool  # resume with the data position at the first pack (checkpoint.reset_data_position)
     hf_config: dict
     shard_meta: dict
 
@@ -69,6 +72,25 @@ def same_tokenizer(a: str | None, b: str | None) -> bool | None:
 def tokenizer_identity(meta: dict) -> str | None:
     """The tokenizer identity of shard or checkpoint metadata (`tokenizer_identity`; older files: `tokenizer`)."""
     return meta.get("tokenizer_identity", meta.get("tokenizer"))
+
+
+def data_identity(meta: dict) -> dict:
+    """The identity of a shard directory's packs: sha256 over its files' checksums, the packing and seq_length."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(sorted(meta.get("sha256", {}).items())).encode()).hexdigest()
+    return {"digest": digest, "packing": meta.get("packing"), "seq_length": meta.get("seq_length")}
+
+
+def _check_same_data(config: TrainConfig, resume: Path, checkpoint_meta: dict, identity: dict) -> None:
+    saved = checkpoint_meta.get("data_identity")
+    if saved is None or saved == identity or config.checkpoint.reset_data_position:
+        return  # checkpoints written before data identities were recorded are not compared
+    differs = ", ".join(f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in identity if saved.get(k) != identity[k])
+    raise MegapackError(f"data.path: {config.data.path} holds other packs than {resume} was trained on ({differs}); "
+                        f"point data.path at those shards, or set checkpoint.reset_data_position=true to continue "
+                        f"on the new data from its first pack")
 
 
 def world_size_from_env() -> int:
@@ -127,12 +149,18 @@ def _total_steps(config: TrainConfig, train_packs: int, global_batch_size: int) 
 
 
 def _resume_point(config: TrainConfig) -> Path | None:
-    from megapack.training.checkpointing import latest_checkpoint
+    from megapack.training.checkpointing import checkpoint_problem, resume_checkpoint
 
     ck = config.checkpoint
-    resume = latest_checkpoint(ck.dir) if ck.dir and ck.resume == "latest" else None
+    resume = resume_checkpoint(ck.dir, ck.fallback) if ck.dir and ck.resume == "latest" else None
     if resume is None and ck.load:
-        resume = Path(ck.load) if (Path(ck.load) / "megapack.json").is_file() else latest_checkpoint(ck.load)
+        load = Path(ck.load)
+        if load.name.startswith("iter_"):
+            problem = checkpoint_problem(load)
+            if problem is not None:
+                raise MegapackError(f"checkpoint.load: {load} is incomplete ({problem})")
+            return load
+        resume = resume_checkpoint(load, ck.fallback, key="checkpoint.load")
         if resume is None:
             raise MegapackError(f"checkpoint.load: no complete checkpoint in {ck.load}")
     return resume
@@ -155,9 +183,11 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     _check_shards(config, meta)
     resume = _resume_point(config)
     ckpt_meta = None
+    identity = data_identity(meta)
     if resume is not None:
         ckpt_meta = read_checkpoint_meta(resume)
         check_resume_layout(resume, ckpt_meta, par.tp, par.pp)
+        _check_same_data(config, resume, ckpt_meta, identity)
     elif config.model.init == "megatron":
         ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
     dp, gbs, num_micro = batch_layout(config, world_size)
@@ -183,7 +213,10 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
                                                     config.model.cross_sample_attention, precision == "bf16"),
         async_save=bool(async_save), peak_flops=config.logging.peak_flops or device_peak_flops(device_name),
         total_steps=_total_steps(config, train_packs, gbs), train_packs=train_packs,
-        tokenizer_identity=shard_tok, resume_from=str(resume) if resume is not None else None,
+        tokenizer_identity=shard_tok, data_identity=identity,
+        resume_from=str(resume) if resume is not None else None,
+        resume_step=int(ckpt_meta.get("iteration") or 0) if resume is not None else 0,
+        reset_data_position=resume is not None and config.checkpoint.reset_data_position,
         hf_config=hf_config, shard_meta=meta,
     )
 

@@ -95,27 +95,48 @@ def run_schedule(model, batches: Iterator[dict], num_microbatches: int, row_leng
         num_microbatches=num_microbatches, seq_length=row_length, micro_batch_size=1, forward_only=forward_only)
 
 
+def nonfinite_gradients(model, device) -> bool:
+    """Whether any rank holds a NaN or infinite gradient (collective over the whole world)."""
+    import torch
+    import torch.distributed as dist
+
+    bad = torch.zeros(1, dtype=torch.float32, device=device)
+    for buffer in model.buffers + model.expert_parallel_buffers:
+        if not bool(torch.isfinite(buffer.grad_data).all()):
+            bad.fill_(1.0)
+            break
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
 def train_step(model, optimizer, scheduler, batches: Iterator[dict], num_microbatches: int, row_length: int,
                device) -> dict:
     """One optimizer step over the global batch; returns the step's metrics (the same on every rank).
 
-    `time_data_s` is the time spent waiting for micro-batches, `time_forward_backward_s` the schedule without it,
-    `time_optimizer_s` the optimizer and scheduler step.
+    A non-finite loss or gradient skips the optimizer and scheduler step (the weights stay as they were) and names
+    itself in `nonfinite` ("loss" or "gradient"; None otherwise). `time_data_s` is the time spent waiting for
+    micro-batches, `time_forward_backward_s` the schedule without it, `time_optimizer_s` the optimizer step.
     """
+    import math
+
     model.zero_grad_buffer()
     optimizer.zero_grad()
     timed, stats = TimedIterator(batches), []
     t0 = time.perf_counter()
     outputs = run_schedule(model, timed, num_microbatches, row_length, forward_only=False, stats=stats)
+    loss = reduce_loss(outputs, device)
+    nonfinite = "loss" if not math.isfinite(loss) else "gradient" if nonfinite_gradients(model, device) else None
     _sync()
     t1 = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-    ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
+    ok, grad_norm = False, None
+    if nonfinite is None:
+        ok, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
     _sync()
     t2 = time.perf_counter()
-    record = {"loss": reduce_loss(outputs, device), "grad_norm": float(grad_norm) if grad_norm is not None else None,
-              "lr": lr, "skipped": not ok, "time_data_s": timed.seconds,
+    record = {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else None, "lr": lr,
+              "skipped": not ok, "nonfinite": nonfinite, "time_data_s": timed.seconds,
               "time_forward_backward_s": t1 - t0 - timed.seconds, "time_optimizer_s": t2 - t1}
     return record | reduce_stats(stats, device)
 
