@@ -120,3 +120,34 @@ def test_an_incomplete_latest_checkpoint_is_refused_or_falls_back_when_asked(run
     (newest / "megapack.json").unlink()
     assert main(["train", "--config", str(path), "--check"]) == 1
     assert "(megapack.json is missing)" in capsys.readouterr().err
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_tmp(runs, tmp_path):
+    """A real ENOSPC: the checkpoint directory is a 20 MB tmpfs (a tiny-model checkpoint needs ~100 MB per rank)."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare --mount (root or user namespaces)")
+    mnt = tmp_path / "ck"
+    mnt.mkdir()
+    config = dict(runs["finished"], checkpoint={"dir": str(mnt), "save_interval": 1, "async_save": False},
+                  logging={"dir": str(tmp_path / "log"), "tensorboard": False})
+    path = write_yaml(tmp_path / "run.yaml", config)
+    cli = [sys.executable, "-m", "megapack", "train", "--config", str(path)]
+    script = (f"mount -t tmpfs -o size=20m tmpfs {mnt} || exit 99; {shlex.join(cli)}; rc=$?; "
+              f"find {mnt} -mindepth 1 | sed 's|^{mnt}/||'; exit $rc")
+    run = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if run.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs: {run.stderr.strip()}")
+    err = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and err.startswith(f"error: checkpoint.dir: writing {mnt}/iter_0000001.tmp failed "
+                                                  "(no space left on device)"), run.stderr[-3000:]
+    assert "bytes, " in err and "bytes are free" in err
+    assert "Traceback" not in run.stderr
+    left = run.stdout.split()
+    assert not [p for p in left if p.startswith("iter_")], left  # no .tmp (and nothing that looks complete)

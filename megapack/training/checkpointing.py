@@ -6,15 +6,17 @@ when async) and renamed when every rank has finished, so `latest` never points t
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from megapack.atomic import write_json_atomic, write_text_atomic
+from megapack.atomic import free_bytes, write_json_atomic, write_text_atomic
 from megapack.errors import MegapackError
 from megapack.model.checkpoint import FORMAT, MODEL_PREFIX, model_sharded_state_dict, read_metadata
 from megapack.training.adamw_fallback import (
@@ -27,103 +29,22 @@ from megapack.training.adamw_fallback import (
 DEFAULT_OPTIMIZER_SHARDING = "dp_reshardable"
 
 
-def _same_model_parallel(meta: dict, tp: int, pp: int) -> bool:
+def same_model_parallel(meta: dict, tp: int, pp: int) -> bool:
     """Whether a checkpoint (its megapack.json) was saved at this tensor- and pipeline-parallel size."""
     saved = meta.get("saved_with") or {}
     return saved.get("tp", tp) == tp and saved.get("pp", pp) == pp
 
 
-def check_resume_layout(path: Path, meta: dict, tp: int, pp: int) -> None:
-    """Refuse (one line) to resume a dp_reshardable optimizer state at another TP or PP; it re-slices only over DP."""
-    if meta.get("optimizer_sharding", DEFAULT_OPTIMIZER_SHARDING) == "dp_reshardable" \
-            and not _same_model_parallel(meta, tp, pp):
-        saved = meta.get("saved_with") or {}
-        raise MegapackError(
-            f"parallel.tp/parallel.pp: {path} was saved at tp={saved.get('tp')} pp={saved.get('pp')} with a "
-            f"dp_reshardable optimizer state, which resumes only at that tp/pp (any DP size); save with "
-            f"checkpoint.optimizer_sharding=fully_reshardable, or start a new run from its weights "
-            f"(model.init=megatron)")
-
-
 def _optim_metadata(sharding: str) -> dict:
     return {"distrib_optim_sharding_type": sharding, "singleton_local_shards": False}
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+ITER_RE = re.compile(r"^iter_(\d{7})$")  # a published checkpoint directory
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
     """Directory of the checkpoint taken after `iteration` optimizer steps."""
     return Path(root) / f"iter_{iteration:07d}"
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under root (from the `latest` file, else the highest iter_ directory)."""
-    root = Path(root)
-    marker = root / "latest"
-    if marker.is_file():
-        path = root / marker.read_text().strip()
-        if (path / "megapack.json").is_file():
-            return path
-    found = sorted(p for p in root.glob("iter_*") if _ITER_RE.match(p.name) and (p / "megapack.json").is_file())
-    return found[-1] if found else None
-
-
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why a published checkpoint cannot be loaded (a file missing or cut short), or None when it is complete.
-
-    Reads torch_dist's own index (`.metadata`) for the byte ranges every shard file must hold; no process group.
-    """
-    from torch.distributed.checkpoint import FileSystemReader
-
-    path = Path(path)
-    for name in ("megapack.json", "common.pt", ".metadata"):
-        if not (path / name).is_file():
-            return f"{name} is missing"
-    try:
-        storage = FileSystemReader(str(path)).read_metadata().storage_data
-    except Exception as exc:  # noqa: BLE001 - any unreadable index means the same to the user
-        return f".metadata is unreadable ({type(exc).__name__})"
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size < size:
-            return f"{name} is cut short ({file.stat().st_size} of {size} bytes)"
-    return None
-
-
-def _published(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("iter_*") if _ITER_RE.match(p.name))
-
-
-def resume_checkpoint(root: str | os.PathLike, fallback: str = "refuse", key: str = "checkpoint.dir") -> Path | None:
-    """The checkpoint to resume from under root: the one `latest` names (else the newest published one), checked
-    complete. An incomplete one is refused in one line, or with fallback="previous" the newest complete older one
-    is used (said on stderr)."""
-    import sys
-
-    root = Path(root)
-    marker = root / "latest"
-    candidates = _published(root)
-    if marker.is_file():
-        named = root / marker.read_text().strip()
-        candidates = [p for p in candidates if p.name < named.name] + [named]
-    if not candidates:
-        return None
-    newest = candidates[-1]
-    problem = checkpoint_problem(newest) if newest.is_dir() else "the directory is missing"
-    if problem is None:
-        return newest
-    older = next((p for p in reversed(candidates[:-1]) if checkpoint_problem(p) is None), None)
-    if fallback == "previous" and older is not None:
-        print(f"warning: {newest} is incomplete ({problem}); resuming from {older} (checkpoint.fallback=previous)",
-              file=sys.stderr, flush=True)
-        return older
-    hint = f"set checkpoint.fallback=previous to resume from {older.name}" if older is not None \
-        else "no older complete checkpoint exists"
-    raise MegapackError(f"{key}: {newest} is incomplete ({problem}); {hint}")
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:
@@ -234,6 +155,8 @@ class CheckpointSaver:
 
     def latest(self) -> Path | None:
         """The newest published checkpoint."""
+        from megapack.training.resume import latest_checkpoint
+
         return latest_checkpoint(self.root)
 
     def due(self, step: int) -> bool:
@@ -267,17 +190,40 @@ class CheckpointSaver:
         def publish() -> None:
             self._pending.append(_publish(self.root, iteration, self.keep_last, info))
 
-        if self.queue is None:
-            dist_checkpointing.save(state, str(tmp))
-            publish()
-            return
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
-        request.add_finalize_fn(publish)
-        self.queue.schedule_async_request(request)
+        self._needed = _state_bytes(state)
+        with self._failures(tmp):
+            if self.queue is None:
+                dist_checkpointing.save(state, str(tmp))
+                publish()
+                return
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+            request.add_finalize_fn(publish)
+            self.queue.schedule_async_request(request)
+
+    @contextmanager
+    def _failures(self, tmp: Path):
+        """A failed write (full disk, I/O error) becomes one line naming the path, the bytes needed and free; the
+        unfinished `.tmp` directory is removed, so nothing half-written stays behind or looks complete."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+        try:
+            yield
+        except MegapackError:
+            raise
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - the writer's OSError arrives wrapped
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = free_bytes(self.root)
+            full = _is_disk_full(exc) or (free is not None and free < self._needed)
+            reason = "no space left on device" if full else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            free_text = f"{free:,}" if free is not None else "an unknown number of"
+            raise MegapackError(f"checkpoint.dir: writing {tmp} failed ({reason}); this rank's part needs about "
+                                f"{self._needed:,} bytes, {free_text} bytes are free") from None
 
     def _finalize(self, blocking: bool) -> None:
         if self.queue is not None and self.queue.get_num_unfinalized_calls():
-            self.queue.maybe_finalize_async_calls(blocking=blocking)
+            pending = sorted(self.root.glob("iter_*.tmp"))
+            with self._failures(pending[-1] if pending else self.root / "iter_unknown.tmp"):
+                self.queue.maybe_finalize_async_calls(blocking=blocking)
 
     def poll(self) -> list[Path]:
         """Collective, cheap: publish checkpoints whose writers are done; returns the paths published since the
@@ -300,8 +246,32 @@ class CheckpointSaver:
             self.queue.close()
 
 
+def _state_bytes(state) -> int:
+    """Bytes of the tensors this rank writes (ShardedTensor data and plain tensors in a nested state dict)."""
+    import torch
+
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    data = getattr(state, "data", state)
+    return data.numel() * data.element_size() if isinstance(data, torch.Tensor) else 0
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    """Whether a (chained or nested) exception is a full disk or quota."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("iter_*") if _ITER_RE.match(p.name))
+    done = sorted(p for p in root.glob("iter_*") if ITER_RE.match(p.name))
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("iter_*.tmp"):
@@ -319,7 +289,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, loa
 
     path = Path(path)
     meta = read_checkpoint_meta(path)
-    load_rng = load_rng and _same_model_parallel(meta, ps.get_tensor_model_parallel_world_size(),
+    load_rng = load_rng and same_model_parallel(meta, ps.get_tensor_model_parallel_world_size(),
                                                  ps.get_pipeline_model_parallel_world_size())
     if load_optimizer and optimizer is not None:
         allocate_torch_adam_state(optimizer)

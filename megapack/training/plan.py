@@ -149,7 +149,7 @@ def _total_steps(config: TrainConfig, train_packs: int, global_batch_size: int) 
 
 
 def _resume_point(config: TrainConfig) -> Path | None:
-    from megapack.training.checkpointing import checkpoint_problem, resume_checkpoint
+    from megapack.training.resume import checkpoint_problem, resume_checkpoint
 
     ck = config.checkpoint
     resume = resume_checkpoint(ck.dir, ck.fallback) if ck.dir and ck.resume == "latest" else None
@@ -173,7 +173,8 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     from megapack.data.packs.shards import read_meta
     from megapack.model.config import check_parallel_sizes, load_hf_config
     from megapack.model.spec import resolve_attention_backend
-    from megapack.training.checkpointing import check_resume_layout, read_checkpoint_meta
+    from megapack.training.checkpointing import read_checkpoint_meta
+    from megapack.training.resume import check_resume_layout
     from megapack.training.metrics import device_peak_flops
 
     cuda = torch.cuda.is_available() if cuda is None else cuda

@@ -1,0 +1,94 @@
+"""Which checkpoint a run resumes from, and whether it can: complete on disk, saved at a layout this run can load.
+
+Everything here reads files only (no process group), so `preflight` and `megapack train --check` refuse a bad
+resume before any rank starts.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from megapack.errors import MegapackError
+from megapack.training.checkpointing import DEFAULT_OPTIMIZER_SHARDING, ITER_RE, same_model_parallel
+
+
+def check_resume_layout(path: Path, meta: dict, tp: int, pp: int) -> None:
+    """Refuse (one line) to resume a dp_reshardable optimizer state at another TP or PP; it re-slices only over DP."""
+    if meta.get("optimizer_sharding", DEFAULT_OPTIMIZER_SHARDING) == "dp_reshardable" \
+            and not same_model_parallel(meta, tp, pp):
+        saved = meta.get("saved_with") or {}
+        raise MegapackError(
+            f"parallel.tp/parallel.pp: {path} was saved at tp={saved.get('tp')} pp={saved.get('pp')} with a "
+            f"dp_reshardable optimizer state, which resumes only at that tp/pp (any DP size); save with "
+            f"checkpoint.optimizer_sharding=fully_reshardable, or start a new run from its weights "
+            f"(model.init=megatron)")
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under root (from the `latest` file, else the highest iter_ directory)."""
+    root = Path(root)
+    marker = root / "latest"
+    if marker.is_file():
+        path = root / marker.read_text().strip()
+        if (path / "megapack.json").is_file():
+            return path
+    found = sorted(p for p in root.glob("iter_*") if ITER_RE.match(p.name) and (p / "megapack.json").is_file())
+    return found[-1] if found else None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why a published checkpoint cannot be loaded (a file missing or cut short), or None when it is complete.
+
+    Reads torch_dist's own index (`.metadata`) for the byte ranges every shard file must hold; no process group.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    for name in ("megapack.json", "common.pt", ".metadata"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as exc:  # noqa: BLE001 - any unreadable index means the same to the user
+        return f".metadata is unreadable ({type(exc).__name__})"
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size < size:
+            return f"{name} is cut short ({file.stat().st_size} of {size} bytes)"
+    return None
+
+
+def _published(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("iter_*") if ITER_RE.match(p.name))
+
+
+def resume_checkpoint(root: str | os.PathLike, fallback: str = "refuse", key: str = "checkpoint.dir") -> Path | None:
+    """The checkpoint to resume from under root: the one `latest` names (else the newest published one), checked
+    complete. An incomplete one is refused in one line, or with fallback="previous" the newest complete older one
+    is used (said on stderr)."""
+    root = Path(root)
+    marker = root / "latest"
+    candidates = _published(root)
+    if marker.is_file():
+        named = root / marker.read_text().strip()
+        candidates = [p for p in candidates if p.name < named.name] + [named]
+    if not candidates:
+        return None
+    newest = candidates[-1]
+    problem = checkpoint_problem(newest) if newest.is_dir() else "the directory is missing"
+    if problem is None:
+        return newest
+    older = next((p for p in reversed(candidates[:-1]) if checkpoint_problem(p) is None), None)
+    if fallback == "previous" and older is not None:
+        print(f"warning: {newest} is incomplete ({problem}); resuming from {older} (checkpoint.fallback=previous)",
+              file=sys.stderr, flush=True)
+        return older
+    hint = f"set checkpoint.fallback=previous to resume from {older.name}" if older is not None \
+        else "no older complete checkpoint exists"
+    raise MegapackError(f"{key}: {newest} is incomplete ({problem}); {hint}")
