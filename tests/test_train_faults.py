@@ -151,3 +151,22 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_tmp(runs, tmp
     assert "Traceback" not in run.stderr
     left = run.stdout.split()
     assert not [p for p in left if p.startswith("iter_")], left  # no .tmp (and nothing that looks complete)
+
+
+def test_a_config_error_under_the_torchrun_launcher_is_one_line(tmp_path):
+    """examples/train_torchrun.sh checks the config before torchrun starts: our line, not a ChildFailedError."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"hf_dir": "/m"}, "data": {"path": "/d"},
+                                    "training": {"global_batch_size": 2, "train_stepz": 3}}))
+    env = dict(os.environ, NPROC="2", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    run = subprocess.run(["bash", str(root / "examples" / "train_torchrun.sh"), str(path)], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert run.returncode == 1 and run.stderr.strip() == f"error: {path}: training.train_stepz: unknown key", run.stderr
