@@ -361,7 +361,7 @@ def test_loss_decreases_over_50_steps_on_demo_data(inputs, one_proc):
     # held-out conversations improve too (50 steps are ~2 epochs of 27 packs: it overfits later, so no ordering)
     assert sorted(valid) == [25, 50] and valid[25] < curve[1] - 1.0
     summary = json.loads((w / "long" / "summary.json").read_text())
-    for column in ("epochs", "total_steps", "total_training_time_s", "steps_per_s", "samples_per_s",
+    for column in ("epochs", "total_steps", "total_training_time_s", "steps_per_s", "packs_per_s",
                    "conversations_per_s", "tokens_per_s"):
         assert summary[column] > 0, column
     assert summary["total_steps"] == 50

@@ -255,9 +255,9 @@ def test_model_flops_matches_transformers_parameter_count():
 
 def test_table_has_paper_columns():
     row = {"packing": "greedy", "epochs": 1.0, "total_steps": 10, "total_training_time_s": 5.0, "steps_per_s": 2.0,
-           "samples_per_s": 8.0, "conversations_per_s": 20.0, "tokens_per_s": 5000.0, "final_loss": 1.5}
+           "packs_per_s": 8.0, "conversations_per_s": 20.0, "tokens_per_s": 5000.0, "final_loss": 1.5}
     text = format_table([row])
-    for col in ("epochs", "steps", "time (s)", "steps/s", "samples/s", "conv/s", "tokens/s"):
+    for col in ("epochs", "steps", "time (s)", "steps/s", "packs/s", "conv/s", "tokens/s"):
         assert col in text.splitlines()[0]
     assert "greedy" in text and "2.000" in text
 

@@ -105,7 +105,7 @@ def summary(*, epochs: float, steps: int, train_time_s: float, packs: int, conve
         "total_steps": steps,
         "total_training_time_s": round(train_time_s, 3),
         "steps_per_s": steps / t,
-        "samples_per_s": packs / t,
+        "packs_per_s": packs / t,  # the paper's "samples/s": one sample is one pack
         "conversations_per_s": conversations / t,
         "tokens_per_s": tokens / t,
         "trained_tokens": target_tokens,
@@ -120,7 +120,7 @@ TABLE_COLUMNS = (
     ("total_steps", "steps", "{}"),
     ("total_training_time_s", "time (s)", "{:.1f}"),
     ("steps_per_s", "steps/s", "{:.3f}"),
-    ("samples_per_s", "samples/s", "{:.2f}"),
+    ("packs_per_s", "packs/s", "{:.2f}"),
     ("conversations_per_s", "conv/s", "{:.2f}"),
     ("tokens_per_s", "tokens/s", "{:.0f}"),
     ("final_loss", "loss", "{:.4f}"),

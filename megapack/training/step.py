@@ -87,7 +87,10 @@ def _sync() -> None:
 
 def run_schedule(model, batches: Iterator[dict], num_microbatches: int, row_length: int, *,
                  forward_only: bool, stats: list) -> list:
-    """megatron's forward(-backward) schedule over THD rows (one row of `row_length` tokens per micro-batch)."""
+    """megatron's forward(-backward) schedule over THD rows (one row of `row_length` tokens per micro-batch).
+
+    megatron's own micro_batch_size is 1 here: one THD row, which holds megapack's `micro_batch_size` packs.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     return get_forward_backward_func()(
