@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# Single node: `bash examples/train_torchrun.sh configs/llama3_8b_packed_sft.yaml [key.sub=value ...]`
+# Single node: `bash examples/train_torchrun.sh configs/llama3_8b_packed_sft.yaml [key.sub=value ...]`, from any
+# directory (relative paths resolve there) and without activating an environment (see find_megapack.sh).
 # NPROC defaults to the number of GPUs (2 CPU processes without a GPU). With configs/tiny_cpu.yaml and missing
-# inputs, it first builds the tiny model and the demo shards.
+# inputs, it first builds the tiny model and the demo shards (under ./runs, where the config expects them).
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-config="${1:-$root/configs/tiny_cpu.yaml}"
+source "$(dirname "${BASH_SOURCE[0]}")/find_megapack.sh"
+config="${1:-$MEGAPACK_ROOT/configs/tiny_cpu.yaml}"
 shift || true
-cd "$root"
 if [[ -z "${NPROC:-}" ]]; then
-    NPROC=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
+    NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 if [[ "$(basename "$config")" == "tiny_cpu.yaml" ]]; then
-    [[ -f runs/tiny-hf/config.json ]] || python -c \
+    [[ -f runs/tiny-hf/config.json ]] || "$PYTHON" -c \
         "from megapack.model.tiny_checkpoint import write_tiny_checkpoint as w; w('runs/tiny-hf')"
     if [[ ! -f runs/demo-shards/meta.json ]]; then
-        data=$(python -c "from megapack.assets import fetch; print(fetch('llamafactory-data'))")
-        tok=$(python -c "from megapack.assets import fetch; print(fetch('llama3-tokenizer'))")
+        data=$("$PYTHON" -c "from megapack.assets import fetch; print(fetch('llamafactory-data'))")
+        tok=$("$PYTHON" -c "from megapack.assets import fetch; print(fetch('llama3-tokenizer'))")
         megapack preprocess --dataset alpaca_en_demo --dataset-dir "$data" --tokenizer-model "$tok" \
             --seq-length 512 --packing bfd --val-fraction 0.05 --output-dir runs/demo-shards --no-progress
     fi
@@ -23,4 +23,5 @@ fi
 # validate config, shards and layout before starting any process group
 megapack train --config "$config" --check --world-size "$NPROC" "$@" >/dev/null
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" CUDA_DEVICE_MAX_CONNECTIONS=1
-exec torchrun --standalone --nproc_per_node="$NPROC" --no-python megapack train --config "$config" "$@"
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" --no-python \
+    megapack train --config "$config" "$@"

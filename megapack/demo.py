@@ -117,10 +117,10 @@ def train_all(cfg: DemoConfig, workdir: Path, hf_dir: Path) -> list[dict]:
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
-        for line in proc.stdout:  # the whole log goes to the file; each run's first line also to the terminal
+        for line in proc.stdout:  # the whole log goes to the file; rank 0's run and step lines also to the terminal
             fh.write(line)
-            if line.startswith("training "):
-                print("  " + line.split(": {")[0], flush=True)
+            if line.startswith(("training ", "step ")):
+                print("  " + line.split(": {")[0].rstrip(), flush=True)
         proc.wait()
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-15:]

@@ -11,6 +11,8 @@ KNOWN_HARMLESS_WARNINGS = (
     r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
     r".*is deprecated. Please use `torch.distributed.*",
     r".*non-leaf Tensor.*",
+    r".*`load_state_dict` is deprecated and will be removed in future versions.*",  # megatron's torch_dist loader
+    r".*Please use DTensor instead and we are deprecating ShardedTensor.*",  # torch, under megatron's checkpoints
 )
 
 

@@ -321,3 +321,19 @@ def test_cli_reports_config_errors_on_one_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump(BASE))
     assert main(["train", "--config", str(path), "--check", "data.path=" + str(tmp_path / "none")]) == 1
     assert "meta.json" in capsys.readouterr().err
+
+
+def test_warmup_starts_above_zero_so_the_first_step_trains():
+    import torch
+
+    from megapack.training.config import OptimizerSection
+    from megapack.training.optim import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cfg = OptimizerSection(lr=0.4, warmup_steps=3, decay_style="constant")
+    sched = build_scheduler(cfg, opt, total_steps=6)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        sched.step(increment=1)
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4])  # lr * k / (warmup + 1), then the full rate

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         module = importlib.import_module(f"megapack.cli.{module_name}")
         module.add_arguments(sub)
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `megapack` console script; returns the process exit code."""
+    from megapack.quiet import quiet_warnings
+
+    quiet_warnings()  # every subcommand: the known, harmless library warnings stay out of the user's output
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -12,11 +12,13 @@ TOKENIZER_SUBDIR = "tokenizer"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Two forms: `hf-to-megatron --hf-dir D --output-dir C` and `megatron-to-hf --checkpoint-dir C --output-dir D`."""
-    sub = parser.add_subparsers(dest="direction", required=True)
-    to_mcore = sub.add_parser("hf-to-megatron", help="HF safetensors -> topology-independent torch_dist checkpoint")
+    sub = parser.add_subparsers(dest="direction", required=True, help="hf-to-megatron or megatron-to-hf")
+    to_mcore = sub.add_parser("hf-to-megatron", help="HF safetensors -> topology-independent torch_dist checkpoint",
+                              formatter_class=parser.formatter_class)
     to_mcore.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
     to_mcore.add_argument("--output-dir", required=True, help="new (empty) checkpoint directory")
-    to_hf = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> HF config.json + safetensors")
+    to_hf = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> HF config.json + safetensors",
+                           formatter_class=parser.formatter_class)
     to_hf.add_argument("--checkpoint-dir", required=True, help="megapack torch_dist checkpoint directory")
     to_hf.add_argument("--output-dir", required=True, help="new (empty) Hugging Face directory")
     to_hf.add_argument("--tokenizer-dir", default=None,

@@ -20,10 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Plan every config (before any process group), then train them in order."""
     from megapack.training.config import load_config
-    from megapack.quiet import quiet_warnings
     from megapack.training.plan import preflight
 
-    quiet_warnings()
     configs = [load_config(path, args.overrides) for path in args.config]
     plans = [preflight(config, args.world_size) for config in configs]  # every check passes before the first run
     if args.check:

@@ -170,6 +170,7 @@ class Trainer:
             self.close(keep_process_group)
             return {"total_steps": plan.resume_step, "interrupted": False, "already_finished": True}
         metrics.log(f"training {plan.total_steps} steps on {self.config.data.path}: {plan.summary()}")
+        metrics.start(self.iteration)
         interrupted = False
         try:
             while self.iteration < plan.total_steps:

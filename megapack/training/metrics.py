@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -174,10 +175,33 @@ class RunMetrics:
         self.totals = dict.fromkeys(TOTAL_KEYS, 0) | dict(totals or {})
         self.last_loss: float | None = None
         self.valid_loss: float | None = None
+        self.started, self.first_step = time.perf_counter(), None
+        self.bar = None  # a tqdm bar on a terminal (rank 0); plain lines otherwise (Slurm logs, files)
+
+    def start(self, step: int) -> None:
+        """The loop begins after `step` steps (0, or a resumed run's step): the clock for elapsed time and ETA."""
+        import sys
+
+        self.started, self.first_step = time.perf_counter(), step
+        if self.is_logger and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True)
+
+    def _clock(self, step: int) -> str:
+        """Elapsed time of this process's steps and the time left at their average pace."""
+        elapsed = time.perf_counter() - self.started
+        done = step - (self.first_step or 0)
+        left = elapsed / max(done, 1) * (self.total_steps - step)
+        return f"elapsed {_hms(elapsed)} eta {_hms(left)}"
 
     def log(self, text: str) -> None:
-        """Print a line on the logger rank."""
-        if self.is_logger:
+        """Print a line on the logger rank (above the progress bar when there is one)."""
+        if not self.is_logger:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
             print(text, flush=True)
 
     def should_log(self, step: int) -> bool:
@@ -209,11 +233,15 @@ class RunMetrics:
     def _emit(self, step: int, rec: dict) -> None:
         rec = {"kind": "train", "step": step} | {k: v for k, v in rec.items() if k != "seq_sq_sum"}
         self.writer.write(rec)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {rec['loss']:.4f} tok/s {rec['tokens_per_s']:.0f}", refresh=False)
+            return
         mfu = f" mfu {rec['mfu']:.3f}" if "mfu" in rec else ""
         gn = f"{rec['grad_norm']:.3f}" if rec["grad_norm"] is not None else "-"
         self.log(f"step {step}/{self.total_steps} loss {rec['loss']:.6f} lr {rec['lr']:.3e} grad_norm {gn} "
                  f"conv {rec['conversations']} tok/s {rec['tokens_per_s']:.0f} conv/s {rec['conversations_per_s']:.2f} "
-                 f"packs/s {rec['packs_per_s']:.2f} pad {rec['padding_fraction']:.3f}{mfu}")
+                 f"packs/s {rec['packs_per_s']:.2f} pad {rec['padding_fraction']:.3f}{mfu} {self._clock(step)}")
 
     def record_validation(self, step: int, loss: float) -> None:
         """Log a validation loss."""
@@ -237,5 +265,14 @@ class RunMetrics:
         return result
 
     def close(self) -> None:
-        """Close the sinks."""
+        """Close the sinks and the progress bar."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         self.writer.close()
+
+
+def _hms(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

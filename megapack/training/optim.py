@@ -50,13 +50,17 @@ def build_optimizer(cfg: OptimizerSection, model_chunks: list, bf16: bool):
 
 
 def build_scheduler(cfg: OptimizerSection, optimizer, total_steps: int):
-    """megatron's OptimizerParamScheduler counted in optimizer steps: linear warmup from 0, then decay to min_lr."""
+    """megatron's OptimizerParamScheduler counted in optimizer steps: linear warmup, then decay to min_lr.
+
+    With W warmup steps, step k (1-based) uses lr * k / (W + 1) up to step W + 1, which uses the full rate: the
+    first step already trains (a warmup from 0 would waste it: a 2-step run would train once).
+    """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     warm = warmup_steps(cfg, total_steps)
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0,
+        init_lr=cfg.lr / (warm + 1) if warm else 0.0,
         max_lr=cfg.lr,
         min_lr=cfg.min_lr,
         lr_warmup_steps=warm,
