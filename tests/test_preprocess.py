@@ -186,3 +186,19 @@ def test_bad_arguments_one_line_and_nothing_left(tmp_path, llama3_tokenizer_path
     assert (full / "meta.json").exists() and (full / "keep.txt").read_text() == "mine"
     assert main([*base, "--input", str(good), "--output-dir", str(full)]) == 1
     assert "already holds finished shards" in capsys.readouterr().err
+
+
+def test_progress_totals_match_the_records_each_partition_reads(tmp_path, llamafactory_data_dir):
+    """The tokenizing bar's total: records counted cheaply per file, then the share each partition owns."""
+    from megapack.data.pipeline.partitions import owned_count, owned_records
+    from megapack.data.sources.readers import count_records, iter_records
+
+    for n in (0, 1, 255, 256, 257, 1000, 2049):
+        for parts in (1, 2, 3, 4):
+            counts = [owned_count(n, i, parts) for i in range(parts)]
+            assert counts == [sum(1 for _ in owned_records(range(n), i, parts)) for i in range(parts)]
+            assert sum(counts) == n
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"text": "a"}\n\nnot json\n{"text": "b"}\n')
+    for path in (llamafactory_data_dir / "alpaca_en_demo.json", llamafactory_data_dir / "c4_demo.jsonl", mixed):
+        assert count_records(str(path)) == sum(1 for _ in iter_records(str(path))) > 0, path

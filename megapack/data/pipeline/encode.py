@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megapack.data.pipeline.partitions import PartitionWriter, owned_records
+from megapack.data.pipeline.partitions import PartitionWriter, owned_count, owned_records
 from megapack.data.sources.conversation import BadRecord, SkipReport
 from megapack.errors import MegapackError
 
@@ -127,7 +127,11 @@ def tokenize_partition(
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(desc=f"tokenize part {index + 1}/{num_parts}", unit=" samples", mininterval=1.0, smoothing=0.1)
+            from megapack.data.sources.readers import count_records
+
+            total = owned_count(sum(count_records(f) for spec in specs for f in spec.files), index, num_parts)
+            bar = tqdm(desc=f"tokenize part {index + 1}/{num_parts}", total=total, unit=" records", mininterval=1.0,
+                       smoothing=0.1)
         pending: deque = deque()
 
         def drain_one() -> None:
@@ -145,11 +149,12 @@ def tokenize_partition(
             rec_chunks.append(np.array(recs, dtype=np.int64))
             len_chunks.append(lengths)
             if bar is not None:
-                bar.update(len(lengths))
                 bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
 
         for recs, batch, consumed in _owned_batches(specs, index, num_parts, on_error, report):
             n_records += consumed
+            if bar is not None:
+                bar.update(consumed)
             if not batch:
                 continue
             sources = [getattr(sample, "source", "") for sample in batch]

@@ -44,6 +44,12 @@ def owned_records(items: Iterable[Any], index: int, num_parts: int) -> Iterator[
             yield record, item
 
 
+def owned_count(num_records: int, index: int, num_parts: int) -> int:
+    """How many of `num_records` records partition `index` owns."""
+    full_rounds, rest = divmod(num_records, BLOCK * num_parts)
+    return full_rounds * BLOCK + min(max(rest - index * BLOCK, 0), BLOCK)
+
+
 class PartitionWriter:
     """Writes one partition under a temporary folder; `finish` renames it into place, `abort` removes it."""
 
