@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import yaml
 
@@ -16,6 +17,10 @@ def test_demo_trains_every_arm_in_one_launch(tmp_path, llama3_tokenizer_path, ll
     out = capsys.readouterr().out
     rows = json.loads((workdir / "table3.json").read_text())["runs"]
     assert [r["packing"] for r in rows] == ["padding", "greedy"]
+    # the console shows rank 0's per-step lines, with elapsed time and ETA
+    steps = [line for line in out.splitlines() if re.match(r"  step \d+/\d+ loss ", line)]
+    assert len(steps) == sum(r["total_steps"] for r in rows), out
+    assert all(" elapsed " in line and " eta " in line for line in steps)
     log = (workdir / "train" / "train.log").read_text()
     assert log.count("training ") >= 2 and f"training {rows[0]['total_steps']} steps on" in out
     for row in rows:
