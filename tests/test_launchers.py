@@ -41,3 +41,12 @@ def test_launchers_say_how_to_get_megapack_when_there_is_none(tmp_path):
                          env=_bare_env(), capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and run.stderr.strip().startswith(f"error: no megapack on PATH and no {fake}/.venv")
     assert "examples/quickstart.sh" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_quickstart_from_another_directory_writes_there(tmp_path):
+    run = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh"), "--no-train", "--num-samples", "16",
+                          "--packings", "greedy"], cwd=tmp_path, env=_bare_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (tmp_path / "runs" / "demo" / "shards" / "greedy" / "meta.json").is_file()
+    assert (tmp_path / "runs" / "demo" / "data" / "dataset_info.json").is_file()
