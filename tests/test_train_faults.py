@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from train_helpers import base_config, launch, losses, make_demo_shards, make_tiny_hf, write_yaml
+from train_helpers import base_config, demo_inputs, launch, losses, write_yaml
 
 EXPLODING = {"lr": 1e6, "warmup_steps": 0, "decay_style": "constant", "clip_grad": 0.0}
 
@@ -15,9 +15,7 @@ EXPLODING = {"lr": 1e6, "warmup_steps": 0, "decay_style": "constant", "clip_grad
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
     w = tmp_path_factory.mktemp("faults")
-    hf = make_tiny_hf(w / "hf")
-    greedy = make_demo_shards(llamafactory_data_dir, llama3_tokenizer_path, w / "greedy", "greedy")
-    padding = make_demo_shards(llamafactory_data_dir, llama3_tokenizer_path, w / "padding", "padding")
+    hf, greedy, padding = demo_inputs(w, llama3_tokenizer_path, llamafactory_data_dir)
     saving = {"save_interval": 1, "keep_last": 2, "async_save": False}
 
     def cfg(name: str, shards=greedy, **sections):

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import pytest
 
-from train_helpers import base_config, launch, losses, make_demo_shards, make_tiny_hf
+from train_helpers import base_config, demo_inputs, launch, losses
 
 STEPS = 6  # every layout run, the killed run and its resumptions share this schedule
 LONG_OPTIMIZER = {"lr": 3e-3, "warmup_steps": 0, "decay_style": "constant"}  # the 50-step run and the bf16 run
@@ -39,9 +39,7 @@ SAVING = {"save_interval": 2, "keep_last": 2, "async_save": True}
 def inputs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
     """The tiny HF model, greedy and padding shards of the demo data, and a config builder for the runs."""
     w = tmp_path_factory.mktemp("train")
-    hf = make_tiny_hf(w / "hf")
-    greedy = make_demo_shards(llamafactory_data_dir, llama3_tokenizer_path, w / "greedy", "greedy")
-    padding = make_demo_shards(llamafactory_data_dir, llama3_tokenizer_path, w / "padding", "padding")
+    hf, greedy, padding = demo_inputs(w, llama3_tokenizer_path, llamafactory_data_dir)
 
     def cfg(name: str, **sections):
         merged = {"training": {"global_batch_size": 2, "train_steps": STEPS}}

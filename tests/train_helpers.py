@@ -53,6 +53,12 @@ def make_demo_shards(data_dir: Path, tokenizer: Path, out: Path, packing: str, *
     return out
 
 
+def demo_inputs(w: Path, tokenizer: Path, data_dir: Path) -> tuple[Path, Path, Path]:
+    """(tiny HF model, greedy shards, padding shards) of the first 48 demo conversations, under w."""
+    hf = make_tiny_hf(w / "hf")
+    return hf, *(make_demo_shards(data_dir, tokenizer, w / packing, packing) for packing in ("greedy", "padding"))
+
+
 def base_config(hf_dir: Path, shards: Path, run_dir: Path, **sections) -> dict:
     """A run config dict: tiny model, given shards, fp32, constant LR, no dropout; sections override keys."""
     cfg = {

@@ -12,9 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from typing import TYPE_CHECKING
+
 from megapack.quiet import quiet_warnings
 from megapack.training.config import OptimizerSection, TrainConfig
 from megapack.training.plan import RunPlan, preflight, save_resolved_config
+
+if TYPE_CHECKING:
+    from megapack.training.data import PackBatches
 
 class StopFlag:
     """SIGTERM / SIGUSR1 (Slurm preemption, time limit) set a flag; the loop checkpoints at the next step boundary."""
