@@ -1,6 +1,7 @@
 """The quickstart's main job: real tokenizer and demo data, a tiny LLaMA-3-architecture model, four packings, Table 3."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -129,9 +130,10 @@ def train_all(cfg: DemoConfig, workdir: Path, hf_dir: Path) -> list[dict]:
 
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
-    """Preprocess with every packing, train each arm briefly, print and save the Table 3 comparison."""
+    """Preprocess with every packing, train each arm briefly, print and save the Table 3 comparison and a report."""
     from megapack.data.packs.stats import table
     from megapack.atomic import write_json_atomic
+    from megapack.report.document import write_report
     from megapack.training.metrics import format_table
 
     workdir = Path(cfg.workdir)
@@ -153,4 +155,11 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     print(format_table(results))
     write_json_atomic(workdir / "table3.json", {"runs": results})
     print(f"saved {workdir / 'table3.json'}")
+    runs = [workdir / "train" / packing for packing in cfg.packings]
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"no report: matplotlib is not installed (pip install 'megapack[plot]', then "
+              f"`megapack report {workdir / 'train'}`)")
+        return results
+    report = write_report(runs, workdir / "report")
+    print(f"report (loss, throughput and padding figures): {report.path}")
     return results

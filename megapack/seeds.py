@@ -48,3 +48,8 @@ def seed_sequence(seed: int, purpose: str, *keys: int) -> np.random.SeedSequence
 def rng(seed: int, purpose: str, *keys: int) -> np.random.Generator:
     """A numpy Generator for `purpose` (and keys) under `seed`, independent of every other purpose's stream."""
     return np.random.Generator(np.random.PCG64(seed_sequence(seed, purpose, *keys)))
+
+
+def epoch_order(num_packs: int, seed: int, epoch: int) -> np.ndarray:
+    """The trainer's pack order in `epoch` (`training.seed`): the same on every rank and for every parallel layout."""
+    return rng(seed, "epoch_order", epoch).permutation(num_packs)

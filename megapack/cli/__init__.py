@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "train": ("train", "packed SFT with megatron-core (launch with torchrun or srun)"),
     "convert": ("convert", "convert checkpoints between Hugging Face and megatron torch_dist"),
     "inspect": ("inspect", "show statistics of a shard directory, verify it, print a pack"),
+    "report": ("report", "compare finished runs: Table 3 columns and loss/throughput/padding figures in report.md"),
     "demo": ("demo", "run the quickstart's main job on embedded defaults"),
 }
 

@@ -12,7 +12,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true", help="re-check every checksum and structural invariant")
     parser.add_argument("--show", type=int, action="append", metavar="I", help="print pack I, trained tokens in «»")
     parser.add_argument("--tokenizer-model", help="tokenizer for --show (default: the one recorded in meta.json)")
-    parser.add_argument("--plot", metavar="OUT.png", help="draw the sample-length histogram and the pack fill")
+    parser.add_argument("--plot", metavar="OUT.png", help="draw the sample-length histogram and the pack fill, with "
+                        "the split's numbers (padding shards: the fill of the trainer's padded micro-batches)")
+    parser.add_argument("--micro-batch-size", type=int, default=1, metavar="N",
+                        help="padding shards, --plot: conversations per micro-batch, as training.micro_batch_size "
+                             "(default 1, its default); each micro-batch is padded to its longest, rounded up to 8")
+    parser.add_argument("--train-seed", type=int, default=1234, metavar="S",
+                        help="padding shards, --plot: training.seed (default 1234, its default), which orders "
+                             "epoch 0's train micro-batches")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +28,11 @@ def run(args: argparse.Namespace) -> int:
     from megapack.data.packs.shards import read_meta, ShardDataset
     from megapack.data.packs.stats import summary_rows, table
     from megapack.errors import MegapackError
+    from megapack.seeds import check_seed
 
+    check_seed(args.train_seed, "--train-seed")
+    if args.micro_batch_size < 1:
+        raise MegapackError(f"--micro-batch-size {args.micro_batch_size}: expected at least 1")
     meta = read_meta(args.dir)
     print(f"{args.dir}:\n{table(summary_rows(meta))}")
     status = 0
@@ -48,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
                 raise MegapackError(f"--show {i}: expected a pack index in [0, {len(ds)})")
             print(render_pack(ds, i, tokenizer))
     if args.plot:
-        plot(ds, args.plot)
+        numbers = plot(ds, args.plot, args.micro_batch_size, args.train_seed)
+        if "padding_fraction" in numbers:
+            print(f"padded micro-batches (micro_batch_size {args.micro_batch_size}): {numbers['micro_batches']:,}, "
+                  f"{numbers['padding_fraction']:.1%} of the tokens computed are padding")
         print(f"wrote {args.plot}")
     return status

@@ -8,13 +8,10 @@ from functools import partial
 import numpy as np
 
 from megapack import seeds
+from megapack.data.packs.stats import PADDED_ARM_MULTIPLE
 
 # Per-micro-batch counters, in this order, carried next to the tensors (summed over DP ranks for metrics).
 STAT_KEYS = ("real_tokens", "total_tokens", "target_tokens", "conversations", "packs", "seq_sq_sum")
-
-
-# The padding arm pads each micro-batch to its longest conversation, rounded up to this many tokens.
-PADDED_ARM_MULTIPLE = 8
 
 
 @dataclass
@@ -126,7 +123,7 @@ def zero_weight(batch: MicroBatch) -> MicroBatch:
 
 def epoch_permutation(num_packs: int, seed: int, epoch: int) -> np.ndarray:
     """The pack order of one epoch (same on every rank and for every parallel layout)."""
-    return seeds.rng(seed, "epoch_order", epoch).permutation(num_packs)
+    return seeds.epoch_order(num_packs, seed, epoch)
 
 
 class TrainSampler:

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
+from megapack import seeds
 from megapack.checksums import file_sha256
 from megapack.data.packs.shards import MMIndex, ShardDataset, read_meta
+from megapack.data.packs.stats import padded_micro_batches
 
 
 def verify(path: str | Path) -> list[str]:
@@ -94,24 +96,73 @@ def pack_fill(ds: ShardDataset) -> np.ndarray:
     return ds.pack_lengths() / ds.meta["seq_length"]
 
 
-def plot(ds: ShardDataset, out: str | Path) -> None:
-    """Sample-length histogram and pack-fill distribution, saved as an image."""
+def micro_batch_fill(ds: ShardDataset, micro_batch_size: int, train_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(real, computed) tokens of each micro-batch the trainer builds from a `padding` split: the train split in
+    epoch 0's order under `train_seed` (training.seed), the val split in shard order."""
+    n = len(ds)
+    order = seeds.epoch_order(n, train_seed, 0) if ds.split == "train" else np.arange(n)
+    return padded_micro_batches(ds.pack_lengths(real=True), order, micro_batch_size)
+
+
+def plot_numbers(ds: ShardDataset, micro_batch_size: int = 1, train_seed: int = 1234) -> dict:
+    """The numbers `plot` prints on its figure: the split's packing statistics, plus the trainer's padding for
+    `padding` shards."""
+    s = ds.meta["splits"][ds.split]
+    out = {"packing": ds.meta["packing"], "seq_length": ds.meta["seq_length"], "split": ds.split,
+           "num_samples": s["num_samples"], "truncated": s["truncated"], "num_packs": s["num_packs"],
+           "lower_bound_packs": s["lower_bound_packs"], "packing_efficiency": s["packing_efficiency"]}
+    if ds.meta["packing"] == "padding":
+        real, computed = micro_batch_fill(ds, micro_batch_size, train_seed)
+        out |= {"micro_batch_size": micro_batch_size, "train_seed": train_seed, "micro_batches": len(real),
+                "real_tokens": int(real.sum()), "computed_tokens": int(computed.sum()),
+                "padding_fraction": 1.0 - int(real.sum()) / max(int(computed.sum()), 1)}
+    return out
+
+
+def _caption(n: dict) -> str:
+    lines = [f"{n['num_samples']:,} samples ({n['truncated']:,} truncated to seq_length {n['seq_length']:,})  ·  "
+             f"{n['num_packs']:,} packs (lower bound {n['lower_bound_packs']:,})  ·  "
+             f"packing efficiency {n['packing_efficiency']:.1%} of packs × seq_length"]
+    if "padding_fraction" in n:
+        order = f"epoch-0 order, training.seed {n['train_seed']}" if n["split"] == "train" else "shard order"
+        lines.append(f"trainer at micro_batch_size {n['micro_batch_size']} ({order}): {n['micro_batches']:,} "
+                     f"micro-batches, {n['computed_tokens']:,} tokens computed for {n['real_tokens']:,} real: "
+                     f"{n['padding_fraction']:.1%} padding")
+    return "\n".join(lines)
+
+
+def plot(ds: ShardDataset, out: str | Path, micro_batch_size: int = 1, train_seed: int = 1234) -> dict:
+    """Sample-length histogram and pack fill (`padding` shards: the fill of the trainer's padded micro-batches),
+    saved as an image with the split's numbers written on it; returns those numbers and the `caption` drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    numbers = plot_numbers(ds, micro_batch_size, train_seed)
     hist = ds.meta["splits"][ds.split]["sample_length_histogram"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.6))
     edges = np.array(hist["bin_edges"])
     a.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge")
-    a.axvline(ds.meta["seq_length"], color="red", linestyle="--", label="seq_length")
-    a.set(title=f"sample lengths ({ds.split})", xlabel="tokens", ylabel="samples")
+    a.axvline(ds.meta["seq_length"], color="red", linestyle="--", label=f"seq_length {ds.meta['seq_length']:,}")
+    a.set(title="sample lengths", xlabel="sample length (tokens)", ylabel="samples")
     a.legend()
-    b.hist(pack_fill(ds), bins=50, range=(0, 1))
-    b.set(title=f"pack fill ({ds.meta['packing']})", xlabel="tokens / seq_length", ylabel="packs")
-    fig.tight_layout()
+    if "padding_fraction" in numbers:
+        real, computed = micro_batch_fill(ds, micro_batch_size, train_seed)
+        b.hist(real / np.maximum(computed, 1), bins=50, range=(0, 1))
+        b.set(title=f"padded micro-batches (micro_batch_size {micro_batch_size})",
+              xlabel="micro-batch fill (real tokens / tokens computed)", ylabel="micro-batches")
+    else:
+        b.hist(pack_fill(ds), bins=50, range=(0, 1))
+        b.set(title="pack fill", xlabel="pack fill (tokens / seq_length)", ylabel="packs")
+    fig.suptitle(f"{ds.path.name} ({numbers['packing']} packing, {ds.split} split)", fontweight="bold")
+    numbers["caption"] = _caption(numbers)
+    fig.text(0.5, 0.91, numbers["caption"], ha="center", va="top", fontsize=9,
+             bbox={"boxstyle": "round", "facecolor": "#f3f3f3", "edgecolor": "#999999"})
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.12, top=0.76 if "padding_fraction" in numbers else 0.79,
+                        wspace=0.2)
     tmp = Path(out).with_name(Path(out).name + ".tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(out)
+    return numbers
