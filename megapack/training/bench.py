@@ -129,7 +129,7 @@ def arm_steps(s: BenchSettings, lengths: np.ndarray, arm: str) -> list[list[Micr
     elif arm == "padded":
         order = rng.permutation(len(lengths))
         groups = [order[i : i + s.padded_micro_batch] for i in range(0, len(order), s.padded_micro_batch)]
-        mbs = [build_micro_batch([_pack([int(lengths[i])], s.vocab_size, rng) for i in g], padded=True, pad_multiple=8)
+        mbs = [build_micro_batch([_pack([int(lengths[i])], s.vocab_size, rng) for i in g], padded=True)
                for g in groups]
         per_step = max(1, s.global_batch // s.padded_micro_batch)
     else:
