@@ -1,7 +1,8 @@
 """The run plan: every check and every `auto` resolved once, before any process group exists.
 
-`preflight(config)` reads the shard metadata, the model's config.json and the checkpoint to resume from, checks
-that they fit together and fit the parallel layout, and returns a frozen `RunPlan`. The trainer is built from the
+`preflight(config)` reads the shard metadata (and checks the shard files as `data.verify` says), the model's
+config.json and the checkpoint to resume from, checks that they fit together and fit the parallel layout and that
+the output directories can be written, and returns a frozen `RunPlan`. The trainer is built from the
 plan alone (plus the config's plain values); `megapack train --check` prints it.
 """
 from __future__ import annotations
@@ -49,10 +50,13 @@ class RunPlan(BaseModel):
     resume_from: str | None
     hf_config: dict
     shard_meta: dict
+    verify: Literal["full", "fast", "off"] = "off"  # data.verify; fast's checks already passed in preflight
+    checksums: list[tuple[str, str, str]] = []  # (config key, file, sha256) that `full` hashes before step 1
+    warnings: list[str] = []  # things the run will not do that a user may expect (printed at start, by --check)
 
     def summary(self) -> dict:
         """The plan without the bulky inputs (for logs, --check and config.yaml)."""
-        return self.model_dump(exclude={"hf_config", "shard_meta"})
+        return self.model_dump(exclude={"hf_config", "shard_meta", "checksums", "warnings"})
 
 
 def same_tokenizer(a: str | None, b: str | None) -> bool | None:
@@ -146,6 +150,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     from megapack.model.config import check_parallel_sizes, load_hf_config
     from megapack.model.spec import resolve_attention_backend
     from megapack.training.checkpointing import check_resume_layout, read_checkpoint_meta
+    from megapack.training.checks import check_outputs, check_token_range, shard_sets, verify_shards
     from megapack.training.metrics import device_peak_flops
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -153,6 +158,9 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     par, tr = config.parallel, config.training
     meta = read_meta(config.data.path)
     _check_shards(config, meta)
+    sets = shard_sets(config, meta)
+    checksums = verify_shards(sets, config.data.verify)
+    warnings = check_outputs(config)
     resume = _resume_point(config)
     ckpt_meta = None
     if resume is not None:
@@ -165,6 +173,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
         raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
     hf_config = load_hf_config(config.model.hf_dir)
     check_parallel_sizes(hf_config, par.tp, par.pp, config.data.seq_length)
+    warnings += check_token_range(sets, int(hf_config["vocab_size"]), config.model.hf_dir)
     shard_tok = tokenizer_identity(meta)
     _check_tokenizer(config, shard_tok, ckpt_meta)
 
@@ -184,7 +193,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
         async_save=bool(async_save), peak_flops=config.logging.peak_flops or device_peak_flops(device_name),
         total_steps=_total_steps(config, train_packs, gbs), train_packs=train_packs,
         tokenizer_identity=shard_tok, resume_from=str(resume) if resume is not None else None,
-        hf_config=hf_config, shard_meta=meta,
+        hf_config=hf_config, shard_meta=meta, verify=config.data.verify, checksums=checksums, warnings=warnings,
     )
 
 
@@ -195,7 +204,7 @@ def resolved_config(config: TrainConfig, plan: RunPlan) -> dict:
     data["model"]["attention_backend"] = plan.attention_backend
     data["checkpoint"]["async_save"] = plan.async_save
     data["derived"] = {k: v for k, v in plan.summary().items()
-                       if k not in ("precision", "attention_backend", "async_save")}
+                       if k not in ("precision", "attention_backend", "async_save", "verify")}
     return data
 
 
