@@ -271,3 +271,21 @@ def test_flipped_byte_trains_with_fast_and_is_refused_by_full_on_every_rank(inpu
     assert sum(ln.startswith("step 1/1 loss ") for ln in lines) == 2
     assert sum(ln.startswith("training 1 steps on ") for ln in lines) == 2
     assert (tmp_path / "clean" / "metrics.jsonl").is_file() and not (tmp_path / "full" / "metrics.jsonl").exists()
+
+
+def test_checksum_shares_and_an_unreadable_file(inputs, tmp_path):
+    """Each file is hashed by exactly one rank (largest first to the least loaded); a file that vanished after
+    preflight is reported with the rank that tried to read it."""
+    from megapack.errors import MegapackError
+    from megapack.training.checks import _shares, verify_checksums
+
+    assert _shares([5, 1, 4, 3], 2) == [[0, 1], [2, 3]]
+    assert _shares([5, 1, 4, 3], 3) == [[0], [2], [3, 1]]
+    meta = json.loads((inputs["shards"] / "meta.json").read_text())
+    files = [("data.path", str(inputs["shards"] / name), sha) for name, sha in meta["sha256"].items()]
+    hashed, _ = verify_checksums(files, 0, 1, "cpu")
+    assert hashed == sum(meta["file_bytes"].values())
+    gone = ("data.valid_path", str(tmp_path / "val-00000.mask.bin"), "0" * 64)
+    with pytest.raises(MegapackError) as err:
+        verify_checksums([*files, gone], 0, 1, "cpu")
+    assert str(err.value) == f"data.valid_path: {tmp_path}/val-00000.mask.bin: cannot be read (on rank 0)"

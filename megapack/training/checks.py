@@ -68,6 +68,8 @@ def check_token_range(sets: list[ShardSet], vocab_size: int, hf_dir: str) -> lis
     warnings = []
     where = f"vocab_size {vocab_size} in {Path(hf_dir) / 'config.json'}"
     for key, path, meta, splits in sets:
+        if not splits:  # no such split: the trainer says so when it opens the shards
+            continue
         span = token_range(meta, splits)
         if span is None:
             tokenizer_vocab = meta.get("vocab_size")
