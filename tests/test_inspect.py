@@ -57,7 +57,7 @@ def test_verify_finds_corruption(shard_dir, tmp_path, capsys):
     data[100] ^= 0xFF
     (bad / "train-00000.tokens.bin").write_bytes(bytes(data))
     assert main(["inspect", str(bad), "--verify"]) == 1
-    assert "train-00000.tokens.bin: sha256 differs" in capsys.readouterr().err
+    assert "train-00000.tokens.bin: sha256 mismatch (meta.json records " in capsys.readouterr().err
     # structural damage with matching checksums: merge two packs into one longer than seq_length
     shutil.rmtree(bad)
     shutil.copytree(shard_dir, bad)

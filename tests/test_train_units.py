@@ -76,7 +76,8 @@ def _plan_inputs(tmp_path, meta: dict | None = None, checkpoint_tokenizer: str |
             "tokenizer_identity": VOCAB_A, "splits": {"train": {"num_packs": 20, "shards": []}}}
     (shards / "meta.json").write_text(json.dumps(base | (meta or {})))
     (hf / "config.json").write_text(json.dumps(tiny_llama_config(num_layers=4)))  # 4 heads, 2 KV heads
-    raw = {"model": {"hf_dir": str(hf)}, "data": {"path": str(shards), "seq_length": 64},
+    # meta.json without shard files: file verification off (tests/test_verify.py covers it on real shards)
+    raw = {"model": {"hf_dir": str(hf)}, "data": {"path": str(shards), "seq_length": 64, "verify": "off"},
            "training": {"global_batch_size": 8, "train_steps": 5}}
     if checkpoint_tokenizer:
         ck = tmp_path / "ck"

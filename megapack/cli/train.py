@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -11,8 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one launch (one process start and import, e.g. comparing packings)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values (every run)")
     parser.add_argument("--check", action="store_true",
-                        help="validate config, shards, checkpoint and layout; print them as JSON (a line per config) "
-                             "and exit (no GPU)")
+                        help="validate config, shards (data.verify fast: files, sizes, indexes; token ids against the "
+                             "vocabulary), checkpoint, layout and output directories; print the plan and its warnings "
+                             "as JSON (a line per config) and exit (no GPU)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --check: the number of processes the run will have (default: from the launcher)")
 
@@ -28,15 +30,26 @@ def run(args: argparse.Namespace) -> int:
         import json
 
         for config, plan in zip(configs, plans):
-            print(json.dumps({"plan": plan.summary(), "log_dir": config.logging.dir or config.checkpoint.dir}))
+            print(json.dumps({"plan": plan.summary(), "log_dir": config.logging.dir or config.checkpoint.dir,
+                              "warnings": plan.warnings}))
         return 0
+    from megapack.errors import MegapackError
+    from megapack.training.distributed import destroy_distributed
     from megapack.training.loop import Trainer
 
     for i, (config, plan) in enumerate(zip(configs, plans)):
         more = i < len(configs) - 1
-        if Trainer(config, plan).run(keep_process_group=more)["interrupted"] and more:
-            from megapack.training.distributed import destroy_distributed
-
+        try:
+            trainer = Trainer(config, plan)
+        except MegapackError as exc:
+            if getattr(args, "debug", False):
+                raise
+            # every rank prints its line before tearing the process group down: the launcher stops the other
+            # ranks as soon as one exits (e.g. data.verify full, which fails on all ranks at once)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            destroy_distributed()
+            return 1
+        if trainer.run(keep_process_group=more)["interrupted"] and more:
             destroy_distributed()  # a signal stops the remaining runs too
             break
     return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from megapack.errors import MegapackError
 
@@ -42,6 +42,14 @@ class DataConfig(_Strict):
     valid_split: str | None = "val"  # None: no validation
     seq_length: int = Field(4096, gt=0)
     pad_to_multiple: int | None = Field(None, gt=0)  # None: accept what the shards say
+    # fast: every shard file there with its recorded size, every index sound (preflight); full: fast + the sha256
+    # of every file, hashed across the ranks before the first step; off: no file checks (README "Train")
+    verify: Literal["full", "fast", "off"] = "full"
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
 class ParallelConfig(_Strict):

@@ -130,6 +130,11 @@ class Trainer:
         self.config = config
         self.plan = plan = plan or preflight(config)
         self.env = init_distributed(tp=plan.tp, pp=plan.pp, seed=config.training.seed)
+        verified = None
+        if plan.checksums:  # data.verify full: every rank hashes a share; a mismatch stops all with the same line
+            from megapack.training.checks import verify_checksums
+
+            verified = verify_checksums(plan.checksums, self.env.rank, self.env.world_size, self.env.device)
         self.parts = build_model_and_optimizer(
             plan.hf_config, config.optimizer, attention_backend=plan.attention_backend, precision=plan.precision,
             row_length=row_length(plan), total_steps=plan.total_steps, pp=plan.pp,
@@ -146,6 +151,11 @@ class Trainer:
                                   tensorboard=config.logging.tensorboard, total_steps=plan.total_steps,
                                   hf_config=plan.hf_config, peak_flops=plan.peak_flops,
                                   world_size=plan.world_size, packing=plan.packing, totals=state.get("totals"))
+        for warning in plan.warnings:
+            self.metrics.log(f"warning: {warning}")
+        if verified is not None:
+            self.metrics.log(f"data.verify full: sha256 of {len(plan.checksums)} shard files ok "
+                             f"({verified[0] / 1e9:.3f} GB hashed on rank 0 in {verified[1]:.2f} s)")
         if plan.resume_from is not None:
             self.metrics.log(f"resumed from {plan.resume_from} at step {self.iteration}"
                              + (" with the data position reset to the first pack" if plan.reset_data_position else ""))

@@ -1,7 +1,8 @@
 """The run plan: every check and every `auto` resolved once, before any process group exists.
 
-`preflight(config)` reads the shard metadata, the model's config.json and the checkpoint to resume from, checks
-that they fit together and fit the parallel layout, and returns a frozen `RunPlan`. The trainer is built from the
+`preflight(config)` reads the shard metadata (and checks the shard files as `data.verify` says), the model's
+config.json and the checkpoint to resume from, checks that they fit together and fit the parallel layout and that
+the output directories can be written, and returns a frozen `RunPlan`. The trainer is built from the
 plan alone (plus the config's plain values); `megapack train --check` prints it.
 """
 from __future__ import annotations
@@ -52,10 +53,13 @@ class RunPlan(BaseModel):
     reset_data_position: bool  # resume with the data position at the first pack (checkpoint.reset_data_position)
     hf_config: dict
     shard_meta: dict
+    verify: Literal["full", "fast", "off"] = "off"  # data.verify; fast's checks already passed in preflight
+    checksums: list[tuple[str, str, str]] = []  # (config key, file, sha256) that `full` hashes before step 1
+    warnings: list[str] = []  # things the run will not do that a user may expect (printed at start, by --check)
 
     def summary(self) -> dict:
         """The plan without the bulky inputs (for logs, --check and config.yaml)."""
-        return self.model_dump(exclude={"hf_config", "shard_meta"})
+        return self.model_dump(exclude={"hf_config", "shard_meta", "checksums", "warnings"})
 
 
 def same_tokenizer(a: str | None, b: str | None) -> bool | None:
@@ -174,6 +178,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     from megapack.model.config import check_parallel_sizes, load_hf_config
     from megapack.model.spec import resolve_attention_backend
     from megapack.training.checkpointing import read_checkpoint_meta
+    from megapack.training.checks import check_outputs, check_token_range, shard_sets, verify_shards
     from megapack.training.resume import check_resume_layout
     from megapack.training.metrics import device_peak_flops
 
@@ -182,6 +187,9 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     par, tr = config.parallel, config.training
     meta = read_meta(config.data.path)
     _check_shards(config, meta)
+    sets = shard_sets(config, meta)
+    checksums = verify_shards(sets, config.data.verify)
+    warnings = check_outputs(config)
     resume = _resume_point(config)
     ckpt_meta = None
     identity = data_identity(meta)
@@ -196,6 +204,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
         raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
     hf_config = load_hf_config(config.model.hf_dir)
     check_parallel_sizes(hf_config, par.tp, par.pp, config.data.seq_length)
+    warnings += check_token_range(sets, int(hf_config["vocab_size"]), config.model.hf_dir)
     shard_tok = tokenizer_identity(meta)
     _check_tokenizer(config, shard_tok, ckpt_meta)
 
@@ -218,7 +227,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
         resume_from=str(resume) if resume is not None else None,
         resume_step=int(ckpt_meta.get("iteration") or 0) if resume is not None else 0,
         reset_data_position=resume is not None and config.checkpoint.reset_data_position,
-        hf_config=hf_config, shard_meta=meta,
+        hf_config=hf_config, shard_meta=meta, verify=config.data.verify, checksums=checksums, warnings=warnings,
     )
 
 
@@ -229,7 +238,7 @@ def resolved_config(config: TrainConfig, plan: RunPlan) -> dict:
     data["model"]["attention_backend"] = plan.attention_backend
     data["checkpoint"]["async_save"] = plan.async_save
     data["derived"] = {k: v for k, v in plan.summary().items()
-                       if k not in ("precision", "attention_backend", "async_save")}
+                       if k not in ("precision", "attention_backend", "async_save", "verify")}
     return data
 
 

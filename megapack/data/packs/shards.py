@@ -71,8 +71,8 @@ class _HashingFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def _write_idx(path: Path, dtype: np.dtype, seq_lengths: np.ndarray, doc_index: np.ndarray) -> str:
-    """Write one MMIDIDX .idx file atomically; returns its sha256."""
+def _write_idx(path: Path, dtype: np.dtype, seq_lengths: np.ndarray, doc_index: np.ndarray) -> tuple[str, int]:
+    """Write one MMIDIDX .idx file atomically; returns its sha256 and byte size."""
     out = _HashingFile(path)
     try:
         pointers = np.zeros(len(seq_lengths), dtype=np.int64)
@@ -83,7 +83,7 @@ def _write_idx(path: Path, dtype: np.dtype, seq_lengths: np.ndarray, doc_index: 
         out.write(np.ascontiguousarray(seq_lengths, dtype="<i4").tobytes())
         out.write(pointers.astype("<i8").tobytes())
         out.write(np.ascontiguousarray(doc_index, dtype="<i8").tobytes())
-        return out.commit()
+        return out.commit(), out.nbytes
     except BaseException:
         out.abort()
         raise
@@ -97,7 +97,8 @@ class ShardWriter:
         self.out_dir, self.split, self.dtype = Path(out_dir), split, np.dtype(dtype)
         self.max_shard_tokens = max_shard_tokens
         self.continuation = continuation  # write <prefix>.continues.bin (one byte per pack), for `random` packing
-        self.shards: list[dict] = []  # per finished shard: prefix, num_packs, num_tokens, files {name: sha256}
+        # per finished shard: prefix, num_packs, num_tokens, files {name: sha256}, file_bytes {name: size}
+        self.shards: list[dict] = []
         self._open = False
 
     def _start(self) -> None:
@@ -165,16 +166,18 @@ class ShardWriter:
         lengths = np.concatenate(self._seq_lengths) if self._seq_lengths else np.zeros(0, np.int32)
         docs = np.asarray(self._doc_ends, dtype=np.int64)
         p = self._prefix
-        files = {
-            f"{p}.tokens.bin": self._tok.commit(),
-            f"{p}.mask.bin": self._mask.commit(),
+        written = {
+            f"{p}.tokens.bin": (self._tok.commit(), self._tok.nbytes),
+            f"{p}.mask.bin": (self._mask.commit(), self._mask.nbytes),
             f"{p}.tokens.idx": _write_idx(self.out_dir / f"{p}.tokens.idx", self.dtype, lengths, docs),
             f"{p}.mask.idx": _write_idx(self.out_dir / f"{p}.mask.idx", np.dtype(np.uint8), lengths, docs),
-            f"{p}.{REAL_LENGTHS_SUFFIX}": self._real.commit(),
+            f"{p}.{REAL_LENGTHS_SUFFIX}": (self._real.commit(), self._real.nbytes),
         }
         if self._cont is not None:
-            files[f"{p}.continues.bin"] = self._cont.commit()
-        self.shards.append({"prefix": p, "num_packs": len(docs) - 1, "num_tokens": self._tokens, "files": files})
+            written[f"{p}.continues.bin"] = (self._cont.commit(), self._cont.nbytes)
+        self.shards.append({"prefix": p, "num_packs": len(docs) - 1, "num_tokens": self._tokens,
+                            "files": {name: sha for name, (sha, _) in written.items()},
+                            "file_bytes": {name: size for name, (_, size) in written.items()}})
         self._open = False
 
     def close(self) -> list[dict]:

@@ -106,13 +106,16 @@ def write_plan(
     max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS,
     progress=None,
 ) -> dict:
-    """Write the packs of `plan` (pack order) as shards of `split`; returns shard list and token statistics."""
+    """Write the packs of `plan` (pack order) as shards of `split`; returns shard list and token statistics
+    (trained tokens, the smallest and largest token id written, padding included; None without tokens)."""
     splits_samples = bool(np.any(plan.start > 0))  # only `random` cuts samples
     writer = ShardWriter(out_dir, split, dtype, max_shard_tokens, continuation=splits_samples)
     continues = plan.start[plan.pack_offsets[:-1]] > 0 if splits_samples else None
     pack_len = plan.pack_lengths()
     pack_end_tok = np.cumsum(pack_len)
     loss_tokens = 0
+    low: int | None = None
+    high: int | None = None
     try:
         p0 = 0
         while p0 < plan.num_packs:
@@ -122,6 +125,9 @@ def write_plan(
             a, b = int(plan.pack_offsets[p0]), int(plan.pack_offsets[p1])
             tokens, mask = _gather(store, plan, a, b, pad_id, dtype)
             loss_tokens += int(mask.sum(dtype=np.int64))
+            if len(tokens):  # the id range, chunk by chunk (memory stays bounded by the chunk)
+                lo, hi = int(tokens.min()), int(tokens.max())
+                low, high = (lo, hi) if low is None else (min(low, lo), max(high, hi))
             writer.add_packs(tokens, mask, plan.seg_length[a:b], np.diff(plan.pack_offsets[p0 : p1 + 1]),
                              continues[p0:p1] if continues is not None else None, real_lengths=plan.length[a:b])
             if progress is not None:
@@ -131,7 +137,7 @@ def write_plan(
     except BaseException:
         writer.abort()
         raise
-    return {"shards": shards, "num_loss_tokens": loss_tokens}
+    return {"shards": shards, "num_loss_tokens": loss_tokens, "min_token_id": low, "max_token_id": high}
 
 
 def _gather(
@@ -211,6 +217,8 @@ def pack_split(
         "truncated_tokens": plan.truncated_tokens,
         "dropped": plan.dropped,
         "dropped_tokens": plan.dropped_tokens,
+        "min_token_id": written["min_token_id"],
+        "max_token_id": written["max_token_id"],
         "sample_length_histogram": {"bin_edges": edges.round(2).tolist(), "counts": counts.tolist()},
         "shards": written["shards"],
     }
@@ -251,7 +259,9 @@ def write_shard_dir(
     if len(val_idx):
         splits["val"] = pack_split(store.subset(val_idx), out_dir, "val", **common)
     train = splits["train"]
-    files = {name: sha for s in splits.values() for shard in s["shards"] for name, sha in shard["files"].items()}
+    shards = [shard for s in splits.values() for shard in s["shards"]]
+    lows = [s["min_token_id"] for s in splits.values() if s["min_token_id"] is not None]
+    highs = [s["max_token_id"] for s in splits.values() if s["max_token_id"] is not None]
     meta = {
         "format_version": FORMAT_VERSION,
         **{k: train[k] for k in ("num_samples", "num_tokens", "num_loss_tokens", "num_packs")},
@@ -268,8 +278,11 @@ def write_shard_dir(
         "pad_id": pad_id,
         "dtype": dtype.name,
         **(info or {}),
+        "min_token_id": min(lows) if lows else None,
+        "max_token_id": max(highs) if highs else None,
         "splits": splits,
-        "sha256": files,
+        "sha256": {name: sha for shard in shards for name, sha in shard["files"].items()},
+        "file_bytes": {name: size for shard in shards for name, size in shard["file_bytes"].items()},
     }
     write_json_atomic(out_dir / META_NAME, meta)
     return meta
