@@ -252,7 +252,10 @@ def _prune(root: Path, keep_last: int) -> None:
     left behind (`iter_*.tmp`, `iter_*.pruned`, a temporary `latest`)."""
     done = sorted(p for p in root.glob("iter_*") if _ITER_RE.match(p.name))
     for old in done[:-keep_last]:
-        _set_aside(old)
+        try:
+            _set_aside(old)
+        except OSError:  # cannot rename (unexpected): delete in place, as pruning never fails a run
+            shutil.rmtree(old, ignore_errors=True)
     for stale in [*root.glob("iter_*.tmp"), *root.glob("iter_*.pruned")]:
         shutil.rmtree(stale, ignore_errors=True)
     for stale in root.glob(".latest.*.tmp"):  # megapack.atomic's temporary name, from a kill while moving `latest`
