@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,7 +217,7 @@ def _training_phase(ck: Path, logged: int) -> str:
 @pytest.fixture(scope="module")
 def training_sweep(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
     """Ten single-process runs killed at the moments above, then one launch: the uninterrupted reference run and the
-    resumption of every killed run (same config each). Returns the observations."""
+    resumption of every killed run (same config each). Yields the observations; removes the checkpoints after."""
     w = tmp_path_factory.mktemp("sweep")
     hf = make_tiny_hf(w / "hf")
     # packs of 128 tokens: half the step time of the usual 256 (the kill/resume properties do not depend on it)
@@ -262,7 +263,9 @@ def training_sweep(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_di
     print("training kills by phase:", dict(Counter(r["phase"] for r in runs)))
     launch(1, [{"config": cfg("reference")}] + [{"config": cfg(r["name"])} for r in runs], w, "resumed", timeout=900)
     log = (w / "resumed.log").read_text()
-    return {"dir": w, "runs": runs, "log": log, "reference": dict(_steps(w / "reference" / "metrics.jsonl"))}
+    yield {"dir": w, "runs": runs, "log": log, "reference": dict(_steps(w / "reference" / "metrics.jsonl"))}
+    for ck in w.glob("ck_*"):  # ~5 GB of checkpoints (pytest keeps its last three temporary folders)
+        shutil.rmtree(ck, ignore_errors=True)
 
 
 def _rel(a: float, b: float) -> float:
