@@ -223,3 +223,66 @@ def test_real_full_disk_in_a_small_tmpfs(tmp_path, llama3_tokenizer_path, llamaf
         assert "No space left on device" in err and stage in err, (size, err)
         tree = run.stdout.split()
         assert "/meta.json" not in tree and not [p for p in tree if ".tmp" in p], (size, tree)
+
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing in preprocess catches it, so no cleanup code runs."""
+
+
+def test_killed_while_removing_the_work_folder(tmp_path, llama3_tokenizer_path, monkeypatch, capsys):
+    """Found by tests/test_fault_sweep.py: a kill after meta.json was published but before `.work/` was gone left
+    the tokenized copy behind for good, and the same command refused to run ("already holds finished shards"). Now
+    the same command finishes the removal without rewriting the shards, and the removal drops job.json last."""
+    from megapack.data.packs import writer
+    from megapack.data.pipeline.partitions import remove_work_dir
+
+    real_write_json = writer.write_json_atomic
+
+    def write_json(path, obj, *args, **kwargs):  # the kill lands right after meta.json is published
+        real_write_json(path, obj, *args, **kwargs)
+        if Path(path).name == "meta.json":
+            raise _Killed(path)
+
+    out = tmp_path / "out"
+    argv = _argv(llama3_tokenizer_path, [_docs(tmp_path / "d.jsonl")], out, "--template", "plain", "--seq-length",
+                 "64", "--num-partitions", "2")
+    monkeypatch.setattr(writer, "write_json_atomic", write_json)
+    with pytest.raises(_Killed):
+        main(argv)
+    monkeypatch.setattr(writer, "write_json_atomic", real_write_json)
+    work = _tree(out / ".work")
+    assert work == sorted(["job.json", *(f"part-0000{i}-of-00002{f}" for i in (0, 1)
+                                         for f in ("", "/mask.bin", "/part.json", "/samples.npy", "/tokens.bin"))])
+    shards = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()}
+    assert "meta.json" in shards and len(shards) > 5
+    # another command is still refused and touches nothing
+    assert main([*argv[:-1], "65"]) == 1 and "already holds finished shards" in _one_line_error(capsys)
+    assert _tree(out / ".work") == work
+
+    # killed again while removing the work folder: after the first partition, job.json is still there
+    real_rmtree = shutil.rmtree
+    removed: list[str] = []
+
+    def rmtree(path, *args, **kwargs):
+        if removed:
+            raise _Killed(path)
+        removed.append(Path(path).name)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(_Killed):
+        remove_work_dir(out / ".work")
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    left = _tree(out / ".work")
+    assert removed[0].startswith("part-") and "job.json" in left and len(left) == 1 + 5, left
+
+    # the same command removes the rest and reports the published shards, rewriting none of them
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert not (out / ".work").exists()
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == shards
+    # killed between job.json and the folder itself: the empty folder goes, the finished directory stays finished
+    (out / ".work").mkdir()
+    assert main(argv) == 1 and "already holds finished shards" in _one_line_error(capsys)
+    assert not (out / ".work").exists() and "meta.json" in _tree(out)

@@ -2,7 +2,10 @@
 
 Layout: <dir>/iter_0000100/ (megatron dist_checkpointing files + megapack.json), <dir>/latest (the name of the
 newest complete one), <dir>/config.yaml. A checkpoint is written under `iter_XXXXXXX.tmp` (in the background
-when async) and renamed when every rank has finished, so `latest` never points to a half-written directory.
+when async) and renamed when every rank has finished, so `latest` never points to a half-written directory. A
+checkpoint being deleted (pruned, or replaced by a new save of the same step) is first renamed to
+`iter_XXXXXXX.pruned`, so no half-deleted one ever sits under a published name either; leftovers of killed saves and
+deletions are removed by the next publish.
 """
 from __future__ import annotations
 
@@ -125,8 +128,8 @@ def _publish(root: Path, iteration: int, keep_last: int, info: dict) -> Path:
     tmp = final.with_name(final.name + ".tmp")
     if dist.get_rank() == 0:
         write_json_atomic(tmp / "megapack.json", info)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again (a resumed run): `latest` may name it, never delete in place
+            _set_aside(final)
         os.replace(tmp, final)
         write_text_atomic(root / "latest", final.name + "\n")
         _prune(root, keep_last)
@@ -270,12 +273,26 @@ def _is_disk_full(exc: BaseException | None) -> bool:
     return False
 
 
+def _set_aside(path: Path) -> None:
+    """Rename a published checkpoint out of the `iter_XXXXXXX` names (to be deleted by `_prune`)."""
+    trash = path.with_name(path.name + ".pruned")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+
+
 def _prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints; delete older ones (renamed first) and what killed saves and deletions
+    left behind (`iter_*.tmp`, `iter_*.pruned`, a temporary `latest`)."""
     done = sorted(p for p in root.glob("iter_*") if ITER_RE.match(p.name))
     for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob("iter_*.tmp"):
+        try:
+            _set_aside(old)
+        except OSError:  # cannot rename (unexpected): delete in place, as pruning never fails a run
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in [*root.glob("iter_*.tmp"), *root.glob("iter_*.pruned")]:
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".latest.*.tmp"):  # megapack.atomic's temporary name, from a kill while moving `latest`
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, load_optimizer: bool = True,

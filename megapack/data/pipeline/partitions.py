@@ -92,6 +92,19 @@ def finished_partition(work_dir: Path, index: int, num_parts: int) -> dict | Non
         return None
 
 
+def remove_work_dir(work_dir: Path) -> None:
+    """Remove the work folder with job.json last, so a kill part-way leaves a folder that still names its job (a
+    rerun of that job finishes the removal) or an empty one; never partitions without their fingerprint."""
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return
+    for entry in work_dir.iterdir():
+        if entry.name != JOB_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    (work_dir / JOB_FILE).unlink(missing_ok=True)
+    work_dir.rmdir()
+
+
 def read_partitions(work_dir: Path, num_parts: int, dtype: np.dtype) -> "SampleStore":
     """A SampleStore over every partition's files, samples in global record order."""
     from megapack.data.packs.writer import SampleStore

@@ -2,8 +2,8 @@
 
 Output directory life cycle: intermediate files live in `<out>/.work/` (a job.json fingerprint and one folder per
 finished partition). Shards are written under temporary names and renamed; meta.json is written last, atomically,
-and only then is `.work/` removed. A directory without meta.json is never complete; rerunning the same command
-reuses the finished partitions.
+and only then is `.work/` removed (job.json last). A directory without meta.json is never complete; rerunning the
+same command reuses the finished partitions, or, killed while `.work/` was being removed, finishes that removal.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from megapack.atomic import describe_os_error, free_bytes, write_json_atomic
 from megapack.data.packs.packing import PACKINGS
 from megapack.data.packs.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME, is_shard_file
 from megapack.data.pipeline.partitions import (
-    BLOCK, JOB_FILE, WORK_DIR, finished_partition, part_dir, read_partitions,
+    BLOCK, JOB_FILE, WORK_DIR, finished_partition, part_dir, read_partitions, remove_work_dir,
 )
 from megapack.data.sources.formats import ON_ERROR
 from megapack.errors import MegapackError
@@ -156,6 +156,23 @@ def prepare_output(cfg: PreprocessConfig, job: dict) -> bool:
     return created
 
 
+def finish_interrupted_cleanup(cfg: PreprocessConfig, job: dict) -> dict | None:
+    """meta.json of a finished run of this very job that was killed while removing its work folder, once the removal
+    is finished; None otherwise (prepare_output then decides: an empty leftover folder is removed first)."""
+    out = Path(cfg.output_dir)
+    work = out / WORK_DIR
+    if cfg.overwrite or cfg.partition_index is not None or not (out / META_NAME).is_file() or not work.is_dir():
+        return None
+    if not any(work.iterdir()):  # killed between removing job.json and the folder itself
+        work.rmdir()
+        return None
+    meta = _read_json(out / META_NAME)
+    if meta is None or _read_json(work / JOB_FILE) != job:
+        return None
+    remove_work_dir(work)
+    return meta
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -182,6 +199,9 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     out = Path(cfg.output_dir)
     work = out / WORK_DIR
     existed = out.exists()
+    finished = finish_interrupted_cleanup(cfg, job)
+    if finished is not None:
+        return finished | {"wall_seconds": time.perf_counter() - t_start}
     try:
         created = prepare_output(cfg, job)
     except OSError as exc:  # e.g. a full disk while writing job.json
@@ -243,7 +263,10 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             max_shard_tokens=cfg.max_shard_tokens, progress_factory=factory,
         )
         del store
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            remove_work_dir(work)
+        except OSError:  # the shards are published; a rerun of the same command removes the rest
+            pass
         meta["wall_seconds"] = time.perf_counter() - t_start
         meta["reused_partitions"] = sum(p["reused"] for p in parts.values())
         return meta
