@@ -92,7 +92,12 @@ def test_tokenizer_json_checkpoint_matches_tiktoken_shards(tmp_path, llama3_toke
                                            seq_length=256, progress=False))
     assert meta["tokenizer_identity"] == ckpt_meta["tokenizer_identity"] == LLAMA3_VOCAB
 
-    raw = {"model": {"hf_dir": str(hf), "init": "megatron", "megatron_checkpoint": str(tmp_path / "ckpt")},
+    from megapack.model.tiny_checkpoint import tiny_llama_config
+
+    full_vocab = tmp_path / "hf_llama3_vocab"  # preflight compares the shards' token ids with config.json's vocabulary
+    full_vocab.mkdir()
+    (full_vocab / "config.json").write_text(json.dumps(tiny_llama_config()))
+    raw = {"model": {"hf_dir": str(full_vocab), "init": "megatron", "megatron_checkpoint": str(tmp_path / "ckpt")},
            "data": {"path": str(shards), "seq_length": 256}, "training": {"global_batch_size": 2, "train_steps": 1}}
     assert preflight(load_config(None, raw=raw), world_size=1).dp == 1
 
