@@ -9,58 +9,26 @@ the random ones are drawn from random.Random(SEED), so a failing moment can be r
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
 
 from megapack.data.packs.shards import ShardDataset, is_shard_file
 from megapack.errors import MegapackError
-from train_helpers import base_config, launch, make_demo_shards, make_tiny_hf
+from train_helpers import base_config, kill_family, launch, make_demo_shards, make_tiny_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
 STEPS = 6  # training steps of every run of the training sweep
 PARTS = 3  # preprocessing partitions (999 records in blocks of 256: every partition holds records)
 TIMING_KEYS = ("wall_seconds", "seconds")  # meta.json has none today; timings may differ between runs
-
-
-def _kill_family(proc: subprocess.Popen) -> None:
-    """SIGKILL proc's process group and the groups of all its descendants (torchrun starts each worker in its own
-    session; a worker's async checkpoint writer shares the worker's group); wait until every one is gone."""
-    groups = {proc.pid}
-    try:
-        groups |= {os.getpgid(c.pid) for c in psutil.Process(proc.pid).children(recursive=True)}
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        pass
-    for group in groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        alive = []
-        for p in psutil.process_iter(["status"]):
-            try:
-                if os.getpgid(p.pid) in groups and p.info["status"] != psutil.STATUS_ZOMBIE:
-                    alive.append(p.pid)
-            except (ProcessLookupError, psutil.NoSuchProcess):
-                pass
-        if not alive:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"processes {alive} survived SIGKILL")
 
 
 def _files(out: Path) -> dict[str, bytes]:
@@ -138,7 +106,7 @@ def test_preprocess_kill9_sweep(tmp_path, llamafactory_data_dir, llama3_tokenize
                 break
             time.sleep(0.0005)
         exited = proc.poll() is not None
-        _kill_family(proc)
+        kill_family(proc)
         phase = "exited before the kill" if exited else _preprocess_phase(out)
         rows.append((label, phase))
         print(f"preprocess kill {n:2d} at {label:28s} -> {phase}")
@@ -249,7 +217,7 @@ def training_sweep(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_di
                 break
             time.sleep(0.005)
         exited = proc.poll() is not None
-        _kill_family(proc)
+        kill_family(proc)
         assert not exited, f"{name} ({label}) ended before the kill:\n" + (w / f"{name}.log").read_text()[-3000:]
         lines = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         killed = _steps(metrics)

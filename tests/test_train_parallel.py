@@ -14,18 +14,15 @@ the tests that read them, so a failed launch fails exactly its readers:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
-from train_helpers import base_config, demo_inputs, launch, losses
+from train_helpers import base_config, demo_inputs, kill_family, launch, losses
 
 STEPS = 6  # every layout run, the killed run and its resumptions share this schedule
 LONG_OPTIMIZER = {"lr": 3e-3, "warmup_steps": 0, "decay_style": "constant"}  # the 50-step run and the bf16 run
@@ -65,15 +62,7 @@ def killed(inputs):
     if proc.poll() is not None:
         raise AssertionError(f"run D ended (rc {proc.returncode}) before it was killed:\n"
                              + (w / "D.log").read_text()[-4000:])
-    # SIGKILL the torchrun agent and every worker at once: nobody gets a chance to clean up
-    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    for pid in family:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-    psutil.wait_procs([p for p in map(_proc, family) if p is not None], timeout=30)
+    kill_family(proc)  # SIGKILL the torchrun agent, every worker and their writers at once: nobody cleans up
     killed_at = max(losses(w / "killed"))
     assert killed_at < STEPS, "the run finished before it could be killed"
     for name in ("ck_resume_dp2", "ck_resume_dp1"):
@@ -137,13 +126,6 @@ def one_proc(inputs, killed):
 def four_procs(inputs):
     """Launch C (4 procs): TP2 x PP2."""
     launch(4, [{"config": inputs["cfg"]("tp2pp2", parallel={"tp": 2, "pp": 2})}], inputs["dir"], "C")
-
-
-def _proc(pid: int):
-    try:
-        return psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return None
 
 
 def _rel(a: float, b: float) -> float:

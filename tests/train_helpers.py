@@ -12,8 +12,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +102,35 @@ def launch(nproc: int, jobs: list[dict], workdir: Path, name: str, timeout: int 
         tail = (workdir / f"{name}.log").read_text()[-6000:]
         raise AssertionError(f"torchrun {name} failed with {proc.returncode}:\n{tail}")
     return proc
+
+
+def kill_family(proc: subprocess.Popen) -> None:
+    """SIGKILL proc's process group and the groups of all its descendants (torchrun starts each worker in its own
+    session; a worker's async checkpoint writer shares the worker's group); wait until every one is gone."""
+    groups = {proc.pid}
+    try:
+        groups |= {os.getpgid(c.pid) for c in psutil.Process(proc.pid).children(recursive=True)}
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        alive = []
+        for p in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(p.pid) in groups and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(p.pid)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+        if not alive:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes {alive} survived SIGKILL")
 
 
 def segment_losses(trainer, dataset) -> dict[tuple, tuple[float, int]]:

@@ -51,7 +51,8 @@ def _cell(value, fmt: str) -> str:
         return str(value)
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown lines of a table (first two columns left-aligned, the rest right-aligned)."""
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
     return out + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
 
@@ -62,7 +63,7 @@ def summary_table(runs: list[Run]) -> list[str]:
     for run in runs:
         name = run.name + (" (interrupted)" if run.summary.get("interrupted") else "")
         rows.append([name] + [_cell(run.summary.get(key), fmt) for key, _, fmt in COLUMNS])
-    return _markdown_table(["run"] + [title for _, title, _ in COLUMNS], rows)
+    return markdown_table(["run"] + [title for _, title, _ in COLUMNS], rows)
 
 
 def dataset_table(runs: list[Run]) -> list[str]:
@@ -73,7 +74,7 @@ def dataset_table(runs: list[Run]) -> list[str]:
         return []
     rows = [[run, dataset] + [_cell(values.get(m), "{:.4g}") for m in metrics]
             for run, per_run in numbers.items() for dataset, values in sorted(per_run.items())]
-    return _markdown_table(["run", "dataset"] + metrics, rows)
+    return markdown_table(["run", "dataset"] + metrics, rows)
 
 
 def _count(n: int, what: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
 from megapack.errors import MegapackError  # noqa: E402
+from megapack.report.document import markdown_table  # noqa: E402
 
 PARTS = (("data", "time_data_s"), ("forward+backward", "time_forward_backward_s"),
          ("optimizer", "time_optimizer_s"), ("checkpoint", "time_checkpoint_s"))
@@ -96,10 +97,8 @@ def main() -> int:
         return 1
     print(f"{len(records)} steps of {run_dir if args.run_dir else 'the demo config (bfd, CPU)'}, "
           f"first {args.skip_first} left out")
-    print("| part | median (s) | median share | mean share |")
-    print("|---|---|---|---|")
-    for name, median, share, mean in breakdown(records):
-        print(f"| {name} | {median:.4f} | {share:.1%} | {mean:.1%} |")
+    rows = [[name, f"{median:.4f}", f"{share:.1%}", f"{mean:.1%}"] for name, median, share, mean in breakdown(records)]
+    print("\n".join(markdown_table(["part", "median (s)", "median share", "mean share"], rows)))
     return 0
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from megapack.errors import MegapackError  # noqa: E402
+from megapack.report.document import markdown_table  # noqa: E402
 
 VOCAB = 128256
 SEQ_LENGTH = 4096
@@ -130,10 +131,9 @@ def main() -> int:
         return 1
     print(f"shard directory: {size:.3f} GB in {files} files, {meta['num_tokens'] + meta['num_padding_tokens']:,} "
           f"tokens, written in {t_write:.1f} s; median of {args.repeats} runs, page cache warm")
-    print("| check | median (s) | GB/s | in demo steps |")
-    print("|---|---|---|---|")
-    for what, seconds, rate in rows:
-        print(f"| {what} | {seconds:.3f} | {'-' if rate is None else f'{rate:.2f}'} | {seconds / step:.3f} |")
+    cells = [[what, f"{seconds:.3f}", "-" if rate is None else f"{rate:.2f}", f"{seconds / step:.3f}"]
+             for what, seconds, rate in rows]
+    print("\n".join(markdown_table(["check", "median (s)", "GB/s", "in demo steps"], cells)))
     print(f"| demo training step without checkpoint (median of {counted}, {args.nproc} CPU processes) | {step:.3f} "
           f"| - | 1 |")
     return 0
