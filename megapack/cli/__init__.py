@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_error(exc: BaseException) -> None:
+    """`error: <message>` on stderr in ONE write: ranks under torchrun run with unbuffered stdio (`python -u`), where
+    print() writes the text and the newline separately and two ranks failing together interleave their lines."""
+    sys.stderr.write(f"error: {exc}\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `megapack` console script; returns the process exit code."""
     from megapack.quiet import quiet_warnings
@@ -46,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MegapackError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

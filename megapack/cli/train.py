@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
                 raise
             # every rank prints its line before tearing the process group down: the launcher stops the other
             # ranks as soon as one exits (e.g. data.verify full, which fails on all ranks at once)
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            from megapack.cli import print_error
+
+            print_error(exc)
             destroy_distributed()
             return 1
         if trainer.run(keep_process_group=more)["interrupted"] and more:
