@@ -58,6 +58,15 @@ class ParallelConfig(_Strict):
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
     sequence_parallel: bool = False  # requires tp > 1
+    # virtual pipeline stages per pipeline rank (interleaved 1F1B); None: no interleaving. Needs pp > 1 and
+    # num_hidden_layers divisible by pp * vpp
+    vpp: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _vpp_needs_pp(self) -> "ParallelConfig":
+        if self.vpp is not None and self.vpp > 1 and self.pp < 2:
+            raise ValueError(f"parallel.vpp: {self.vpp} virtual stages need parallel.pp > 1 (got pp={self.pp})")
+        return self
 
 
 class OptimizerSection(_Strict):
@@ -93,6 +102,9 @@ class TrainingSection(_Strict):
     epochs: float | None = Field(None, gt=0)  # used when train_steps is not set
     loss_reduction: Literal["token", "sample"] = "token"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # activation recompute: none; selective (megatron-core's core_attn recompute: the attention's inner products);
+    # full (each layer's input is kept, the layer is recomputed in backward: uniform method over all layers)
+    recompute: Literal["none", "selective", "full"] = "none"
     seed: int = Field(1234, ge=0, lt=2**64)
     # a NaN/inf loss or gradient: stop before the optimizer step (exit 1, no checkpoint of that state), or skip the
     # step's update and go on, stopping after max_nonfinite_skips consecutive skipped steps
