@@ -204,6 +204,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
         msg = f"{msg} (got {first['input']!r})"
     msg = msg.removeprefix("Value error, ")
+    if loc and msg.startswith(loc + "."):  # a section validator already names its key
+        loc = ""
     return f"{source}: {loc + ': ' if loc else ''}{msg}"
 
 
