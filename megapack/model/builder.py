@@ -78,6 +78,7 @@ def build_model(
     sequence_parallel: bool = False,
     seq_length: int = 4096,
     vp_stage: int | None = None,
+    recompute: str = "none",
     **config_overrides: Any,
 ) -> GPTModel:
     """A GPTModel for this rank's pipeline stage (pre/post process from parallel_state), vocab padded to 128 x TP."""
@@ -96,6 +97,7 @@ def build_model(
         sequence_parallel=sequence_parallel,
         tp=tp,
         pp=pp,
+        recompute=recompute,
         **config_overrides,
     )
     theta, scaling = rope_parameters(hf_config)

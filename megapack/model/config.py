@@ -97,6 +97,20 @@ def check_parallel_sizes(hf_config: dict, tp: int, pp: int, seq_length: int | No
                             f"attention is not supported")
 
 
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+
+
+def recompute_settings(recompute: str) -> dict[str, Any]:
+    """TransformerConfig keys for `training.recompute`: selective = core attention, full = every layer (uniform, 1)."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    raise MegapackError(f"training.recompute {recompute!r}: expected one of {', '.join(RECOMPUTE_CHOICES)}")
+
+
 def transformer_config_from_hf(
     hf_config: dict,
     *,
@@ -106,6 +120,7 @@ def transformer_config_from_hf(
     sequence_parallel: bool = False,
     tp: int = 1,
     pp: int = 1,
+    recompute: str = "none",
     **overrides: Any,
 ):
     """A megatron TransformerConfig for this LLaMA config (CPU-safe fusions off when CUDA is absent)."""
@@ -156,5 +171,6 @@ def transformer_config_from_hf(
         apply_rope_fusion=False,
         persist_layer_norm=cuda,
     )
+    kwargs.update(recompute_settings(recompute))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

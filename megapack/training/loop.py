@@ -46,7 +46,7 @@ class ModelParts:
 def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerSection, *, attention_backend: str,
                               precision: str, row_length: int, total_steps: int, pp: int = 1,
                               sequence_parallel: bool = False, cross_sample_attention: bool = False,
-                              init_weights: Callable | None = None) -> ModelParts:
+                              recompute: str = "none", init_weights: Callable | None = None) -> ModelParts:
     """The GPTModel of this pipeline stage (initial weights from `init_weights`), DDP, distributed AdamW and the LR
     schedule; `row_length` is the longest THD row of a micro-batch."""
     from megatron.core.distributed import finalize_model_grads
@@ -59,7 +59,7 @@ def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerSection, *, a
     # its default MoE dispatcher, which a dense model never uses)
     varlen = {"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if pp > 1 else {}
     raw = build_model(hf_config, attention_backend=attention_backend, cross_sample_attention=cross_sample_attention,
-                      bf16=bf16, sequence_parallel=sequence_parallel, seq_length=row_length,
+                      bf16=bf16, sequence_parallel=sequence_parallel, seq_length=row_length, recompute=recompute,
                       calculate_per_token_loss=True, **varlen)
     if init_weights is not None:
         init_weights(raw)
@@ -139,7 +139,7 @@ class Trainer:
             plan.hf_config, config.optimizer, attention_backend=plan.attention_backend, precision=plan.precision,
             row_length=row_length(plan), total_steps=plan.total_steps, pp=plan.pp,
             sequence_parallel=config.parallel.sequence_parallel,
-            cross_sample_attention=config.model.cross_sample_attention,
+            cross_sample_attention=config.model.cross_sample_attention, recompute=config.training.recompute,
             init_weights=None if plan.resume_from else partial(load_initial_weights, config=config))
         state = {"iteration": 0, "consumed_packs": 0, "totals": {}}
         if plan.resume_from is not None:

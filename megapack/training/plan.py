@@ -202,6 +202,8 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     dp, gbs, num_micro = batch_layout(config, world_size)
     if par.sequence_parallel and par.tp == 1:
         raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
+    if (par.vpp or 1) > 1:
+        raise MegapackError("parallel.vpp: virtual pipeline stages are not supported yet (leave it unset)")
     hf_config = load_hf_config(config.model.hf_dir)
     check_parallel_sizes(hf_config, par.tp, par.pp, config.data.seq_length)
     warnings += check_token_range(sets, int(hf_config["vocab_size"]), config.model.hf_dir)
