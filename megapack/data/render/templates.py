@@ -19,9 +19,10 @@ except when a response content starts with a whitespace run that contains a line
 ``^\\s*[\\r\\n]``): there the full-string encoding may merge "\\n\\n" with that whitespace into one token, while we keep
 "\\n\\n" (id 271) as its own token so that the loss mask can start exactly at the content.
 
-Function calls are rendered verbatim as response turns and `Conversation.tools` is not rendered (LLaMA-Factory's
-LLaMA-3 tool prompt embeds today's date, which would make preprocessing irreproducible); put tool descriptions into
-the system prompt if the model needs them.
+Tools (`Conversation.tools`): llama3 renders them in the LLaMA-3.1 JSON tool-calling format and chatml in the
+Hermes / Qwen2.5 `<tools>` format (see `tools`); function-call turns are then rewritten into that format and trained,
+observations are not. Without a tools column function calls are rendered verbatim. llama2 and plain have no tool
+format: a record with tools is a bad record ("tools unsupported by template"), never rendered without them.
 """
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ from megapack.data.sources.conversation import (
     Document,
     Sample,
 )
+from megapack.data.render import tools as toolfmt
 from megapack.data.render.tokenizers import Tokenizer
 from megapack.errors import MegapackError
 
-TEMPLATE_FORMAT_VERSION = 1  # bump when rendering semantics change, so template identities change with them
+TEMPLATE_FORMAT_VERSION = 2  # bump when rendering semantics change, so template identities change with them
 CONTENT = "{content}"
 _LITERAL_IDS: dict[tuple[str, str], list[int]] = {}  # (tokenizer file sha256, template literal) -> ids
 
@@ -87,6 +89,8 @@ class ChatTemplate:
     end_of_turn: Special
     system_in_first_user: bool = False  # llama2: the system block goes inside the first [INST]
     plain: bool = False  # no chat markup: contents joined, loss on every token
+    tool_style: str = ""  # "llama3.1-json" or "hermes" (see `tools`); "" = a tools column is refused
+    tool_observation: Format = ()  # the observation format when tools are given (hermes: a user turn)
 
     def __post_init__(self) -> None:
         for fmt in (self.assistant, self.function_call):
@@ -145,28 +149,44 @@ class ChatTemplate:
         if not isinstance(sample, Conversation):
             raise TypeError(f"expected a Conversation or Document, got {type(sample).__name__}")
         system = sample.system if options.use_data_system and sample.system else options.default_system
+        tools = toolfmt.parse_tools(sample.tools)
+        if tools and not self.tool_style:
+            raise toolfmt.BadSample("tools unsupported by template", f"template {self.name!r} has no tool format; "
+                                    "use llama3, chatml or hf for records with a tools column")
         if self.plain:
             yield from self._plain(tokenizer, ([system] if system else []) + [m.content for m in sample.messages])
             return
         responses = [i for i, m in enumerate(sample.messages) if m.role in (ASSISTANT, FUNCTION_CALL)]
         last_response = responses[-1] if responses else -1
         prompt_flag = int(options.train_on_prompt)
+        if tools and self.tool_style == "hermes":
+            system = toolfmt.hermes_system(system, tools)
 
         yield from self._format(self.prefix, "", tokenizer, prompt_flag)
         if system and not self.system_in_first_user:
             yield from self._format(self.system, system, tokenizer, prompt_flag)
+        first_user = True
         for i, message in enumerate(sample.messages):
             if message.role in (ASSISTANT, FUNCTION_CALL):
                 fmt = self.assistant if message.role == ASSISTANT else self.function_call
                 target = int(not options.mask_history or i == last_response)
+                content = message.content
+                if tools and message.role == FUNCTION_CALL:
+                    call = toolfmt.llama31_call if self.tool_style == "llama3.1-json" else toolfmt.hermes_call
+                    content = call(content)
                 # the first two parts are the content and the end-of-turn token (checked in __post_init__)
-                yield from self._format(fmt[:2], message.content, tokenizer, target)
-                yield from self._format(fmt[2:], message.content, tokenizer, prompt_flag)
+                yield from self._format(fmt[:2], content, tokenizer, target)
+                yield from self._format(fmt[2:], content, tokenizer, prompt_flag)
             elif message.role in (USER, OBSERVATION):
                 content = message.content
                 if message.role == USER and i == 0 and system and self.system_in_first_user:
                     content = self._join(self.system, system) + content
+                if message.role == USER and first_user and tools and self.tool_style == "llama3.1-json":
+                    content = toolfmt.llama31_user_prefix(tools) + content
+                first_user = first_user and message.role != USER
                 fmt = self.user if message.role == USER else self.observation
+                if message.role == OBSERVATION and tools and self.tool_observation:
+                    fmt, content = self.tool_observation, toolfmt.hermes_observation(content)
                 yield from self._format(fmt, content, tokenizer, prompt_flag)
             else:
                 raise MegapackError(f"{sample.source or 'conversation'}: role {message.role!r} cannot be a turn; "
@@ -238,6 +258,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         observation=(_START, "ipython", _END, "\n\n" + CONTENT, _EOT) + _llama3_header("assistant"),
         function_call=(CONTENT, _EOT),
         end_of_turn=_EOT,
+        tool_style="llama3.1-json",
     ),
     # <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]{assistant}</s><s>[INST] {user} [/INST]...
     "llama2": ChatTemplate(
@@ -262,6 +283,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         observation=(_IM_START, "tool\n" + CONTENT, _IM_END, "\n", _IM_START, "assistant\n"),
         function_call=(CONTENT, _IM_END, "\n"),
         end_of_turn=_IM_END,
+        tool_style="hermes",
+        tool_observation=(_IM_START, "user\n" + CONTENT, _IM_END, "\n", _IM_START, "assistant\n"),
     ),
     # BOS, texts joined by blank lines, EOS; loss on every token.
     "plain": ChatTemplate(

@@ -1,4 +1,5 @@
-"""Tokenizers behind one small interface: LLaMA-3 (tiktoken BPE ranks file) and SentencePiece (LLaMA-2 / Mistral).
+"""Tokenizers behind one small interface: LLaMA-3 (tiktoken BPE ranks file), SentencePiece (LLaMA-2 / Mistral) and
+Hugging Face `tokenizer.json` (the `tokenizers` library; see `tokenizer_json`).
 
 `encode` never adds BOS/EOS and treats special-token strings in the text ("<|eot_id|>", "<s>") as plain text, so
 user data cannot inject control tokens; chat templates emit special tokens by id. Tokenizers pickle by file path
@@ -48,7 +49,7 @@ class Tokenizer(ABC):
     eos_id: int
     pad_id: int
     identity: str  # vocab_identity of the file: "vocab:<64 hex>"
-    kind: str  # "tiktoken-llama3" or "sentencepiece"
+    kind: str  # "tiktoken-llama3", "sentencepiece" or "tokenizer-json"
     file_sha256: str  # of the model file; workers reloading it check that it is unchanged
     special_tokens: dict[str, int]
     path: Path
@@ -160,7 +161,7 @@ class SentencePieceTokenizer(Tokenizer):
         return (_reload, (type(self), str(self.path), self.file_sha256))
 
 
-TOKENIZER_KINDS = ("auto", "tiktoken", "sentencepiece")  # auto: detected from the file's content
+TOKENIZER_KINDS = ("auto", "tiktoken", "sentencepiece", "tokenizer-json")  # auto: detected from the file's content
 
 
 def load_tokenizer(path: str | Path, kind: str = "auto") -> Tokenizer:
@@ -173,19 +174,25 @@ def load_tokenizer(path: str | Path, kind: str = "auto") -> Tokenizer:
         return TiktokenLlama3Tokenizer(path, data)
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path, data)
+    if kind == "tokenizer-json":
+        from megapack.data.render.tokenizer_json import TokenizerJsonTokenizer
+
+        return TokenizerJsonTokenizer(path, data)
     raise MegapackError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
 
 
 def _resolve(path: Path) -> Path:
-    """A model file, or inside a checkpoint directory `original/tokenizer.model` or `tokenizer.model`."""
+    """A model file, or inside a checkpoint directory `original/tokenizer.model`, `tokenizer.model` or
+    `tokenizer.json`."""
     if path.is_dir():
-        for candidate in (path / "original" / "tokenizer.model", path / "tokenizer.model"):
+        for candidate in (path / "original" / "tokenizer.model", path / "tokenizer.model", path / "tokenizer.json"):
             if candidate.is_file():
                 return candidate
-        raise MegapackError(f"{path}: directory holds neither original/tokenizer.model nor tokenizer.model")
+        raise MegapackError(f"{path}: directory holds none of original/tokenizer.model, tokenizer.model, "
+                            f"tokenizer.json")
     if not path.exists():
         raise MegapackError(f"{path}: tokenizer file not found (expected a tiktoken ranks file, a SentencePiece "
-                            f"model, or a checkpoint directory with original/tokenizer.model)")
+                            f"model, a tokenizer.json, or a checkpoint directory with one of them)")
     return path
 
 
@@ -197,13 +204,17 @@ def _read(path: Path) -> bytes:
 
 
 def _sniff(path: Path, data: bytes) -> str:
-    """tiktoken ranks files are text lines "base64 rank"; SentencePiece models are protobuf (field 1 first)."""
+    """tiktoken ranks files are text lines "base64 rank"; SentencePiece models are protobuf (field 1 first);
+    tokenizer.json is a JSON object."""
     first = data.split(b"\n", 1)[0]
     if _RANKS_LINE.match(first):
         return "tiktoken"
     if data[:1] == b"\x0a":
         return "sentencepiece"
-    raise MegapackError(f"{path}: neither a tiktoken ranks file (lines 'base64 rank') nor a SentencePiece model")
+    if data.lstrip()[:1] == b"{":
+        return "tokenizer-json"
+    raise MegapackError(f"{path}: neither a tiktoken ranks file (lines 'base64 rank'), a SentencePiece model nor a "
+                        f"tokenizer.json")
 
 
 def _parse_ranks(path: Path, data: bytes) -> dict[bytes, int]:
