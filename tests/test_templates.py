@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -152,7 +153,7 @@ def test_errors(mistral, llama3_tokenizer):
 
 def test_identity_is_stable_and_covers_options():
     llama3 = get_template("llama3")
-    assert llama3.identity() == llama3.identity(TemplateOptions()) == "llama3:e8cf1b1a7c54051f"  # pinned: meta.json
+    assert llama3.identity() == llama3.identity(TemplateOptions()) == "llama3:929eab18a67cc5e2"  # pinned: meta.json (v2: tools rendered)
     variants = {llama3.identity(TemplateOptions(train_on_prompt=True)), llama3.identity(TemplateOptions(mask_history=True)),
                 llama3.identity(TemplateOptions(default_system="x")), llama3.identity(TemplateOptions(use_data_system=False)),
                 llama3.identity()} | {t.identity() for t in TEMPLATES.values()}
@@ -260,3 +261,81 @@ def test_documented_difference_at_response_start(llama3_tokenizer, hf_llama3):
     assert ids.tolist() == head + [271] + llama3_tokenizer.encode("\nHello") + [EOT]
     assert full == head + llama3_tokenizer.encode("\n\n\nHello") + [EOT]
     assert llama3_tokenizer.decode(ids[mask == 1]) == "\nHello<|eot_id|>"
+
+
+# ---- tools ---------------------------------------------------------------------------------------------------------
+
+WEATHER_TOOLS = '[{"name": "weather", "description": "Weather of a city", "parameters": {"type": "object", ' \
+                '"properties": {"city": {"type": "string"}}, "required": ["city"]}}]'
+TOOL_CHAT = Conversation([
+    Message("user", "Weather in Paris?"), Message("function_call", '{"name": "weather", "arguments": {"city": "Paris"}}'),
+    Message("observation", '{"temp": 21}'), Message("assistant", "It is 21 degrees."),
+], tools=WEATHER_TOOLS)
+SCHEMA = {"type": "function", "function": json.loads(WEATHER_TOOLS)[0]}
+
+
+def test_llama3_renders_tools_in_the_llama31_json_format(llama3_tokenizer):
+    template = get_template("llama3")
+    assert template.render_text(TOOL_CHAT, llama3_tokenizer) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+        "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+        "that best answers the given prompt.\n\nRespond in the format {\"name\": function name, \"parameters\": "
+        "dictionary of argument name and its value}.Do not use variables.\n\n"
+        + json.dumps(SCHEMA, indent=4) + "\n\nWeather in Paris?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        '{"name": "weather", "parameters": {"city": "Paris"}}<|eot_id|>'
+        '<|start_header_id|>ipython<|end_header_id|>\n\n{"temp": 21}<|eot_id|>'
+        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is 21 degrees.<|eot_id|>")
+    ids, mask = template.encode(TOOL_CHAT, llama3_tokenizer)
+    assert [llama3_tokenizer.decode(ids[a:b]) for a, b in _runs(mask)] == [
+        '{"name": "weather", "parameters": {"city": "Paris"}}<|eot_id|>', "It is 21 degrees.<|eot_id|>"]
+
+
+def test_chatml_renders_tools_in_the_hermes_format(llama3_tokenizer):
+    template = get_template("chatml")
+    assert template.render_text(TOOL_CHAT, llama3_tokenizer) == (
+        "<|begin_of_text|><|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user "
+        "query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        + json.dumps(SCHEMA) + "\n</tools>\n\nFor each function call, return a json object with function name and "
+        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+        "<args-json-object>}\n</tool_call><|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        "<|im_end|>\n<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nIt is 21 degrees.<|im_end|>\n")
+    ids, mask = template.encode(TOOL_CHAT, llama3_tokenizer)
+    assert [llama3_tokenizer.decode(ids[a:b]) for a, b in _runs(mask)] == [
+        '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 21 degrees.<|im_end|>"]
+
+
+def test_templates_without_a_tool_format_refuse_tools(llama3_tokenizer, mistral):
+    from megapack.data.render.tools import BadSample
+
+    for name, tok in (("llama2", mistral), ("plain", llama3_tokenizer)):
+        with pytest.raises(BadSample, match=f"template '{name}' has no tool format") as info:
+            get_template(name).encode(TOOL_CHAT, tok)
+        assert info.value.reason == "tools unsupported by template"
+
+
+@st.composite
+def tool_conversations(draw):
+    messages = []
+    for _ in range(draw(st.integers(1, 3))):
+        messages.append(Message("user", draw(TEXT)))
+        if draw(st.booleans()):
+            call = {"name": draw(st.sampled_from(["f", "weather"])), "arguments": {"x": draw(TEXT)}}
+            messages += [Message("function_call", json.dumps(call)), Message("observation", draw(TEXT))]
+        messages.append(Message("assistant", draw(TEXT)))
+    return Conversation(messages, system=draw(st.none() | TEXT), tools=WEATHER_TOOLS)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conv=tool_conversations())
+def test_property_tool_calls_trained_observations_not(llama3_tokenizer, conv):
+    from megapack.data.render.tools import hermes_call, llama31_call
+
+    for name, call, eot in (("llama3", llama31_call, "<|eot_id|>"), ("chatml", hermes_call, "<|im_end|>")):
+        ids, mask = get_template(name).encode(conv, llama3_tokenizer)
+        expected = [(call(m.content) if m.role == "function_call" else m.content) + eot
+                    for m in conv.messages if m.role in ("assistant", "function_call")]
+        assert [llama3_tokenizer.decode(ids[a:b]) for a, b in _runs(mask)] == expected

@@ -154,7 +154,7 @@ def test_llama3_identity_pickle_and_checkpoint_dir(llama3_tokenizer, llama3_toke
 def test_load_errors_name_the_path(tmp_path, llama3_tokenizer_path):
     with pytest.raises(MegapackError, match=f"{tmp_path}/missing.model: tokenizer file not found"):
         load_tokenizer(tmp_path / "missing.model")
-    with pytest.raises(MegapackError, match="neither original/tokenizer.model nor tokenizer.model"):
+    with pytest.raises(MegapackError, match="holds none of original/tokenizer.model, tokenizer.model, tokenizer.json"):
         load_tokenizer(tmp_path)
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"\x00\x01 not a tokenizer")
@@ -287,3 +287,35 @@ def test_vocab_identity_of_unreadable_formats_is_none(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('{"model": {"type": "BPE"')
     assert vocab_identity(wordpiece) is None and vocab_identity(junk) is None and vocab_identity(broken) is None
+
+
+# ---- the tokenizer.json backend ------------------------------------------------------------------------------------
+
+def test_tokenizer_json_backend_equals_tiktoken(llama3_tokenizer, hf_tokenizer_json_path, llamafactory_data_dir,
+                                                tmp_path):
+    from megapack.data.render.tokenizer_json import TokenizerJsonTokenizer
+
+    tok, ref = load_tokenizer(hf_tokenizer_json_path), llama3_tokenizer
+    assert isinstance(tok, TokenizerJsonTokenizer) and tok.kind == "tokenizer-json"
+    assert tok.identity == ref.identity == LLAMA3_VOCAB  # the same vocabulary, read from another file format
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (ref.vocab_size, ref.bos_id, ref.eos_id, ref.pad_id)
+    texts = _demo_texts(llamafactory_data_dir) + HANDWRITTEN + _random_texts(1000)
+    assert len(texts) == 17_614
+    texts += ["<|eot_id|>", "a<|begin_of_text|>b", "<|start_header_id|>user<|end_header_id|>\n\nhi <|eot_id|>"]
+    ids = tok.encode_batch(texts)
+    assert ids == ref.encode_batch(texts)  # special-token strings stay text here too
+    assert [tok.encode(t) for t in texts[-300:]] == ids[-300:]
+    assert max(ids[-1]) < 128000 and tok.decode(ids[-1]) == texts[-1]
+    assert tok.decode([128000, *ids[-2], 128009]) == "<|begin_of_text|>" + texts[-2] + "<|eot_id|>"
+    assert tok.special_tokens["<|eot_id|>"] == 128009 and len(tok.special_tokens) == 256
+    clone = pickle.loads(pickle.dumps(tok))
+    assert isinstance(clone, TokenizerJsonTokenizer) and clone.encode("pickled ✓") == ref.encode("pickled ✓")
+    only_json = tmp_path / "ckpt"  # a checkpoint folder that ships only tokenizer.json
+    only_json.mkdir()
+    shutil.copy(hf_tokenizer_json_path, only_json / "tokenizer.json")
+    assert load_tokenizer(only_json).kind == "tokenizer-json"
+    assert load_tokenizer(only_json / "tokenizer.json", kind="tokenizer-json").identity == LLAMA3_VOCAB
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model": {"type": "BPE"')
+    with pytest.raises(MegapackError, match="broken.json: not a readable tokenizer.json"):
+        load_tokenizer(broken)

@@ -32,8 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tok.add_argument("--tokenizer-model", required=True, help="tiktoken ranks / SentencePiece file or checkpoint dir")
     tok.add_argument("--tokenizer-type", default=default["tokenizer_type"], choices=TOKENIZER_KINDS,
                      help="tokenizer kind (auto: detected from the file; default %(default)s)")
-    tok.add_argument("--template", default=default["template"], choices=tuple(TEMPLATES),
-                     help="chat template (default %(default)s)")
+    tok.add_argument("--template", default=default["template"], choices=(*TEMPLATES, "hf"),
+                     help="chat template; hf: the checkpoint's own chat_template (default %(default)s)")
+    tok.add_argument("--chat-template-from", default=None, metavar="DIR",
+                     help="--template hf: checkpoint folder with tokenizer_config.json / chat_template.jinja "
+                          "(default: the --tokenizer-model folder)")
+    tok.add_argument("--template-date", default=None, metavar="YYYY-MM-DD",
+                     help="--template hf: the date strftime_now returns (needed by templates that print today's date)")
     tok.add_argument("--train-on-prompt", action="store_true", help="loss on every token, not only responses")
     tok.add_argument("--mask-history", action="store_true", help="loss on the last response only")
     tok.add_argument("--system", default=None, help="system prompt for conversations without one")
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = PreprocessConfig(
         output_dir=args.output_dir, tokenizer_model=args.tokenizer_model, inputs=args.input, datasets=args.dataset,
         dataset_dir=args.dataset_dir, format=args.format, tokenizer_type=args.tokenizer_type, template=args.template,
+        chat_template_from=args.chat_template_from, template_date=args.template_date,
         train_on_prompt=args.train_on_prompt, mask_history=args.mask_history, system=args.system,
         seq_length=args.seq_length, packing=args.packing, pad_to_multiple=args.pad_to_multiple,
         drop_long=args.drop_long, seed=args.seed, val_fraction=args.val_fraction, workers=args.workers,

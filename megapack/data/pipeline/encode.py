@@ -29,6 +29,8 @@ class EncodeSpec:
     tokenizer_type: str
     template: str
     options: dict = field(default_factory=dict)
+    chat_template_from: str | None = None  # --template hf: the checkpoint folder (default: --tokenizer-model's)
+    template_date: str | None = None  # --template hf: what strftime_now returns (YYYY-MM-DD)
 
 
 def load_encoder(spec: EncodeSpec):
@@ -36,7 +38,15 @@ def load_encoder(spec: EncodeSpec):
     from megapack.data.render.templates import TemplateOptions, get_template
     from megapack.data.render.tokenizers import load_tokenizer
 
-    return load_tokenizer(spec.tokenizer_model, spec.tokenizer_type), get_template(spec.template), TemplateOptions(**spec.options)
+    tokenizer = load_tokenizer(spec.tokenizer_model, spec.tokenizer_type)
+    if spec.template == "hf":
+        from megapack.data.render.hf_template import HFChatTemplate, parse_date
+
+        template = HFChatTemplate.from_dir(spec.chat_template_from or spec.tokenizer_model,
+                                           parse_date(spec.template_date))
+    else:
+        template = get_template(spec.template)
+    return tokenizer, template, TemplateOptions(**spec.options)
 
 
 _WORKER: dict = {}
@@ -58,8 +68,8 @@ def _encode_batch(samples: list) -> tuple[bytes, bytes, np.ndarray, list[tuple[i
     for pos, sample in enumerate(samples):
         try:
             ids, mask = template.encode(sample, tokenizer, options)
-        except MegapackError as exc:
-            bad.append((pos, "template error", str(exc)))
+        except MegapackError as exc:  # BadSample carries its own reason (tools, prefix stability, empty mask)
+            bad.append((pos, getattr(exc, "reason", "template error"), str(exc)))
             continue
         if len(ids) == 0:
             bad.append((pos, "empty after tokenization", ""))

@@ -45,6 +45,8 @@ class PreprocessConfig:
     format: str = "auto"
     tokenizer_type: str = "auto"
     template: str = "llama3"
+    chat_template_from: str | None = None
+    template_date: str | None = None
     train_on_prompt: bool = False
     mask_history: bool = False
     system: str | None = None
@@ -79,10 +81,16 @@ def validate(cfg: PreprocessConfig) -> None:
          f"--partition-index {cfg.partition_index}: expected 0 <= index < --num-partitions {cfg.num_partitions}"),
         (isinstance(cfg.seed, int) and 0 <= cfg.seed < SEED_LIMIT, f"--seed {cfg.seed}: expected an integer in [0, 2**64)"),
         (cfg.max_shard_tokens > 0, f"max_shard_tokens {cfg.max_shard_tokens}: expected a positive integer"),
+        (cfg.template == "hf" or (cfg.chat_template_from is None and cfg.template_date is None),
+         f"--chat-template-from / --template-date apply to --template hf, not --template {cfg.template}"),
     ]
     for ok, message in checks:
         if not ok:
             raise MegapackError(message)
+    if cfg.template_date is not None:
+        from megapack.data.render.hf_template import parse_date
+
+        parse_date(cfg.template_date)
 
 
 def _fingerprint(cfg: PreprocessConfig, specs: list, tokenizer_file_sha256: str, template_identity: str) -> dict:
@@ -191,7 +199,8 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     validate(cfg)
     specs = resolve_datasets(cfg.inputs, cfg.datasets, cfg.dataset_dir, cfg.format)
     options = {"train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history, "default_system": cfg.system}
-    encode = EncodeSpec(cfg.tokenizer_model, cfg.tokenizer_type, cfg.template, options)
+    encode = EncodeSpec(cfg.tokenizer_model, cfg.tokenizer_type, cfg.template, options, cfg.chat_template_from,
+                        cfg.template_date)
     tokenizer, template, template_options = load_encoder(encode)
     template_identity = template.identity(template_options)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -246,7 +255,9 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             "skipped_examples": [e for p in parts.values() for e in p["skipped_examples"]][:10],
             "tokenizer_identity": tokenizer.identity,
             "tokenizer_model": str(cfg.tokenizer_model),
-            "template": {"name": cfg.template, "identity": template_identity, "options": options},
+            "template": {"name": cfg.template, "identity": template_identity, "options": options}
+            | ({"chat_template_from": str(getattr(template, "origin", "")), "date": cfg.template_date}
+               if cfg.template == "hf" else {}),
             "inputs": [{"name": s.name, "path": str(s.path), "formatting": s.formatting} for s in specs],
             "num_partitions": cfg.num_partitions,
         }

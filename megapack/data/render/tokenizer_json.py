@@ -32,18 +32,18 @@ class TokenizerJsonTokenizer(Tokenizer):
             doc = json.loads(data)
             added = doc.get("added_tokens") or []
             self.special_tokens = {a["content"]: int(a["id"]) for a in added if a.get("special")}
-            self._full = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
             as_text = {**doc, "added_tokens": [a for a in added if not a.get("special")], "post_processor": None}
             self._tok = tokenizers.Tokenizer.from_str(json.dumps(as_text))
-        except (ValueError, KeyError, TypeError, AttributeError, Exception) as exc:  # tokenizers raises Exception
+        except Exception as exc:  # json errors, missing keys, and the plain Exception that tokenizers raises
             raise MegapackError(f"{self.path}: not a readable tokenizer.json ({str(exc)[:200]})") from None
+        self._names = {i: name for name, i in self.special_tokens.items()}
         self.file_sha256 = hashlib.sha256(data).hexdigest()
-        identity = _cached_identity(self.file_sha256, lambda: _tokenizer_json_identity(data))
+        identity = _cached_identity(self.file_sha256, lambda: _tokenizer_json_identity(data, doc))
         if identity is None:
             raise MegapackError(f"{self.path}: tokenizer.json model {doc['model'].get('type')!r} is not supported; "
                                 "expected a BPE or Unigram model")
         self.identity, self.kind = identity, "tokenizer-json"
-        self.vocab_size = self._full.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(self._names, default=-1) + 1)
         config = _config(self.path.parent)
         self.bos_id = self._pick(("<|begin_of_text|>", config.get("bos_token"), "<s>"), "BOS")
         self.eos_id = self._pick(("<|end_of_text|>", config.get("eos_token"), "</s>"), "EOS")
@@ -71,7 +71,14 @@ class TokenizerJsonTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` (special tokens rendered by name)."""
-        return self._full.decode([int(i) for i in ids], skip_special_tokens=False)
+        out, run = [], []
+        for i in map(int, ids):
+            if i in self._names:
+                out += [self._tok.decode(run), self._names[i]] if run else [self._names[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + ([self._tok.decode(run)] if run else []))
 
     def __reduce__(self):
         return (_reload, (type(self), str(self.path), self.file_sha256))

@@ -315,7 +315,7 @@ def _has_type(node, name: str) -> bool:
     return isinstance(node, list) and any(_has_type(v, name) for v in node)
 
 
-def _tokenizer_json_identity(data: bytes) -> str | None:
+def _tokenizer_json_identity(data: bytes, doc: dict | None = None) -> str | None:
     """A Hugging Face tokenizer.json: byte-level BPE (GPT-2 byte mapping inverted), SP-style BPE or Unigram.
 
     SP-style vocabularies (no ByteLevel pre-tokenizer/decoder) hash their token strings as UTF-8, as a SentencePiece
@@ -323,7 +323,7 @@ def _tokenizer_json_identity(data: bytes) -> str | None:
     and unreadable files give None.
     """
     try:
-        doc = json.loads(data)
+        doc = json.loads(data) if doc is None else doc
         model = doc["model"]
         if model.get("type") == "BPE":
             vocab = {int(i): tok for tok, i in model["vocab"].items()}
