@@ -18,6 +18,8 @@ setup(
         "numpy>=1.26",
         "tiktoken>=0.7",
         "sentencepiece>=0.2",
+        "tokenizers>=0.19,<1",  # the tokenizer.json backend
+        "jinja2>=3.1.6",  # --template hf (older versions have sandbox escapes)
         "safetensors>=0.4",
         "pyyaml>=6.0",
         "pydantic>=2.6",
@@ -33,7 +35,6 @@ setup(
             "pytest>=8",
             "hypothesis>=6.100",
             "transformers>=4.45",
-            "tokenizers>=0.19",
             "matplotlib>=3.8",
         ],
     },

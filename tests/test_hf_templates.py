@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megapack.cli import main
-from megapack.data.render.hf_template import EMPTY_MASK, PREFIX_UNSTABLE, TEMPLATE_ERROR, HFChatTemplate, parse_date
+from megapack.data.render.hf_template import HFChatTemplate, parse_date
 from megapack.data.render.templates import TemplateOptions, get_template
 from megapack.data.render.tokenizers import load_tokenizer
-from megapack.data.render.tools import BadSample
+from megapack.data.render.tools import EMPTY_MASK, PREFIX_UNSTABLE, RENDER_REASONS, TEMPLATE_ERROR, BadSample
 from megapack.data.sources.conversation import Conversation, Message
 from megapack.data.sources.formats import iter_samples
 from megapack.data.sources.registry import resolve_datasets
@@ -268,3 +268,9 @@ def test_preprocess_cli_template_hf(tmp_path, llamafactory_data_dir, llama3_toke
     assert "does not render tools" in capsys.readouterr().err
     assert main([*base, "--template", "llama3", "--template-date", "2024-07-26", "--output-dir", str(tmp_path / "x")]) == 1
     assert "--chat-template-from / --template-date apply to --template hf" in capsys.readouterr().err
+
+
+def test_readme_lists_every_render_reason():
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    reasons = readme[readme.index("**Bad records**"):readme.index("### 2. Tokenizers")]
+    assert all(f"`{reason}`" in reasons for reason in RENDER_REASONS)

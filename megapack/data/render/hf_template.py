@@ -41,12 +41,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from megapack.data.render import tools as toolfmt
 from megapack.data.render.templates import TEMPLATES, TemplateOptions
 from megapack.data.render.tokenizers import Tokenizer
-from megapack.data.render.tools import BadSample
+from megapack.data.render.tools import EMPTY_MASK, NO_TOOL_FORMAT, PREFIX_UNSTABLE, TEMPLATE_ERROR, BadSample
 from megapack.data.sources.conversation import ASSISTANT, FUNCTION_CALL, OBSERVATION, Conversation, Document, Sample
 from megapack.errors import MegapackError
 
 HF_TEMPLATE_VERSION = 1  # bump when rendering or masking semantics change
-PREFIX_UNSTABLE, EMPTY_MASK, TEMPLATE_ERROR = "not prefix-stable", "empty assistant mask", "chat template error"
 _MS, _ME = "\ufdd0", "\ufdd1"  # noncharacters marking special-token strings that came from the data
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -316,7 +315,7 @@ class HFChatTemplate:
         has_markers, uses_tools, uses_calls = self._features[key]
         if (tools and not uses_tools) or (not uses_calls and any("tool_calls" in m for m in messages)):
             what = "tools" if tools and not uses_tools else "tool calls"
-            raise BadSample("tools unsupported by template", f"{self.origin}: the chat template does not render {what}")
+            raise BadSample(NO_TOOL_FORMAT, f"{self.origin}: the chat template does not render {what}")
         names, split = self._patterns(tokenizer)
         messages, tools = self._mark(messages, names), self._mark(tools, names)
         full, spans = self.render(messages, tools, False, tokenizer, track=has_markers)

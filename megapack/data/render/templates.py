@@ -151,7 +151,7 @@ class ChatTemplate:
         system = sample.system if options.use_data_system and sample.system else options.default_system
         tools = toolfmt.parse_tools(sample.tools)
         if tools and not self.tool_style:
-            raise toolfmt.BadSample("tools unsupported by template", f"template {self.name!r} has no tool format; "
+            raise toolfmt.BadSample(toolfmt.NO_TOOL_FORMAT, f"template {self.name!r} has no tool format; "
                                     "use llama3, chatml or hf for records with a tools column")
         if self.plain:
             yield from self._plain(tokenizer, ([system] if system else []) + [m.content for m in sample.messages])
