@@ -127,9 +127,11 @@ def parse_date(value: str | None) -> date | None:
     if value is None:
         return None
     try:
-        return date.fromisoformat(value) if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value) else date.fromisoformat("x")
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            return date.fromisoformat(value)
     except ValueError:
-        raise MegapackError(f"--template-date {value!r}: expected a date as YYYY-MM-DD") from None
+        pass
+    raise MegapackError(f"--template-date {value!r}: expected a date as YYYY-MM-DD")
 
 
 def find_template_dir(path: str | Path) -> Path:
@@ -259,7 +261,7 @@ class HFChatTemplate:
                 blocks.append(block)
                 state["pos"] += len(block)
             return "".join(blocks), state["spans"]
-        except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        except Exception as exc:  # only template code runs here: whatever it raises is the template's error
             raise BadSample(TEMPLATE_ERROR, f"{type(exc).__name__}: {exc}") from None
         finally:
             _TRACK.reset(token)

@@ -4,7 +4,8 @@ For checkpoints that ship only `tokenizer.json`. As in the other backends, `enco
 text: the file is loaded a second time without its special added tokens (and without its post-processor), so
 "<|eot_id|>" typed by a user is split by the BPE model like any text, while templates emit special tokens by id.
 BOS/EOS/PAD: LLaMA-3's names (<|begin_of_text|>, <|end_of_text|>, <|finetune_right_pad_id|> or id 128004, as the
-tiktoken backend), else `tokenizer_config.json` beside the file, else "<s>"/"</s>".
+tiktoken backend), else `tokenizer_config.json` beside the file, else "<s>"/"</s>", else "<|endoftext|>" (which also
+serves as BOS for models without one, as Qwen's).
 """
 from __future__ import annotations
 
@@ -45,18 +46,22 @@ class TokenizerJsonTokenizer(Tokenizer):
         self.identity, self.kind = identity, "tokenizer-json"
         self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(self._names, default=-1) + 1)
         config = _config(self.path.parent)
-        self.bos_id = self._pick(("<|begin_of_text|>", config.get("bos_token"), "<s>"), "BOS")
-        self.eos_id = self._pick(("<|end_of_text|>", config.get("eos_token"), "</s>"), "EOS")
+        self.eos_id = self._pick(("<|end_of_text|>", config.get("eos_token"), "</s>", "<|endoftext|>"), "EOS")
+        # Models without a BOS (Qwen) separate documents with their end-of-text token: it opens plain documents here
+        self.bos_id = self._pick(("<|begin_of_text|>", config.get("bos_token"), "<s>", "<|endoftext|>"), "BOS",
+                                 default=self.eos_id)
         llama3 = self.bos_id == LLAMA3_NUM_RANKS and len(self.special_tokens) == LLAMA3_NUM_SPECIAL
         pad = self.special_tokens.get("<|finetune_right_pad_id|>", LLAMA3_PAD_ID if llama3 else None)
         if pad is None:
             pad = self.special_tokens.get(config.get("pad_token") or "", self.eos_id)
         self.pad_id = pad
 
-    def _pick(self, names: tuple, what: str) -> int:
+    def _pick(self, names: tuple, what: str, default: int | None = None) -> int:
         for name in names:
             if name in self.special_tokens:
                 return self.special_tokens[name]
+        if default is not None:
+            return default
         raise MegapackError(f"{self.path}: no {what} token among the special tokens (looked for "
                             f"{', '.join(repr(n) for n in names if n)}); add tokenizer_config.json beside it")
 
