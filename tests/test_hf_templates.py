@@ -250,9 +250,11 @@ def test_bad_records_have_their_own_reasons(llama3_tokenizer, llamafactory_data_
         assert info.value.reason == "bad tool call"
 
 
-def test_preprocess_cli_template_hf(tmp_path, llamafactory_data_dir, llama3_tokenizer_path, capsys):
-    base = ["preprocess", "--dataset", "glaive_toolcall_en_demo", "--dataset-dir", str(llamafactory_data_dir),
-            "--tokenizer-model", str(llama3_tokenizer_path), "--seq-length", "4096", "--no-progress"]
+def test_preprocess_cli_template_hf(tmp_path, llamafactory_data_dir, llama3_tokenizer_path, hf_tokenizer_json_path,
+                                    capsys):
+    data = ["preprocess", "--dataset", "glaive_toolcall_en_demo", "--dataset-dir", str(llamafactory_data_dir),
+            "--seq-length", "4096", "--no-progress"]
+    base = [*data, "--tokenizer-model", str(llama3_tokenizer_path)]
     out = tmp_path / "hf"
     assert main([*base, "--template", "hf", "--chat-template-from", str(TEMPLATES / "llama3.1-instruct"),
                  "--output-dir", str(out)]) == 0
@@ -260,6 +262,17 @@ def test_preprocess_cli_template_hf(tmp_path, llamafactory_data_dir, llama3_toke
     assert meta["num_samples"] == 300 and meta["skipped"] == {}
     assert meta["template"]["name"] == "hf" and meta["template"]["identity"].startswith("hf:")
     assert meta["template"]["chat_template_from"] == str(TEMPLATES / "llama3.1-instruct")
+    # a checkpoint folder as HF ships it: tokenizer.json + tokenizer_config.json holding the chat template
+    ckpt = tmp_path / "Llama-3.1-8B-Instruct"
+    ckpt.mkdir()
+    (ckpt / "tokenizer.json").symlink_to(hf_tokenizer_json_path)
+    config = json.loads((TEMPLATES / "llama3.1-instruct" / "tokenizer_config.json").read_text())
+    config["chat_template"] = (TEMPLATES / "llama3.1-instruct" / "chat_template.jinja").read_text()
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main([*data, "--tokenizer-model", str(ckpt), "--template", "hf", "--output-dir", str(tmp_path / "j")]) == 0
+    same = json.loads((tmp_path / "j" / "meta.json").read_text())
+    assert same["sha256"] == meta["sha256"] and same["tokenizer_identity"] == meta["tokenizer_identity"]
+    assert same["template"]["identity"] == meta["template"]["identity"]
     # LLaMA-3-Instruct's template ignores tools: the 191 records with tools are bad records, not trained without them
     assert main([*base, "--template", "hf", "--chat-template-from", str(TEMPLATES / "llama3-instruct"),
                  "--output-dir", str(tmp_path / "no-tools")]) == 0
