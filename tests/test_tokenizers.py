@@ -76,10 +76,16 @@ def _random_texts(n: int, seed: int = 0) -> list[str]:
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(n)]
 
 
-def test_llama3_ids_equal_reference_tokenizer_json(llama3_tokenizer, hf_llama3, llamafactory_data_dir):
+@pytest.fixture(scope="module")
+def corpus(llama3_tokenizer, llamafactory_data_dir):
+    """The 17,614 test strings and their ids from the tiktoken backend (shared by the two comparisons below)."""
     texts = _demo_texts(llamafactory_data_dir) + HANDWRITTEN + _random_texts(1000)
-    assert len(texts) > 5000
-    ours = llama3_tokenizer.encode_batch(texts)
+    return texts, llama3_tokenizer.encode_batch(texts)
+
+
+def test_llama3_ids_equal_reference_tokenizer_json(llama3_tokenizer, hf_llama3, corpus):
+    texts, ours = corpus
+    assert len(texts) == 17_614
     ref = [e.ids for e in hf_llama3.encode_batch(texts, add_special_tokens=False)]
     mismatches = [t for t, a, b in zip(texts, ours, ref) if a != b]
     assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, first: {mismatches[0]!r}"
@@ -291,20 +297,20 @@ def test_vocab_identity_of_unreadable_formats_is_none(tmp_path):
 
 # ---- the tokenizer.json backend ------------------------------------------------------------------------------------
 
-def test_tokenizer_json_backend_equals_tiktoken(llama3_tokenizer, hf_tokenizer_json_path, llamafactory_data_dir,
-                                                tmp_path):
+def test_tokenizer_json_backend_equals_tiktoken(llama3_tokenizer, hf_tokenizer_json_path, corpus, tmp_path):
     from megapack.data.render.tokenizer_json import TokenizerJsonTokenizer
 
     tok, ref = load_tokenizer(hf_tokenizer_json_path), llama3_tokenizer
     assert isinstance(tok, TokenizerJsonTokenizer) and tok.kind == "tokenizer-json"
     assert tok.identity == ref.identity == LLAMA3_VOCAB  # the same vocabulary, read from another file format
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (ref.vocab_size, ref.bos_id, ref.eos_id, ref.pad_id)
-    texts = _demo_texts(llamafactory_data_dir) + HANDWRITTEN + _random_texts(1000)
-    assert len(texts) == 17_614
-    texts += ["<|eot_id|>", "a<|begin_of_text|>b", "<|start_header_id|>user<|end_header_id|>\n\nhi <|eot_id|>"]
+    texts, expected = corpus
     ids = tok.encode_batch(texts)
-    assert ids == ref.encode_batch(texts)  # special-token strings stay text here too
-    assert [tok.encode(t) for t in texts[-300:]] == ids[-300:]
+    mismatches = [t for t, a, b in zip(texts, ids, expected) if a != b]
+    assert len(ids) == 17_614 and not mismatches, f"{len(mismatches)} differ, first: {mismatches[:1]!r}"
+    texts = ["<|eot_id|>", "a<|begin_of_text|>b", "<|start_header_id|>user<|end_header_id|>\n\nhi <|eot_id|>"]
+    ids = [tok.encode(t) for t in texts]
+    assert ids == ref.encode_batch(texts) == tok.encode_batch(texts)  # special-token strings stay text here too
     assert max(ids[-1]) < 128000 and tok.decode(ids[-1]) == texts[-1]
     assert tok.decode([128000, *ids[-2], 128009]) == "<|begin_of_text|>" + texts[-2] + "<|eot_id|>"
     assert tok.special_tokens["<|eot_id|>"] == 128009 and len(tok.special_tokens) == 256
@@ -312,9 +318,9 @@ def test_tokenizer_json_backend_equals_tiktoken(llama3_tokenizer, hf_tokenizer_j
     assert isinstance(clone, TokenizerJsonTokenizer) and clone.encode("pickled ✓") == ref.encode("pickled ✓")
     only_json = tmp_path / "ckpt"  # a checkpoint folder that ships only tokenizer.json
     only_json.mkdir()
-    shutil.copy(hf_tokenizer_json_path, only_json / "tokenizer.json")
-    assert load_tokenizer(only_json).kind == "tokenizer-json"
-    assert load_tokenizer(only_json / "tokenizer.json", kind="tokenizer-json").identity == LLAMA3_VOCAB
+    (only_json / "tokenizer.json").symlink_to(hf_tokenizer_json_path)
+    loaded = load_tokenizer(only_json, kind="tokenizer-json")
+    assert loaded.kind == "tokenizer-json" and loaded.identity == LLAMA3_VOCAB
     broken = tmp_path / "broken.json"
     broken.write_text('{"model": {"type": "BPE"')
     with pytest.raises(MegapackError, match="broken.json: not a readable tokenizer.json"):

@@ -345,8 +345,8 @@ class HFChatTemplate:
         ids: list[int] = []
         starts: list[int] = []
         pos = 0
-        for s, e, name in atoms + [(len(full), len(full), None)]:
-            if name is None and s < e and full[s] in (_MS, _ME) and e == s + 1:
+        for s, e, name in atoms:
+            if name is None and e == s + 1:
                 self._text(full, pos, s, cuts, tokenizer, ids, starts)  # a lone marker: drop it, break the text
                 pos = e
                 continue
