@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--on-error", default=default["on_error"], choices=ON_ERROR,
                      help="bad records: count and skip, or stop (default %(default)s)")
     tok = parser.add_argument_group("tokenizer and template")
-    tok.add_argument("--tokenizer-model", required=True, help="tiktoken ranks / SentencePiece / tokenizer.json file or checkpoint dir")
+    tok.add_argument("--tokenizer-model", required=True,
+                     help="tiktoken ranks / SentencePiece / tokenizer.json file or checkpoint dir")
     tok.add_argument("--tokenizer-type", default=default["tokenizer_type"], choices=TOKENIZER_KINDS,
                      help="tokenizer kind (auto: detected from the file; default %(default)s)")
     tok.add_argument("--template", default=default["template"], choices=(*TEMPLATES, "hf"),
