@@ -59,7 +59,7 @@ def _check_shares(lengths, weights, packs: int) -> float:
         member, pack = s.next()
         tokens[member] += lengths[member][pack]
         deficit = w * tokens.sum() - tokens
-        assert deficit.min() >= -longest - 1e-6 and deficit.max() <= (m - 1) * longest + 1e-6
+        assert deficit.min() >= -longest - 1e-6 and deficit.max() <= (m - 1) * longest + 1e-6, (deficit, longest)
         if tokens.sum() >= 100 * (m - 1) * longest:
             worst = max(worst, float(np.abs(tokens / tokens.sum() - w).max()))
     assert s.tokens == tokens.astype(int).tolist()
