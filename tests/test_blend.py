@@ -1,10 +1,10 @@
 """Weighted dataset mixtures (`data.blend`): token shares, per-member positions, DP-size-independent resume and
 per-member numbers, with real demo shards and real training runs.
 
-Two launches (module fixture `runs`):
-  2 procs  a blend of two demo slices (A 0.7, B 0.3), DP2, checkpoints every 2 steps, validation at 3 and 6
-  1 proc   the same blend resumed at DP1 from the DP2 run's step-2 checkpoint | A alone and B alone, validated
-           (no training) from the DP2 run's final checkpoint
+One launch (module fixture `runs`, 2 procs): a blend of two demo slices (A 0.7, B 0.3) at DP2, checkpoints every
+2 steps, validation at 3 and 6 | the same blend resumed at TP2 x DP1 from the DP2 run's step-2 checkpoint (the
+members' ids travel in the TP broadcast) | A alone and B alone, validated (no training) from the DP2 run's final
+checkpoint.
 """
 from __future__ import annotations
 
@@ -224,19 +224,20 @@ def test_members_must_share_seq_length_padding_and_tokenizer(inputs, tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(inputs):
+    """One launch (2 procs): the blend at DP2 | resumed from its step-2 checkpoint at TP2, i.e. DP1 | A alone and B
+    alone, validated (no training) from the DP2 run's final checkpoint."""
     w, cfg, blend = inputs["dir"], inputs["cfg"], inputs["blend"]
-    saving = {"save_interval": 2, "keep_last": 3, "async_save": False}
-    launch(2, [{"config": cfg("dp2", blend, checkpoint={"dir": str(w / "ck_dp2"), **saving},
-                              logging={"tensorboard": True}), "pack_log": str(w / "dp2_packs.jsonl")}], w, "blend2")
-    final = str(w / "ck_dp2" / f"iter_{STEPS:07d}")
-    from_final = {"init": "megatron", "megatron_checkpoint": final}
-    launch(1, [
-        {"config": cfg("dp1_resumed", blend, checkpoint={"dir": str(w / "ck_dp1"),
-                                                         "load": str(w / "ck_dp2" / "iter_0000002")}),
+    saving = {"save_interval": 2, "keep_last": 3, "async_save": False, "optimizer_sharding": "fully_reshardable"}
+    from_final = {"init": "megatron", "megatron_checkpoint": str(w / "ck_dp2" / f"iter_{STEPS:07d}")}
+    launch(2, [
+        {"config": cfg("dp2", blend, checkpoint={"dir": str(w / "ck_dp2"), **saving}, logging={"tensorboard": True}),
+         "pack_log": str(w / "dp2_packs.jsonl")},
+        {"config": cfg("dp1_resumed", blend, parallel={"tp": 2},
+                       checkpoint={"dir": str(w / "ck_dp1"), "load": str(w / "ck_dp2" / "iter_0000002")}),
          "pack_log": str(w / "dp1_packs.jsonl")},
         {"config": cfg("alone_A", {"path": str(inputs["A"])}, model=from_final), "validate_only": True},
         {"config": cfg("alone_B", {"path": str(inputs["B"])}, model=from_final), "validate_only": True},
-    ], w, "blend1")
+    ], w, "blend")
     return w
 
 
@@ -258,10 +259,10 @@ def test_resume_at_another_dp_reproduces_the_pack_sequence_and_losses(inputs, ru
     for s in b:
         assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])
         for m in "AB":
-            ka = losses(w / "dp2", key=f"member/{m}/loss")[s]
-            assert abs(ka - losses(w / "dp1_resumed", key=f"member/{m}/loss")[s]) <= 1e-5 * ka
+            ka = losses(w / "dp2", key=f"dataset/{m}/loss")[s]
+            assert abs(ka - losses(w / "dp1_resumed", key=f"dataset/{m}/loss")[s]) <= 1e-5 * ka
     for m in "AB":
-        va, vb = (losses(d, "valid", f"member/{m}/valid_loss") for d in (w / "dp2", w / "dp1_resumed"))
+        va, vb = (losses(d, "valid", f"dataset/{m}/valid_loss") for d in (w / "dp2", w / "dp1_resumed"))
         assert sorted(va) == [3, STEPS] and abs(va[STEPS] - vb[STEPS]) <= 1e-5 * va[STEPS]
 
 
@@ -278,21 +279,27 @@ def test_per_member_numbers_in_metrics_tensorboard_and_summary(inputs, runs):
     for step, rec in records.items():
         batch = packs[step - 1]["packs"]
         for m, name in enumerate("AB"):
-            assert rec[f"member/{name}/tokens"] == sum(int(real[m][p]) for k, p in batch if k == m)
-        assert rec["member/A/trained_tokens"] + rec["member/B/trained_tokens"] == rec["target_tokens"]
-        la, lb = rec["member/A/loss"], rec["member/B/loss"]
-        ta, tb = rec["member/A/trained_tokens"], rec["member/B/trained_tokens"]
+            assert rec[f"dataset/{name}/tokens"] == sum(int(real[m][p]) for k, p in batch if k == m)
+        assert rec["dataset/A/trained_tokens"] + rec["dataset/B/trained_tokens"] == rec["target_tokens"]
+        la, lb = rec["dataset/A/loss"], rec["dataset/B/loss"]
+        ta, tb = rec["dataset/A/trained_tokens"], rec["dataset/B/trained_tokens"]
         if la is not None and lb is not None:  # the step loss is the token-weighted mean of the members'
             assert abs((la * ta + lb * tb) / (ta + tb) - rec["loss"]) <= 1e-5 * rec["loss"]
     summary = json.loads((w / "dp2" / "summary.json").read_text())
-    members = summary["members"]
-    assert members["A"]["packs"] + members["B"]["packs"] == 4 * STEPS
-    assert members["A"]["tokens"] == sum(r["member/A/tokens"] for r in records.values())
-    assert members["A"]["final_valid_loss"] == losses(w / "dp2", "valid", "member/A/valid_loss")[STEPS]
-    assert abs(members["A"]["token_share"] - 0.7) < 0.1 and members["A"]["weight"] == pytest.approx(0.7)
+    assert summary["dataset/A/packs"] + summary["dataset/B/packs"] == 4 * STEPS
+    assert summary["dataset/A/epochs"] == summary["dataset/A/packs"] / len(ShardDataset(inputs["A"])) > 1
+    assert summary["dataset/A/tokens"] == sum(r["dataset/A/tokens"] for r in records.values())
+    assert summary["dataset/A/final_valid_loss"] == losses(w / "dp2", "valid", "dataset/A/valid_loss")[STEPS]
+    assert abs(summary["dataset/A/token_share"] - 0.7) < 0.1 and summary["dataset/A/weight"] == pytest.approx(0.7)
+    # `megapack report` puts them in its per-dataset table
+    from megapack.report.runs import dataset_numbers, load_run
+
+    numbers = dataset_numbers(load_run(w / "dp2"))
+    assert numbers["B"]["trained_tokens"] == summary["dataset/B/trained_tokens"]
+    assert numbers["B"]["final_valid_loss"] == summary["dataset/B/final_valid_loss"]
     events = EventAccumulator(str(w / "dp2" / "tensorboard")).Reload()
     tags = events.Tags()["scalars"]
-    assert {"train/member/A/loss", "train/member/B/trained_tokens", "valid/member/B/valid_loss"} <= set(tags)
+    assert {"train/dataset/A/loss", "train/dataset/B/trained_tokens", "valid/dataset/B/valid_loss"} <= set(tags)
     # the checkpoint's data position covers every member
     meta = json.loads((w / "ck_dp2" / "iter_0000002" / "megapack.json").read_text())
     position = meta["train_state"]["blend"]
@@ -302,9 +309,9 @@ def test_per_member_numbers_in_metrics_tensorboard_and_summary(inputs, runs):
 def test_member_validation_losses_equal_single_member_runs(runs):
     w = runs
     for m in "AB":
-        blended = losses(w / "dp2", "valid", f"member/{m}/valid_loss")[STEPS]
+        blended = losses(w / "dp2", "valid", f"dataset/{m}/valid_loss")[STEPS]
         alone = losses(w / f"alone_{m}", "valid", "valid_loss")[0]
         assert abs(blended - alone) <= 1e-6 * alone, (m, blended, alone)
     record = losses(w / "dp2", "valid", "valid_loss")[STEPS]
-    va, vb = (losses(w / "dp2", "valid", f"member/{m}/valid_loss")[STEPS] for m in "AB")
+    va, vb = (losses(w / "dp2", "valid", f"dataset/{m}/valid_loss")[STEPS] for m in "AB")
     assert record == pytest.approx(0.7 * va + 0.3 * vb, rel=1e-12)

@@ -174,7 +174,7 @@ class RunMetrics:
         self.hf_config, self.peak_flops, self.world_size, self.packing = hf_config, peak_flops, world_size, packing
         self.writer = MetricsWriter(self.directory if is_logger else None, tensorboard)
         self.members = list(members)  # data.blend member names: per-member loss and tokens
-        member_totals = {f"member/{n}/{k}": 0 for n in self.members for k in MEMBER_TOTALS}
+        member_totals = {f"dataset/{n}/{k}": 0 for n in self.members for k in MEMBER_TOTALS}
         self.totals = dict.fromkeys(TOTAL_KEYS, 0) | member_totals | dict(totals or {})
         self.last_loss: float | None = None
         self.valid_loss: float | None = None
@@ -250,30 +250,30 @@ class RunMetrics:
                  f"packs/s {rec['packs_per_s']:.2f} pad {rec['padding_fraction']:.3f}{mfu} {self._clock(step)}")
 
     def _members(self, rec: dict) -> dict:
-        """A blend step's per-member sums as `member/<name>/loss|trained_tokens|tokens` keys (totals kept)."""
+        """A blend step's per-member sums as `dataset/<name>/...` keys (totals kept), as `megapack report` reads them."""
         if "members" not in rec:
             return rec
         rec = dict(rec)
         for name, (loss, trained, tokens) in zip(self.members, rec.pop("members")):
             self.member_loss[name] = loss if loss is not None else self.member_loss.get(name)
-            rec |= {f"member/{name}/loss": loss, f"member/{name}/trained_tokens": trained,
-                    f"member/{name}/tokens": tokens}
-            self.totals[f"member/{name}/trained_tokens"] += trained
-            self.totals[f"member/{name}/tokens"] += tokens
+            rec |= {f"dataset/{name}/loss": loss, f"dataset/{name}/trained_tokens": trained,
+                    f"dataset/{name}/tokens": tokens}
+            self.totals[f"dataset/{name}/trained_tokens"] += trained
+            self.totals[f"dataset/{name}/tokens"] += tokens
         return rec
 
     def record_validation(self, step: int, loss: float, members: dict[str, float] | None = None) -> None:
         """Log a validation loss (and a blend's per-member validation losses)."""
         self.valid_loss = loss
-        per_member = {f"member/{name}/valid_loss": value for name, value in (members or {}).items()}
+        per_member = {f"dataset/{name}/valid_loss": value for name, value in (members or {}).items()}
         self.member_valid_loss.update(members or {})
         self.writer.write({"kind": "valid", "step": step, "valid_loss": loss} | per_member)
         detail = "".join(f" {name} {value:.6f}" for name, value in (members or {}).items())
         self.log(f"step {step} validation loss {loss:.6f}" + (f" (members:{detail})" if detail else ""))
 
     def finish(self, steps: int, epochs: float, interrupted: bool, members: dict[str, dict] | None = None) -> dict:
-        """The run summary (Table 3 columns; a blend's members with their `members` positions); printed and written
-        as summary.json on the logger rank."""
+        """The run summary (Table 3 columns; a blend's per-member numbers, `members` giving their weights and
+        positions); printed and written as summary.json on the logger rank."""
         from megapack.atomic import write_json_atomic
 
         t = self.totals
@@ -281,21 +281,25 @@ class RunMetrics:
                          conversations=t["conversations"], tokens=t["real_tokens"], target_tokens=t["target_tokens"],
                          final_loss=self.last_loss, final_valid_loss=self.valid_loss, packing=self.packing)
         result["interrupted"] = interrupted
-        if self.members:
-            result["members"] = self._member_summary(members or {})
+        if self.members:  # flat `dataset/<name>/<metric>` keys, as `megapack report` reads them
+            result |= self._member_summary(members or {})
         if self.is_logger:
             print(format_table([result]), flush=True)
             if self.directory is not None:
                 write_json_atomic(self.directory / "summary.json", result)
         return result
 
-    def _member_summary(self, positions: dict[str, dict]) -> dict[str, dict]:
+    def _member_summary(self, positions: dict[str, dict]) -> dict[str, float | int | None]:
         t = self.totals
-        tokens = sum(t[f"member/{n}/tokens"] for n in self.members)
-        return {n: dict(positions.get(n, {})) | {
-            "tokens": t[f"member/{n}/tokens"], "token_share": t[f"member/{n}/tokens"] / max(tokens, 1),
-            "trained_tokens": t[f"member/{n}/trained_tokens"], "final_loss": self.member_loss.get(n),
-            "final_valid_loss": self.member_valid_loss.get(n)} for n in self.members}
+        tokens = sum(t[f"dataset/{n}/tokens"] for n in self.members)
+        out = {}
+        for n in self.members:
+            numbers = dict(positions.get(n, {})) | {
+                "tokens": t[f"dataset/{n}/tokens"], "token_share": t[f"dataset/{n}/tokens"] / max(tokens, 1),
+                "trained_tokens": t[f"dataset/{n}/trained_tokens"], "final_loss": self.member_loss.get(n),
+                "final_valid_loss": self.member_valid_loss.get(n)}
+            out |= {f"dataset/{n}/{k}": v for k, v in numbers.items()}
+        return out
 
     def close(self) -> None:
         """Close the sinks and the progress bar."""
