@@ -208,6 +208,20 @@ def test_members_must_share_seq_length_padding_and_tokenizer(inputs, tmp_path):
     assert [m["name"] for m in plan.blend] == ["A", "B"] and plan.blend[0]["weight"] == pytest.approx(0.7)
     assert plan.train_packs == sum(m["train_packs"] for m in plan.blend)
     assert plan.total_steps == STEPS
+    # a checkpoint's data identity: other weights are the same data; other members (or order) are not
+    from megapack.training.blend import blend_preflight
+    from megapack.training.plan import _check_same_data
+
+    def identity(members):
+        config = load_config(None, raw=inputs["cfg"]("plan", {"blend": members}))
+        return config, blend_preflight(config)[2]
+
+    saved = {"data_identity": plan.data_identity}
+    reweighted = [dict(m, weight=1.0) for m in blend["blend"]]
+    _check_same_data(*identity(reweighted)[:1], Path("ck"), saved, identity(reweighted)[1])
+    swapped, swapped_identity = identity(blend["blend"][::-1])
+    with pytest.raises(MegapackError, match=r"^data\.blend: ck was trained on other data \(members A, B -> B, A\); blend the same"):
+        _check_same_data(swapped, Path("ck"), saved, swapped_identity)
     for key, value, shown in [("seq_length", 128, "seq_length 128, but data.seq_length has 256"),
                               ("pad_to_multiple", 16, "pad_to_multiple 16, but data.blend[0].path"),
                               ("tokenizer_identity", "vocab:" + "0" * 64, "tokenizer identity 'vocab:000")]:

@@ -188,6 +188,15 @@ def blend_preflight(config: TrainConfig) -> tuple[dict, list, dict, list[dict]]:
     return meta, sets, identity, members
 
 
+def identity_change(saved: dict, identity: dict) -> str:
+    """What differs between a checkpoint's data identity and a blend's, in a few words."""
+    old, new = saved.get("blend") or [], identity["blend"]
+    names_old, names_new = [m["name"] for m in old], [m["name"] for m in new]
+    if names_old != names_new:
+        return f"members {', '.join(names_old) or 'none (data.path)'} -> {', '.join(names_new)}"
+    return "other packs in " + ", ".join(n for a, b, n in zip(old, new, names_new) if a != b)
+
+
 # ---------------------------------------------------------------------------------------------- training side
 
 def build_blend_data(config: TrainConfig, plan, device, consumed_packs: int, state: dict | None, log) -> BlendBatches:

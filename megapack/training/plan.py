@@ -94,7 +94,9 @@ def _check_same_data(config: TrainConfig, resume: Path, checkpoint_meta: dict, i
         return  # checkpoints written before data identities were recorded are not compared
     differs = ", ".join(f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in identity if saved.get(k) != identity[k])
     if config.data.blend:
-        raise MegapackError(f"data.blend: the members hold other packs than {resume} was trained on ({differs}); "
+        from megapack.training.blend import identity_change
+
+        raise MegapackError(f"data.blend: {resume} was trained on other data ({identity_change(saved, identity)}); "
                             f"blend the same shard directories in the same order (weights may change), or set "
                             f"checkpoint.reset_data_position=true to start the new mixture from its first packs")
     raise MegapackError(f"data.path: {config.data.path} holds other packs than {resume} was trained on ({differs}); "
