@@ -37,7 +37,8 @@ def test_blend_config_is_a_list_of_weighted_shard_directories():
            "data": {"blend": [{"path": "/d/alpaca", "weight": 0.7}, {"path": "/e/glaive", "weight": 0.3, "name": "g"}]}}
     cfg = load_config(None, raw=raw)
     assert cfg.data.path is None
-    assert [(m.name, m.path, m.weight) for m in cfg.data.blend] == [("alpaca", "/d/alpaca", 0.7), ("g", "/e/glaive", 0.3)]
+    assert [(m.name, m.path, m.weight) for m in cfg.data.blend] == [("alpaca", "/d/alpaca", 0.7),
+                                                                   ("g", "/e/glaive", 0.3)]
     for data, message in [
         ({"path": "/d", "blend": [{"path": "/d", "weight": 1}]}, "data.path/data.blend: set exactly one of them"),
         ({"blend": [{"path": "/a/x", "weight": 1}, {"path": "/b/x", "weight": 1}]}, "member name 'x' is used twice"),
@@ -220,7 +221,8 @@ def test_members_must_share_seq_length_padding_and_tokenizer(inputs, tmp_path):
     reweighted = [dict(m, weight=1.0) for m in blend["blend"]]
     _check_same_data(*identity(reweighted)[:1], Path("ck"), saved, identity(reweighted)[1])
     swapped, swapped_identity = identity(blend["blend"][::-1])
-    with pytest.raises(MegapackError, match=r"^data\.blend: ck was trained on other data \(members A, B -> B, A\); blend the same"):
+    refused = r"^data\.blend: ck was trained on other data \(members A, B -> B, A\); blend the same"
+    with pytest.raises(MegapackError, match=refused):
         _check_same_data(swapped, Path("ck"), saved, swapped_identity)
     for key, value, shown in [("seq_length", 128, "seq_length 128, but data.seq_length has 256"),
                               ("pad_to_multiple", 16, "pad_to_multiple 16, but data.blend[0].path"),
@@ -234,6 +236,14 @@ def test_members_must_share_seq_length_padding_and_tokenizer(inputs, tmp_path):
             preflight(load_config(None, raw=inputs["cfg"]("plan", data)), world_size=1)
         line = str(err.value)
         assert "\n" not in line and line.startswith(f"data.blend[1].path: {bad} has ") and shown in line, line
+
+
+def test_token_shares_on_the_demo_members(inputs):
+    from megapack.data.packs.shards import ShardDataset
+
+    lengths = [ShardDataset(inputs[m]).pack_lengths(real=True) for m in "AB"]
+    assert _check_shares(lengths, [0.7, 0.3], 5_000) <= 0.01
+    assert _check_shares(lengths, [0.05, 0.95], 5_000) <= 0.01
 
 
 @pytest.fixture(scope="module")

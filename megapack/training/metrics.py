@@ -250,7 +250,7 @@ class RunMetrics:
                  f"packs/s {rec['packs_per_s']:.2f} pad {rec['padding_fraction']:.3f}{mfu} {self._clock(step)}")
 
     def _members(self, rec: dict) -> dict:
-        """A blend step's per-member sums as `dataset/<name>/...` keys (totals kept), as `megapack report` reads them."""
+        """A blend step's per-member sums as `dataset/<name>/...` keys (as `megapack report` reads them)."""
         if "members" not in rec:
             return rec
         rec = dict(rec)

@@ -223,8 +223,10 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     shard_tok = tokenizer_identity(meta)
     _check_tokenizer(config, shard_tok, ckpt_meta)
 
-    train_packs = sum(m["train_packs"] for m in blend) if blend else int(meta["splits"][config.data.train_split]["num_packs"]) \
+    train_packs = int(meta["splits"][config.data.train_split]["num_packs"]) \
         if config.data.train_split in meta.get("splits", {}) else int(meta.get("num_packs", 0))
+    if blend:  # one epoch of a blend: every member's train packs
+        train_packs = sum(m["train_packs"] for m in blend)
     precision = tr.precision if tr.precision != "auto" else ("bf16" if cuda else "fp32")
     async_save = config.checkpoint.async_save if config.checkpoint.async_save != "auto" else cuda
     device_name = torch.cuda.get_device_name() if cuda and torch.cuda.is_available() else None
