@@ -18,6 +18,7 @@ PACKING = 2  # `random` packing's conversation order before concatenation
 VAL_SPLIT = 3  # which samples are held out as the val split
 EPOCH_ORDER = 4  # the trainer's per-epoch pack order (key: the epoch)
 TINY_CHECKPOINT = 5  # weights of the tiny random checkpoint (demo, tests)
+BLEND_ORDER = 6  # a data.blend member's per-epoch pack order (keys: the member's index, its epoch)
 
 PURPOSES: dict[str, int] = {
     "pack_order": PACK_ORDER,
@@ -25,6 +26,7 @@ PURPOSES: dict[str, int] = {
     "val_split": VAL_SPLIT,
     "epoch_order": EPOCH_ORDER,
     "tiny_checkpoint": TINY_CHECKPOINT,
+    "blend_order": BLEND_ORDER,
 }
 SEED_LIMIT = 1 << 64  # seeds are 0 <= seed < 2**64 (fits SeedSequence's 4-word pool: never collides with a key)
 

@@ -156,6 +156,21 @@ def segment_losses(trainer, dataset) -> dict[tuple, tuple[float, int]]:
     return out
 
 
+def _log_packs(sampler, path: Path, write: bool) -> None:
+    """Wrap a BlendSampler's next_step: append {"consumed": packs before the step, "packs": the step's global batch}."""
+    inner = sampler.next_step
+
+    def next_step():
+        before = sampler.consumed_packs
+        out = inner()
+        if write:
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"consumed": before, "packs": sampler.step_packs}) + "\n")
+        return out
+
+    sampler.next_step = next_step
+
+
 def _run_jobs(spec_path: str) -> None:
     import torch.distributed as dist
 
@@ -177,6 +192,12 @@ def _run_jobs(spec_path: str) -> None:
             metrics.MetricsWriter.write = write
         config = load_config(None, job.get("overrides", []), raw=job["config"])
         trainer = Trainer(config)
+        if job.get("pack_log"):  # rank 0 appends each step's global batch of (member, pack) as a JSON line
+            _log_packs(trainer.data.sampler, Path(job["pack_log"]), dist.get_rank() == 0)
+        if job.get("validate_only"):  # one validation pass with the initial weights, written to the run's metrics
+            trainer.validate()
+            trainer.close(keep_process_group=True)
+            continue
         if job.get("segment_losses"):
             result = {json.dumps(list(k)): v for k, v in segment_losses(trainer, trainer.data.train).items()}
             if dist.get_rank() == 0:

@@ -33,10 +33,27 @@ class ModelConfig(_Strict):
         return self
 
 
+class BlendMember(_Strict):
+    """One shard directory of a weighted mixture (`data.blend`)."""
+
+    path: str  # shard directory (made by `megapack preprocess`); its val split validates this member
+    weight: float = Field(gt=0)  # share of the trained tokens (weights are normalised to sum to 1)
+    name: str | None = None  # in metrics and summary.json; defaults to the directory's name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("name") is None and isinstance(raw.get("path"), str):
+            return dict(raw, name=Path(raw["path"]).name)
+        return raw
+
+
 class DataConfig(_Strict):
     """Shard directories and the sequence layout the run expects them to have."""
 
-    path: str  # shard directory (made by `megapack preprocess`)
+    path: str | None = None  # shard directory (made by `megapack preprocess`); or data.blend
+    # weighted mixture of shard directories sampled at training time (README "Dataset mixtures"); set it or path
+    blend: list[BlendMember] | None = None
     train_split: str = "train"
     valid_path: str | None = None  # defaults to `path`
     valid_split: str | None = "val"  # None: no validation
@@ -50,6 +67,23 @@ class DataConfig(_Strict):
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _path_or_blend(self) -> "DataConfig":
+        if (self.path is None) == (self.blend is None):
+            raise ValueError("data.path/data.blend: set exactly one of them")
+        if self.blend is not None:
+            if not self.blend:
+                raise ValueError("data.blend: expected at least one {path, weight} member")
+            names = [m.name for m in self.blend]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"data.blend: member name {twice[0]!r} is used twice; give the members distinct "
+                                 f"`name`s")
+            if self.valid_path is not None:
+                raise ValueError("data.valid_path: not used with data.blend (each member validates on its own "
+                                 "data.valid_split)")
+        return self
 
 
 class ParallelConfig(_Strict):

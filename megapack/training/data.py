@@ -31,6 +31,8 @@ class MicroBatch:
     max_seqlen: int  # longest padded segment
     loss_denominator: int  # trained targets (token reduction) or segments with a target (sample reduction)
     stats: dict[str, int]
+    member: np.ndarray | None = None  # int64 [t]: data.blend member of each real token, -1 on padding; no blend: None
+    num_members: int = 0
 
 
 def _cumulative(lengths: list[int]) -> np.ndarray:
@@ -39,7 +41,7 @@ def _cumulative(lengths: list[int]) -> np.ndarray:
 
 def build_micro_batch(
     packs: Sequence, *, padded: bool = False, pad_multiple: int = PADDED_ARM_MULTIPLE, reduction: str = "token",
-    pad_id: int = 0, row_multiple: int = 1,
+    pad_id: int = 0, row_multiple: int = 1, members: Sequence[int] | None = None, num_members: int = 0,
 ) -> MicroBatch:
     """Concatenate packs into one THD row; `padded` pads each pack (one conversation) to the longest, rounded up.
 
@@ -94,6 +96,11 @@ def build_micro_batch(
         raise ValueError(f"unknown loss reduction {reduction!r}")
 
     real_arr = np.asarray(real, np.int64)
+    member = None
+    if members is not None:  # the blend member of each pack, on its real tokens (per-member loss and tokens)
+        of_pack = np.repeat(np.asarray([*members, -1], np.int64)[:len(tokens_parts)],
+                            [len(part) for part in tokens_parts])
+        member = np.where(position_ids < real_arr[seg_id], of_pack, -1)
     # a segment that carries on a conversation cut at the end of the previous pack (`random`) is not a new one
     continued = 0 if padded else sum(int(p.continues) for p in packs)
     stats = {
@@ -108,7 +115,8 @@ def build_micro_batch(
     return MicroBatch(
         tokens=tokens, labels=labels, loss_weight=loss_weight, position_ids=position_ids,
         cu_seqlens=_cumulative(real).astype(np.int32), cu_seqlens_padded=cu_padded.astype(np.int32),
-        max_seqlen=int(seg_len.max()), loss_denominator=denominator, stats=stats,
+        max_seqlen=int(seg_len.max()), loss_denominator=denominator, stats=stats, member=member,
+        num_members=num_members if member is not None else 0,
     )
 
 
@@ -117,7 +125,7 @@ def zero_weight(batch: MicroBatch) -> MicroBatch:
     stats = dict.fromkeys(STAT_KEYS, 0)
     return MicroBatch(
         batch.tokens, batch.labels, np.zeros_like(batch.loss_weight), batch.position_ids, batch.cu_seqlens,
-        batch.cu_seqlens_padded, batch.max_seqlen, 0, stats,
+        batch.cu_seqlens_padded, batch.max_seqlen, 0, stats, batch.member, batch.num_members,
     )
 
 
@@ -196,6 +204,8 @@ def to_tensors(batch: MicroBatch, device) -> dict:
         "max_seqlen": int(batch.max_seqlen),
         "loss_denominator": int(batch.loss_denominator),
         "stats": dict(batch.stats),
+        "member": None if batch.member is None else torch.as_tensor(batch.member, dtype=torch.int64, device=device),
+        "num_members": int(batch.num_members),
     }
 
 
@@ -207,18 +217,19 @@ def broadcast_batch(batch: MicroBatch | None, src: int, group, device) -> dict:
     if group is None or dist.get_world_size(group) == 1:
         return to_tensors(batch, device)
     is_src = dist.get_rank() == src
-    header = torch.zeros(4 + len(STAT_KEYS), dtype=torch.int64, device=device)
+    header = torch.zeros(5 + len(STAT_KEYS), dtype=torch.int64, device=device)
     if is_src:
-        header[:4] = torch.tensor([len(batch.tokens), len(batch.cu_seqlens), batch.max_seqlen,
-                                   batch.loss_denominator])
-        header[4:] = torch.tensor([batch.stats[k] for k in STAT_KEYS])
+        header[:5] = torch.tensor([len(batch.tokens), len(batch.cu_seqlens), batch.max_seqlen,
+                                   batch.loss_denominator, batch.num_members])
+        header[5:] = torch.tensor([batch.stats[k] for k in STAT_KEYS])
     dist.broadcast(header, src=src, group=group)
-    t, ncu, max_seqlen, denominator = (int(v) for v in header[:4].tolist())
-    ints = torch.empty(3 * t + 2 * ncu, dtype=torch.int64, device=device)
+    t, ncu, max_seqlen, denominator, num_members = (int(v) for v in header[:5].tolist())
+    ints = torch.empty(3 * t + 2 * ncu + (t if num_members else 0), dtype=torch.int64, device=device)
     weights = torch.empty(t, dtype=torch.float32, device=device)
     if is_src:
         flat = np.concatenate([*(getattr(batch, k) for k in _INT_FIELDS), batch.cu_seqlens.astype(np.int64),
-                               batch.cu_seqlens_padded.astype(np.int64)])
+                               batch.cu_seqlens_padded.astype(np.int64),
+                               *([batch.member] if num_members else [])])
         ints.copy_(torch.from_numpy(flat))
         weights.copy_(torch.from_numpy(batch.loss_weight))
     dist.broadcast(ints, src=src, group=group)
@@ -226,11 +237,13 @@ def broadcast_batch(batch: MicroBatch | None, src: int, group, device) -> dict:
     out = {k: ints[i * t : (i + 1) * t][None] for i, k in enumerate(_INT_FIELDS)}
     return out | {
         "cu_seqlens": ints[3 * t : 3 * t + ncu].to(torch.int32),
-        "cu_seqlens_padded": ints[3 * t + ncu :].to(torch.int32),
+        "cu_seqlens_padded": ints[3 * t + ncu : 3 * t + 2 * ncu].to(torch.int32),
         "loss_weight": weights[None],
         "max_seqlen": max_seqlen,
         "loss_denominator": denominator,
-        "stats": dict(zip(STAT_KEYS, (int(v) for v in header[4:].tolist()))),
+        "stats": dict(zip(STAT_KEYS, (int(v) for v in header[5:].tolist()))),
+        "member": ints[3 * t + 2 * ncu :] if num_members else None,
+        "num_members": num_members,
     }
 
 
@@ -245,6 +258,9 @@ def micro_batch_iterator(dataset, index_lists: Sequence[list[int] | None], *, pa
                             row_multiple=row_multiple)
             if idx is None:  # this rank has no validation pack left: repeat one with zero weight
                 batch = zero_weight(last if last is not None else build([dataset[0]]))
+            elif getattr(dataset, "num_members", 0):  # a blend: indices are (member, pack)
+                batch = last = build([dataset[i] for i in idx], members=[m for m, _ in idx],
+                                     num_members=dataset.num_members)
             else:
                 batch = last = build([dataset[i] for i in idx])
         yield broadcast_batch(batch, src, group, device)

@@ -94,9 +94,15 @@ def row_length(plan: RunPlan) -> int:
     return plan.seq_length * plan.micro_batch_size
 
 
-def build_data(config: TrainConfig, plan: RunPlan, device, consumed_packs: int, log) -> "PackBatches":
+def build_data(config: TrainConfig, plan: RunPlan, device, consumed_packs: int, log,
+               blend_state: dict | None = None) -> "PackBatches":
     """Train and validation shards of this rank, the sampler at `consumed_packs`, TP broadcast of micro-batches."""
     from megatron.core import parallel_state as ps
+
+    if plan.blend:  # data.blend: every member's position is in `blend_state`
+        from megapack.training.blend import build_blend_data
+
+        return build_blend_data(config, plan, device, consumed_packs, blend_state, log)
 
     from megapack.data.packs.shards import ShardDataset
     from megapack.errors import MegapackError
@@ -150,7 +156,8 @@ class Trainer:
         self.metrics = RunMetrics(log_dir, is_logger=self.env.rank == 0, interval=config.logging.interval,
                                   tensorboard=config.logging.tensorboard, total_steps=plan.total_steps,
                                   hf_config=plan.hf_config, peak_flops=plan.peak_flops,
-                                  world_size=plan.world_size, packing=plan.packing, totals=state.get("totals"))
+                                  world_size=plan.world_size, packing=plan.packing, totals=state.get("totals"),
+                                  members=[m["name"] for m in plan.blend])
         for warning in plan.warnings:
             self.metrics.log(f"warning: {warning}")
         if verified is not None:
@@ -160,7 +167,8 @@ class Trainer:
             self.metrics.log(f"resumed from {plan.resume_from} at step {self.iteration}"
                              + (" with the data position reset to the first pack" if plan.reset_data_position else ""))
         consumed = 0 if plan.reset_data_position else int(state["consumed_packs"])
-        self.data = build_data(config, plan, self.env.device, consumed, self.metrics.log)
+        self.data = build_data(config, plan, self.env.device, consumed, self.metrics.log,
+                               None if plan.reset_data_position else state.get("blend"))
         ck = config.checkpoint
         self.saver = CheckpointSaver(ck.dir, keep_last=ck.keep_last, async_save=plan.async_save,
                                      save_interval=ck.save_interval, total_steps=plan.total_steps,
@@ -184,7 +192,8 @@ class Trainer:
                         f"{plan.total_steps}; nothing to train, its checkpoints and summary are left as they are")
             self.close(keep_process_group)
             return {"total_steps": plan.resume_step, "interrupted": False, "already_finished": True}
-        metrics.log(f"training {plan.total_steps} steps on {self.config.data.path}: {plan.summary()}")
+        data = self.config.data.path or "data.blend " + ", ".join(f"{m['name']} {m['weight']:.4g}" for m in plan.blend)
+        metrics.log(f"training {plan.total_steps} steps on {data}: {plan.summary()}")
         metrics.start(self.iteration)
         interrupted = False
         try:
@@ -203,7 +212,8 @@ class Trainer:
                 self.validate()
                 self.save(wait=True)
                 self._export()
-            return metrics.finish(self.iteration, self.data.sampler.epoch, interrupted)
+            positions = self.data.sampler.member_positions() if plan.blend else None
+            return metrics.finish(self.iteration, self.data.sampler.epoch, interrupted, positions)
         finally:
             self.close(keep_process_group)
 
@@ -217,7 +227,8 @@ class Trainer:
         t0 = time.perf_counter()
         batches, count = self.data.next_step()
         p = self.parts
-        record = train_step(p.model, p.optimizer, p.scheduler, batches, count, row_length(self.plan), self.env.device)
+        record = train_step(p.model, p.optimizer, p.scheduler, batches, count, row_length(self.plan), self.env.device,
+                            num_members=len(self.plan.blend))
         self.iteration += 1
         t1 = time.perf_counter()
         if self.saver is not None:
@@ -263,6 +274,10 @@ class Trainer:
         """Validation loss over the validation split (None without one); logged."""
         from megapack.training.step import evaluate
 
+        if self.plan.blend:  # each member on its own val split
+            from megapack.training.blend import validate_blend
+
+            return validate_blend(self)
         batches = self.data.validation(self.plan.micro_batch_size, self.config.training.eval_max_batches)
         if batches is None:
             return None
@@ -278,6 +293,8 @@ class Trainer:
         meta = {"hf_config": self.plan.hf_config, "tokenizer_identity": self.plan.tokenizer_identity,
                 "data_identity": self.plan.data_identity, "plan": self.plan.summary()}
         state = {"consumed_packs": self.data.sampler.consumed_packs, "totals": dict(self.metrics.totals)}
+        if self.plan.blend:
+            state["blend"] = self.data.sampler.state_dict()
         p = self.parts
         self.saver.save(self.iteration, p.model, p.optimizer, p.scheduler, state, meta=meta)
         self.metrics.log(f"checkpoint of step {self.iteration}: training blocked {time.perf_counter() - t0:.2f} s")

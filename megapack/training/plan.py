@@ -48,6 +48,7 @@ class RunPlan(BaseModel):
     train_packs: int
     tokenizer_identity: str | None
     data_identity: dict  # what the packs are: digest of the shard checksums, packing, seq_length
+    blend: list[dict] = []  # data.blend members: name, path, weight (normalised), train_packs; [] without a blend
     resume_from: str | None
     resume_step: int  # the step the resumed checkpoint was taken after (0 without one)
     reset_data_position: bool  # resume with the data position at the first pack (checkpoint.reset_data_position)
@@ -92,6 +93,12 @@ def _check_same_data(config: TrainConfig, resume: Path, checkpoint_meta: dict, i
     if saved is None or saved == identity or config.checkpoint.reset_data_position:
         return  # checkpoints written before data identities were recorded are not compared
     differs = ", ".join(f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in identity if saved.get(k) != identity[k])
+    if config.data.blend:
+        from megapack.training.blend import identity_change
+
+        raise MegapackError(f"data.blend: {resume} was trained on other data ({identity_change(saved, identity)}); "
+                            f"blend the same shard directories in the same order (weights may change), or set "
+                            f"checkpoint.reset_data_position=true to start the new mixture from its first packs")
     raise MegapackError(f"data.path: {config.data.path} holds other packs than {resume} was trained on ({differs}); "
                         f"point data.path at those shards, or set checkpoint.reset_data_position=true to continue "
                         f"on the new data from its first pack")
@@ -142,8 +149,9 @@ def _check_tokenizer(config: TrainConfig, shard_tok: str | None, checkpoint_meta
         return
     ckpt_tok = tokenizer_identity(checkpoint_meta)
     if same_tokenizer(ckpt_tok, shard_tok) is False:
-        raise MegapackError(f"data.path: tokenizer identity {shard_tok} of the shards in {config.data.path} differs "
-                            f"from the checkpoint's {ckpt_tok}")
+        where = f"data.path: tokenizer identity {shard_tok} of the shards in {config.data.path}" if config.data.path \
+            else f"data.blend: tokenizer identity {shard_tok} of the blend members"
+        raise MegapackError(f"{where} differs from the checkpoint's {ckpt_tok}")
 
 
 def _total_steps(config: TrainConfig, train_packs: int, global_batch_size: int) -> int:
@@ -185,14 +193,19 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     world_size = world_size or world_size_from_env()
     par, tr = config.parallel, config.training
-    meta = read_meta(config.data.path)
-    _check_shards(config, meta)
-    sets = shard_sets(config, meta)
+    if config.data.blend:
+        from megapack.training.blend import blend_preflight
+
+        meta, sets, identity, blend = blend_preflight(config)
+    else:
+        meta, blend = read_meta(config.data.path), []
+        _check_shards(config, meta)
+        sets = shard_sets(config, meta)
+        identity = data_identity(meta)
     checksums = verify_shards(sets, config.data.verify)
     warnings = check_outputs(config)
     resume = _resume_point(config)
     ckpt_meta = None
-    identity = data_identity(meta)
     if resume is not None:
         ckpt_meta = read_checkpoint_meta(resume)
         check_resume_layout(resume, ckpt_meta, par.tp, par.pp)
@@ -212,6 +225,8 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
 
     train_packs = int(meta["splits"][config.data.train_split]["num_packs"]) \
         if config.data.train_split in meta.get("splits", {}) else int(meta.get("num_packs", 0))
+    if blend:  # one epoch of a blend: every member's train packs
+        train_packs = sum(m["train_packs"] for m in blend)
     precision = tr.precision if tr.precision != "auto" else ("bf16" if cuda else "fp32")
     async_save = config.checkpoint.async_save if config.checkpoint.async_save != "auto" else cuda
     device_name = torch.cuda.get_device_name() if cuda and torch.cuda.is_available() else None
@@ -225,7 +240,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
                                                     config.model.cross_sample_attention, precision == "bf16"),
         async_save=bool(async_save), peak_flops=config.logging.peak_flops or device_peak_flops(device_name),
         total_steps=_total_steps(config, train_packs, gbs), train_packs=train_packs,
-        tokenizer_identity=shard_tok, data_identity=identity,
+        tokenizer_identity=shard_tok, data_identity=identity, blend=blend,
         resume_from=str(resume) if resume is not None else None,
         resume_step=int(ckpt_meta.get("iteration") or 0) if resume is not None else 0,
         reset_data_position=resume is not None and config.checkpoint.reset_data_position,

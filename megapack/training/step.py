@@ -24,16 +24,22 @@ def forward_step(data_iterator, model, *, stats_sink: list):
                              cu_seqlens_kv_padded=cu_padded, max_seqlen_q=m, max_seqlen_kv=m)
     output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
                    labels=batch["labels"], packed_seq_params=params)
-    return output, partial(loss_func, batch["loss_weight"], batch["loss_denominator"])
+    return output, partial(loss_func, batch["loss_weight"], batch["loss_denominator"], member=batch.get("member"),
+                           num_members=batch.get("num_members", 0))
 
 
-def loss_func(weight, loss_denominator: int, losses):
+def loss_func(weight, loss_denominator: int, losses, *, member=None, num_members: int = 0):
     """(sum of weighted token losses, denominator, report): megatron divides by the global denominator."""
     import torch
 
     loss = (losses.float().reshape(-1) * weight.reshape(-1)).sum()
     count = torch.tensor(loss_denominator, dtype=torch.int, device=loss.device)
-    return loss, count, {"lm loss": torch.stack([loss.detach(), count.to(loss.dtype)])}
+    report = {"lm loss": torch.stack([loss.detach(), count.to(loss.dtype)])}
+    if num_members:  # data.blend: the same sums per member
+        from megapack.training.blend import member_report
+
+        report["member loss"] = member_report(losses, weight, member, num_members)
+    return loss, count, report
 
 
 def reduce_loss(outputs: list, device) -> float:
@@ -113,7 +119,7 @@ def nonfinite_gradients(model, device) -> bool:
 
 
 def train_step(model, optimizer, scheduler, batches: Iterator[dict], num_microbatches: int, row_length: int,
-               device) -> dict:
+               device, num_members: int = 0) -> dict:
     """One optimizer step over the global batch; returns the step's metrics (the same on every rank).
 
     A non-finite loss or gradient skips the optimizer and scheduler step (the weights stay as they were) and names
@@ -141,7 +147,9 @@ def train_step(model, optimizer, scheduler, batches: Iterator[dict], num_microba
     record = {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else None, "lr": lr,
               "skipped": not ok, "nonfinite": nonfinite, "time_data_s": timed.seconds,
               "time_forward_backward_s": t1 - t0 - timed.seconds, "time_optimizer_s": t2 - t1}
-    return record | reduce_stats(stats, device)
+    from megapack.training.blend import reduce_members
+
+    return record | reduce_stats(stats, device) | reduce_members(outputs, num_members, device)
 
 
 def evaluate(model, batches: Iterator[dict], num_microbatches: int, row_length: int, device) -> float:
