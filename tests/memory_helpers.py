@@ -53,6 +53,30 @@ def parameter_sums() -> dict:
     return out
 
 
+def schedule_in_flight() -> list:
+    """(ours, megatron's) in-flight chunk-micro-batches per (pp, rank, vpp, micro-batches): megatron's own warmup
+    count (schedules.get_pp_rank_microbatches) plus the one in steady state, capped by the total."""
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+
+    from megapack.training.memory_plan import microbatches_in_flight
+
+    rows = []
+    for pp in (2, 4, 8):
+        for vpp in (None, 2, 4):
+            for micro in (1, 3, pp, 4 * pp):
+                if vpp and micro % pp:
+                    continue  # megatron's interleaved schedule needs micro-batches in multiples of pp
+                for rank in range(pp):
+                    group = SimpleNamespace(size=lambda pp=pp: pp, rank=lambda rank=rank: rank)
+                    comm = SimpleNamespace(pp_group=group, virtual_pipeline_model_parallel_size=vpp)
+                    total, _all, warmup, _rest = get_pp_rank_microbatches(micro, vpp or 1, pp, p2p_communicator=comm)
+                    theirs = min(warmup + 1, total) / (vpp or 1)
+                    rows.append([pp, rank, vpp, micro, microbatches_in_flight(pp, rank, micro, vpp), theirs])
+    return rows
+
+
 def grid_plans() -> dict:
     """`plan_config` of each configs/paper run at 32 GPUs of 80 GiB (model.hf_dir -> configs/models)."""
     from megapack.training.config import load_config
@@ -179,7 +203,7 @@ def main(spec_path: str, out_path: str) -> None:
     quiet_warnings()
     spec = json.loads(Path(spec_path).read_text())
     out, seconds = {}, {}
-    for part, fn in (("parameters", parameter_sums), ("grid", grid_plans), ("cli", lambda: cli_runs(spec)),
+    for part, fn in (("parameters", parameter_sums), ("schedule", schedule_in_flight), ("grid", grid_plans), ("cli", lambda: cli_runs(spec)),
                      ("measured", measure_steps)):
         if part in spec["parts"]:
             t0 = time.perf_counter()

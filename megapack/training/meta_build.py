@@ -89,6 +89,8 @@ def build_position(hf_config: dict, tp: int, pp: int, tp_rank: int, pp_rank: int
         model_parallel_cuda_manual_seed(0)
         stages = list(range(vpp)) if vpp and vpp > 1 else [None]
         extra = {"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if pp > 1 else {}
+        if vpp and vpp > 1:  # each chunk builds num_layers / (pp * vpp) layers
+            extra["virtual_pipeline_model_parallel_size"] = vpp
         chunks = []
         with torch.device("meta"):
             for stage in stages:
