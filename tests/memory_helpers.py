@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"Meta-Llama-3-8B": 8_030_261_248, "Meta-Llama-3-70B": 70_553_706_496, "Mistral-7B-v0.1": 7_241_732_096,
           "Llama-3.2-1B": 1_235_814_400}
 LAYOUTS = [(tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 4)]
-# the measured model: fp32 on the CPU, hidden 256, 2 layers, GQA, a vocabulary large enough for the loss to matter
+# the measured model: on the CPU, hidden 256, 2 layers, GQA, a vocabulary large enough for the loss to matter
 MEASURED = dict(vocab_size=8192, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=512)
-MEASURED_CASES = [(s, r) for s in (512, 2048) for r in ("none", "selective", "full")]
+# fp32 at two lengths x three recompute settings; bf16 (bf16 weights, fp32 main grads, master and moments) twice
+MEASURED_CASES = [(s, r, "fp32") for s in (512, 2048) for r in ("none", "selective", "full")] + \
+    [(512, "none", "bf16"), (2048, "full", "bf16")]
 
 
 def parameter_sums() -> dict:
@@ -169,10 +171,10 @@ def measure_steps() -> dict:
     env = init_distributed()
     results = {}
     try:
-        for tokens, recompute in MEASURED_CASES:
+        for tokens, recompute, precision in MEASURED_CASES:
             gc.collect()
             leftover = _live_bytes()  # what earlier cases left (megatron keeps some of their objects reachable)
-            parts = build_model_and_optimizer(hf, OptimizerSection(), attention_backend="sdpa", precision="fp32",
+            parts = build_model_and_optimizer(hf, OptimizerSection(), attention_backend="sdpa", precision=precision,
                                               row_length=tokens, total_steps=10, recompute=recompute)
             batch = _batch(tokens, MEASURED["vocab_size"])
 
@@ -183,16 +185,16 @@ def measure_steps() -> dict:
             del parts
             gc.collect()
             before = _live_bytes() - leftover
-            results[f"{tokens}/{recompute}"] = before + _peak_during(step)
+            results[f"{tokens}/{recompute}/{precision}"] = before + _peak_during(step)
             del step
             gc.collect()
     finally:
         destroy_distributed()
     from megapack.training.memory_plan import plan_memory
 
-    estimates = {f"{tokens}/{recompute}": plan_memory(hf, world_size=1, seq_length=tokens, recompute=recompute,
-                                                      precision="fp32", device="cpu")["ranks"][0]["total_bytes"]
-                 for tokens, recompute in MEASURED_CASES}
+    estimates = {f"{tokens}/{recompute}/{precision}": plan_memory(
+        hf, world_size=1, seq_length=tokens, recompute=recompute, precision=precision, device="cpu",
+    )["ranks"][0]["total_bytes"] for tokens, recompute, precision in MEASURED_CASES}
     return {"hf_config": hf, "peak_bytes": results, "estimate_bytes": estimates}
 
 

@@ -1,7 +1,7 @@
 """How close `megapack plan` comes to measured memory; prints two tables (not a test).
 
-1. CPU: the trainer's second training step of a tiny fp32 model (hidden 256, 2 layers, vocabulary 8192, SDPA) at
-   512 and 2048 tokens without and with recompute: the allocator's peak (profiler memory events, plus every tensor
+1. CPU: the trainer's second training step of a tiny model (hidden 256, 2 layers, vocabulary 8192, SDPA) at
+   512 and 2048 tokens without and with recompute, fp32 and bf16: the allocator's peak (profiler memory events, plus every tensor
    alive before the step; tests/memory_helpers.py) against the planner's total for device "cpu".
 2. GPU: the planner's total for the README "GPU check" step-2 model (8 layers of LLaMA-3-8B, one GPU, bf16,
    distributed AdamW; packed arm one 4096-token pack per micro-batch, padded arm 2 conversations of at most 4096)
@@ -28,12 +28,12 @@ def main() -> None:
     from megapack.training.memory_plan import plan_memory
 
     measured = memory_helpers.measure_steps()
-    print("| tokens | recompute | measured MB | planned MB | planned / measured |")
-    print("|---:|---|---:|---:|---:|")
+    print("| tokens | recompute | precision | measured MB | planned MB | planned / measured |")
+    print("|---:|---|---|---:|---:|---:|")
     for key, got in measured["peak_bytes"].items():
-        tokens, recompute = key.split("/")
+        tokens, recompute, precision = key.split("/")
         est = measured["estimate_bytes"][key]
-        print(f"| {tokens} | {recompute} | {got / 1e6:.1f} | {est / 1e6:.1f} | {est / got:.3f} |")
+        print(f"| {tokens} | {recompute} | {precision} | {got / 1e6:.1f} | {est / 1e6:.1f} | {est / got:.3f} |")
     hf = load_hf_config(ROOT / "configs/models/Meta-Llama-3-8B") | {"num_hidden_layers": 8}
     print()
     print("| GPU check arm | measured peak GiB (H200) | planned GiB | planned / measured |")
