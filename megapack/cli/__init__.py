@@ -12,6 +12,7 @@ from megapack.errors import MegapackError
 SUBCOMMANDS = {
     "preprocess": ("preprocess", "tokenize, pack and write indexed shards from chat datasets"),
     "train": ("train", "packed SFT with megatron-core (launch with torchrun or srun)"),
+    "plan": ("plan", "per-GPU memory of a run's layout from the model's config.json: will it fit? (no GPU needed)"),
     "convert": ("convert", "convert checkpoints between Hugging Face and megatron torch_dist"),
     "inspect": ("inspect", "show statistics of a shard directory, verify it, print a pack"),
     "report": ("report", "compare finished runs: Table 3 columns and loss/throughput/padding figures in report.md"),

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as JSON (a line per config) and exit (no GPU)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --check: the number of processes the run will have (default: from the launcher)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="with --check: GiB per GPU to check the layout's memory against (`megapack plan`); "
+                             "default: this machine's GPU, no memory check on a machine without one")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,9 +31,12 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         import json
 
-        for config, plan in zip(configs, plans):
+        from megapack.training.memory_report import check_run_memory
+
+        memory = [check_run_memory(config, plan.world_size, args.gpu_memory_gb) for config, plan in zip(configs, plans)]
+        for config, plan, mem in zip(configs, plans, memory):
             print(json.dumps({"plan": plan.summary(), "log_dir": config.logging.dir or config.checkpoint.dir,
-                              "warnings": plan.warnings}))
+                              "warnings": plan.warnings, "memory": mem}))
         return 0
     from megapack.errors import MegapackError
     from megapack.training.distributed import destroy_distributed

@@ -119,10 +119,12 @@ def build_model(
         rope_scaling_factor=float(scaling["factor"]) if scaling else 8.0,
         vp_stage=vp_stage,
     )
-    # megatron's llama3 scaling hard-codes low/high/original lengths; recompute from config.json instead
-    model.rotary_pos_emb.inv_freq = llama3_inv_freq(head_dim(hf_config), theta, scaling).to(
-        model.rotary_pos_emb.inv_freq.device
-    )
-    if torch.cuda.is_available():
+    # megatron's llama3 scaling hard-codes low/high/original lengths; recompute from config.json instead (on the
+    # CPU: under a `torch.device("meta")` build, megatron's inv_freq buffer still lives on the CPU)
+    with torch.device("cpu"):
+        inv_freq = llama3_inv_freq(head_dim(hf_config), theta, scaling)
+    model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+    on_meta = any(p.is_meta for p in model.parameters())  # the memory planner's parameter-free build
+    if torch.cuda.is_available() and not on_meta:
         model = model.cuda(torch.cuda.current_device())
     return model

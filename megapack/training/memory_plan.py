@@ -1,0 +1,219 @@
+"""Will it fit? Bytes per (TP rank, PP rank) position of a run: weights, gradients, optimizer state, activations.
+
+Parameters come from the real megatron-core model of each position, built on the meta device
+(`megapack.training.meta_build`); the bytes follow from what megatron keeps for them (bf16 runs: bf16 weights,
+fp32 main-gradient buffer, fp32 master weights and both Adam moments sharded over DP by the distributed optimizer;
+fp32 runs: the weights are the master copy). Activations are what autograd saves for one packed THD micro-batch
+(`seq_length x micro_batch_size` tokens in one row), counted tensor by tensor in `layer_activation_bytes`, times the
+micro-batches in flight of the 1F1B schedule, plus the loss's logits on the last stage and a backward workspace.
+`tests/test_memory_plan.py` checks the sum against a measured CPU training step.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+
+from megapack.errors import MegapackError
+
+GIB = 2**30
+# Not available to tensors: the CUDA context and NCCL's buffers (~1 GiB together on H100/H200), and the caching
+# allocator's fragmentation, for which megatron users budget about a tenth of the card.
+CONTEXT_RESERVE_BYTES = 1 * GIB
+FRAGMENTATION_RESERVE = 0.10
+
+
+@dataclass(frozen=True)
+class Target:
+    """The implementation facts that decide what autograd keeps."""
+
+    bytes_per_value: int  # 2 for bf16 activations, 4 for fp32
+    flash_attention: bool  # te / flash / torch_varlen: O(t) state, K/V kept at the KV-head count
+    fused_swiglu: bool  # megatron's bias_swiglu_impl (CUDA): keeps only the fc1 output
+
+
+def resolve_target(device: str, precision: str) -> Target:
+    """The GPU target (flash-type attention, fused SwiGLU; bf16 unless fp32) or the CPU one (SDPA, unfused, fp32)."""
+    if device not in ("gpu", "cpu"):
+        raise MegapackError(f"memory plan device {device!r}: expected 'gpu' or 'cpu'")
+    bf16 = precision == "bf16" or (precision == "auto" and device == "gpu")
+    return Target(2 if bf16 else 4, flash_attention=device == "gpu", fused_swiglu=device == "gpu")
+
+
+def layer_activation_bytes(hf: dict, tokens: int, tp: int, sp: bool, recompute: str, target: Target) -> dict:
+    """Bytes one decoder layer keeps for backward for a THD row of `tokens` tokens, and the transient workspaces.
+
+    s tokens, h hidden, a heads, g KV heads, d head dim, f FFN; '/t' on TP-split tensors, h/t_sp on the
+    sequence-parallel ones (t_sp = t with SP, else 1). Saved, in values (no dropout, no biases, so no masks):
+      2 RMSNorms          2 x (input + normalised) = 4sh/t_sp   (torch's RMSNorm; TE keeps input + ln_out too)
+      qkv and fc1 inputs  2sh/t_sp   (megatron's linear keeps the un-gathered SP input and re-gathers in backward)
+      RoPE                4sd fp32   (cos and sin for q and k, per layer)
+      core attention      q s*a*d/t, k and v 2*s*g*d/t (SDPA: expanded to a heads), output s*a*d/t (shared with
+                          linear_proj's input), log-sum-exp s*a/t fp32; SDPA on CPU also keeps its t x t fp32 mask
+      SwiGLU MLP          fc1 output 2sf/t, fc2 input sf/t; unfused (CPU) also silu's output and a copy: +2sf/t
+    selective recompute (megatron's core_attn) keeps only the attention's inputs (q, k, v at the KV-head count)
+    and recomputes the rest in backward; full recompute keeps only the layer's input sh/t_sp and rebuilds one
+    layer at a time in backward.
+    """
+    s, h, f = tokens, int(hf["hidden_size"]), int(hf["intermediate_size"])
+    a = int(hf["num_attention_heads"])
+    g = int(hf.get("num_key_value_heads") or a)
+    d = int(hf.get("head_dim") or h // a)
+    b, t, t_sp = target.bytes_per_value, tp, (tp if sp and tp > 1 else 1)
+    norms_and_inputs = (4 + 2) * s * h // t_sp * b
+    rope = 4 * s * d * 4
+    kv_heads = g if target.flash_attention else a
+    attn_inputs = s * (a + 2 * kv_heads) * d // t * b
+    attn_state = s * a * d // t * b + s * a // t * 4 + (0 if target.flash_attention else s * s * 4)
+    mlp = (3 if target.fused_swiglu else 5) * s * f // t * b
+    full_layer = norms_and_inputs + rope + attn_inputs + attn_state + mlp
+    if recompute == "none":
+        saved, recompute_workspace = full_layer, 0
+    elif recompute == "selective":
+        recompute_workspace = attn_inputs + attn_state  # one layer's attention, rebuilt in its backward
+        saved = norms_and_inputs + rope + s * (a + 2 * g) * d // t * b + s * a * d // t * b + mlp
+    elif recompute == "full":
+        saved, recompute_workspace = s * h // t_sp * b, full_layer
+    else:
+        raise MegapackError(f"training.recompute {recompute!r}: expected none, selective or full")
+    # gradient workspace of a layer's backward: the fc1-output gradient, the largest it allocates
+    return {"saved": saved, "recompute_workspace": recompute_workspace, "grad_workspace": 2 * s * f // t * b}
+
+
+def microbatches_in_flight(pp: int, pp_rank: int, num_microbatches: int, vpp: int | None) -> float:
+    """Model chunks' micro-batches whose activations 1F1B keeps at once, in units of this rank's whole stage.
+
+    Non-interleaved: pp - pp_rank (megatron's warmup pp - rank - 1, plus the one in steady state). Interleaved
+    with v chunks per rank: megatron's warmup (pp - rank - 1) * 2 + (v - 1) * pp chunk-forwards plus one, each
+    holding 1/v of the stage's layers.
+    """
+    if pp == 1:
+        return 1.0
+    if not vpp or vpp == 1:
+        return float(min(pp - pp_rank, num_microbatches))
+    chunks = min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1, num_microbatches * vpp)
+    return chunks / vpp
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """The bytes one (TP rank, PP rank) position needs (the same on every DP rank)."""
+
+    tp_rank: int
+    pp_rank: int
+    parameters: int
+    weight_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    total_bytes: int
+    layers: int
+    microbatches_in_flight: float
+    activation_bytes_per_microbatch: int
+    logits_bytes: int
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(hf_json: str, tp: int, pp: int, vpp: int | None, sp: bool, bf16: bool):
+    from megapack.training.meta_build import build_positions
+
+    return tuple(build_positions(json.loads(hf_json), tp, pp, vpp=vpp, sequence_parallel=sp, bf16=bf16))
+
+
+def positions(hf: dict, tp: int, pp: int, vpp: int | None = None, sp: bool = False, bf16: bool = True):
+    """Every position's `meta_build.Position` of a layout, cached per process (the grid's runs share layouts)."""
+    return _positions(json.dumps(hf, sort_keys=True), tp, pp, vpp, sp, bf16)
+
+
+def vocab_padding_parameters(hf: dict, tp: int) -> int:
+    """Parameters megatron adds by padding the vocabulary to a multiple of 128 x TP (embedding, and output if untied)."""
+    from megapack.model.builder import padded_vocab_size
+
+    rows = padded_vocab_size(int(hf["vocab_size"]), tp) - int(hf["vocab_size"])
+    return rows * int(hf["hidden_size"]) * (1 if hf.get("tie_word_embeddings") else 2)
+
+
+def rank_memory(position, hf: dict, *, tp: int, pp: int, dp: int, vpp: int | None, sp: bool, tokens: int,
+                num_microbatches: int, recompute: str, target: Target) -> RankMemory:
+    """The bytes of one position (see the module docstring for what each term holds)."""
+    from megapack.model.builder import padded_vocab_size
+
+    b = target.bytes_per_value
+    buffer = position.buffer_numel(dp)
+    weight = position.parameters * b
+    grad = buffer * 4  # grad_reduce_in_fp32: fp32 main gradients for every local parameter
+    optimizer = -(-buffer // dp) * ((4 if b == 2 else 0) + 8)  # [fp32 master,] exp_avg, exp_avg_sq: DP shard
+    layer = layer_activation_bytes(hf, tokens, tp, sp, recompute, target)
+    layers = sum(position.chunk_layers)
+    h_sp = tokens * int(hf["hidden_size"]) // (tp if sp and tp > 1 else 1) * b
+    per_micro = layers * layer["saved"] + (h_sp if not position.last_stage else 3 * h_sp)  # stage output / final norm
+    in_flight = microbatches_in_flight(pp, position.pp_rank, num_microbatches, vpp)
+    logits = 0
+    if position.last_stage:  # the fp32 softmax the loss keeps (in place of the logits), plus bf16 logits/gradient
+        logits = tokens * padded_vocab_size(int(hf["vocab_size"]), tp) // tp * (4 + (2 if b == 2 else 0))
+    # Transients on top of the saved activations, whichever phase is larger: the loss (logits, then the output
+    # layer's weight gradient, which megatron without gradient-accumulation fusion materialises before adding it
+    # to the fp32 main gradient); a layer's backward (the recomputed layer or attention, the activation gradient,
+    # fc1's weight gradient); the embedding's dense weight gradient at the end of the first stage's backward.
+    h = int(hf["hidden_size"])
+    vocab_rows = padded_vocab_size(int(hf["vocab_size"]), tp) // tp
+    loss_phase = logits + vocab_rows * h * b if position.last_stage else 0
+    layer_phase = layer["recompute_workspace"] + layer["grad_workspace"] + 2 * int(hf["intermediate_size"]) // tp * h * b
+    embedding_phase = vocab_rows * h * b if position.first_stage else 0
+    workspace = max(loss_phase, layer_phase, embedding_phase)
+    activation = int(round(in_flight * per_micro)) + workspace
+    return RankMemory(tp_rank=position.tp_rank, pp_rank=position.pp_rank, parameters=position.parameters,
+                      weight_bytes=weight, grad_bytes=grad, optimizer_bytes=optimizer, activation_bytes=activation,
+                      total_bytes=weight + grad + optimizer + activation, layers=layers,
+                      microbatches_in_flight=in_flight, activation_bytes_per_microbatch=per_micro,
+                      logits_bytes=logits)
+
+
+def usable_bytes(gpu_memory_gb: float) -> int:
+    """What tensors may use of a GPU of `gpu_memory_gb` GiB: minus the context reserve and a tenth for fragmentation."""
+    return int(gpu_memory_gb * GIB * (1 - FRAGMENTATION_RESERVE) - CONTEXT_RESERVE_BYTES)
+
+
+def plan_memory(hf: dict, *, world_size: int, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                sequence_parallel: bool = False, seq_length: int = 4096, micro_batch_size: int = 1,
+                num_microbatches: int = 1, recompute: str = "none", precision: str = "auto", device: str = "gpu",
+                gpu_memory_gb: float = 80.0) -> dict:
+    """The memory plan of a layout: per-position bytes, the limit and whether every position fits (a JSON dict)."""
+    if world_size % (tp * pp):
+        raise MegapackError(f"parallel.tp/parallel.pp: world size {world_size} is not divisible by tp*pp = {tp * pp}")
+    dp = world_size // (tp * pp)
+    target = resolve_target(device, precision)
+    sp = sequence_parallel and tp > 1
+    tokens = seq_length * micro_batch_size
+    found = positions(hf, tp, pp, vpp, sp, target.bytes_per_value == 2)
+    ranks = [rank_memory(p, hf, tp=tp, pp=pp, dp=dp, vpp=vpp, sp=sp, tokens=tokens, num_microbatches=num_microbatches,
+                         recompute=recompute, target=target) for p in found]
+    padding = vocab_padding_parameters(hf, tp)
+    limit = usable_bytes(gpu_memory_gb)
+    worst = max(ranks, key=lambda r: r.total_bytes)
+    return {
+        "total_parameters": sum(p.unique_parameters for p in found) - padding,
+        "vocab_padding_parameters": padding,
+        "world_size": world_size, "tp": tp, "pp": pp, "dp": dp, "vpp": vpp, "sequence_parallel": sp,
+        "seq_length": seq_length, "micro_batch_size": micro_batch_size, "num_microbatches": num_microbatches,
+        "recompute": recompute, "activation_bytes_per_value": target.bytes_per_value, "device": device,
+        "gpu_memory_bytes": int(gpu_memory_gb * GIB), "limit_bytes": limit,
+        "ranks": [asdict(r) for r in ranks],
+        "worst": {"tp_rank": worst.tp_rank, "pp_rank": worst.pp_rank, "total_bytes": worst.total_bytes},
+        "fits": worst.total_bytes <= limit,
+    }
+
+
+def plan_config(config, world_size: int, gpu_memory_gb: float = 80.0, device: str = "gpu") -> dict:
+    """`plan_memory` for a TrainConfig (only its model's config.json is read: no shards, no weights)."""
+    from megapack.model.config import check_parallel_sizes, load_hf_config
+    from megapack.training.plan import batch_layout
+
+    hf = load_hf_config(config.model.hf_dir)
+    par, tr = config.parallel, config.training
+    check_parallel_sizes(hf, par.tp, par.pp, config.data.seq_length)
+    _dp, _gbs, num_micro = batch_layout(config, world_size)
+    return plan_memory(hf, world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp,
+                       sequence_parallel=par.sequence_parallel, seq_length=config.data.seq_length,
+                       micro_batch_size=tr.micro_batch_size, num_microbatches=num_micro, recompute=tr.recompute,
+                       precision=tr.precision, device=device, gpu_memory_gb=gpu_memory_gb)
