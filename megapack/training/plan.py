@@ -146,6 +146,21 @@ def _check_tokenizer(config: TrainConfig, shard_tok: str | None, checkpoint_meta
                             f"from the checkpoint's {ckpt_tok}")
 
 
+def _check_virtual_stages(config: TrainConfig, hf_config: dict, num_microbatches: int) -> None:
+    """Interleaved 1F1B needs pp*vpp equal model chunks and whole groups of pp micro-batches (megatron's rules)."""
+    par, vpp = config.parallel, config.parallel.vpp or 1
+    if vpp == 1:
+        return
+    layers = int(hf_config["num_hidden_layers"])
+    if layers % (par.pp * vpp):
+        raise MegapackError(f"parallel.vpp: num_hidden_layers {layers} (config.json in {config.model.hf_dir}) is not "
+                            f"divisible by pp*vpp = {par.pp}*{vpp}")
+    if num_microbatches % par.pp:
+        raise MegapackError(f"parallel.vpp: interleaving needs the micro-batches per step on each DP rank "
+                            f"({num_microbatches}: training.global_batch_size / (micro_batch_size*dp)) to be a "
+                            f"multiple of parallel.pp {par.pp}")
+
+
 def _total_steps(config: TrainConfig, train_packs: int, global_batch_size: int) -> int:
     if config.training.train_steps is not None:
         return config.training.train_steps
@@ -195,17 +210,16 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     identity = data_identity(meta)
     if resume is not None:
         ckpt_meta = read_checkpoint_meta(resume)
-        check_resume_layout(resume, ckpt_meta, par.tp, par.pp)
+        check_resume_layout(resume, ckpt_meta, par.tp, par.pp, par.vpp or 1)
         _check_same_data(config, resume, ckpt_meta, identity)
     elif config.model.init == "megatron":
         ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
     dp, gbs, num_micro = batch_layout(config, world_size)
     if par.sequence_parallel and par.tp == 1:
         raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
-    if (par.vpp or 1) > 1:
-        raise MegapackError("parallel.vpp: virtual pipeline stages are not supported yet (leave it unset)")
     hf_config = load_hf_config(config.model.hf_dir)
     check_parallel_sizes(hf_config, par.tp, par.pp, config.data.seq_length)
+    _check_virtual_stages(config, hf_config, num_micro)
     warnings += check_token_range(sets, int(hf_config["vocab_size"]), config.model.hf_dir)
     shard_tok = tokenizer_identity(meta)
     _check_tokenizer(config, shard_tok, ckpt_meta)
