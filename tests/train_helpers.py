@@ -158,8 +158,9 @@ def segment_losses(trainer, dataset) -> dict[tuple, tuple[float, int]]:
 
 
 def measure_activations(trainer, path: str) -> Callable[[], None]:
-    """Record, per training step, the peak activation bytes saved for backward inside the transformer layers (and
+    """Record, per training step, the peak activation bytes saved for backward inside the decoder (its layers and
     their core attention, whose recomputation in backward counts too) into `path`.rank<R>.json."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from megapack.model.attention import PackedCoreAttention
@@ -170,7 +171,7 @@ def measure_activations(trainer, path: str) -> Callable[[], None]:
     chunks = as_chunks(trainer.parts.raw_model)
     meter = SavedActivations(exclude=[p for c in chunks for p in c.parameters()])
     for module in (m for c in chunks for m in c.modules()):
-        if isinstance(module, (TransformerLayer, PackedCoreAttention)):
+        if isinstance(module, (TransformerBlock, TransformerLayer, PackedCoreAttention)):
             meter.track(module)
     peaks, original = [], step.run_schedule
 

@@ -63,12 +63,12 @@ def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerSection, *, a
     bf16 = precision == "bf16"
     # THD micro-batches differ in length, so pipeline p2p sends shapes first (megatron refuses that flag with
     # its default MoE dispatcher, which a dense model never uses)
-    varlen = {"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if pp > 1 else {}
-    if vpp > 1:  # interleaving sends both ways in one call: megatron's unbatched p2p, and shapes in the same order
-        from megapack.training.pipeline_shapes import install_ordered_shape_exchange
-
-        install_ordered_shape_exchange()
-        varlen.update(virtual_pipeline_model_parallel_size=vpp, batch_p2p_comm=False)
+    varlen = {"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if pp > 1 and vpp == 1 else {}
+    if vpp > 1:
+        # interleaving sends both ways between the same two ranks at PP=2, where megatron's shape exchange for
+        # variable lengths mixes the two up: rows are padded to row_length (plan.row_multiple) and the p2p path
+        # is megatron's unbatched one, which orders the two directions (as Megatron-LM runs interleaving)
+        varlen = {"virtual_pipeline_model_parallel_size": vpp, "batch_p2p_comm": False}
     raws, models = [], []
     for stage in range(vpp) if vpp > 1 else [None]:
         raw = build_model(hf_config, attention_backend=attention_backend, cross_sample_attention=cross_sample_attention,

@@ -233,7 +233,10 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
         world_size=world_size, tp=par.tp, pp=par.pp, dp=dp, micro_batch_size=tr.micro_batch_size,
         global_batch_size=gbs, num_microbatches=num_micro, seq_length=config.data.seq_length,
         packing=str(meta.get("packing", "unknown")), padded=meta.get("packing") == "padding",
-        pad_id=int(meta.get("pad_id", DEFAULT_PAD_ID)), row_multiple=par.tp if par.sequence_parallel else 1,
+        pad_id=int(meta.get("pad_id", DEFAULT_PAD_ID)),
+        # interleaved pipelines send fixed-size rows (see loop.build_model_and_optimizer): pad each to the longest
+        row_multiple=config.data.seq_length * tr.micro_batch_size if (par.vpp or 1) > 1
+        else par.tp if par.sequence_parallel else 1,
         precision=precision,
         attention_backend=resolve_attention_backend(config.model.attention_backend,
                                                     config.model.cross_sample_attention, precision == "bf16"),
