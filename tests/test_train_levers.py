@@ -194,3 +194,20 @@ def test_preflight_refuses_virtual_stages_megatron_cannot_run(inputs, parallel, 
     with pytest.raises(MegapackError) as err:
         preflight(config, world_size=2)
     assert str(err.value) == message.format(hf=inputs["hf"])
+
+
+def test_preflight_refuses_padding_rows_that_outgrow_the_interleaved_row(inputs, llama3_tokenizer_path,
+                                                                         llamafactory_data_dir):
+    """The padding arm pads to multiples of 8: at seq_length 124 a row could exceed the fixed size VPP sends."""
+    from megapack.errors import MegapackError
+    from megapack.training.config import load_config
+    from megapack.training.plan import preflight
+
+    shards = make_demo_shards(llamafactory_data_dir, llama3_tokenizer_path, inputs["dir"] / "padding124", "padding",
+                              seq_length=124)
+    raw = inputs["cfg"]("refused", parallel={"pp": 2, "vpp": 2}, data={"path": str(shards), "seq_length": 124})
+    with pytest.raises(MegapackError, match=r"^parallel\.vpp: padding shards are padded to multiples of 8, which "
+                                            r"data\.seq_length 124 is not"):
+        preflight(load_config(None, [], raw=raw), world_size=2)
+    raw["parallel"] = {"pp": 2}
+    assert preflight(load_config(None, [], raw=raw), world_size=2).pp == 2  # without interleaving it is fine

@@ -146,11 +146,21 @@ def _check_tokenizer(config: TrainConfig, shard_tok: str | None, checkpoint_meta
                             f"from the checkpoint's {ckpt_tok}")
 
 
-def _check_virtual_stages(config: TrainConfig, hf_config: dict, num_microbatches: int) -> None:
-    """Interleaved 1F1B needs pp*vpp equal model chunks and whole groups of pp micro-batches (megatron's rules)."""
+def _check_virtual_stages(config: TrainConfig, hf_config: dict, num_microbatches: int, padded: bool) -> None:
+    """Interleaved 1F1B needs pp*vpp equal model chunks and whole groups of pp micro-batches (megatron's rules), and
+    rows that fit the fixed size its stages send (seq_length * micro_batch_size)."""
+    from megapack.data.packs.stats import PADDED_ARM_MULTIPLE
+
     par, vpp = config.parallel, config.parallel.vpp or 1
     if vpp == 1:
         return
+    seq = config.data.seq_length
+    if padded and seq % PADDED_ARM_MULTIPLE:
+        raise MegapackError(f"parallel.vpp: padding shards are padded to multiples of {PADDED_ARM_MULTIPLE}, which "
+                            f"data.seq_length {seq} is not; rows would outgrow the fixed size interleaving sends")
+    if par.sequence_parallel and (seq * config.training.micro_batch_size) % par.tp:
+        raise MegapackError(f"parallel.vpp: with sequence_parallel, data.seq_length * training.micro_batch_size "
+                            f"({seq * config.training.micro_batch_size}) must be a multiple of parallel.tp {par.tp}")
     layers = int(hf_config["num_hidden_layers"])
     if layers % (par.pp * vpp):
         raise MegapackError(f"parallel.vpp: num_hidden_layers {layers} (config.json in {config.model.hf_dir}) is not "
@@ -219,7 +229,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
         raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
     hf_config = load_hf_config(config.model.hf_dir)
     check_parallel_sizes(hf_config, par.tp, par.pp, config.data.seq_length)
-    _check_virtual_stages(config, hf_config, num_micro)
+    _check_virtual_stages(config, hf_config, num_micro, meta.get("packing") == "padding")
     warnings += check_token_range(sets, int(hf_config["vocab_size"]), config.model.hf_dir)
     shard_tok = tokenizer_identity(meta)
     _check_tokenizer(config, shard_tok, ckpt_meta)
