@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -21,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_tiny_hf(out: Path, seed: int = 0) -> Path:
+def make_tiny_hf(out: Path, seed: int = 0, num_layers: int = 2) -> Path:
     """A random transformers LlamaForCausalLM with the LLaMA-3 vocabulary, hidden 64, 2 layers, saved to out."""
     import torch
     import transformers
@@ -31,7 +32,7 @@ def make_tiny_hf(out: Path, seed: int = 0) -> Path:
     if (out / "config.json").is_file():
         return out
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_llama_config(num_layers=2)))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_llama_config(num_layers=num_layers)))
     model.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -171,6 +172,53 @@ def _log_packs(sampler, path: Path, write: bool) -> None:
     sampler.next_step = next_step
 
 
+def measure_activations(trainer, path: str) -> Callable[[], None]:
+    """Record, per training step, the peak activation bytes saved for backward inside the decoder (its layers and
+    their core attention, whose recomputation in backward counts too) into `path`.rank<R>.json."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megapack.model.attention import PackedCoreAttention
+    from megapack.model.builder import as_chunks
+    from megapack.training import step
+    from megapack.training.activations import SavedActivations
+
+    chunks = as_chunks(trainer.parts.raw_model)
+    meter = SavedActivations(exclude=[p for c in chunks for p in c.parameters()])
+    for module in (m for c in chunks for m in c.modules()):
+        if isinstance(module, (TransformerBlock, TransformerLayer, PackedCoreAttention)):
+            meter.track(module)
+    peaks, original = [], step.run_schedule
+
+    def measured(*args, **kwargs):
+        meter.reset_peak()
+        out = original(*args, **kwargs)
+        if not kwargs["forward_only"]:
+            peaks.append(meter.peak)
+        return out
+
+    step.run_schedule = measured
+    return lambda: Path(f"{path}.rank{trainer.env.rank}.json").write_text(json.dumps(peaks))
+
+
+def record_attention_calls(trainer, path: str) -> Callable[[], None]:
+    """Record every packed core-attention call (model chunk, global layer, training, cu_seqlens) into
+    `path`.rank<R>.json."""
+    from megapack.model.attention import PackedCoreAttention
+    from megapack.model.builder import as_chunks
+
+    chunk_of = {id(m): i for i, c in enumerate(as_chunks(trainer.parts.raw_model)) for m in c.modules()}
+    calls, original = [], PackedCoreAttention._packed
+
+    def packed(self, q, k, v, params):
+        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        calls.append([chunk_of[id(self)], self.layer_number, self.training, cu.tolist()])
+        return original(self, q, k, v, params)
+
+    PackedCoreAttention._packed = packed
+    return lambda: Path(f"{path}.rank{trainer.env.rank}.json").write_text(json.dumps(calls))
+
+
 def _run_jobs(spec_path: str) -> None:
     import torch.distributed as dist
 
@@ -178,10 +226,15 @@ def _run_jobs(spec_path: str) -> None:
     from megapack.training.config import load_config
     from megapack.training.loop import Trainer
 
-    original_write = metrics.MetricsWriter.write
+    from megapack.model.attention import PackedCoreAttention
+    from megapack.training import step
+
+    original_write, original_schedule = metrics.MetricsWriter.write, step.run_schedule
+    original_packed = PackedCoreAttention._packed
     jobs = json.loads(Path(spec_path).read_text())
     for job in jobs:
         metrics.MetricsWriter.write = original_write
+        step.run_schedule, PackedCoreAttention._packed = original_schedule, original_packed
         if job.get("signal_at_step"):
             # deliver SIGUSR1 to this process right after logging the given step (what Slurm does before the limit)
             def write(self, record, _at=job["signal_at_step"], _sig=getattr(signal, job.get("signal", "SIGUSR1"))):
@@ -198,6 +251,9 @@ def _run_jobs(spec_path: str) -> None:
             trainer.validate()
             trainer.close(keep_process_group=True)
             continue
+        dumps = [measure_activations(trainer, job["activations"])] if job.get("activations") else []
+        if job.get("attention_calls"):
+            dumps.append(record_attention_calls(trainer, job["attention_calls"]))
         if job.get("segment_losses"):
             result = {json.dumps(list(k)): v for k, v in segment_losses(trainer, trainer.data.train).items()}
             if dist.get_rank() == 0:
@@ -205,6 +261,8 @@ def _run_jobs(spec_path: str) -> None:
             trainer.close(keep_process_group=True)
             continue
         trainer.run(keep_process_group=True)
+        for dump in dumps:
+            dump()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -20,6 +20,11 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def as_chunks(model) -> list:
+    """A rank's model as the list of its virtual-pipeline chunks (megatron's convention: a module or a list)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def llama3_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """RoPE inverse frequencies with LLaMA-3.1 scaling, using every parameter from config.json (fp32)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))

@@ -58,10 +58,14 @@ def _to_hf(kind: str, names: tuple[str, ...], parts: list[torch.Tensor], hf_conf
 
 
 def _stage_tensors(model, hf_config: dict) -> dict[str, torch.Tensor]:
-    """Full HF tensors of this pipeline stage on its TP rank 0 (other TP ranks join the gathers, return {})."""
+    """Full HF tensors of this pipeline stage (all its virtual-stage chunks) on its TP rank 0 (other TP ranks join
+    the gathers, return {})."""
+    from megapack.model.builder import as_chunks
+
     tied = bool(hf_config.get("tie_word_embeddings", False))
     out: dict[str, torch.Tensor] = {}
-    for name, param, mapping, _layer in named_mappings(model, hf_config):
+    mappings = (m for chunk in as_chunks(model) for m in named_mappings(chunk, hf_config))
+    for name, param, mapping, _layer in mappings:
         parts = _gather_tp(param.detach())
         if parts is None or (tied and name == "output_layer.weight"):
             continue  # the last stage's copy of the tied embedding
@@ -94,10 +98,14 @@ def _hf_config_out(hf_config: dict, dtype: torch.dtype) -> dict:
 
 def export_hf(model, hf_config: dict, output_dir: str | Path, tokenizer_dir: str | Path | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Gather TP/PP shards and write a transformers-loadable directory (all ranks call this; written atomically)."""
+    """Gather TP/PP shards and write a transformers-loadable directory (all ranks call this; written atomically).
+
+    `model` is this rank's GPTModel or the list of its virtual-pipeline chunks."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from safetensors.torch import save_file
+
+    from megapack.model.builder import as_chunks
 
     output_dir = Path(output_dir)
     rank = dist.get_rank()
@@ -132,7 +140,7 @@ def export_hf(model, hf_config: dict, output_dir: str | Path, tokenizer_dir: str
     maps: list = [None] * dist.get_world_size()
     dist.all_gather_object(maps, (weight_map, sizes))
     if rank == 0:
-        dtype = next(model.parameters()).dtype
+        dtype = next(as_chunks(model)[0].parameters()).dtype
         (staging / "config.json").write_text(json.dumps(_hf_config_out(hf_config, dtype), indent=2) + "\n")
         if total > 1:
             full_map = {k: v for m, _ in maps for k, v in m.items()}

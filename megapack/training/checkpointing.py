@@ -32,10 +32,10 @@ from megapack.training.adamw_fallback import (
 DEFAULT_OPTIMIZER_SHARDING = "dp_reshardable"
 
 
-def same_model_parallel(meta: dict, tp: int, pp: int) -> bool:
-    """Whether a checkpoint (its megapack.json) was saved at this tensor- and pipeline-parallel size."""
+def same_model_parallel(meta: dict, tp: int, pp: int, vpp: int = 1) -> bool:
+    """Whether a checkpoint (its megapack.json) was saved at this tensor- and (virtual) pipeline-parallel size."""
     saved = meta.get("saved_with") or {}
-    return saved.get("tp", tp) == tp and saved.get("pp", pp) == pp
+    return saved.get("tp", tp) == tp and saved.get("pp", pp) == pp and saved.get("vpp", 1) == vpp
 
 
 def _optim_metadata(sharding: str) -> dict:
@@ -103,11 +103,28 @@ def _unwrap(model):
     return model
 
 
+def _model_keys(model) -> list[str]:
+    """State-dict keys of the model chunks: "model", or "model0", "model1"... with virtual pipeline stages (as
+    Megatron-LM names them; the tensors inside are keyed by global layer, so the files do not depend on it)."""
+    from megapack.model.builder import as_chunks
+
+    count = len(as_chunks(model))
+    return ["model"] if count == 1 else [f"model{i}" for i in range(count)]
+
+
+def _vpp() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_virtual_pipeline_model_parallel_world_size() or 1
+
+
 def _sharded_state_dict(model, optimizer, is_loading: bool, sharding: str) -> dict:
-    model_sd = model_sharded_state_dict(_unwrap(model))
-    state = {"model": model_sd}
+    from megapack.model.builder import as_chunks
+
+    state = {key: model_sharded_state_dict(_unwrap(chunk)) for key, chunk in zip(_model_keys(model), as_chunks(model))}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+        models_sd = state["model"] if len(state) == 1 else dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(models_sd, is_loading=is_loading,
                                                           metadata=_optim_metadata(sharding))
     return state
 
@@ -188,7 +205,7 @@ class CheckpointSaver:
                     optimizer_sharding=self.sharding,
                     saved_with={"tp": ps.get_tensor_model_parallel_world_size(),
                                 "pp": ps.get_pipeline_model_parallel_world_size(),
-                                "dp": ps.get_data_parallel_world_size()})
+                                "dp": ps.get_data_parallel_world_size(), **({"vpp": _vpp()} if _vpp() > 1 else {})})
 
         def publish() -> None:
             self._pending.append(_publish(self.root, iteration, self.keep_last, info))
@@ -304,10 +321,12 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, loa
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
+    from megapack.model.builder import as_chunks
+
     path = Path(path)
     meta = read_checkpoint_meta(path)
     load_rng = load_rng and same_model_parallel(meta, ps.get_tensor_model_parallel_world_size(),
-                                                 ps.get_pipeline_model_parallel_world_size())
+                                                 ps.get_pipeline_model_parallel_world_size(), _vpp())
     if load_optimizer and optimizer is not None:
         allocate_torch_adam_state(optimizer)
     sharding = meta.get("optimizer_sharding", DEFAULT_OPTIMIZER_SHARDING)
@@ -315,13 +334,14 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, loa
     if load_rng:
         template["rng_state"] = _rng_sharded_object(None)
     loaded = dist_checkpointing.load(template, str(path))
-    missing, unexpected = _unwrap(model).load_state_dict(
-        {k.removeprefix(MODEL_PREFIX): v for k, v in loaded["model"].items()}, strict=False
-    )
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise MegapackError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-                            f"unexpected {list(unexpected)[:3]})")
+    for key, chunk in zip(_model_keys(model), as_chunks(model)):
+        missing, unexpected = _unwrap(chunk).load_state_dict(
+            {k.removeprefix(MODEL_PREFIX): v for k, v in loaded[key].items()}, strict=False
+        )
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise MegapackError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+                                f"unexpected {list(unexpected)[:3]})")
     if load_optimizer and optimizer is not None:
         import torch
 

@@ -89,8 +89,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> DistEnv:
-    """Initialise torch.distributed (nccl with CUDA, gloo + CPU patches without) and megatron's parallel_state."""
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, vpp: int = 1) -> DistEnv:
+    """Initialise torch.distributed (nccl with CUDA, gloo + CPU patches without) and megatron's parallel_state
+    (`vpp` > 1: that many virtual pipeline stages, i.e. model chunks, per pipeline rank)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -121,6 +122,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
     )
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)

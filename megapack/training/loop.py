@@ -35,7 +35,11 @@ class StopFlag:
 
 @dataclass
 class ModelParts:
-    """This rank's model chunk (wrapped for DDP and precision), the bare GPTModel, optimizer and LR schedule."""
+    """This rank's model chunk (wrapped for DDP and precision), the bare GPTModel, optimizer and LR schedule.
+
+    With virtual pipeline stages (parallel.vpp > 1) `model` and `raw_model` are lists, one chunk per virtual stage
+    (megatron's convention; `megapack.model.builder.as_chunks` gives a list either way).
+    """
 
     model: object
     raw_model: object
@@ -46,9 +50,11 @@ class ModelParts:
 def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerSection, *, attention_backend: str,
                               precision: str, row_length: int, total_steps: int, pp: int = 1,
                               sequence_parallel: bool = False, cross_sample_attention: bool = False,
-                              recompute: str = "none", init_weights: Callable | None = None) -> ModelParts:
+                              recompute: str = "none", init_weights: Callable | None = None,
+                              vpp: int = 1) -> ModelParts:
     """The GPTModel of this pipeline stage (initial weights from `init_weights`), DDP, distributed AdamW and the LR
-    schedule; `row_length` is the longest THD row of a micro-batch."""
+    schedule; `row_length` is the longest THD row of a micro-batch. `vpp` > 1 builds one chunk per virtual stage
+    (interleaved 1F1B), each with its own DDP, one optimizer over all of them."""
     from megatron.core.distributed import finalize_model_grads
 
     from megapack.model.builder import build_model
@@ -57,24 +63,35 @@ def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerSection, *, a
     bf16 = precision == "bf16"
     # THD micro-batches differ in length, so pipeline p2p sends shapes first (megatron refuses that flag with
     # its default MoE dispatcher, which a dense model never uses)
-    varlen = {"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if pp > 1 else {}
-    raw = build_model(hf_config, attention_backend=attention_backend, cross_sample_attention=cross_sample_attention,
-                      bf16=bf16, sequence_parallel=sequence_parallel, seq_length=row_length, recompute=recompute,
-                      calculate_per_token_loss=True, **varlen)
-    if init_weights is not None:
-        init_weights(raw)
-    model = raw
-    if bf16:
-        from megatron.core.transformer.module import Float16Module
+    varlen = {"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if pp > 1 and vpp == 1 else {}
+    if vpp > 1:
+        # interleaving sends both ways between the same two ranks at PP=2, where megatron's shape exchange for
+        # variable lengths mixes the two up: rows are padded to row_length (plan.row_multiple) and the p2p path
+        # is megatron's unbatched one, which orders the two directions (as Megatron-LM runs interleaving)
+        varlen = {"virtual_pipeline_model_parallel_size": vpp, "batch_p2p_comm": False}
+    raws, models = [], []
+    for stage in range(vpp) if vpp > 1 else [None]:
+        raw = build_model(hf_config, attention_backend=attention_backend, cross_sample_attention=cross_sample_attention,
+                          bf16=bf16, sequence_parallel=sequence_parallel, seq_length=row_length, recompute=recompute,
+                          calculate_per_token_loss=True, vp_stage=stage, **varlen)
+        if init_weights is not None:
+            init_weights(raw)
+        model = raw
+        if bf16:
+            from megatron.core.transformer.module import Float16Module
 
-        model = Float16Module(raw.config, raw)
-    model = wrap_ddp(model)
-    opt = build_optimizer(optimizer, [model], bf16)
+            model = Float16Module(raw.config, raw)
+        raws.append(raw)
+        models.append(wrap_ddp(model, disable_bucketing=len(models) > 0))
+    opt = build_optimizer(optimizer, models, bf16)
     scheduler = build_scheduler(optimizer, opt, total_steps)
-    raw.config.finalize_model_grads_func = finalize_model_grads
-    raw.config.no_sync_func = model.no_sync
-    raw.config.grad_scale_func = opt.scale_loss
-    return ModelParts(model, raw, opt, scheduler)
+    for raw in raws:
+        raw.config.finalize_model_grads_func = finalize_model_grads
+        raw.config.no_sync_func = [m.no_sync for m in models] if vpp > 1 else models[0].no_sync
+        raw.config.grad_scale_func = opt.scale_loss
+    if vpp > 1:
+        return ModelParts(models, raws, opt, scheduler)
+    return ModelParts(models[0], raws[0], opt, scheduler)
 
 
 def load_initial_weights(model, config: TrainConfig) -> None:
@@ -135,7 +152,8 @@ class Trainer:
         quiet_warnings()
         self.config = config
         self.plan = plan = plan or preflight(config)
-        self.env = init_distributed(tp=plan.tp, pp=plan.pp, seed=config.training.seed)
+        vpp = config.parallel.vpp or 1
+        self.env = init_distributed(tp=plan.tp, pp=plan.pp, seed=config.training.seed, vpp=vpp)
         verified = None
         if plan.checksums:  # data.verify full: every rank hashes a share; a mismatch stops all with the same line
             from megapack.training.checks import verify_checksums
@@ -146,7 +164,7 @@ class Trainer:
             row_length=row_length(plan), total_steps=plan.total_steps, pp=plan.pp,
             sequence_parallel=config.parallel.sequence_parallel,
             cross_sample_attention=config.model.cross_sample_attention, recompute=config.training.recompute,
-            init_weights=None if plan.resume_from else partial(load_initial_weights, config=config))
+            init_weights=None if plan.resume_from else partial(load_initial_weights, config=config), vpp=vpp)
         state = {"iteration": 0, "consumed_packs": 0, "totals": {}}
         if plan.resume_from is not None:
             state = load_checkpoint(plan.resume_from, self.parts.model, self.parts.optimizer, self.parts.scheduler)

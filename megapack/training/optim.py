@@ -13,8 +13,9 @@ def warmup_steps(cfg: OptimizerSection, total_steps: int) -> int:
     return 0
 
 
-def wrap_ddp(model):
-    """Wrap this rank's model in megatron's DistributedDataParallel with buffers for the distributed optimizer."""
+def wrap_ddp(model, disable_bucketing: bool = False):
+    """Wrap this rank's model (chunk) in megatron's DistributedDataParallel with buffers for the distributed optimizer
+    (`disable_bucketing` for the second and later virtual-pipeline chunks, as Megatron-LM does)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -24,7 +25,8 @@ def wrap_ddp(model):
         check_for_nan_in_grad=False,
         average_in_collective=False,  # required by calculate_per_token_loss: we divide by the global token count
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
+                                   disable_bucketing=disable_bucketing)
 
 
 def build_optimizer(cfg: OptimizerSection, model_chunks: list, bf16: bool):

@@ -154,6 +154,31 @@ def _check_tokenizer(config: TrainConfig, shard_tok: str | None, checkpoint_meta
         raise MegapackError(f"{where} differs from the checkpoint's {ckpt_tok}")
 
 
+def _check_virtual_stages(config: TrainConfig, hf_config: dict, num_microbatches: int, padded: bool) -> None:
+    """Interleaved 1F1B needs pp*vpp equal model chunks and whole groups of pp micro-batches (megatron's rules), and
+    rows that fit the fixed size its stages send (seq_length * micro_batch_size)."""
+    from megapack.data.packs.stats import PADDED_ARM_MULTIPLE
+
+    par, vpp = config.parallel, config.parallel.vpp or 1
+    if vpp == 1:
+        return
+    seq = config.data.seq_length
+    if padded and seq % PADDED_ARM_MULTIPLE:
+        raise MegapackError(f"parallel.vpp: padding shards are padded to multiples of {PADDED_ARM_MULTIPLE}, which "
+                            f"data.seq_length {seq} is not; rows would outgrow the fixed size interleaving sends")
+    if par.sequence_parallel and (seq * config.training.micro_batch_size) % par.tp:
+        raise MegapackError(f"parallel.vpp: with sequence_parallel, data.seq_length * training.micro_batch_size "
+                            f"({seq * config.training.micro_batch_size}) must be a multiple of parallel.tp {par.tp}")
+    layers = int(hf_config["num_hidden_layers"])
+    if layers % (par.pp * vpp):
+        raise MegapackError(f"parallel.vpp: num_hidden_layers {layers} (config.json in {config.model.hf_dir}) is not "
+                            f"divisible by pp*vpp = {par.pp}*{vpp}")
+    if num_microbatches % par.pp:
+        raise MegapackError(f"parallel.vpp: interleaving needs the micro-batches per step on each DP rank "
+                            f"({num_microbatches}: training.global_batch_size / (micro_batch_size*dp)) to be a "
+                            f"multiple of parallel.pp {par.pp}")
+
+
 def _total_steps(config: TrainConfig, train_packs: int, global_batch_size: int) -> int:
     if config.training.train_steps is not None:
         return config.training.train_steps
@@ -208,17 +233,16 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     ckpt_meta = None
     if resume is not None:
         ckpt_meta = read_checkpoint_meta(resume)
-        check_resume_layout(resume, ckpt_meta, par.tp, par.pp)
+        check_resume_layout(resume, ckpt_meta, par.tp, par.pp, par.vpp or 1)
         _check_same_data(config, resume, ckpt_meta, identity)
     elif config.model.init == "megatron":
         ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
     dp, gbs, num_micro = batch_layout(config, world_size)
     if par.sequence_parallel and par.tp == 1:
         raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
-    if (par.vpp or 1) > 1:
-        raise MegapackError("parallel.vpp: virtual pipeline stages are not supported yet (leave it unset)")
     hf_config = load_hf_config(config.model.hf_dir)
     check_parallel_sizes(hf_config, par.tp, par.pp, config.data.seq_length)
+    _check_virtual_stages(config, hf_config, num_micro, meta.get("packing") == "padding")
     warnings += check_token_range(sets, int(hf_config["vocab_size"]), config.model.hf_dir)
     shard_tok = tokenizer_identity(meta)
     _check_tokenizer(config, shard_tok, ckpt_meta)
@@ -234,7 +258,10 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
         world_size=world_size, tp=par.tp, pp=par.pp, dp=dp, micro_batch_size=tr.micro_batch_size,
         global_batch_size=gbs, num_microbatches=num_micro, seq_length=config.data.seq_length,
         packing=str(meta.get("packing", "unknown")), padded=meta.get("packing") == "padding",
-        pad_id=int(meta.get("pad_id", DEFAULT_PAD_ID)), row_multiple=par.tp if par.sequence_parallel else 1,
+        pad_id=int(meta.get("pad_id", DEFAULT_PAD_ID)),
+        # interleaved pipelines send fixed-size rows (see loop.build_model_and_optimizer): pad each to the longest
+        row_multiple=config.data.seq_length * tr.micro_batch_size if (par.vpp or 1) > 1
+        else par.tp if par.sequence_parallel else 1,
         precision=precision,
         attention_backend=resolve_attention_backend(config.model.attention_backend,
                                                     config.model.cross_sample_attention, precision == "bf16"),

@@ -13,11 +13,17 @@ from megapack.errors import MegapackError
 from megapack.training.checkpointing import DEFAULT_OPTIMIZER_SHARDING, ITER_RE, same_model_parallel
 
 
-def check_resume_layout(path: Path, meta: dict, tp: int, pp: int) -> None:
-    """Refuse (one line) to resume a dp_reshardable optimizer state at another TP or PP; it re-slices only over DP."""
+def check_resume_layout(path: Path, meta: dict, tp: int, pp: int, vpp: int = 1) -> None:
+    """Refuse (one line) to resume a dp_reshardable optimizer state at another TP, PP or VPP; it re-slices only over
+    DP."""
     if meta.get("optimizer_sharding", DEFAULT_OPTIMIZER_SHARDING) == "dp_reshardable" \
-            and not same_model_parallel(meta, tp, pp):
+            and not same_model_parallel(meta, tp, pp, vpp):
         saved = meta.get("saved_with") or {}
+        if saved.get("tp", tp) == tp and saved.get("pp", pp) == pp:  # only the virtual stages differ
+            raise MegapackError(
+                f"parallel.vpp: {path} was saved at vpp={saved.get('vpp', 1)} with a dp_reshardable optimizer state, "
+                f"which resumes only at that vpp; save with checkpoint.optimizer_sharding=fully_reshardable, or start "
+                f"a new run from its weights (model.init=megatron)")
         raise MegapackError(
             f"parallel.tp/parallel.pp: {path} was saved at tp={saved.get('tp')} pp={saved.get('pp')} with a "
             f"dp_reshardable optimizer state, which resumes only at that tp/pp (any DP size); save with "

@@ -18,7 +18,8 @@ def forward_step(data_iterator, model, *, stats_sink: list):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     batch = next(data_iterator)
-    stats_sink.append(batch["stats"])
+    if batch["stats"] is not None:  # None: a later virtual-pipeline chunk's copy, counted by the first chunk
+        stats_sink.append(batch["stats"])
     cu, cu_padded, m = batch["cu_seqlens"], batch["cu_seqlens_padded"], batch["max_seqlen"]
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
                              cu_seqlens_kv_padded=cu_padded, max_seqlen_q=m, max_seqlen_kv=m)
@@ -91,16 +92,32 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def chunk_iterators(batches: Iterator[dict], chunks: int) -> Iterator[dict] | list[Iterator[dict]]:
+    """The micro-batches as the schedule takes them: one iterator, or with virtual pipeline stages one per model
+    chunk, each yielding every micro-batch (its cu_seqlens reach every virtual stage); only the first counts stats."""
+    if chunks == 1:
+        return batches
+    import itertools
+
+    first, *rest = itertools.tee(batches, chunks)  # lazy: holds only the micro-batches in flight
+    return [first, *(map(lambda batch: batch | {"stats": None}, copy) for copy in rest)]
+
+
 def run_schedule(model, batches: Iterator[dict], num_microbatches: int, row_length: int, *,
                  forward_only: bool, stats: list) -> list:
     """megatron's forward(-backward) schedule over THD rows (one row of `row_length` tokens per micro-batch).
 
     megatron's own micro_batch_size is 1 here: one THD row, which holds megapack's `micro_batch_size` packs.
+    `model` is a module or the list of this rank's virtual-pipeline chunks (interleaved 1F1B).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megapack.model.builder import as_chunks
+
+    chunks = as_chunks(model)
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, stats_sink=stats), data_iterator=batches, model=[model],
+        forward_step_func=partial(forward_step, stats_sink=stats),
+        data_iterator=chunk_iterators(batches, len(chunks)), model=chunks,
         num_microbatches=num_microbatches, seq_length=row_length, micro_batch_size=1, forward_only=forward_only)
 
 
@@ -109,8 +126,10 @@ def nonfinite_gradients(model, device) -> bool:
     import torch
     import torch.distributed as dist
 
+    from megapack.model.builder import as_chunks
+
     bad = torch.zeros(1, dtype=torch.float32, device=device)
-    for buffer in model.buffers + model.expert_parallel_buffers:
+    for buffer in (b for chunk in as_chunks(model) for b in chunk.buffers + chunk.expert_parallel_buffers):
         if not bool(torch.isfinite(buffer.grad_data).all()):
             bad.fill_(1.0)
             break
@@ -128,7 +147,10 @@ def train_step(model, optimizer, scheduler, batches: Iterator[dict], num_microba
     """
     import math
 
-    model.zero_grad_buffer()
+    from megapack.model.builder import as_chunks
+
+    for chunk in as_chunks(model):
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
     timed, stats = TimedIterator(batches), []
     t0 = time.perf_counter()
@@ -152,12 +174,38 @@ def train_step(model, optimizer, scheduler, batches: Iterator[dict], num_microba
     return record | reduce_stats(stats, device) | reduce_members(outputs, num_members, device)
 
 
+def padded_to_multiple(batches: Iterator[dict], count: int, multiple: int) -> tuple[Iterator[dict], int]:
+    """The micro-batches followed by zero-weight copies of the last one up to a multiple of `multiple` (interleaved
+    1F1B runs whole groups of pp micro-batches); they add nothing to the loss."""
+    extra = -count % multiple
+    if not extra:
+        return batches, count
+
+    def padded():
+        last = None
+        for last in batches:
+            yield last
+        for _ in range(extra):
+            yield last | {"loss_weight": last["loss_weight"] * 0, "loss_denominator": 0,
+                          "stats": dict.fromkeys(STAT_KEYS, 0)}
+
+    return padded(), count + extra
+
+
 def evaluate(model, batches: Iterator[dict], num_microbatches: int, row_length: int, device) -> float:
     """Token-weighted (or conversation-weighted) loss over the given validation micro-batches."""
     import torch
+    from megatron.core import parallel_state as ps
 
-    model.eval()
+    from megapack.model.builder import as_chunks
+
+    if len(as_chunks(model)) > 1:
+        batches, num_microbatches = padded_to_multiple(batches, num_microbatches,
+                                                       ps.get_pipeline_model_parallel_world_size())
+    for chunk in as_chunks(model):
+        chunk.eval()
     with torch.no_grad():
         outputs = run_schedule(model, batches, num_microbatches, row_length, forward_only=True, stats=[])
-    model.train()
+    for chunk in as_chunks(model):
+        chunk.train()
     return reduce_loss(outputs, device)
