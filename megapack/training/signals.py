@@ -8,8 +8,10 @@ the ranks see them; a rank records the signal and the loop stops at a step bound
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -50,10 +52,36 @@ def stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In a helper process: exit once its rank is gone (a rank killed with SIGKILL would leave it running, and under
+    Slurm's proctrack/linuxproc an orphan is no longer part of the step, so nothing would stop it)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+_manager = None
+
+
 def start_checkpoint_helpers() -> None:
-    """Start megatron-core's checkpoint results-queue manager (and the resource tracker) immune to stop signals;
-    megatron reuses this queue for every torch_dist save of the process."""
+    """Start megatron-core's checkpoint results queue (a spawned manager process) and the multiprocessing resource
+    tracker immune to stop signals, the manager ending with this process; megatron reuses the queue for every
+    torch_dist save of the process."""
+    global _manager
+    import multiprocessing
+    from multiprocessing import resource_tracker
+    from multiprocessing.managers import SyncManager
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if filesystem_async._results_queue is not None:  # private: megatron creates it lazily at the first save
+        return
+    with stop_signals_blocked():  # the tracker ignores SIGTERM itself, and unblocks it here when it returns
+        resource_tracker.ensure_running()
     with stop_signals_blocked():
-        filesystem_async._get_write_results_queue()  # private: megatron starts it lazily at the first save
+        _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # what megatron's queue uses
+        _manager.start(_exit_with_parent, (os.getpid(),))
+    filesystem_async._results_queue = _manager.Queue()
