@@ -7,6 +7,7 @@ apt); without them `start_cluster` raises `SlurmUnavailable` and the tests skip,
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -115,6 +116,8 @@ class SlurmCluster:
 
 
 def _write_conf(root: Path, node_line: str, ports: list[int]) -> tuple[Path, str, int]:
+    # job ids (and so train.sbatch's MASTER_PORT = 20000 + id % 20000) differ from another cluster's on this host
+    first_job = random.randrange(1000, 19000, 100)
     node = re.search(r"NodeName=(\S+)", node_line).group(1)
     cpus = int(re.search(r"CPUs=(\d+)", node_line).group(1))
     hw = " ".join(kv for kv in node_line.split() if kv.split("=")[0] in (
@@ -122,6 +125,7 @@ def _write_conf(root: Path, node_line: str, ports: list[int]) -> tuple[Path, str
     conf = root / "slurm.conf"
     conf.write_text(f"""# written by tests/slurm.py: a single-node test cluster on this host
 ClusterName=megapacktest
+FirstJobId={first_job}
 SlurmctldHost={node}(127.0.0.1)
 SlurmctldPort={ports[0]}
 SlurmdPort={ports[1]}

@@ -90,3 +90,24 @@ def test_quickstart_from_another_directory_writes_there(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (tmp_path / "runs" / "demo" / "shards" / "greedy" / "meta.json").is_file()
     assert (tmp_path / "runs" / "demo" / "data" / "dataset_info.json").is_file()
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, llama3_tokenizer_path,
+                                                                  llamafactory_data_dir):
+    """SIGUSR1 to rank 0 only, right after it logged step 2 (after the step's all-reduce: the moment where a flag
+    read straight from the handler stopped rank 0 one step before rank 1): both ranks checkpoint step 2, and the run
+    resumed from it continues the uninterrupted loss curve (one launch: interrupted, resumed, uninterrupted)."""
+    from train_helpers import base_config, demo_inputs, launch, losses
+
+    hf, greedy, _ = demo_inputs(tmp_path, llama3_tokenizer_path, llamafactory_data_dir)
+    cfg = base_config(hf, greedy, tmp_path / "run", training={"train_steps": 4},
+                      checkpoint={"dir": str(tmp_path / "ck")})
+    launch(2, [{"config": cfg, "signal_at_step": 2, "signal_rank": 0}, {"config": cfg},
+               {"config": base_config(hf, greedy, tmp_path / "ref", training={"train_steps": 4})}], tmp_path, "sig",
+           timeout=400)
+    log = (tmp_path / "sig.log").read_text()
+    assert "signal 10: checkpointing at step 2 and exiting" in log and "at step 2" in log.split("resumed from")[1]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("kind") == "train"] == [1, 2, 3, 4]
+    ref, got = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert max(abs(got[s] - ref[s]) for s in ref) <= 1e-6, (got, ref)

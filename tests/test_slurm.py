@@ -69,7 +69,7 @@ def _train_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == "train"]
 
 
-def _wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> float:
+def _wait_for_step(run_dir: Path, step: int, timeout: float = 600) -> float:
     deadline = time.time() + timeout
     while not any(r["step"] >= step for r in _train_records(run_dir)):
         assert time.time() < deadline, f"{run_dir}: no step {step} after {timeout} s"
