@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from launch_runs import ROOT, STEPS, launcher_env, torchrun_reference
-from slurm import SlurmUnavailable, start_cluster, stop_cluster
+from slurm import FINAL_STATES, SlurmUnavailable, start_cluster, stop_cluster
 
 CPU_ONLY = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
 # the interrupted runs also save on schedule: the checkpoint writer's helper processes then exist when the signal
@@ -69,10 +69,13 @@ def _train_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == "train"]
 
 
-def _wait_for_step(run_dir: Path, step: int, timeout: float = 600) -> float:
+def _wait_for_step(run_dir: Path, step: int, timeout: float = 600, until_done=None) -> float | None:
+    """When run_dir logged `step` (None: the job (cluster, id) `until_done` ended first)."""
     deadline = time.time() + timeout
     while not any(r["step"] >= step for r in _train_records(run_dir)):
         assert time.time() < deadline, f"{run_dir}: no step {step} after {timeout} s"
+        if until_done is not None and until_done[0].job(until_done[1]).get("JobState") in FINAL_STATES:
+            return None
         time.sleep(0.1)
     return time.time()
 
@@ -185,10 +188,12 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, work, jobs)
         submitted = time.time()
         job_id = _train(cluster, work, name, "--time=2", "--signal=USR1@110", f"--output=logs/{name}-%j.out",
                         overrides=SAVE_EVERY_2)
-        lead = _wait_for_step(work / "runs" / name, 1) - submitted
+        first = _wait_for_step(work / "runs" / name, 1, until_done=(cluster, job_id))
         cluster.wait(job_id, timeout=400)
         if "signal 10: checkpointing" in _log(work, name, job_id):
             break
+        # no step 1: the signal came before the ranks ran (the pass was too early); else it came too late
+        lead = first - submitted if first else lead + 5
     log = _interrupted_then_resumed(cluster, work, name, job_id)
     assert "requeueing job" in log
 
