@@ -237,9 +237,11 @@ def _run_jobs(spec_path: str) -> None:
         step.run_schedule, PackedCoreAttention._packed = original_schedule, original_packed
         if job.get("signal_at_step"):
             # deliver SIGUSR1 to this process right after logging the given step (what Slurm does before the limit)
-            def write(self, record, _at=job["signal_at_step"], _sig=getattr(signal, job.get("signal", "SIGUSR1"))):
+            # (every rank, or only job["signal_rank"])
+            def write(self, record, _at=job["signal_at_step"], _sig=getattr(signal, job.get("signal", "SIGUSR1")),
+                      _rank=job.get("signal_rank")):
                 original_write(self, record)
-                if record.get("kind") == "train" and record["step"] == _at:
+                if record.get("kind") == "train" and record["step"] == _at and _rank in (None, dist.get_rank()):
                     os.kill(os.getpid(), _sig)
 
             metrics.MetricsWriter.write = write

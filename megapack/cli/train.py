@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan every config (before any process group), then train them in order."""
+    from megapack.training.signals import install_stop_handlers
+
+    install_stop_handlers()  # before the slow part: Slurm's SIGUSR1 may come while the model loads
     from megapack.training.config import load_config
     from megapack.training.plan import preflight
 

@@ -25,6 +25,7 @@ from megapack.model.checkpoint import FORMAT, MODEL_PREFIX, model_sharded_state_
 from megapack.training.adamw_fallback import (
     allocate_torch_adam_state, restore_torch_adam_steps, torch_adam_step_tolerant,
 )
+from megapack.training.signals import start_checkpoint_helpers
 
 # Distributed-optimizer state layouts (megatron-core names): "dp_reshardable" = each rank writes its own flat shard
 # in parallel, loadable at another DP size only; "fully_reshardable" = per-parameter state gathered on DP rank 0,
@@ -172,6 +173,7 @@ class CheckpointSaver:
         self.sharding = optimizer_sharding
         self.queue = AsyncCallsQueue() if async_save else None
         self._pending: list[Path] = []
+        start_checkpoint_helpers()  # Slurm signals every process of a step: the writer's helpers must survive them
 
     def latest(self) -> Path | None:
         """The newest published checkpoint."""
@@ -234,7 +236,8 @@ class CheckpointSaver:
             shutil.rmtree(tmp, ignore_errors=True)
             free = free_bytes(self.root)
             full = _is_disk_full(exc) or (free is not None and free < self._needed)
-            reason = "no space left on device" if full else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            first = (str(exc).splitlines() or ["(no message)"])[0]
+            reason = "no space left on device" if full else f"{type(exc).__name__}: {first[:200]}"
             free_text = f"{free:,}" if free is not None else "an unknown number of"
             raise MegapackError(f"checkpoint.dir: writing {tmp} failed ({reason}); this rank's part needs about "
                                 f"{self._needed:,} bytes, {free_text} bytes are free") from None

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,20 +16,28 @@ from typing import TYPE_CHECKING
 from megapack.quiet import quiet_warnings
 from megapack.training.config import OptimizerSection, TrainConfig
 from megapack.training.plan import RunPlan, preflight, save_resolved_config
+from megapack.training.signals import install_stop_handlers, received, reset_stop_signals
 
 if TYPE_CHECKING:
     from megapack.training.data import PackBatches
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (Slurm preemption, time limit) set a flag; the loop checkpoints at the next step boundary."""
+    """SIGTERM / SIGUSR1 (Slurm preemption, time limit) are recorded (megapack.training.signals); the loop checkpoints
+    at the next step boundary, the same on every rank (`agree`)."""
 
     def __init__(self) -> None:
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        install_stop_handlers()
+        self.signal: int | None = None  # agreed by all ranks
 
-    def _handler(self, signum, _frame) -> None:
-        self.signal = signum
+    def agree(self, device) -> int | None:
+        """Collective: the stop signal any rank has received so far (every rank gets the same answer)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(received() or 0)], dtype=torch.float64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signal = int(flag.item()) or None
+        return self.signal
 
 
 @dataclass
@@ -216,12 +223,13 @@ class Trainer:
         interrupted = False
         try:
             while self.iteration < plan.total_steps:
-                record = self._train_one_step(stop)
+                record = self._train_one_step()
                 metrics.record_step(self.iteration, record, self.data.sampler.epoch)
                 self._check_finite(record)
                 if self._eval_due():
                     self.validate()
-                if stop.signal and self.iteration < plan.total_steps:
+                # agreed here, not in the step's all-reduce: a signal may land between the two on one rank only
+                if stop.agree(self.env.device) and self.iteration < plan.total_steps:
                     metrics.log(f"signal {stop.signal}: checkpointing at step {self.iteration} and exiting")
                     self.save(wait=True)
                     interrupted = True
@@ -233,9 +241,10 @@ class Trainer:
             positions = self.data.sampler.member_positions() if plan.blend else None
             return metrics.finish(self.iteration, self.data.sampler.epoch, interrupted, positions)
         finally:
+            reset_stop_signals()  # acted on (or the run ended): the next run of the launch starts clean
             self.close(keep_process_group)
 
-    def _train_one_step(self, stop: StopFlag) -> dict:
+    def _train_one_step(self) -> dict:
         """One optimizer step, the scheduled checkpoint, and the step's timings (slowest rank)."""
         import torch
         import torch.distributed as dist
@@ -254,13 +263,12 @@ class Trainer:
             if self.saver.due(self.iteration) and record["nonfinite"] is None:
                 self.save()
         t2 = time.perf_counter()
-        # slowest rank's times; the same all-reduce tells every rank whether any got a stop signal
+        # slowest rank's times
         keys = ("time_data_s", "time_forward_backward_s", "time_optimizer_s")
-        sync = torch.tensor([t2 - t0, t2 - t1, *(record[k] for k in keys), float(stop.signal or 0)],
-                            dtype=torch.float64, device=self.env.device)
+        sync = torch.tensor([t2 - t0, t2 - t1, *(record[k] for k in keys)], dtype=torch.float64,
+                            device=self.env.device)
         dist.all_reduce(sync, op=dist.ReduceOp.MAX)
         values = sync.tolist()
-        stop.signal = int(values[-1]) or None
         return record | {"step_time_s": values[0], "time_checkpoint_s": values[1]} | dict(zip(keys, values[2:5]))
 
     def _check_finite(self, record: dict) -> None:
