@@ -220,7 +220,7 @@ def job_processes(cluster: SlurmCluster) -> list[psutil.Process]:
         try:
             if proc.pid in daemons or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if proc.environ().get("SLURM_CONF") == str(cluster.conf) or proc.name() == "slurmstepd":
+            if proc.environ().get("SLURM_CONF") == str(cluster.conf):  # slurmstepd gets it from our slurmd
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass

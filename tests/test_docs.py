@@ -25,7 +25,8 @@ WORLD_SIZE = {"tiny_cpu.yaml": 2, "llama3_8b_packed_sft.yaml": 8, "llama3_70b_pa
 # LLaMA-3 architectures (Meta's config.json): layers, attention heads, key/value heads
 ARCH = {"llama3_8b_packed_sft.yaml": (32, 32, 8), "llama3_70b_packed_sft.yaml": (80, 64, 8)}
 # flags of other tools that the README names in prose
-FOREIGN_FLAGS = {"--load"}
+FOREIGN_FLAGS = {"--load", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--time",  # Slurm's
+                 "--signal", "--open-mode", "--array", "--dependency", "--export", "--kill-on-bad-exit"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

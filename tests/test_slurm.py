@@ -189,6 +189,13 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, work, jobs)
         job_id = _train(cluster, work, name, "--time=2", "--signal=USR1@110", f"--output=logs/{name}-%j.out",
                         overrides=SAVE_EVERY_2)
         first = _wait_for_step(work / "runs" / name, 1, until_done=(cluster, job_id))
+        # Slurm re-arms the warning of a requeued job: with 2 minutes it would stop every restart after one step;
+        # the restart gets 10 minutes, as a real job's restart gets its whole limit again
+        while cluster.job(job_id).get("JobState") not in FINAL_STATES:
+            if cluster.job(job_id).get("Restarts", "0") != "0":
+                cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
+                break
+            time.sleep(0.2)
         cluster.wait(job_id, timeout=400)
         if "signal 10: checkpointing" in _log(work, name, job_id):
             break
