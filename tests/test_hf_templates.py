@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chat_strategies import tool_chats
 from megapack.cli import main
 from megapack.data.render.hf_template import HFChatTemplate, parse_date
 from megapack.data.render.templates import TemplateOptions, get_template
@@ -148,24 +149,15 @@ TEXT = st.lists(st.sampled_from(list(" \n\tabZ1'.!é中😀{}\"") + ["  ", "\n\n
                 min_size=1, max_size=8).map("".join)
 
 
-@st.composite
-def chats(draw):
-    messages = []
-    for _ in range(draw(st.integers(1, 3))):
-        messages.append(Message("user", draw(TEXT)))
-        if draw(st.booleans()):
-            call = {"name": draw(st.sampled_from(["f", "get_x"])), "arguments": {"a": draw(TEXT)}}
-            messages += [Message("function_call", json.dumps(call)), Message("observation", draw(TEXT))]
-        messages.append(Message("assistant", draw(TEXT)))
-    tools = json.dumps([{"name": "f", "description": draw(TEXT), "parameters": {"type": "object"}}])
-    return Conversation(messages, system=draw(st.none() | TEXT), tools=draw(st.none() | st.just(tools)))
+TOOLS = st.none() | TEXT.map(lambda d: json.dumps([{"name": "f", "description": d, "parameters": {"type": "object"}}]))
+CHATS = tool_chats(TEXT, TOOLS, names=("f", "get_x"))
 
 
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @PROPERTY
-@given(conv=chats())
+@given(conv=CHATS)
 def test_property_llama31_ids_and_masks(pair, conv):
     ours, hf_tok = pair["llama3"]
     template = HFChatTemplate.from_dir(TEMPLATES / "llama3.1-instruct")
@@ -177,7 +169,7 @@ def test_property_llama31_ids_and_masks(pair, conv):
 
 
 @PROPERTY
-@given(conv=chats())
+@given(conv=CHATS)
 def test_property_chatml_ids_and_masks(pair, conv):
     ours, hf_tok = pair["chatml"]
     marked = HFChatTemplate({"default": with_generation_markers("qwen2.5-instruct")}, {"eos_token": "<|im_end|>"})

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chat_strategies import tool_chats
 from megapack.data.sources.conversation import Conversation, Document, Message
 from megapack.data.render.templates import TEMPLATES, TemplateOptions, get_template
 from megapack.data.render.tokenizers import load_tokenizer
@@ -317,20 +318,8 @@ def test_templates_without_a_tool_format_refuse_tools(llama3_tokenizer, mistral)
         assert info.value.reason == "tools unsupported by template"
 
 
-@st.composite
-def tool_conversations(draw):
-    messages = []
-    for _ in range(draw(st.integers(1, 3))):
-        messages.append(Message("user", draw(TEXT)))
-        if draw(st.booleans()):
-            call = {"name": draw(st.sampled_from(["f", "weather"])), "arguments": {"x": draw(TEXT)}}
-            messages += [Message("function_call", json.dumps(call)), Message("observation", draw(TEXT))]
-        messages.append(Message("assistant", draw(TEXT)))
-    return Conversation(messages, system=draw(st.none() | TEXT), tools=WEATHER_TOOLS)
-
-
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(conv=tool_conversations())
+@given(conv=tool_chats(TEXT, st.just(WEATHER_TOOLS)))
 def test_property_tool_calls_trained_observations_not(llama3_tokenizer, conv):
     from megapack.data.render.tools import hermes_call, llama31_call
 
