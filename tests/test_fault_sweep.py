@@ -16,13 +16,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from megapack.data.packs.shards import ShardDataset, is_shard_file
 from megapack.errors import MegapackError
-from train_helpers import base_config, kill_family, launch, make_demo_shards, make_tiny_hf
+from train_helpers import base_config, finish, kill_family, launch, make_demo_shards, make_tiny_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
@@ -184,8 +185,8 @@ def _training_phase(ck: Path, logged: int) -> str:
 
 @pytest.fixture(scope="module")
 def training_sweep(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
-    """Ten single-process runs killed at the moments above, then one launch: the uninterrupted reference run and the
-    resumption of every killed run (same config each). Yields the observations; removes the checkpoints after."""
+    """Ten single-process runs killed at the moments above (two at a time), then two launches side by side: the
+    uninterrupted reference run and the resumption of every killed run (same config each). Yields the observations; removes the checkpoints after."""
     w = tmp_path_factory.mktemp("sweep")
     hf = make_tiny_hf(w / "hf")
     # packs of 128 tokens: half the step time of the usual 256 (the kill/resume properties do not depend on it)
@@ -197,8 +198,8 @@ def training_sweep(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_di
                            checkpoint={"dir": str(w / f"ck_{name}"), "save_interval": 1, "keep_last": 2,
                                        "async_save": True})
 
-    runs = []
-    for n, (label, kind, value, delay) in enumerate(_training_moments(random.Random(SEED))):
+    def kill_at(n: int, moment: tuple[str, str, float, float]) -> dict:
+        label, kind, value, delay = moment
         name = f"run{n:02d}"
         ck, metrics = w / f"ck_{name}", w / name / "metrics.jsonl"
         proc = launch(1, [{"config": cfg(name)}], w, name, wait=False)
@@ -227,10 +228,18 @@ def training_sweep(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_di
                "resume_from": _published(ck), "phase": _training_phase(ck, len(killed))}
         print(f"training kill {n:2d} at {label:22s} -> {run['phase']}: steps logged {len(killed)}, "
               f"resumes from {run['resume_from']}, left {list(iters)}")
-        runs.append(run)
+        return run
+
+    # two single-process runs at a time (one process leaves a core idle); each kill is its own process family
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda item: kill_at(*item), enumerate(_training_moments(random.Random(SEED)))))
     print("training kills by phase:", dict(Counter(r["phase"] for r in runs)))
-    launch(1, [{"config": cfg("reference")}] + [{"config": cfg(r["name"])} for r in runs], w, "resumed", timeout=900)
-    log = (w / "resumed.log").read_text()
+    halves = [[{"config": cfg("reference")}] + [{"config": cfg(r["name"])} for r in runs[0::2]],
+              [{"config": cfg(r["name"])} for r in runs[1::2]]]
+    procs = [launch(1, jobs, w, f"resumed{i}", wait=False) for i, jobs in enumerate(halves)]
+    for i, proc in enumerate(procs):
+        finish(proc, w, f"resumed{i}", timeout=900)
+    log = (w / "resumed0.log").read_text() + (w / "resumed1.log").read_text()
     yield {"dir": w, "runs": runs, "log": log, "reference": dict(_steps(w / "reference" / "metrics.jsonl"))}
     for ck in w.glob("ck_*"):  # ~5 GB of checkpoints (pytest keeps its last three temporary folders)
         shutil.rmtree(ck, ignore_errors=True)

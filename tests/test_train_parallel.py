@@ -8,7 +8,8 @@ the tests that read them, so a failed launch fails exactly its readers:
   A  1 proc   TP1 (+ HF export, MFU against a given peak) | bf16 | SIGUSR1 at step 2 | SIGTERM at step 2 (async
               checkpoint of step 1 in flight) | DP1 resumed from D's checkpoint | per-conversation losses: packed,
               padded, and initialised from D's step-2 checkpoint | step 1 with loss_reduction sample | step 1 on
-              padded shards, 2 conversations per micro-batch | 50 steps
+              padded shards, 2 conversations per micro-batch | 50 steps; started after D, it runs beside B and C
+              (one process leaves a core free)
   C  4 procs  TP2 x PP2
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train_helpers import base_config, demo_inputs, kill_family, launch, losses
+from train_helpers import base_config, demo_inputs, finish, kill_family, launch, losses
 
 STEPS = 6  # every layout run, the killed run and its resumptions share this schedule
 LONG_OPTIMIZER = {"lr": 3e-3, "warmup_steps": 0, "decay_style": "constant"}  # the 50-step run and the bf16 run
@@ -93,13 +94,13 @@ def two_procs(inputs, killed):
 
 
 @pytest.fixture(scope="module")
-def one_proc(inputs, killed):
-    """Launch A (1 proc): TP1 (+ HF export, MFU against a given peak) | bf16 | SIGUSR1 at step 2 | SIGTERM at step 2
-    (async checkpoint of step 1 in flight) | DP1 resumed from D | per-conversation losses: packed, padded, and
-    initialised from D's step-2 checkpoint | loss_reduction sample | padded shards, 2 conversations per micro-batch |
-    50 steps."""
+def one_proc_started(inputs, killed):
+    """Start launch A (1 proc) in the background, so that it shares the machine with B and C: TP1 (+ HF export, MFU
+    against a given peak) | bf16 | SIGUSR1 at step 2 | SIGTERM at step 2 (async checkpoint of step 1 in flight) |
+    DP1 resumed from D | per-conversation losses: packed, padded, and initialised from D's step-2 checkpoint |
+    loss_reduction sample | padded shards, 2 conversations per micro-batch | 50 steps."""
     w, cfg, hf, greedy, padding = (inputs[k] for k in ("dir", "cfg", "hf", "greedy", "padding"))
-    launch(1, [
+    proc = launch(1, [
         {"config": cfg("tp1", checkpoint={"export_hf": str(w / "tp1_hf")}, logging={"peak_flops": 1e12})},
         {"config": cfg("bf16", optimizer=LONG_OPTIMIZER, data={"valid_split": None},
                        training={"precision": "bf16", "train_steps": 2, "global_batch_size": 1})},
@@ -119,7 +120,16 @@ def one_proc(inputs, killed):
                                                                      "train_steps": 1})},
         {"config": cfg("long", optimizer=LONG_OPTIMIZER,
                        training={"train_steps": 50, "global_batch_size": 1, "eval_interval": 25})},
-    ], w, "A")
+    ], w, "A", wait=False)
+    yield proc
+    if proc.poll() is None:  # a reader failed before waiting for it
+        kill_family(proc)
+
+
+@pytest.fixture(scope="module")
+def one_proc(inputs, one_proc_started):
+    """Launch A finished successfully."""
+    finish(one_proc_started, inputs["dir"], "A", timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +142,7 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def test_same_loss_across_tp_pp_dp(inputs, one_proc, two_procs, four_procs):
+def test_same_loss_across_tp_pp_dp(inputs, one_proc_started, two_procs, four_procs, one_proc):
     w = inputs["dir"]
     ref = losses(w / "tp1")
     assert sorted(ref) == list(range(1, STEPS + 1))

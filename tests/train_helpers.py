@@ -99,10 +99,24 @@ def launch(nproc: int, jobs: list[dict], workdir: Path, name: str, timeout: int 
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     log.close()
-    if proc.returncode != 0:
-        tail = (workdir / f"{name}.log").read_text()[-6000:]
-        raise AssertionError(f"torchrun {name} failed with {proc.returncode}:\n{tail}")
+    _check_launch(proc.returncode, workdir, name)
     return proc
+
+
+def finish(proc: subprocess.Popen, workdir: Path, name: str, timeout: int = 400) -> None:
+    """Wait for a launch started with wait=False; fail with its log's tail unless it succeeded."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_family(proc)
+        raise AssertionError(f"torchrun {name} ran past {timeout} s:\n" + (workdir / f"{name}.log").read_text()[-6000:])
+    _check_launch(proc.returncode, workdir, name)
+
+
+def _check_launch(returncode: int, workdir: Path, name: str) -> None:
+    if returncode != 0:
+        tail = (workdir / f"{name}.log").read_text()[-6000:]
+        raise AssertionError(f"torchrun {name} failed with {returncode}:\n{tail}")
 
 
 def kill_family(proc: subprocess.Popen) -> None:
