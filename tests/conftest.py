@@ -45,3 +45,20 @@ def mistral_sp_model_path() -> Path:
 def llamafactory_data_dir() -> Path:
     """LLaMA-Factory's data/ folder: dataset_info.json and the demo datasets."""
     return _fetch_or_skip("llamafactory-data")
+
+
+@pytest.fixture(scope="session")
+def shrunk_demo(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir) -> tuple[Path, str]:
+    """`megapack demo` shrunk (24 conversations, two arms, the quickstart's 2 processes in one launch): its workdir
+    and what it printed. test_demo checks the training, test_report the report and the padding numbers."""
+    import contextlib
+    import io
+
+    from megapack.cli import main
+
+    workdir = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--workdir", str(workdir), "--num-samples", "24", "--seq-length", "256",
+                     "--packings", "padding,greedy"]) == 0
+    return workdir, printed.getvalue()

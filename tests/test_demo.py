@@ -7,14 +7,9 @@ import re
 
 import yaml
 
-from megapack.cli import main
 
-
-def test_demo_trains_every_arm_in_one_launch(tmp_path, llama3_tokenizer_path, llamafactory_data_dir, capsys):
-    workdir = tmp_path / "demo"
-    assert main(["demo", "--workdir", str(workdir), "--num-samples", "24", "--seq-length", "256",
-                 "--packings", "padding,greedy"]) == 0
-    out = capsys.readouterr().out
+def test_demo_trains_every_arm_in_one_launch(shrunk_demo):
+    workdir, out = shrunk_demo
     rows = json.loads((workdir / "table3.json").read_text())["runs"]
     assert [r["packing"] for r in rows] == ["padding", "greedy"]
     # the console shows rank 0's per-step lines, with elapsed time and ETA

@@ -192,22 +192,8 @@ def test_inspect_defaults_are_the_trainers():
 # ------------------------------------------------------------------------------------------- one real small run
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
-    """The shrunk demo (two arms, one process): its workdir and what it printed."""
-    import contextlib
-    import io
-
-    workdir = tmp_path_factory.mktemp("report") / "demo"
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert main(["demo", "--workdir", str(workdir), "--num-samples", "24", "--seq-length", "256",
-                     "--packings", "padding,greedy", "--nproc", "1"]) == 0
-    return workdir, buf.getvalue()
-
-
-def test_demo_writes_a_report_of_its_runs(demo, tmp_path):
-    workdir, out = demo
+def test_demo_writes_a_report_of_its_runs(shrunk_demo, tmp_path):
+    workdir, out = shrunk_demo
     assert f"report (loss, throughput and padding figures): {workdir / 'report' / 'report.md'}" in out
     text = (workdir / "report" / "report.md").read_text()
     rows = json.loads((workdir / "table3.json").read_text())["runs"]
@@ -236,13 +222,13 @@ def test_demo_writes_a_report_of_its_runs(demo, tmp_path):
     assert pad[0] > 5.0 and pad[1] == 0.0  # the padding arm pads its micro-batches, packs are not padded
 
 
-def test_inspect_plot_shows_the_trainers_padding(demo, tmp_path, capsys):
+def test_inspect_plot_shows_the_trainers_padding(shrunk_demo, tmp_path, capsys):
     from megapack.data.packs.inspect import micro_batch_fill, plot
     from megapack.data.packs.shards import ShardDataset
 
-    workdir, _ = demo
+    workdir, _ = shrunk_demo
     png = tmp_path / "padding.png"
-    # the demo's padding arm: micro_batch_size 4, global batch 8 on one process, training.seed 1234
+    # the demo's padding arm: micro_batch_size 4, global batch 8 (DP2: one micro-batch per rank), training.seed 1234
     assert main(["inspect", str(workdir / "shards" / "padding"), "--plot", str(png), "--micro-batch-size", "4"]) == 0
     printed = capsys.readouterr().out
     assert png.read_bytes()[:8] == PNG
