@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from train_helpers import base_config, demo_inputs, launch, losses, write_yaml
+from train_helpers import base_config, demo_inputs, finish, launch, losses, write_yaml
 
 EXPLODING = {"lr": 1e6, "warmup_steps": 0, "decay_style": "constant", "clip_grad": 0.0}
 
@@ -28,10 +28,12 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
     skip = cfg("skip", optimizer=EXPLODING, training={"train_steps": 8, "on_nonfinite": "skip",
                                                        "max_nonfinite_skips": 2})
     failed = {}
-    for name, jobs in (("first", [{"config": finished}, {"config": finished}, {"config": stop}]),
-                       ("second", [{"config": skip}])):
+    procs = {name: launch(1, jobs, w, name, wait=False)  # two one-process launches side by side
+             for name, jobs in (("first", [{"config": finished}, {"config": finished}, {"config": stop}]),
+                                ("second", [{"config": skip}]))}
+    for name, proc in procs.items():
         with pytest.raises(AssertionError) as info:  # the last job of each launch stops with its one-line error
-            launch(1, jobs, w, name)
+            finish(proc, w, name)
         failed[name] = str(info.value)
     return {"dir": w, "hf": hf, "greedy": greedy, "padding": padding, "failed": failed, "finished": finished}
 
