@@ -186,7 +186,8 @@ def _training_phase(ck: Path, logged: int) -> str:
 @pytest.fixture(scope="module")
 def training_sweep(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
     """Ten single-process runs killed at the moments above (two at a time), then two launches side by side: the
-    uninterrupted reference run and the resumption of every killed run (same config each). Yields the observations; removes the checkpoints after."""
+    uninterrupted reference run and the resumption of every killed run (same config each). Yields the observations;
+    removes the checkpoints after."""
     w = tmp_path_factory.mktemp("sweep")
     hf = make_tiny_hf(w / "hf")
     # packs of 128 tokens: half the step time of the usual 256 (the kill/resume properties do not depend on it)

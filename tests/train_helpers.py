@@ -86,37 +86,32 @@ def losses(run_dir: Path, kind: str = "train", key: str = "loss") -> dict[int, f
 
 
 def launch(nproc: int, jobs: list[dict], workdir: Path, name: str, timeout: int = 400,
-           wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
-    """torchrun `nproc` processes running the jobs (each {"config": dict, ...}) one after another."""
+           wait: bool = True) -> subprocess.Popen:
+    """torchrun `nproc` processes running the jobs (each {"config": dict, ...}) one after another; with wait=False
+    it returns at once (see `finish`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec = workdir / f"{name}.json"
     spec.write_text(json.dumps(jobs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(Path(__file__).resolve()), str(spec)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    log = open(workdir / f"{name}.log", "w")
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    log.close()
-    _check_launch(proc.returncode, workdir, name)
+    with open(workdir / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if wait:
+        finish(proc, workdir, name, timeout)
     return proc
 
 
 def finish(proc: subprocess.Popen, workdir: Path, name: str, timeout: int = 400) -> None:
-    """Wait for a launch started with wait=False; fail with its log's tail unless it succeeded."""
+    """Wait for a launch; fail with its log's tail unless it succeeded (past the timeout: its whole family killed)."""
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_family(proc)
         raise AssertionError(f"torchrun {name} ran past {timeout} s:\n" + (workdir / f"{name}.log").read_text()[-6000:])
-    _check_launch(proc.returncode, workdir, name)
-
-
-def _check_launch(returncode: int, workdir: Path, name: str) -> None:
-    if returncode != 0:
+    if proc.returncode != 0:
         tail = (workdir / f"{name}.log").read_text()[-6000:]
-        raise AssertionError(f"torchrun {name} failed with {returncode}:\n{tail}")
+        raise AssertionError(f"torchrun {name} failed with {proc.returncode}:\n{tail}")
 
 
 def kill_family(proc: subprocess.Popen) -> None:
