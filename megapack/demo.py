@@ -134,7 +134,7 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     from megapack.data.packs.stats import table
     from megapack.atomic import write_json_atomic
     from megapack.report.document import write_report
-    from megapack.training.metrics import format_table
+    from megapack.training.run.metrics import format_table
 
     workdir = Path(cfg.workdir)
     tokenizer, data_dir, hf_dir = prepare_inputs(cfg, workdir)

@@ -27,8 +27,8 @@ MEASURED_CASES = [(s, r, "fp32") for s in (512, 2048) for r in ("none", "selecti
 def parameter_sums() -> dict:
     """Per model and layout: the meta-built positions' parameter sums; plus the TP-symmetry proof case."""
     from megapack.model.config import load_hf_config
-    from megapack.training.meta_build import build_position, build_positions
-    from megapack.training.memory_plan import plan_memory
+    from megapack.training.memory.meta_build import build_position, build_positions
+    from megapack.training.memory.estimate import plan_memory
 
     out: dict = {"models": {}, "seconds": {}}
     t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def schedule_in_flight() -> list:
 
     from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
 
-    from megapack.training.memory_plan import microbatches_in_flight
+    from megapack.training.memory.estimate import microbatches_in_flight
 
     rows = []
     for pp in (2, 4, 8):
@@ -81,8 +81,8 @@ def schedule_in_flight() -> list:
 
 def grid_plans() -> dict:
     """`plan_config` of each configs/paper run at 32 GPUs of 80 GiB (model.hf_dir -> configs/models)."""
-    from megapack.training.config import load_config
-    from megapack.training.memory_plan import plan_config
+    from megapack.training.preflight.config import load_config
+    from megapack.training.memory.estimate import plan_config
 
     sys.path.insert(0, str(ROOT / "tools"))
     import paper_grid
@@ -146,7 +146,7 @@ def _peak_during(fn) -> int:
 def _batch(tokens: int, vocab: int, segments: int = 4) -> dict:
     import torch
 
-    from megapack.training.data import STAT_KEYS
+    from megapack.training.run.batch import STAT_KEYS
 
     seg = tokens // segments
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
@@ -161,10 +161,10 @@ def measure_steps() -> dict:
     import torch
 
     from megapack.model.tiny_checkpoint import tiny_llama_config
-    from megapack.training.config import OptimizerSection
-    from megapack.training.distributed import destroy_distributed, init_distributed
-    from megapack.training.loop import build_model_and_optimizer
-    from megapack.training.step import train_step
+    from megapack.training.preflight.config import OptimizerSection
+    from megapack.training.run.distributed import destroy_distributed, init_distributed
+    from megapack.training.run.loop import build_model_and_optimizer
+    from megapack.training.run.step import train_step
 
     torch.set_num_threads(1)
     hf = tiny_llama_config(**MEASURED)
@@ -190,7 +190,7 @@ def measure_steps() -> dict:
             gc.collect()
     finally:
         destroy_distributed()
-    from megapack.training.memory_plan import plan_memory
+    from megapack.training.memory.estimate import plan_memory
 
     estimates = {f"{tokens}/{recompute}/{precision}": plan_memory(
         hf, world_size=1, seq_length=tokens, recompute=recompute, precision=precision, device="cpu",

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from megapack.errors import MegapackError
-from megapack.training.config import load_config
+from megapack.training.preflight.config import load_config
 from train_helpers import base_config, launch, losses, make_demo_shards, make_tiny_hf
 
 STEPS = 6
@@ -25,7 +25,7 @@ WEIGHTS = {"A": 0.7, "B": 0.3}
 
 
 def _schedule(lengths, weights, seed=3, state=None):
-    from megapack.training.blend import BlendSchedule
+    from megapack.training.run.blend import BlendSchedule
 
     return BlendSchedule([np.asarray(x) for x in lengths], weights, seed, state)
 
@@ -107,7 +107,7 @@ def test_each_member_walks_its_own_seeded_epochs():
 
 
 def _global_steps(dp: int, steps: int, state=None, consumed: int = 0, weights=(0.7, 0.3)):
-    from megapack.training.blend import BlendSampler
+    from megapack.training.run.blend import BlendSampler
 
     lengths = [np.arange(1, 14) * 7, np.arange(1, 6) * 19]
     samplers = [BlendSampler(_schedule(lengths, weights, state=state), ["A", "B"], 8, 2, r, dp, seed=3,
@@ -150,7 +150,7 @@ def test_new_weights_on_resume_continue_every_member_where_it_was():
 
 def test_micro_batch_carries_each_real_tokens_member():
     from megapack.data.packs.shards import Pack
-    from megapack.training.data import build_micro_batch, zero_weight
+    from megapack.training.run.batch import build_micro_batch, zero_weight
 
     def pack(real, padded):
         return Pack(tokens=np.arange(sum(padded)) + 5, loss_mask=np.ones(sum(padded), np.uint8),
@@ -202,7 +202,7 @@ def inputs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
 
 
 def test_members_must_share_seq_length_padding_and_tokenizer(inputs, tmp_path):
-    from megapack.training.plan import preflight
+    from megapack.training.preflight.plan import preflight
 
     w, blend = inputs["dir"], inputs["blend"]
     plan = preflight(load_config(None, raw=inputs["cfg"]("plan", blend)), world_size=1)
@@ -210,8 +210,8 @@ def test_members_must_share_seq_length_padding_and_tokenizer(inputs, tmp_path):
     assert plan.train_packs == sum(m["train_packs"] for m in plan.blend)
     assert plan.total_steps == STEPS
     # a checkpoint's data identity: other weights are the same data; other members (or order) are not
-    from megapack.training.blend import blend_preflight
-    from megapack.training.plan import _check_same_data
+    from megapack.training.run.blend import blend_preflight
+    from megapack.training.preflight.plan import _check_same_data
 
     def identity(members):
         config = load_config(None, raw=inputs["cfg"]("plan", {"blend": members}))
@@ -291,7 +291,7 @@ def test_resume_at_another_dp_reproduces_the_pack_sequence_and_losses(inputs, ru
 
 
 def test_per_member_numbers_in_metrics_tensorboard_and_summary(inputs, runs):
-    from megapack.training.metrics import read_metrics
+    from megapack.training.run.metrics import read_metrics
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     w = runs

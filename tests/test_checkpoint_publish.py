@@ -9,10 +9,18 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from megapack.training.checkpointing import ITER_RE, _prune, _publish
-from megapack.training.resume import latest_checkpoint
+from megapack.training.run.checkpointing import ITER_RE, _prune, _publish
+from megapack.training.preflight import resume
+from megapack.training.preflight.resume import resume_checkpoint
 
 FILES = ["__0_0.distcp", "__0_1.distcp", "megapack.json"]
+
+
+@pytest.fixture(autouse=True)
+def _complete_means_every_file(monkeypatch):
+    """These stand-in checkpoints have no torch_dist index: complete means all FILES are there."""
+    monkeypatch.setattr(resume, "checkpoint_problem",
+                        lambda path: next((f"{f} is missing" for f in FILES if not (Path(path) / f).is_file()), None))
 
 
 class _Killed(BaseException):
@@ -59,7 +67,7 @@ def test_a_kill_while_pruning_leaves_no_partial_checkpoint(tmp_path, monkeypatch
         _prune(tmp_path, keep_last=2)
     assert _published(tmp_path) == {f"iter_{i:07d}": FILES for i in (2, 3)}
     assert calls == ["iter_0000001.pruned"]
-    assert latest_checkpoint(tmp_path) == tmp_path / "iter_0000003"
+    assert resume_checkpoint(tmp_path) == tmp_path / "iter_0000003"
     _prune(tmp_path, keep_last=2)  # the next publish removes the leftover
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
 
@@ -80,7 +88,7 @@ def test_saving_the_latest_step_again_never_deletes_it_in_place(tmp_path, monkey
         _publish(tmp_path, 6, keep_last=2, info={"iteration": 6})
     assert _published(tmp_path) == {f"iter_{i:07d}": FILES for i in (5, 6)}
     assert calls == ["iter_0000006.pruned"]  # the old folder was set aside before it was deleted
-    assert latest_checkpoint(tmp_path) == tmp_path / "iter_0000006"
+    assert resume_checkpoint(tmp_path) == tmp_path / "iter_0000006"
     assert (tmp_path / "iter_0000006" / "__0_0.distcp").read_text() == "new6:__0_0.distcp"
     monkeypatch.undo()
     monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 0)

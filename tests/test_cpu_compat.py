@@ -8,12 +8,12 @@ import textwrap
 import pytest
 
 from megapack.errors import MegapackError
-from megapack.training import distributed
+from megapack.training.run import distributed
 
 _CHILD = textwrap.dedent(
     """
     import torch
-    from megapack.training import cpu_compat
+    from megapack.training.compat import cpu_compat
 
     # 1. with CUDA "available" the layer must leave torch untouched
     real_is_available, real_current = torch.cuda.is_available, torch.cuda.current_device

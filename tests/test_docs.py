@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from megapack.cli import build_parser
-from megapack.training.config import TrainConfig, load_config
-from megapack.training.plan import batch_layout
+from megapack.training.preflight.config import TrainConfig, load_config
+from megapack.training.preflight.plan import batch_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

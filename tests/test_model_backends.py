@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU atten
 
 @pytest.fixture(scope="module")
 def dist_env():
-    from megapack.training.distributed import destroy_distributed, init_distributed
+    from megapack.training.run.distributed import destroy_distributed, init_distributed
 
     env = init_distributed(tp=1, pp=1)
     yield env

@@ -76,8 +76,8 @@ def test_tokenizer_json_checkpoint_matches_tiktoken_shards(tmp_path, llama3_toke
     from megapack.data.pipeline.preprocess import PreprocessConfig, run_preprocess
     from megapack.data.render.tokenizers import vocab_identity
     from megapack.errors import MegapackError
-    from megapack.training.config import load_config
-    from megapack.training.plan import preflight
+    from megapack.training.preflight.config import load_config
+    from megapack.training.preflight.plan import preflight
 
     hf = make_hf_checkpoint(tmp_path / "hf", seed=1, num_layers=1)
     shutil.copyfile(hf_tokenizer_json_path, hf / "tokenizer.json")

@@ -64,7 +64,7 @@ def parallel_job(untied: str, tied: str, work: str, bad_shape: str, bad_shard: s
     from megapack.model.config import load_hf_config
     from megapack.model.hf_export import export_hf
     from megapack.model.hf_import import load_hf_weights
-    from megapack.training.distributed import destroy_distributed, init_distributed
+    from megapack.training.run.distributed import destroy_distributed, init_distributed
 
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(3, 300, BATCH_SHAPE, generator=gen)

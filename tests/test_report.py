@@ -13,7 +13,7 @@ from megapack.cli import main
 from megapack.report.document import write_report
 from megapack.report.figures import FIGURES
 from megapack.report.runs import load_run
-from megapack.training.metrics import summary
+from megapack.training.run.metrics import summary
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STEMS = [f.stem for f in FIGURES]
@@ -170,7 +170,7 @@ def test_unreadable_inputs_are_one_line_naming_the_file(tmp_path, capsys):
 
 def test_padded_micro_batches_by_hand():
     from megapack.data.packs.stats import PADDED_ARM_MULTIPLE, padded_micro_batches
-    from megapack.training import data
+    from megapack.training.run import batch as data
 
     assert data.PADDED_ARM_MULTIPLE is PADDED_ARM_MULTIPLE == 8
     real, computed = padded_micro_batches(np.array([5, 17, 9, 30, 3]), np.arange(5), 2)
@@ -182,7 +182,7 @@ def test_padded_micro_batches_by_hand():
 
 def test_inspect_defaults_are_the_trainers():
     from megapack.cli import build_parser
-    from megapack.training.config import TrainingSection
+    from megapack.training.preflight.config import TrainingSection
 
     args = build_parser().parse_args(["inspect", "shards"])
     assert args.micro_batch_size == TrainingSection.model_fields["micro_batch_size"].default

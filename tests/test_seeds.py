@@ -9,10 +9,10 @@ from megapack import seeds
 from megapack.data.packs.writer import split_train_val
 from megapack.data.packs.packing import plan_packs
 from megapack.errors import MegapackError
-from megapack.training.data import epoch_permutation
+from megapack.training.run.batch import epoch_permutation
 
 PREPROCESS_DEFAULT_SEED = 1234  # megapack preprocess --seed default (cli/preprocess.py, PreprocessConfig)
-TRAIN_DEFAULT_SEED = 1234  # training.seed default (training/config.py)
+TRAIN_DEFAULT_SEED = 1234  # training.seed default (training/preflight/config.py)
 SEEDS = sorted({PREPROCESS_DEFAULT_SEED, TRAIN_DEFAULT_SEED, 0, *np.random.default_rng(7).integers(0, 2**31, 20).tolist()})
 L = 64
 

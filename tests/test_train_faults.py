@@ -69,7 +69,7 @@ def test_nonfinite_skip_is_bounded(runs):
 
 
 def _records(run_dir) -> dict[int, dict]:
-    from megapack.training.metrics import read_metrics
+    from megapack.training.run.metrics import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
 

@@ -75,7 +75,7 @@ def _expected_cu(shards: Path, row_multiple: int = 1) -> list[list[int]]:
     """cu_seqlens (padded offsets) of every training micro-batch of the run, in order (1 pack per micro-batch);
     interleaved runs pad each row to seq_length (`row_multiple`)."""
     from megapack.data.packs.shards import ShardDataset
-    from megapack.training.data import TrainSampler, build_micro_batch
+    from megapack.training.run.batch import TrainSampler, build_micro_batch
 
     ds = ShardDataset(shards, "train")
     sampler = TrainSampler(len(ds), GBS, 1, 0, 1, seed=SEED)
@@ -128,7 +128,7 @@ def test_virtual_pipeline_stages_train_like_pp(inputs, runs):
     assert sorted(vpp) == sorted(ref) == list(range(1, STEPS + 1))
     worst = max(_rel(vpp[s], ref[s]) for s in ref)
     assert worst <= 1e-5, (ref, vpp)
-    from megapack.training.metrics import read_metrics
+    from megapack.training.run.metrics import read_metrics
 
     pp_rec, vpp_rec = (read_metrics(w / name / "metrics.jsonl") for name in ("pp2_none", "vpp"))
     for s in ref:
@@ -187,8 +187,8 @@ def test_virtual_pipeline_export_reproduces_the_validation_loss(inputs, runs):
 ])
 def test_preflight_refuses_virtual_stages_megatron_cannot_run(inputs, parallel, training, message):
     from megapack.errors import MegapackError
-    from megapack.training.config import load_config
-    from megapack.training.plan import preflight
+    from megapack.training.preflight.config import load_config
+    from megapack.training.preflight.plan import preflight
 
     config = load_config(None, [], raw=inputs["cfg"]("refused", parallel=parallel, training=training))
     with pytest.raises(MegapackError) as err:
@@ -200,8 +200,8 @@ def test_preflight_refuses_padding_rows_that_outgrow_the_interleaved_row(inputs,
                                                                          llamafactory_data_dir):
     """The padding arm pads to multiples of 8: at seq_length 124 a row could exceed the fixed size VPP sends."""
     from megapack.errors import MegapackError
-    from megapack.training.config import load_config
-    from megapack.training.plan import preflight
+    from megapack.training.preflight.config import load_config
+    from megapack.training.preflight.plan import preflight
 
     shards = make_demo_shards(llamafactory_data_dir, llama3_tokenizer_path, inputs["dir"] / "padding124", "padding",
                               seq_length=124)

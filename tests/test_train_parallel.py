@@ -160,7 +160,7 @@ def test_same_loss_across_tp_pp_dp(inputs, one_proc_started, two_procs, four_pro
 
 
 def _records(run_dir: Path) -> list[dict]:
-    from megapack.training.metrics import read_metrics
+    from megapack.training.run.metrics import read_metrics
 
     return [r for _, r in sorted(read_metrics(run_dir / "metrics.jsonl").items())]
 
@@ -221,8 +221,8 @@ def test_bf16_trains_close_to_fp32(inputs, one_proc):
 def test_mfu_counts_real_tokens_and_each_segments_attention(inputs, one_proc):
     """mfu = model FLOPs of the step's real tokens and per-conversation attention / (step time x peak)."""
     from megapack.data.packs.shards import ShardDataset
-    from megapack.training.data import TrainSampler
-    from megapack.training.metrics import model_flops
+    from megapack.training.run.batch import TrainSampler
+    from megapack.model.flops import model_flops
 
     w = inputs["dir"]
     hf_config = json.loads((w / "hf" / "config.json").read_text())
@@ -301,7 +301,7 @@ def test_packed_and_padded_give_the_same_per_conversation_losses(inputs, one_pro
 def _expected_step_loss(seg: dict, shards: Path, gbs: int, mbs: int, consumed: int, sample: bool) -> float:
     """A training step's loss rebuilt from per-conversation forward losses of the same weights."""
     from megapack.data.packs.shards import ShardDataset
-    from megapack.training.data import TrainSampler
+    from megapack.training.run.batch import TrainSampler
 
     ds = ShardDataset(shards, "train")
     total, count = 0.0, 0

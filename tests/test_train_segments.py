@@ -88,6 +88,6 @@ def test_segment_lengths_and_losses_do_not_depend_on_packing_or_padding(arms):
 
 
 def _records(run_dir) -> dict[int, dict]:
-    from megapack.training.metrics import read_metrics
+    from megapack.training.run.metrics import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")

@@ -7,9 +7,10 @@ import pytest
 
 from megapack.data.packs.shards import Pack
 from megapack.errors import MegapackError
-from megapack.training.config import load_config
-from megapack.training.data import TrainSampler, build_micro_batch, validation_batches
-from megapack.training.metrics import format_table, model_flops
+from megapack.training.preflight.config import load_config
+from megapack.training.run.batch import TrainSampler, build_micro_batch, validation_batches
+from megapack.model.flops import model_flops
+from megapack.training.run.metrics import format_table
 
 BASE = {
     "model": {"hf_dir": "/m"},
@@ -89,7 +90,7 @@ def _plan_inputs(tmp_path, meta: dict | None = None, checkpoint_tokenizer: str |
 
 
 def test_batch_layout_and_plan_checks(tmp_path):
-    from megapack.training.plan import batch_layout, preflight
+    from megapack.training.preflight.plan import batch_layout, preflight
 
     raw = _plan_inputs(tmp_path)
     assert batch_layout(cfg("parallel.tp=2", raw=raw), 8) == (4, 8, 2)
@@ -139,7 +140,7 @@ def test_check_refuses_a_tp_that_does_not_divide_the_heads(tmp_path, capsys):
 
 
 def test_resolved_config_records_what_ran(tmp_path):
-    from megapack.training.plan import preflight, resolved_config
+    from megapack.training.preflight.plan import preflight, resolved_config
 
     config = cfg(raw=_plan_inputs(tmp_path))
     assert config.training.precision == "auto" and config.model.attention_backend == "auto"
@@ -156,7 +157,7 @@ def yaml_text(data: dict) -> str:
 
 
 def test_tokenizer_identities_compare_by_equality():
-    from megapack.training.plan import same_tokenizer, tokenizer_identity
+    from megapack.training.preflight.plan import same_tokenizer, tokenizer_identity
 
     assert same_tokenizer(VOCAB_A, VOCAB_A) is True and same_tokenizer(VOCAB_A, VOCAB_B) is False
     # identities recorded before vocab identities existed (file digests) are not compared
@@ -286,7 +287,7 @@ def test_shipped_configs_validate():
     for path in configs:
         c = load_config(path)
         assert c.data.seq_length > 0 and c.checkpoint.dir, path
-    from megapack.training.plan import batch_layout
+    from megapack.training.preflight.plan import batch_layout
 
     big = load_config(configs[0].with_name("llama3_70b_packed_sft.yaml"))
     assert batch_layout(big, 32) == (1, 64, 64)
@@ -301,7 +302,7 @@ def test_row_padded_for_sequence_parallel():
 
 
 def test_peak_flops_lookup():
-    from megapack.training.metrics import device_peak_flops
+    from megapack.model.flops import device_peak_flops
 
     assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert device_peak_flops("NVIDIA H100 PCIe") == 756e12
@@ -327,8 +328,8 @@ def test_cli_reports_config_errors_on_one_line(tmp_path, capsys):
 def test_warmup_starts_above_zero_so_the_first_step_trains():
     import torch
 
-    from megapack.training.config import OptimizerSection
-    from megapack.training.optim import build_scheduler
+    from megapack.training.preflight.config import OptimizerSection
+    from megapack.training.run.optim import build_scheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     cfg = OptimizerSection(lr=0.4, warmup_steps=3, decay_style="constant")

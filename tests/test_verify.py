@@ -179,7 +179,7 @@ def test_check_refuses_output_directories_that_cannot_be_written(inputs, tmp_pat
 def _writable_lines(paths: list[Path], uid: int | None) -> list[str]:
     """check_writable_dir on each path ("ok" or its message), in a forked child running as `uid` when given."""
     from megapack.errors import MegapackError
-    from megapack.training.checks import check_writable_dir
+    from megapack.training.preflight.inputs import check_writable_dir
 
     def lines() -> list[str]:
         out = []
@@ -277,7 +277,7 @@ def test_checksum_shares_and_an_unreadable_file(inputs, tmp_path):
     """Each file is hashed by exactly one rank (largest first to the least loaded); a file that vanished after
     preflight is reported with the rank that tried to read it."""
     from megapack.errors import MegapackError
-    from megapack.training.checks import _shares, verify_checksums
+    from megapack.training.preflight.inputs import _shares, verify_checksums
 
     assert _shares([5, 1, 4, 3], 2) == [[0, 1], [2, 3]]
     assert _shares([5, 1, 4, 3], 3) == [[0], [2], [3, 1]]

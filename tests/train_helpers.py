@@ -80,7 +80,7 @@ def base_config(hf_dir: Path, shards: Path, run_dir: Path, **sections) -> dict:
 
 def losses(run_dir: Path, kind: str = "train", key: str = "loss") -> dict[int, float]:
     """step -> loss of a run's metrics.jsonl (the last record of a step wins)."""
-    from megapack.training.metrics import read_metrics
+    from megapack.training.run.metrics import read_metrics
 
     return {s: r[key] for s, r in read_metrics(Path(run_dir) / "metrics.jsonl", kind).items()}
 
@@ -148,8 +148,8 @@ def segment_losses(trainer, dataset) -> dict[tuple, tuple[float, int]]:
     import numpy as np
     import torch
 
-    from megapack.training.data import build_micro_batch, to_tensors
-    from megapack.training.step import forward_step
+    from megapack.training.run.batch import build_micro_batch, to_tensors
+    from megapack.training.run.step import forward_step
 
     out = {}
     model = trainer.parts.model
@@ -189,7 +189,7 @@ def measure_activations(trainer, path: str) -> Callable[[], None]:
 
     from megapack.model.attention import PackedCoreAttention
     from megapack.model.builder import as_chunks
-    from megapack.training import step
+    from megapack.training.run import step
     from megapack.training.activations import SavedActivations
 
     chunks = as_chunks(trainer.parts.raw_model)
@@ -231,12 +231,12 @@ def record_attention_calls(trainer, path: str) -> Callable[[], None]:
 def _run_jobs(spec_path: str) -> None:
     import torch.distributed as dist
 
-    from megapack.training import metrics
-    from megapack.training.config import load_config
-    from megapack.training.loop import Trainer
+    from megapack.training.run import metrics
+    from megapack.training.preflight.config import load_config
+    from megapack.training.run.loop import Trainer
 
     from megapack.model.attention import PackedCoreAttention
-    from megapack.training import step
+    from megapack.training.run import step
 
     original_write, original_schedule = metrics.MetricsWriter.write, step.run_schedule
     original_packed = PackedCoreAttention._packed

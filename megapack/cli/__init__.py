@@ -45,7 +45,7 @@ def print_error(exc: BaseException) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `megapack` console script; returns the process exit code."""
     if (list(argv) if argv is not None else sys.argv[1:])[:1] == ["train"]:
-        from megapack.training.signals import install_stop_handlers
+        from megapack.training.run.signals import install_stop_handlers
 
         install_stop_handlers()  # before any import: Slurm's SIGUSR1 may reach a task that is still starting
     from megapack.quiet import quiet_warnings

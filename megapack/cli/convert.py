@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from megapack.model.config import load_hf_config
     from megapack.model.hf_export import copy_tokenizer_files, export_hf
     from megapack.model.hf_import import load_hf_weights
-    from megapack.training.distributed import destroy_distributed, init_distributed
+    from megapack.training.run.distributed import destroy_distributed, init_distributed
 
     out_dir = Path(args.output_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -19,9 +19,9 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from megapack.errors import MegapackError
-    from megapack.training.config import load_config
-    from megapack.training.memory_plan import plan_config
-    from megapack.training.memory_report import format_plan
+    from megapack.training.preflight.config import load_config
+    from megapack.training.memory.estimate import plan_config
+    from megapack.training.memory.report import format_plan
 
     if args.world_size < 1 or args.gpu_memory_gb <= 0:
         raise MegapackError("--world-size and --gpu-memory-gb: expected positive numbers")

@@ -23,18 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan every config (before any process group), then train them in order."""
-    from megapack.training.signals import install_stop_handlers
+    from megapack.training.run.signals import install_stop_handlers
 
     install_stop_handlers()  # before the slow part: Slurm's SIGUSR1 may come while the model loads
-    from megapack.training.config import load_config
-    from megapack.training.plan import preflight
+    from megapack.training.preflight.config import load_config
+    from megapack.training.preflight.plan import preflight
 
     configs = [load_config(path, args.overrides) for path in args.config]
     plans = [preflight(config, args.world_size) for config in configs]  # every check passes before the first run
     if args.check:
         import json
 
-        from megapack.training.memory_report import check_run_memory
+        from megapack.training.memory.report import check_run_memory
 
         memory = [check_run_memory(config, plan.world_size, args.gpu_memory_gb) for config, plan in zip(configs, plans)]
         for config, plan, mem in zip(configs, plans, memory):
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
                               "warnings": plan.warnings, "memory": mem}))
         return 0
     from megapack.errors import MegapackError
-    from megapack.training.distributed import destroy_distributed
-    from megapack.training.loop import Trainer
+    from megapack.training.run.distributed import destroy_distributed
+    from megapack.training.run.loop import Trainer
 
     for i, (config, plan) in enumerate(zip(configs, plans)):
         more = i < len(configs) - 1

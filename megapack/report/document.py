@@ -9,7 +9,7 @@ from megapack.atomic import write_text_atomic
 from megapack.errors import MegapackError
 from megapack.report.figures import FIGURES, draw_all
 from megapack.report.runs import Run, dataset_numbers, find_runs
-from megapack.training.metrics import TABLE_COLUMNS
+from megapack.training.run.metrics import TABLE_COLUMNS
 
 REPORT_NAME = "report.md"
 # (summary key, column title, format): the Table 3 columns of format_table plus the final validation loss

@@ -55,7 +55,7 @@ def main() -> None:
     from megapack.assets import fetch
     from megapack.data.pipeline.preprocess import PreprocessConfig, run_preprocess
     from megapack.model.tiny_checkpoint import write_tiny_checkpoint
-    from megapack.training.metrics import read_metrics
+    from megapack.training.run.metrics import read_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -27,7 +27,7 @@ PARTS = (("data", "time_data_s"), ("forward+backward", "time_forward_backward_s"
 
 def step_records(metrics: Path, skip_first: int) -> list[dict]:
     """Train records of metrics.jsonl in step order, the first `skip_first` steps (warm-up) left out."""
-    from megapack.training.metrics import read_metrics
+    from megapack.training.run.metrics import read_metrics
 
     if not metrics.is_file():
         raise MegapackError(f"{metrics}: no such file (expected a run's metrics.jsonl)")

@@ -25,7 +25,7 @@ import paper_grid  # noqa: E402
 
 from megapack.data.packs.packing import plan_packs  # noqa: E402
 from megapack.model.config import load_hf_config  # noqa: E402
-from megapack.training.metrics import BF16_PEAK_FLOPS, model_flops  # noqa: E402
+from megapack.model.flops import BF16_PEAK_FLOPS, model_flops  # noqa: E402
 
 SEQ = 4096
 

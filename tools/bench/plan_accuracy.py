@@ -25,7 +25,7 @@ def main() -> None:
     import memory_helpers
 
     from megapack.model.config import load_hf_config
-    from megapack.training.memory_plan import plan_memory
+    from megapack.training.memory.estimate import plan_memory
 
     measured = memory_helpers.measure_steps()
     print("| tokens | recompute | precision | measured MB | planned MB | planned / measured |")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,39 +21,13 @@ import numpy as np
 from megapack.atomic import free_bytes, write_json_atomic, write_text_atomic
 from megapack.errors import MegapackError
 from megapack.model.checkpoint import FORMAT, MODEL_PREFIX, model_sharded_state_dict, read_metadata
-from megapack.training.adamw_fallback import (
+from megapack.training.compat.adamw_fallback import (
     allocate_torch_adam_state, restore_torch_adam_steps, torch_adam_step_tolerant,
 )
-from megapack.training.signals import start_checkpoint_helpers
-
-# Distributed-optimizer state layouts (megatron-core names): "dp_reshardable" = each rank writes its own flat shard
-# in parallel, loadable at another DP size only; "fully_reshardable" = per-parameter state gathered on DP rank 0,
-# loadable at any TP / PP / DP.
-DEFAULT_OPTIMIZER_SHARDING = "dp_reshardable"
-
-
-def same_model_parallel(meta: dict, tp: int, pp: int, vpp: int = 1) -> bool:
-    """Whether a checkpoint (its megapack.json) was saved at this tensor- and (virtual) pipeline-parallel size."""
-    saved = meta.get("saved_with") or {}
-    return saved.get("tp", tp) == tp and saved.get("pp", pp) == pp and saved.get("vpp", 1) == vpp
-
-
-def _optim_metadata(sharding: str) -> dict:
-    return {"distrib_optim_sharding_type": sharding, "singleton_local_shards": False}
-
-
-ITER_RE = re.compile(r"^iter_(\d{7})$")  # a published checkpoint directory
-
-
-def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
-    """Directory of the checkpoint taken after `iteration` optimizer steps."""
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def read_checkpoint_meta(path: str | os.PathLike) -> dict:
-    """megapack.json of a checkpoint directory (model-only and training checkpoints share the format)."""
-    return read_metadata(path)
-
+from megapack.training.preflight.resume import (
+    DEFAULT_OPTIMIZER_SHARDING, ITER_RE, iteration_dir, resume_checkpoint, same_model_parallel,
+)
+from megapack.training.run.signals import start_checkpoint_helpers
 
 def _rng_state() -> dict:
     import torch
@@ -177,9 +150,10 @@ class CheckpointSaver:
 
     def latest(self) -> Path | None:
         """The newest published checkpoint."""
-        from megapack.training.resume import latest_checkpoint
-
-        return latest_checkpoint(self.root)
+        try:
+            return resume_checkpoint(self.root)
+        except MegapackError:
+            return None
 
     def due(self, step: int) -> bool:
         """Whether the schedule checkpoints after `step` (the final checkpoint is saved by the caller)."""
@@ -327,7 +301,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, loa
     from megapack.model.builder import as_chunks
 
     path = Path(path)
-    meta = read_checkpoint_meta(path)
+    meta = read_metadata(path)
     load_rng = load_rng and same_model_parallel(meta, ps.get_tensor_model_parallel_world_size(),
                                                  ps.get_pipeline_model_parallel_world_size(), _vpp())
     if load_optimizer and optimizer is not None:

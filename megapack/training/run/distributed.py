@@ -106,7 +106,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
         torch.cuda.set_device(local % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
     else:
-        from megapack.training.cpu_compat import install_cpu_compat
+        from megapack.training.compat.cpu_compat import install_cpu_compat
 
         install_cpu_compat()
         device = torch.device("cpu")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from megapack.atomic import write_text_atomic
 from megapack.errors import MegapackError
-from megapack.training.config import TrainConfig
+from megapack.training.preflight.config import TrainConfig
 
 # the shards' pad_id fills every padding position the trainer adds (padding arm, sequence-parallel row rounding)
 DEFAULT_PAD_ID = 0
@@ -94,7 +94,7 @@ def _check_same_data(config: TrainConfig, resume: Path, checkpoint_meta: dict, i
         return  # checkpoints written before data identities were recorded are not compared
     differs = ", ".join(f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in identity if saved.get(k) != identity[k])
     if config.data.blend:
-        from megapack.training.blend import identity_change
+        from megapack.training.run.blend import identity_change
 
         raise MegapackError(f"data.blend: {resume} was trained on other data ({identity_change(saved, identity)}); "
                             f"blend the same shard directories in the same order (weights may change), or set "
@@ -186,7 +186,7 @@ def _total_steps(config: TrainConfig, train_packs: int, global_batch_size: int) 
 
 
 def _resume_point(config: TrainConfig) -> Path | None:
-    from megapack.training.resume import checkpoint_problem, resume_checkpoint
+    from megapack.training.preflight.resume import checkpoint_problem, resume_checkpoint
 
     ck = config.checkpoint
     resume = resume_checkpoint(ck.dir, ck.fallback) if ck.dir and ck.resume == "latest" else None
@@ -210,16 +210,16 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     from megapack.data.packs.shards import read_meta
     from megapack.model.config import check_parallel_sizes, load_hf_config
     from megapack.model.spec import resolve_attention_backend
-    from megapack.training.checkpointing import read_checkpoint_meta
-    from megapack.training.checks import check_outputs, check_token_range, shard_sets, verify_shards
-    from megapack.training.resume import check_resume_layout
-    from megapack.training.metrics import device_peak_flops
+    from megapack.model.checkpoint import read_metadata as read_checkpoint_meta
+    from megapack.training.preflight.inputs import check_outputs, check_token_range, shard_sets, verify_shards
+    from megapack.training.preflight.resume import check_resume_layout
+    from megapack.model.flops import device_peak_flops
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     world_size = world_size or world_size_from_env()
     par, tr = config.parallel, config.training
     if config.data.blend:
-        from megapack.training.blend import blend_preflight
+        from megapack.training.run.blend import blend_preflight
 
         meta, sets, identity, blend = blend_preflight(config)
     else:

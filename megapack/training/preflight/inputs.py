@@ -13,7 +13,7 @@ from pathlib import Path
 from megapack.data.packs.shards import is_shard_file, read_meta
 from megapack.data.packs.verify import fast_problems, sha_mismatch, split_files, token_range
 from megapack.errors import MegapackError
-from megapack.training.config import TrainConfig
+from megapack.training.preflight.config import TrainConfig
 
 ShardSet = tuple[str, Path, dict, list[str]]  # config key, directory, its meta.json, the splits the run reads
 

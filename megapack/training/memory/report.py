@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from megapack.errors import MegapackError
-from megapack.training.memory_plan import GIB
+from megapack.training.memory.estimate import GIB
 
 
 def _gib(n: float) -> str:
@@ -79,7 +79,7 @@ def gpu_memory_for_check(gpu_memory_gb: float | None) -> float | None:
 def check_run_memory(config, world_size: int, gpu_memory_gb: float | None) -> dict | None:
     """`train --check`'s memory check: refuse (one line) a layout that does not fit; None where there is nothing to
     compare with (a CPU machine and no --gpu-memory-gb)."""
-    from megapack.training.memory_plan import plan_config
+    from megapack.training.memory.estimate import plan_config
 
     gib = gpu_memory_for_check(gpu_memory_gb)
     if gib is None:

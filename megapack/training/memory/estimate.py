@@ -1,7 +1,7 @@
 """Will it fit? Bytes per (TP rank, PP rank) position of a run: weights, gradients, optimizer state, activations.
 
 Parameters come from the real megatron-core model of each position, built on the meta device
-(`megapack.training.meta_build`); the bytes follow from what megatron keeps for them (bf16 runs: bf16 weights,
+(`megapack.training.memory.meta_build`); the bytes follow from what megatron keeps for them (bf16 runs: bf16 weights,
 fp32 main-gradient buffer, fp32 master weights and both Adam moments sharded over DP by the distributed optimizer;
 fp32 runs: the weights are the master copy). Activations are what autograd saves for one packed THD micro-batch
 (`seq_length x micro_batch_size` tokens in one row), counted tensor by tensor in `layer_activation_bytes`, times the
@@ -115,7 +115,7 @@ class RankMemory:
 
 @functools.lru_cache(maxsize=16)
 def _positions(hf_json: str, tp: int, pp: int, vpp: int | None, sp: bool, bf16: bool):
-    from megapack.training.meta_build import build_positions
+    from megapack.training.memory.meta_build import build_positions
 
     return tuple(build_positions(json.loads(hf_json), tp, pp, vpp=vpp, sequence_parallel=sp, bf16=bf16))
 
@@ -207,7 +207,7 @@ def plan_memory(hf: dict, *, world_size: int, tp: int = 1, pp: int = 1, vpp: int
 def plan_config(config, world_size: int, gpu_memory_gb: float = 80.0, device: str = "gpu") -> dict:
     """`plan_memory` for a TrainConfig (only its model's config.json is read: no shards, no weights)."""
     from megapack.model.config import check_parallel_sizes, load_hf_config
-    from megapack.training.plan import batch_layout
+    from megapack.training.preflight.plan import batch_layout
 
     hf = load_hf_config(config.model.hf_dir)
     par, tr = config.parallel, config.training

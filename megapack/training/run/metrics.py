@@ -8,54 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megapack.atomic import dumps_json
-from megapack.training.data import STAT_KEYS
-
-# Dense bf16 peak FLOP/s per device (no sparsity), matched by substring of torch.cuda.get_device_name().
-BF16_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "H800": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "B200": 2250e12,
-}
-
-
-def device_peak_flops(device_name: str | None) -> float | None:
-    """bf16 dense peak of a GPU by name (None when unknown or on CPU)."""
-    if not device_name:
-        return None
-    for key, value in BF16_PEAK_FLOPS.items():
-        if key in device_name:
-            return value
-    return None
-
-
-def model_flops(hf_config: dict, tokens: int, seq_sq_sum: int) -> float:
-    """Model FLOPs of training (forward + backward = 3x forward) on `tokens` real tokens in segments whose squared
-    lengths sum to `seq_sq_sum`.
-
-    Only real tokens count (padding is computed but is not model work, so padding shows up as lower MFU); causal
-    attention counts s^2/2 score entries per segment of length s, for QK^T and for AV, at 2 FLOPs per multiply-add.
-    """
-    from megapack.model.config import head_dim, num_kv_heads
-
-    h = hf_config["hidden_size"]
-    layers = hf_config["num_hidden_layers"]
-    heads = hf_config["num_attention_heads"]
-    kv_heads, d = num_kv_heads(hf_config), head_dim(hf_config)
-    ffn = hf_config["intermediate_size"]
-    vocab = hf_config["vocab_size"]
-    per_layer = h * heads * d + 2 * h * kv_heads * d + heads * d * h + 3 * h * ffn
-    matmul_params = layers * per_layer + h * vocab
-    forward = 2.0 * tokens * matmul_params + 2.0 * layers * heads * d * float(seq_sq_sum)
-    return 3.0 * forward
-
+from megapack.model.flops import model_flops
+from megapack.training.run.batch import STAT_KEYS
 
 class MetricsWriter:
     """Appends one JSON object per step to metrics.jsonl and mirrors scalars to TensorBoard (rank 0 only)."""

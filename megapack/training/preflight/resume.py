@@ -6,11 +6,30 @@ resume before any rank starts.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 from megapack.errors import MegapackError
-from megapack.training.checkpointing import DEFAULT_OPTIMIZER_SHARDING, ITER_RE, same_model_parallel
+
+# Distributed-optimizer state layouts (megatron-core names): "dp_reshardable" = each rank writes its own flat shard
+# in parallel, loadable at another DP size only; "fully_reshardable" = per-parameter state gathered on DP rank 0,
+# loadable at any TP / PP / DP.
+DEFAULT_OPTIMIZER_SHARDING = "dp_reshardable"
+
+
+def same_model_parallel(meta: dict, tp: int, pp: int, vpp: int = 1) -> bool:
+    """Whether a checkpoint (its megapack.json) was saved at this tensor- and (virtual) pipeline-parallel size."""
+    saved = meta.get("saved_with") or {}
+    return saved.get("tp", tp) == tp and saved.get("pp", pp) == pp and saved.get("vpp", 1) == vpp
+
+
+ITER_RE = re.compile(r"^iter_(\d{7})$")  # a published checkpoint directory
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    """Directory of the checkpoint taken after `iteration` optimizer steps."""
+    return Path(root) / f"iter_{iteration:07d}"
 
 
 def check_resume_layout(path: Path, meta: dict, tp: int, pp: int, vpp: int = 1) -> None:
@@ -29,18 +48,6 @@ def check_resume_layout(path: Path, meta: dict, tp: int, pp: int, vpp: int = 1) 
             f"dp_reshardable optimizer state, which resumes only at that tp/pp (any DP size); save with "
             f"checkpoint.optimizer_sharding=fully_reshardable, or start a new run from its weights "
             f"(model.init=megatron)")
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under root (from the `latest` file, else the highest iter_ directory)."""
-    root = Path(root)
-    marker = root / "latest"
-    if marker.is_file():
-        path = root / marker.read_text().strip()
-        if (path / "megapack.json").is_file():
-            return path
-    found = sorted(p for p in root.glob("iter_*") if ITER_RE.match(p.name) and (p / "megapack.json").is_file())
-    return found[-1] if found else None
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:

@@ -14,15 +14,15 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from megapack.quiet import quiet_warnings
-from megapack.training.config import OptimizerSection, TrainConfig
-from megapack.training.plan import RunPlan, preflight, save_resolved_config
-from megapack.training.signals import install_stop_handlers, received, reset_stop_signals
+from megapack.training.preflight.config import OptimizerSection, TrainConfig
+from megapack.training.preflight.plan import RunPlan, preflight, save_resolved_config
+from megapack.training.run.signals import install_stop_handlers, received, reset_stop_signals
 
 if TYPE_CHECKING:
-    from megapack.training.data import PackBatches
+    from megapack.training.run.batch import PackBatches
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (Slurm preemption, time limit) are recorded (megapack.training.signals); the loop checkpoints
+    """SIGTERM / SIGUSR1 (Slurm preemption, time limit) are recorded (megapack.training.run.signals); the loop checkpoints
     at the next step boundary, the same on every rank (`agree`)."""
 
     def __init__(self) -> None:
@@ -65,7 +65,7 @@ def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerSection, *, a
     from megatron.core.distributed import finalize_model_grads
 
     from megapack.model.builder import build_model
-    from megapack.training.optim import build_optimizer, build_scheduler, wrap_ddp
+    from megapack.training.run.optim import build_optimizer, build_scheduler, wrap_ddp
 
     bf16 = precision == "bf16"
     # THD micro-batches differ in length, so pipeline p2p sends shapes first (megatron refuses that flag with
@@ -124,13 +124,13 @@ def build_data(config: TrainConfig, plan: RunPlan, device, consumed_packs: int, 
     from megatron.core import parallel_state as ps
 
     if plan.blend:  # data.blend: every member's position is in `blend_state`
-        from megapack.training.blend import build_blend_data
+        from megapack.training.run.blend import build_blend_data
 
         return build_blend_data(config, plan, device, consumed_packs, blend_state, log)
 
     from megapack.data.packs.shards import ShardDataset
     from megapack.errors import MegapackError
-    from megapack.training.data import PackBatches, TrainSampler
+    from megapack.training.run.batch import PackBatches, TrainSampler
 
     data = config.data
     train = ShardDataset(data.path, split=data.train_split)
@@ -152,9 +152,9 @@ class Trainer:
     """One run, constructed from its plan; `run()` trains to the end (or a stop signal) and returns the summary."""
 
     def __init__(self, config: TrainConfig, plan: RunPlan | None = None) -> None:
-        from megapack.training.checkpointing import CheckpointSaver, load_checkpoint
-        from megapack.training.distributed import init_distributed
-        from megapack.training.metrics import RunMetrics
+        from megapack.training.run.checkpointing import CheckpointSaver, load_checkpoint
+        from megapack.training.run.distributed import init_distributed
+        from megapack.training.run.metrics import RunMetrics
 
         quiet_warnings()
         self.config = config
@@ -163,7 +163,7 @@ class Trainer:
         self.env = init_distributed(tp=plan.tp, pp=plan.pp, seed=config.training.seed, vpp=vpp)
         verified = None
         if plan.checksums:  # data.verify full: every rank hashes a share; a mismatch stops all with the same line
-            from megapack.training.checks import verify_checksums
+            from megapack.training.preflight.inputs import verify_checksums
 
             verified = verify_checksums(plan.checksums, self.env.rank, self.env.world_size, self.env.device)
         self.parts = build_model_and_optimizer(
@@ -249,7 +249,7 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
-        from megapack.training.step import train_step
+        from megapack.training.run.step import train_step
 
         t0 = time.perf_counter()
         batches, count = self.data.next_step()
@@ -298,10 +298,10 @@ class Trainer:
 
     def validate(self) -> float | None:
         """Validation loss over the validation split (None without one); logged."""
-        from megapack.training.step import evaluate
+        from megapack.training.run.step import evaluate
 
         if self.plan.blend:  # each member on its own val split
-            from megapack.training.blend import validate_blend
+            from megapack.training.run.blend import validate_blend
 
             return validate_blend(self)
         batches = self.data.validation(self.plan.micro_batch_size, self.config.training.eval_max_batches)
@@ -341,7 +341,7 @@ class Trainer:
         """Finish outstanding checkpoint writes, close the metric sinks, tear down the process groups."""
         from megatron.core import parallel_state
 
-        from megapack.training.distributed import destroy_distributed
+        from megapack.training.run.distributed import destroy_distributed
 
         try:
             if self.saver is not None:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 
-from megapack.training.data import STAT_KEYS
+from megapack.training.run.batch import STAT_KEYS
 
 
 def forward_step(data_iterator, model, *, stats_sink: list):
@@ -37,7 +37,7 @@ def loss_func(weight, loss_denominator: int, losses, *, member=None, num_members
     count = torch.tensor(loss_denominator, dtype=torch.int, device=loss.device)
     report = {"lm loss": torch.stack([loss.detach(), count.to(loss.dtype)])}
     if num_members:  # data.blend: the same sums per member
-        from megapack.training.blend import member_report
+        from megapack.training.run.blend import member_report
 
         report["member loss"] = member_report(losses, weight, member, num_members)
     return loss, count, report
@@ -169,7 +169,7 @@ def train_step(model, optimizer, scheduler, batches: Iterator[dict], num_microba
     record = {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else None, "lr": lr,
               "skipped": not ok, "nonfinite": nonfinite, "time_data_s": timed.seconds,
               "time_forward_backward_s": t1 - t0 - timed.seconds, "time_optimizer_s": t2 - t1}
-    from megapack.training.blend import reduce_members
+    from megapack.training.run.blend import reduce_members
 
     return record | reduce_stats(stats, device) | reduce_members(outputs, num_members, device)
 

@@ -1,7 +1,7 @@
 """DDP wrapping, megatron's distributed AdamW and the warmup + decay learning-rate schedule."""
 from __future__ import annotations
 
-from megapack.training.config import OptimizerSection
+from megapack.training.preflight.config import OptimizerSection
 
 
 def warmup_steps(cfg: OptimizerSection, total_steps: int) -> int:

@@ -81,7 +81,7 @@ def build_position(hf_config: dict, tp: int, pp: int, tp_rank: int, pp_rank: int
         raise MegapackError("the memory planner builds its models under its own fake process group: call it "
                             "before torch.distributed is initialised (e.g. from `megapack plan` or `train --check`)")
     if not torch.cuda.is_available():
-        from megapack.training.cpu_compat import install_cpu_compat
+        from megapack.training.compat.cpu_compat import install_cpu_compat
 
         install_cpu_compat()  # megatron's RNG tracker and device arguments, as for a CPU run
     rank = pp_rank * tp + tp_rank  # megatron's default order (tp-cp-ep-dp-pp): TP is the fastest-varying

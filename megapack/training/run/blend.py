@@ -29,8 +29,8 @@ import numpy as np
 
 from megapack import seeds
 from megapack.errors import MegapackError
-from megapack.training.config import TrainConfig
-from megapack.training.data import PackBatches, TrainSampler, validation_batches
+from megapack.training.preflight.config import TrainConfig
+from megapack.training.run.batch import PackBatches, TrainSampler, validation_batches
 
 
 class BlendSchedule:
@@ -149,7 +149,7 @@ def blend_preflight(config: TrainConfig) -> tuple[dict, list, dict, list[dict]]:
     data identity, members). Members must share seq_length, pad_to_multiple, tokenizer identity, pad id and
     padded/packed layout; a difference is one line naming the member path and the value."""
     from megapack.data.packs.shards import read_meta
-    from megapack.training.plan import data_identity, tokenizer_identity
+    from megapack.training.preflight.plan import data_identity, tokenizer_identity
 
     data = config.data
     metas = [read_meta(m.path) for m in data.blend]
@@ -261,8 +261,8 @@ def reduce_members(outputs: list, num_members: int, device) -> dict:
 
 def validate_blend(trainer) -> float | None:
     """Each member's validation loss (as a run on that member alone computes it) and their weighted mean; logged."""
-    from megapack.training.loop import row_length
-    from megapack.training.step import evaluate
+    from megapack.training.run.loop import row_length
+    from megapack.training.run.step import evaluate
 
     data, plan = trainer.data, trainer.plan
     losses = {}
