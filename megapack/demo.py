@@ -84,7 +84,7 @@ def train_config(cfg: DemoConfig, workdir: Path, hf_dir: Path, packing: str) -> 
     run_dir = workdir / "train" / packing
     return {
         "model": {"hf_dir": str(hf_dir), "init": "hf"},
-        "data": {"path": str(workdir / "shards" / packing), "seq_length": cfg.seq_length},
+        "data": {"path": str(workdir / "shards" / packing)},
         "parallel": {"tp": cfg.tp, "pp": 1},
         "optimizer": {"lr": cfg.lr, "min_lr": cfg.lr / 10, "warmup_steps": 2, "decay_style": "cosine"},
         "training": {

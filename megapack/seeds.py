@@ -52,6 +52,10 @@ def rng(seed: int, purpose: str, *keys: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed_sequence(seed, purpose, *keys)))
 
 
-def epoch_order(num_packs: int, seed: int, epoch: int) -> np.ndarray:
-    """The trainer's pack order in `epoch` (`training.seed`): the same on every rank and for every parallel layout."""
-    return rng(seed, "epoch_order", epoch).permutation(num_packs)
+def epoch_order(num_packs: int, seed: int, epoch: int, member: int | None = None) -> np.ndarray:
+    """The trainer's pack order in `epoch` (`training.seed`): the same on every rank and for every parallel layout.
+
+    A data.blend member walks its own packs in its own order (`member`: its index in the blend)."""
+    if member is None:
+        return rng(seed, "epoch_order", epoch).permutation(num_packs)
+    return rng(seed, "blend_order", member, epoch).permutation(num_packs)

@@ -143,17 +143,17 @@ def _peak_during(fn) -> int:
     return peak
 
 
-def _batch(tokens: int, vocab: int, segments: int = 4) -> dict:
+def _batch(tokens: int, vocab: int, segments: int = 4):
     import torch
 
-    from megapack.training.run.batch import STAT_KEYS
+    from megapack.training.run.batch import Batch
 
     seg = tokens // segments
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     cu = torch.arange(0, tokens + 1, seg, dtype=torch.int32)
-    return {"tokens": ids, "labels": torch.roll(ids, -1, 1), "position_ids": (torch.arange(tokens) % seg)[None],
-            "loss_weight": torch.ones(1, tokens), "cu_seqlens": cu, "cu_seqlens_padded": cu, "max_seqlen": seg,
-            "loss_denominator": tokens, "stats": {k: 0 for k in STAT_KEYS}}
+    return Batch(tokens=ids, positions=(torch.arange(tokens) % seg)[None], targets=torch.roll(ids, -1, 1),
+                 loss_weight=torch.ones(1, tokens), cu_seqlens=cu, cu_seqlens_padded=cu, max_seqlen=seg,
+                 loss_denominator=tokens)
 
 
 def measure_steps() -> dict:
@@ -161,7 +161,7 @@ def measure_steps() -> dict:
     import torch
 
     from megapack.model.tiny_checkpoint import tiny_llama_config
-    from megapack.training.preflight.config import OptimizerSection
+    from megapack.training.preflight.config import OptimizerConfig
     from megapack.training.run.distributed import destroy_distributed, init_distributed
     from megapack.training.run.loop import build_model_and_optimizer
     from megapack.training.run.step import train_step
@@ -174,7 +174,7 @@ def measure_steps() -> dict:
         for tokens, recompute, precision in MEASURED_CASES:
             gc.collect()
             leftover = _live_bytes()  # what earlier cases left (megatron keeps some of their objects reachable)
-            parts = build_model_and_optimizer(hf, OptimizerSection(), attention_backend="sdpa", precision=precision,
+            parts = build_model_and_optimizer(hf, OptimizerConfig(), attention_backend="sdpa", precision=precision,
                                               row_length=tokens, total_steps=10, recompute=recompute)
             batch = _batch(tokens, MEASURED["vocab_size"])
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from megapack import seeds
 from megapack.errors import MegapackError
 from megapack.training.preflight.config import load_config
 from train_helpers import base_config, launch, losses, make_demo_shards, make_tiny_hf
@@ -98,11 +99,15 @@ def test_each_member_walks_its_own_seeded_epochs():
         m, p = s.next()
         seen[m].append(p)
     assert len(seen[0]) == len(seen[1]) == 8
+
+    def order(member: int, epoch: int) -> np.ndarray:
+        return seeds.epoch_order(len(s.lengths[member]), 11, epoch, member=member)
+
     b = seen[1]  # 3 packs: epochs 0, 1 complete and epoch 2 begun, each a permutation in its own seeded order
     assert sorted(b[0:3]) == sorted(b[3:6]) == [0, 1, 2]
-    assert b[:3] == s.order(1, 0).tolist() and b[3:6] == s.order(1, 1).tolist() and b[6:] == s.order(1, 2)[:2].tolist()
-    assert seen[0][:5] == s.order(0, 0).tolist() and seen[0][5:] == s.order(0, 1)[:3].tolist()
-    assert s.order(0, 0).tolist() != s.order(0, 1).tolist() or s.order(0, 1).tolist() != s.order(0, 2).tolist()
+    assert b[:3] == order(1, 0).tolist() and b[3:6] == order(1, 1).tolist() and b[6:] == order(1, 2)[:2].tolist()
+    assert seen[0][:5] == order(0, 0).tolist() and seen[0][5:] == order(0, 1)[:3].tolist()
+    assert order(0, 0).tolist() != order(0, 1).tolist() or order(0, 1).tolist() != order(0, 2).tolist()
     assert s.packs == [8, 8]
 
 
@@ -131,7 +136,7 @@ def test_blend_sequence_does_not_depend_on_dp_and_resumes_at_another_dp():
     state = json.loads(json.dumps(at3.state_dict()))  # as a checkpoint stores it
     resumed, _ = _global_steps(1, 3, state=state, consumed=at3.consumed_packs)
     assert resumed == one[3:]
-    assert s1.member_positions()["A"]["packs"] + s1.member_positions()["B"]["packs"] == 48
+    assert sum(s1.schedule.packs) == 48
 
 
 def test_new_weights_on_resume_continue_every_member_where_it_was():
@@ -150,17 +155,17 @@ def test_new_weights_on_resume_continue_every_member_where_it_was():
 
 def test_micro_batch_carries_each_real_tokens_member():
     from megapack.data.packs.shards import Pack
-    from megapack.training.run.batch import build_micro_batch, zero_weight
+    from megapack.training.run.batch import build_batch
 
     def pack(real, padded):
         return Pack(tokens=np.arange(sum(padded)) + 5, loss_mask=np.ones(sum(padded), np.uint8),
                     cu_seqlens=np.cumsum([0, *real]).astype(np.int32),
                     cu_seqlens_padded=np.cumsum([0, *padded]).astype(np.int32))
 
-    b = build_micro_batch([pack([3, 2], [4, 4]), pack([5], [8])], members=[1, 0], num_members=2, row_multiple=24)
+    b = build_batch([pack([3, 2], [4, 4]), pack([5], [8])], members=[1, 0], row_multiple=24)
     assert b.member.tolist() == [1, 1, 1, -1, 1, 1, -1, -1] + [0] * 5 + [-1] * 3 + [-1] * 8
-    assert b.num_members == 2 and zero_weight(b).member is b.member
-    assert build_micro_batch([pack([3], [4])]).member is None
+    assert b.zeroed().member is b.member and b.zeroed().loss_weight.sum() == 0 < b.loss_weight.sum()
+    assert build_batch([pack([3], [4])]).member is None
 
 
 # ------------------------------------------------------------------------------------------ real shards and runs
@@ -210,7 +215,7 @@ def test_members_must_share_seq_length_padding_and_tokenizer(inputs, tmp_path):
     assert plan.train_packs == sum(m["train_packs"] for m in plan.blend)
     assert plan.total_steps == STEPS
     # a checkpoint's data identity: other weights are the same data; other members (or order) are not
-    from megapack.training.run.blend import blend_preflight
+    from megapack.training.preflight.blend_members import blend_preflight
     from megapack.training.preflight.plan import _check_same_data
 
     def identity(members):
@@ -224,7 +229,7 @@ def test_members_must_share_seq_length_padding_and_tokenizer(inputs, tmp_path):
     refused = r"^data\.blend: ck was trained on other data \(members A, B -> B, A\); blend the same"
     with pytest.raises(MegapackError, match=refused):
         _check_same_data(swapped, Path("ck"), saved, swapped_identity)
-    for key, value, shown in [("seq_length", 128, "seq_length 128, but data.seq_length has 256"),
+    for key, value, shown in [("seq_length", 128, "seq_length 128, but data.blend[0].path"),
                               ("pad_to_multiple", 16, "pad_to_multiple 16, but data.blend[0].path"),
                               ("tokenizer_identity", "vocab:" + "0" * 64, "tokenizer identity 'vocab:000")]:
         bad = tmp_path / key
@@ -304,7 +309,7 @@ def test_per_member_numbers_in_metrics_tensorboard_and_summary(inputs, runs):
         batch = packs[step - 1]["packs"]
         for m, name in enumerate("AB"):
             assert rec[f"dataset/{name}/tokens"] == sum(int(real[m][p]) for k, p in batch if k == m)
-        assert rec["dataset/A/trained_tokens"] + rec["dataset/B/trained_tokens"] == rec["target_tokens"]
+        assert rec["dataset/A/trained_tokens"] + rec["dataset/B/trained_tokens"] == rec["trained_tokens"]
         la, lb = rec["dataset/A/loss"], rec["dataset/B/loss"]
         ta, tb = rec["dataset/A/trained_tokens"], rec["dataset/B/trained_tokens"]
         if la is not None and lb is not None:  # the step loss is the token-weighted mean of the members'

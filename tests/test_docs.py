@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from megapack.cli import build_parser
-from megapack.training.preflight.config import TrainConfig, load_config
-from megapack.training.preflight.plan import batch_layout
+from megapack.training.preflight.config import RunConfig, load_config
+from megapack.training.preflight.plan import batch_layout, planned_seq_length
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -152,7 +152,7 @@ def test_readme_paths_exist():
 
 def test_readme_config_keys_exist():
     """Keys in the README's section table and `section.key` mentions are fields of the pydantic config."""
-    sections = {name: field.annotation for name, field in TrainConfig.model_fields.items()}
+    sections = {name: field.annotation for name, field in RunConfig.model_fields.items()}
     rows = re.findall(r"^\| `(\w+)` \| (.*) \|$", README, re.M)
     assert {r[0] for r in rows} >= set(sections), "README: the section table misses a section"
     for section, keys in rows:
@@ -174,7 +174,12 @@ def test_config_fits_its_layout(path):
     """Each shipped config loads and resolves at the world size it is written for, with matching stub shards."""
     assert path.name in WORLD_SIZE, f"{path.name}: add its intended world size to WORLD_SIZE"
     config = load_config(path)
-    _dp, _gbs, num_microbatches = batch_layout(config, WORLD_SIZE[path.name])
+    if config.data.seq_length is None:  # seq_length comes from the shards, which the launcher makes
+        launcher = (ROOT / "examples" / "train_torchrun.sh").read_text()
+        seq_length = int(re.search(r"--seq-length (\d+)", launcher).group(1))
+    else:
+        seq_length = planned_seq_length(config)
+    _dp, _gbs, num_microbatches = batch_layout(config, WORLD_SIZE[path.name], seq_length)
     assert num_microbatches >= 1
     if path.name in ARCH:  # the 8B / 70B GPU configs
         layers, heads, kv_heads = ARCH[path.name]

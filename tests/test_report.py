@@ -28,7 +28,7 @@ def _write_run(run_dir, packing, *, losses, conversations, packs, real, total, t
         if step % interval and step != len(losses):
             continue
         rec = {"kind": "train", "step": step, "loss": loss, "grad_norm": 0.5, "lr": 1e-3, "real_tokens": real,
-               "total_tokens": total, "target_tokens": target, "conversations": conversations, "packs": packs,
+               "total_tokens": total, "trained_tokens": target, "conversations": conversations, "packs": packs,
                "step_time_s": step_time, "tokens_per_s": real / step_time, "trained_tokens_per_s": target / step_time,
                "conversations_per_s": conversations / step_time, "packs_per_s": packs / step_time,
                "padding_fraction": 1 - real / total, "epoch": step / len(losses)}
@@ -38,7 +38,7 @@ def _write_run(run_dir, packing, *, losses, conversations, packs, real, total, t
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     n = len(losses)
     result = summary(epochs=1.0, steps=n, train_time_s=n * step_time, packs=n * packs, conversations=n * conversations,
-                     tokens=n * real, target_tokens=n * target, final_loss=losses[-1],
+                     tokens=n * real, trained_tokens=n * target, final_loss=losses[-1],
                      final_valid_loss=valid[max(valid)], packing=packing)
     (run_dir / "summary.json").write_text(json.dumps(result | {"interrupted": False} | (summary_extra or {})))
 
@@ -182,11 +182,11 @@ def test_padded_micro_batches_by_hand():
 
 def test_inspect_defaults_are_the_trainers():
     from megapack.cli import build_parser
-    from megapack.training.preflight.config import TrainingSection
+    from megapack.training.preflight.config import TrainingConfig
 
     args = build_parser().parse_args(["inspect", "shards"])
-    assert args.micro_batch_size == TrainingSection.model_fields["micro_batch_size"].default
-    assert args.train_seed == TrainingSection.model_fields["seed"].default
+    assert args.micro_batch_size == TrainingConfig.model_fields["micro_batch_size"].default
+    assert args.train_seed == TrainingConfig.model_fields["seed"].default
 
 
 # ------------------------------------------------------------------------------------------- one real small run

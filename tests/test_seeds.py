@@ -9,7 +9,6 @@ from megapack import seeds
 from megapack.data.packs.writer import split_train_val
 from megapack.data.packs.packing import plan_packs
 from megapack.errors import MegapackError
-from megapack.training.run.batch import epoch_permutation
 
 PREPROCESS_DEFAULT_SEED = 1234  # megapack preprocess --seed default (cli/preprocess.py, PreprocessConfig)
 TRAIN_DEFAULT_SEED = 1234  # training.seed default (training/preflight/config.py)
@@ -37,7 +36,7 @@ def test_pack_order_is_not_the_trainers_epoch_order(packing, n):
         order = _pack_order(seed, n, packing)
         inverse = np.argsort(order)
         # the trainer's epoch-0 order over the n packs: today's function and the seeds stream it should use
-        for epoch0 in (epoch_permutation(n, seed, 0), seeds.rng(seed, "epoch_order", 0).permutation(n)):
+        for epoch0 in (seeds.epoch_order(n, seed, 0), seeds.rng(seed, "epoch_order", 0).permutation(n)):
             assert not (epoch0 == order).all(), (seed, packing)
             assert not (epoch0 == inverse).all(), (seed, packing)
             assert (epoch0 == order).mean() < 0.2 and (epoch0 == inverse).mean() < 0.2  # not even largely

@@ -75,11 +75,12 @@ def _expected_cu(shards: Path, row_multiple: int = 1) -> list[list[int]]:
     """cu_seqlens (padded offsets) of every training micro-batch of the run, in order (1 pack per micro-batch);
     interleaved runs pad each row to seq_length (`row_multiple`)."""
     from megapack.data.packs.shards import ShardDataset
-    from megapack.training.run.batch import TrainSampler, build_micro_batch
+    from megapack.training.run.batch import build_batch
+    from megapack.training.run.sampler import TrainSampler
 
     ds = ShardDataset(shards, "train")
     sampler = TrainSampler(len(ds), GBS, 1, 0, 1, seed=SEED)
-    return [build_micro_batch([ds[i] for i in mb], row_multiple=row_multiple).cu_seqlens_padded.tolist()
+    return [build_batch([ds[i] for i in mb], row_multiple=row_multiple).cu_seqlens_padded.tolist()
             for _ in range(STEPS) for mb in sampler.next_step()]
 
 
@@ -132,7 +133,7 @@ def test_virtual_pipeline_stages_train_like_pp(inputs, runs):
 
     pp_rec, vpp_rec = (read_metrics(w / name / "metrics.jsonl") for name in ("pp2_none", "vpp"))
     for s in ref:
-        for key in ("conversations", "packs", "real_tokens", "target_tokens"):
+        for key in ("conversations", "packs", "real_tokens", "trained_tokens"):
             assert vpp_rec[s][key] == pp_rec[s][key], (s, key)
 
 

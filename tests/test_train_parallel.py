@@ -156,7 +156,7 @@ def test_same_loss_across_tp_pp_dp(inputs, one_proc_started, two_procs, four_pro
     # the same conversations were seen by every layout
     conv = {n: [r for r in _records(w / n)] for n in ("tp1", "dp2", "tp2pp2")}
     assert [r["conversations"] for r in conv["tp1"]] == [r["conversations"] for r in conv["dp2"]]
-    assert [r["target_tokens"] for r in conv["tp1"]] == [r["target_tokens"] for r in conv["tp2pp2"]]
+    assert [r["trained_tokens"] for r in conv["tp1"]] == [r["trained_tokens"] for r in conv["tp2pp2"]]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -221,7 +221,7 @@ def test_bf16_trains_close_to_fp32(inputs, one_proc):
 def test_mfu_counts_real_tokens_and_each_segments_attention(inputs, one_proc):
     """mfu = model FLOPs of the step's real tokens and per-conversation attention / (step time x peak)."""
     from megapack.data.packs.shards import ShardDataset
-    from megapack.training.run.batch import TrainSampler
+    from megapack.training.run.sampler import TrainSampler
     from megapack.model.flops import model_flops
 
     w = inputs["dir"]
@@ -301,7 +301,7 @@ def test_packed_and_padded_give_the_same_per_conversation_losses(inputs, one_pro
 def _expected_step_loss(seg: dict, shards: Path, gbs: int, mbs: int, consumed: int, sample: bool) -> float:
     """A training step's loss rebuilt from per-conversation forward losses of the same weights."""
     from megapack.data.packs.shards import ShardDataset
-    from megapack.training.run.batch import TrainSampler
+    from megapack.training.run.sampler import TrainSampler
 
     ds = ShardDataset(shards, "train")
     total, count = 0.0, 0

@@ -8,7 +8,8 @@ import pytest
 from megapack.data.packs.shards import Pack
 from megapack.errors import MegapackError
 from megapack.training.preflight.config import load_config
-from megapack.training.run.batch import TrainSampler, build_micro_batch, validation_batches
+from megapack.training.run.batch import build_batch
+from megapack.training.run.sampler import TrainSampler, validation_batches
 from megapack.model.flops import model_flops
 from megapack.training.run.metrics import format_table
 
@@ -78,7 +79,7 @@ def _plan_inputs(tmp_path, meta: dict | None = None, checkpoint_tokenizer: str |
     (shards / "meta.json").write_text(json.dumps(base | (meta or {})))
     (hf / "config.json").write_text(json.dumps(tiny_llama_config(num_layers=4)))  # 4 heads, 2 KV heads
     # meta.json without shard files: file verification off (tests/test_verify.py covers it on real shards)
-    raw = {"model": {"hf_dir": str(hf)}, "data": {"path": str(shards), "seq_length": 64, "verify": "off"},
+    raw = {"model": {"hf_dir": str(hf)}, "data": {"path": str(shards), "verify": "off"},
            "training": {"global_batch_size": 8, "train_steps": 5}}
     if checkpoint_tokenizer:
         ck = tmp_path / "ck"
@@ -93,10 +94,12 @@ def test_batch_layout_and_plan_checks(tmp_path):
     from megapack.training.preflight.plan import batch_layout, preflight
 
     raw = _plan_inputs(tmp_path)
-    assert batch_layout(cfg("parallel.tp=2", raw=raw), 8) == (4, 8, 2)
-    assert batch_layout(cfg("training.global_batch_size=null", "training.global_batch_tokens=256", raw=raw), 2) \
+    assert batch_layout(cfg("parallel.tp=2", raw=raw), 8, 64) == (4, 8, 2)
+    assert batch_layout(cfg("training.global_batch_size=null", "training.global_batch_tokens=256", raw=raw), 2, 64) \
         == (2, 4, 2)
     plan = preflight(cfg("parallel.tp=2", raw=raw), 4, cuda=False)
+    assert (plan.seq_length, plan.row_length) == (64, 64)  # from meta.json: the config does not ask for it
+    assert preflight(cfg("training.micro_batch_size=2", raw=raw), 1, cuda=False).row_length == 128
     assert (plan.dp, plan.num_microbatches, plan.total_steps, plan.precision, plan.async_save) == \
         (2, 4, 5, "fp32", False)
     assert plan.attention_backend == "sdpa" and plan.tokenizer_identity == VOCAB_A and plan.resume_from is None
@@ -104,7 +107,7 @@ def test_batch_layout_and_plan_checks(tmp_path):
     cases = [
         (cfg("parallel.tp=2", "parallel.pp=2", raw=raw), 6, "parallel.tp/parallel.pp: world size 6"),
         (cfg("training.micro_batch_size=3", raw=raw), 2, "training.global_batch_size: 8 is not divisible"),
-        (cfg("data.seq_length=128", raw=raw), 1, "data.seq_length: run uses 128 but shards"),
+        (cfg("data.seq_length=128", raw=raw), 1, "data.seq_length: run uses 128 but shards"),  # a stale guard
         (cfg("data.pad_to_multiple=16", raw=raw), 1, "data.pad_to_multiple: run uses 16"),
         (cfg("training.global_batch_size=null", "training.global_batch_tokens=100", raw=raw), 1,
          "training.global_batch_tokens: 100 is not a multiple"),
@@ -186,25 +189,25 @@ def pack(segments: list[list[int]], masks: list[list[int]], continues: bool = Fa
 def test_thd_micro_batch_shifts_labels_within_segments():
     p1 = pack([[10, 11, 12, 13], [20, 21, 22]], [[0, 0, 1, 1], [0, 1, 1]])
     p2 = pack([[30, 31]], [[0, 1]])
-    b = build_micro_batch([p1, p2])
+    b = build_batch([p1, p2])
     assert b.cu_seqlens.tolist() == b.cu_seqlens_padded.tolist() == [0, 4, 7, 9] and b.max_seqlen == 4
-    assert b.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
+    assert b.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
     # position i predicts token i+1 of the same segment; the last position of a segment predicts nothing
-    assert b.labels.tolist() == [11, 12, 13, 0, 21, 22, 0, 31, 0]
+    assert b.targets.tolist() == [11, 12, 13, 0, 21, 22, 0, 31, 0]
     assert b.loss_weight.tolist() == [0, 1, 1, 0, 1, 1, 0, 1, 0]
     assert b.loss_denominator == 5
-    assert b.stats == {"real_tokens": 9, "total_tokens": 9, "target_tokens": 5, "conversations": 3, "packs": 2,
+    assert b.stats == {"real_tokens": 9, "total_tokens": 9, "trained_tokens": 5, "conversations": 3, "packs": 2,
                        "seq_sq_sum": 16 + 9 + 4}
-    s = build_micro_batch([p1, p2], reduction="sample")
+    s = build_batch([p1, p2], reduction="sample")
     assert s.loss_denominator == 3
     assert np.allclose(s.loss_weight, [0, 0.5, 0.5, 0, 0.5, 0.5, 0, 1, 0])
     # with `random` packing, a pack opening with the rest of a conversation does not count it again
-    assert build_micro_batch([p1, pack([[30, 31]], [[0, 1]], continues=True)]).stats["conversations"] == 2
+    assert build_batch([p1, pack([[30, 31]], [[0, 1]], continues=True)]).stats["conversations"] == 2
 
 
 def test_padded_micro_batch_rounds_to_multiple_of_8():
     convs = [pack([[1] * 5], [[0, 0, 1, 1, 1]]), pack([[2] * 11], [[0] * 6 + [1] * 5])]
-    b = build_micro_batch(convs, padded=True)
+    b = build_batch(convs, padded=True)
     assert b.cu_seqlens_padded.tolist() == [0, 16, 32] and b.cu_seqlens.tolist() == [0, 5, 16]
     assert len(b.tokens) == 32
     assert b.loss_weight.sum() == 3 + 5 and b.loss_weight[5:16].sum() == 0
@@ -266,17 +269,17 @@ def test_table_has_paper_columns():
 
 def test_segment_lengths_come_from_the_shards_not_from_pad_tokens():
     p = pack([[10, 11, 12, 99, 99], [20, 21, 99]], [[0, 1, 1, 0, 0], [0, 1, 0]], real=[3, 2])
-    b = build_micro_batch([p], pad_id=99)
+    b = build_batch([p], pad_id=99)
     assert b.cu_seqlens.tolist() == [0, 3, 5] and b.cu_seqlens_padded.tolist() == [0, 5, 8]
     assert b.stats["real_tokens"] == 5 and b.stats["total_tokens"] == 8 and b.stats["conversations"] == 2
     assert b.stats["seq_sq_sum"] == 3**2 + 2**2  # real lengths only (MFU counts useful work)
     # a conversation whose last real token is the pad id with mask 0 (SentencePiece pads with </s>): 3 real tokens
-    eos = build_micro_batch([pack([[10, 11, 99, 99, 99]], [[0, 1, 0, 0, 0]], real=[3])], pad_id=99)
+    eos = build_batch([pack([[10, 11, 99, 99, 99]], [[0, 1, 0, 0, 0]], real=[3])], pad_id=99)
     assert eos.cu_seqlens.tolist() == [0, 3] and eos.stats["real_tokens"] == 3
     # padding arm: the longest real conversation (here 3 tokens) sets the width, rounded up to 8
-    c = build_micro_batch([pack([[10, 11, 12, 99, 99, 99, 99, 99, 99]], [[0, 1, 1] + [0] * 6], real=[3])],
+    c = build_batch([pack([[10, 11, 12, 99, 99, 99, 99, 99, 99]], [[0, 1, 1] + [0] * 6], real=[3])],
                           padded=True, pad_id=99)
-    assert len(c.tokens) == 8 and c.stats["real_tokens"] == 3 and c.labels[:2].tolist() == [11, 12]
+    assert len(c.tokens) == 8 and c.stats["real_tokens"] == 3 and c.targets[:2].tolist() == [11, 12]
 
 
 def test_shipped_configs_validate():
@@ -286,16 +289,16 @@ def test_shipped_configs_validate():
     assert len(configs) >= 3
     for path in configs:
         c = load_config(path)
-        assert c.data.seq_length > 0 and c.checkpoint.dir, path
-    from megapack.training.preflight.plan import batch_layout
+        assert c.checkpoint.dir, path
+    from megapack.training.preflight.plan import batch_layout, planned_seq_length
 
     big = load_config(configs[0].with_name("llama3_70b_packed_sft.yaml"))
-    assert batch_layout(big, 32) == (1, 64, 64)
+    assert batch_layout(big, 32, planned_seq_length(big)) == (1, 64, 64)
 
 
 def test_row_padded_for_sequence_parallel():
     p = pack([[10, 11, 12], [20, 21]], [[0, 1, 1], [0, 1]])
-    b = build_micro_batch([p], row_multiple=4, pad_id=99)
+    b = build_batch([p], row_multiple=4, pad_id=99)
     assert b.cu_seqlens_padded.tolist() == [0, 3, 5, 8] and b.cu_seqlens.tolist() == [0, 3, 5, 5]
     assert b.tokens[5:].tolist() == [99, 99, 99]
     assert b.loss_weight.sum() == 3 and b.stats["real_tokens"] == 5 and b.stats["conversations"] == 2
@@ -328,11 +331,11 @@ def test_cli_reports_config_errors_on_one_line(tmp_path, capsys):
 def test_warmup_starts_above_zero_so_the_first_step_trains():
     import torch
 
-    from megapack.training.preflight.config import OptimizerSection
+    from megapack.training.preflight.config import OptimizerConfig
     from megapack.training.run.optim import build_scheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    cfg = OptimizerSection(lr=0.4, warmup_steps=3, decay_style="constant")
+    cfg = OptimizerConfig(lr=0.4, warmup_steps=3, decay_style="constant")
     sched = build_scheduler(cfg, opt, total_steps=6)
     seen = []
     for _ in range(5):

@@ -66,7 +66,7 @@ def base_config(hf_dir: Path, shards: Path, run_dir: Path, **sections) -> dict:
     """A run config dict: tiny model, given shards, fp32, constant LR, no dropout; sections override keys."""
     cfg = {
         "model": {"hf_dir": str(hf_dir), "init": "hf"},
-        "data": {"path": str(shards), "seq_length": 256},
+        "data": {"path": str(shards)},
         "optimizer": {"lr": 1e-3, "min_lr": 0.0, "weight_decay": 0.01, "clip_grad": 1.0, "decay_style": "cosine",
                       "warmup_steps": 1},
         "training": {"global_batch_size": 4, "micro_batch_size": 1, "train_steps": 5, "precision": "fp32"},
@@ -148,7 +148,7 @@ def segment_losses(trainer, dataset) -> dict[tuple, tuple[float, int]]:
     import numpy as np
     import torch
 
-    from megapack.training.run.batch import build_micro_batch, to_tensors
+    from megapack.training.run.batch import build_batch
     from megapack.training.run.step import forward_step
 
     out = {}
@@ -156,8 +156,8 @@ def segment_losses(trainer, dataset) -> dict[tuple, tuple[float, int]]:
     model.eval()
     with torch.no_grad():
         for i in range(len(dataset)):
-            mb = build_micro_batch([dataset[i]], padded=trainer.plan.padded, pad_id=trainer.plan.pad_id)
-            tok_loss, _ = forward_step(iter([to_tensors(mb, trainer.env.device)]), model, stats_sink=[])
+            mb = build_batch([dataset[i]], padded=trainer.plan.padded, pad_id=trainer.plan.pad_id)
+            tok_loss, _ = forward_step(iter([mb.to(trainer.env.device)]), model, stats_sink=[])
             tok_loss = tok_loss.reshape(-1).double().numpy()
             weights = mb.loss_weight.astype(np.float64)
             for a, e, n in zip(mb.cu_seqlens_padded[:-1], mb.cu_seqlens_padded[1:], np.diff(mb.cu_seqlens)):
@@ -257,7 +257,7 @@ def _run_jobs(spec_path: str) -> None:
         config = load_config(None, job.get("overrides", []), raw=job["config"])
         trainer = Trainer(config)
         if job.get("pack_log"):  # rank 0 appends each step's global batch of (member, pack) as a JSON line
-            _log_packs(trainer.data.sampler, Path(job["pack_log"]), dist.get_rank() == 0)
+            _log_packs(trainer.source.sampler, Path(job["pack_log"]), dist.get_rank() == 0)
         if job.get("validate_only"):  # one validation pass with the initial weights, written to the run's metrics
             trainer.validate()
             trainer.close(keep_process_group=True)

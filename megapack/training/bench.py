@@ -142,10 +142,10 @@ class StepRunner:
     and its optimizer step."""
 
     def __init__(self, config: dict, backend: str, bf16: bool, max_row: int) -> None:
-        from megapack.training.config import OptimizerSection
+        from megapack.training.config import OptimizerConfig
         from megapack.training.loop import build_model_and_optimizer
 
-        self.parts = build_model_and_optimizer(config, OptimizerSection(lr=1e-5), attention_backend=backend,
+        self.parts = build_model_and_optimizer(config, OptimizerConfig(lr=1e-5), attention_backend=backend,
                                                precision="bf16" if bf16 else "fp32", row_length=max_row,
                                                total_steps=1_000_000)
         self.num_params = sum(p.numel() for p in self.parts.raw_model.parameters())

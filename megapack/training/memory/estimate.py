@@ -205,15 +205,17 @@ def plan_memory(hf: dict, *, world_size: int, tp: int = 1, pp: int = 1, vpp: int
 
 
 def plan_config(config, world_size: int, gpu_memory_gb: float = 80.0, device: str = "gpu") -> dict:
-    """`plan_memory` for a TrainConfig (only its model's config.json is read: no shards, no weights)."""
+    """`plan_memory` for a RunConfig (its model's config.json, and the shards' meta.json when they exist already;
+    no weights)."""
     from megapack.model.config import check_parallel_sizes, load_hf_config
-    from megapack.training.preflight.plan import batch_layout
+    from megapack.training.preflight.plan import batch_layout, planned_seq_length
 
     hf = load_hf_config(config.model.hf_dir)
     par, tr = config.parallel, config.training
-    check_parallel_sizes(hf, par.tp, par.pp, config.data.seq_length)
-    _dp, _gbs, num_micro = batch_layout(config, world_size)
+    seq_length = planned_seq_length(config)
+    check_parallel_sizes(hf, par.tp, par.pp, seq_length)
+    _dp, _gbs, num_micro = batch_layout(config, world_size, seq_length)
     return plan_memory(hf, world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp,
-                       sequence_parallel=par.sequence_parallel, seq_length=config.data.seq_length,
+                       sequence_parallel=par.sequence_parallel, seq_length=seq_length,
                        micro_batch_size=tr.micro_batch_size, num_microbatches=num_micro, recompute=tr.recompute,
                        precision=tr.precision, device=device, gpu_memory_gb=gpu_memory_gb)

@@ -57,7 +57,9 @@ class DataConfig(_Strict):
     train_split: str = "train"
     valid_path: str | None = None  # defaults to `path`
     valid_split: str | None = "val"  # None: no validation
-    seq_length: int = Field(4096, gt=0)
+    # the shards' seq_length (meta.json) is the run's; set this only to plan a run before its shards exist
+    # (`megapack plan`), or as a guard that must agree with the shards
+    seq_length: int | None = Field(None, gt=0)
     pad_to_multiple: int | None = Field(None, gt=0)  # None: accept what the shards say
     # fast: every shard file there with its recorded size, every index sound (preflight); full: fast + the sha256
     # of every file, hashed across the ranks before the first step; off: no file checks (README "Train")
@@ -103,7 +105,7 @@ class ParallelConfig(_Strict):
         return self
 
 
-class OptimizerSection(_Strict):
+class OptimizerConfig(_Strict):
     """AdamW, gradient clipping and the learning-rate schedule."""
 
     lr: float = Field(1e-5, gt=0)
@@ -118,7 +120,7 @@ class OptimizerSection(_Strict):
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
 
     @model_validator(mode="after")
-    def _one_warmup(self) -> "OptimizerSection":
+    def _one_warmup(self) -> "OptimizerConfig":
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("optimizer.warmup_steps/warmup_ratio: set at most one of them")
         if self.min_lr > self.lr:
@@ -126,7 +128,7 @@ class OptimizerSection(_Strict):
         return self
 
 
-class TrainingSection(_Strict):
+class TrainingConfig(_Strict):
     """Batch sizes, duration, loss reduction, precision and seeds."""
 
     micro_batch_size: int = Field(1, ge=1)  # packs (or padded conversations) per micro-batch
@@ -148,13 +150,13 @@ class TrainingSection(_Strict):
     eval_max_batches: int | None = Field(None, ge=1)  # cap on validation micro-batches per DP rank
 
     @model_validator(mode="after")
-    def _batch(self) -> "TrainingSection":
+    def _batch(self) -> "TrainingConfig":
         if (self.global_batch_size is None) == (self.global_batch_tokens is None):
             raise ValueError("training.global_batch_size/global_batch_tokens: set exactly one of them")
         return self
 
 
-class CheckpointSection(_Strict):
+class CheckpointConfig(_Strict):
     """Where and how often torch_dist checkpoints are written, and whether to resume."""
 
     dir: str | None = None
@@ -175,7 +177,7 @@ class CheckpointSection(_Strict):
     export_hf: str | None = None  # write HF safetensors here at the end
 
 
-class LoggingSection(_Strict):
+class LoggingConfig(_Strict):
     """Per-step metrics sinks."""
 
     dir: str | None = None  # JSONL + TensorBoard + summary JSON; defaults to checkpoint.dir
@@ -184,16 +186,16 @@ class LoggingSection(_Strict):
     peak_flops: float | None = Field(None, gt=0)  # per-device peak FLOP/s for MFU; default: bf16 peak of the GPU
 
 
-class TrainConfig(_Strict):
+class RunConfig(_Strict):
     """The whole run."""
 
     model: ModelConfig
     data: DataConfig
     parallel: ParallelConfig = ParallelConfig()
-    optimizer: OptimizerSection = OptimizerSection()
-    training: TrainingSection
-    checkpoint: CheckpointSection = CheckpointSection()
-    logging: LoggingSection = LoggingSection()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    training: TrainingConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     def to_dict(self) -> dict:
         """Plain dict (YAML/JSON serialisable)."""
@@ -243,7 +245,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: {loc + ': ' if loc else ''}{msg}"
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, raw: dict | None = None) -> TrainConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, raw: dict | None = None) -> RunConfig:
     """Read a YAML config (or a dict), apply overrides, validate; errors are one-line MegapackErrors."""
     source = str(path) if path is not None else "config"
     if raw is None:
@@ -259,6 +261,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, ra
         raise MegapackError(f"{source}: expected a mapping of sections at the top level")
     raw = apply_overrides(raw, list(overrides))
     try:
-        return TrainConfig.model_validate(raw)
+        return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise MegapackError(_format_error(err, source)) from None

@@ -13,12 +13,12 @@ from pathlib import Path
 from megapack.data.packs.shards import is_shard_file, read_meta
 from megapack.data.packs.verify import fast_problems, sha_mismatch, split_files, token_range
 from megapack.errors import MegapackError
-from megapack.training.preflight.config import TrainConfig
+from megapack.training.preflight.config import RunConfig
 
 ShardSet = tuple[str, Path, dict, list[str]]  # config key, directory, its meta.json, the splits the run reads
 
 
-def shard_sets(config: TrainConfig, meta: dict) -> list[ShardSet]:
+def shard_sets(config: RunConfig, meta: dict) -> list[ShardSet]:
     """Every shard directory and split the run reads: the train split of data.path (`meta`), and the validation
     split where its directory has one (the trainer runs without validation when it has none)."""
     data = config.data
@@ -107,7 +107,7 @@ def check_writable_dir(key: str, value: str) -> None:
         raise MegapackError(f"{key}: {value}: {exc.strerror}") from None
 
 
-def check_outputs(config: TrainConfig) -> list[str]:
+def check_outputs(config: RunConfig) -> list[str]:
     """Every directory the run writes can be written; returns the warning of a run that writes no checkpoints."""
     ck, logging = config.checkpoint, config.logging
     outputs = {"checkpoint.dir": ck.dir, "logging.dir": logging.dir, "checkpoint.export_hf": ck.export_hf}

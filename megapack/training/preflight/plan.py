@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict
 
 from megapack.atomic import write_text_atomic
 from megapack.errors import MegapackError
-from megapack.training.preflight.config import TrainConfig
+from megapack.training.preflight.config import RunConfig
+from megapack.training.preflight.identity import data_identity, same_tokenizer, tokenizer_identity
 
 # the shards' pad_id fills every padding position the trainer adds (padding arm, sequence-parallel row rounding)
 DEFAULT_PAD_ID = 0
@@ -35,7 +36,8 @@ class RunPlan(BaseModel):
     micro_batch_size: int  # packs (padding arm: conversations) per micro-batch, on every DP rank
     global_batch_size: int  # packs per optimizer step
     num_microbatches: int  # micro-batches per step on each DP rank
-    seq_length: int
+    seq_length: int  # tokens per pack, as the shards were made (meta.json)
+    row_length: int  # tokens in one THD micro-batch row at most (micro_batch_size packs of seq_length)
     packing: str
     padded: bool  # the padding arm: one conversation per pack, padded to the longest of the micro-batch
     pad_id: int
@@ -63,38 +65,13 @@ class RunPlan(BaseModel):
         return self.model_dump(exclude={"hf_config", "shard_meta", "checksums", "warnings"})
 
 
-def same_tokenizer(a: str | None, b: str | None) -> bool | None:
-    """Whether two tokenizer identities are equal; None when either is missing or not a "vocab:" identity.
-
-    Identities are `vocab_identity` values, the same for every file format of one vocabulary. Older shards and
-    checkpoints recorded file digests ("tiktoken-llama3:<hex>", "<file>:sha256:<hex>"): those are not compared.
-    """
-    if not (a and b and a.startswith("vocab:") and b.startswith("vocab:")):
-        return None
-    return a == b
-
-
-def tokenizer_identity(meta: dict) -> str | None:
-    """The tokenizer identity of shard or checkpoint metadata (`tokenizer_identity`; older files: `tokenizer`)."""
-    return meta.get("tokenizer_identity", meta.get("tokenizer"))
-
-
-def data_identity(meta: dict) -> dict:
-    """The identity of a shard directory's packs: sha256 over its files' checksums, the packing and seq_length."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256(json.dumps(sorted(meta.get("sha256", {}).items())).encode()).hexdigest()
-    return {"digest": digest, "packing": meta.get("packing"), "seq_length": meta.get("seq_length")}
-
-
-def _check_same_data(config: TrainConfig, resume: Path, checkpoint_meta: dict, identity: dict) -> None:
+def _check_same_data(config: RunConfig, resume: Path, checkpoint_meta: dict, identity: dict) -> None:
     saved = checkpoint_meta.get("data_identity")
     if saved is None or saved == identity or config.checkpoint.reset_data_position:
         return  # checkpoints written before data identities were recorded are not compared
     differs = ", ".join(f"{k} {saved.get(k)!r} -> {identity[k]!r}" for k in identity if saved.get(k) != identity[k])
     if config.data.blend:
-        from megapack.training.run.blend import identity_change
+        from megapack.training.preflight.blend_members import identity_change
 
         raise MegapackError(f"data.blend: {resume} was trained on other data ({identity_change(saved, identity)}); "
                             f"blend the same shard directories in the same order (weights may change), or set "
@@ -112,18 +89,18 @@ def world_size_from_env() -> int:
     return 1
 
 
-def batch_layout(config: TrainConfig, world_size: int) -> tuple[int, int, int]:
+def batch_layout(config: RunConfig, world_size: int, seq_length: int) -> tuple[int, int, int]:
     """(dp, global batch in packs, micro-batches per step) or a one-line error naming the key."""
-    par, tr, data = config.parallel, config.training, config.data
+    par, tr = config.parallel, config.training
     if world_size % (par.tp * par.pp):
         raise MegapackError(
             f"parallel.tp/parallel.pp: world size {world_size} is not divisible by tp*pp = {par.tp * par.pp}")
     dp = world_size // (par.tp * par.pp)
     if tr.global_batch_tokens is not None:
-        if tr.global_batch_tokens % data.seq_length:
+        if tr.global_batch_tokens % seq_length:
             raise MegapackError(f"training.global_batch_tokens: {tr.global_batch_tokens} is not a multiple of "
-                                f"data.seq_length {data.seq_length}")
-        gbs = tr.global_batch_tokens // data.seq_length
+                                f"the shards' seq_length {seq_length}")
+        gbs = tr.global_batch_tokens // seq_length
     else:
         gbs = tr.global_batch_size
     per_step = tr.micro_batch_size * dp
@@ -133,18 +110,41 @@ def batch_layout(config: TrainConfig, world_size: int) -> tuple[int, int, int]:
     return dp, gbs, gbs // per_step
 
 
-def _check_shards(config: TrainConfig, meta: dict) -> None:
+def shard_seq_length(config: RunConfig, meta: dict | None) -> int:
+    """The run's seq_length: what the shards were made with (meta.json). `data.seq_length` is needed only to plan a
+    run whose shards do not exist yet (`megapack plan`); set with shards, it must agree with them."""
     data = config.data
-    if int(meta.get("seq_length", data.seq_length)) != data.seq_length:
-        raise MegapackError(f"data.seq_length: run uses {data.seq_length} but shards in {data.path} were made with "
-                            f"{meta['seq_length']}")
+    where = data.path or "the data.blend members"
+    if meta is None or "seq_length" not in meta:
+        if data.seq_length is None:
+            raise MegapackError(f"data.seq_length: the shards in {where} are not there to say it; set data.seq_length "
+                                f"to plan a run before preprocessing")
+        return data.seq_length
+    seq = int(meta["seq_length"])
+    if data.seq_length is not None and data.seq_length != seq:
+        raise MegapackError(f"data.seq_length: run uses {data.seq_length} but shards in {where} were made with "
+                            f"{seq}; drop data.seq_length (the shards' value is used)")
+    return seq
+
+
+def planned_seq_length(config: RunConfig) -> int:
+    """The seq_length a run of this config will have: its shards' when they exist, else data.seq_length."""
+    from megapack.data.packs.shards import read_meta
+
+    data = config.data
+    folder = Path(data.path if data.path else data.blend[0].path)
+    return shard_seq_length(config, read_meta(folder) if (folder / "meta.json").is_file() else None)
+
+
+def _check_pad_multiple(config: RunConfig, meta: dict) -> None:
+    data = config.data
     meta_pad = meta.get("pad_to_multiple")
     if data.pad_to_multiple is not None and meta_pad is not None and int(meta_pad) != data.pad_to_multiple:
         raise MegapackError(f"data.pad_to_multiple: run uses {data.pad_to_multiple} but shards in {data.path} were "
                             f"made with {meta_pad}")
 
 
-def _check_tokenizer(config: TrainConfig, shard_tok: str | None, checkpoint_meta: dict | None) -> None:
+def _check_tokenizer(config: RunConfig, shard_tok: str | None, checkpoint_meta: dict | None) -> None:
     if checkpoint_meta is None:
         return
     ckpt_tok = tokenizer_identity(checkpoint_meta)
@@ -154,7 +154,8 @@ def _check_tokenizer(config: TrainConfig, shard_tok: str | None, checkpoint_meta
         raise MegapackError(f"{where} differs from the checkpoint's {ckpt_tok}")
 
 
-def _check_virtual_stages(config: TrainConfig, hf_config: dict, num_microbatches: int, padded: bool) -> None:
+def _check_virtual_stages(config: RunConfig, hf_config: dict, num_microbatches: int, padded: bool,
+                          seq: int) -> None:
     """Interleaved 1F1B needs pp*vpp equal model chunks and whole groups of pp micro-batches (megatron's rules), and
     rows that fit the fixed size its stages send (seq_length * micro_batch_size)."""
     from megapack.data.packs.stats import PADDED_ARM_MULTIPLE
@@ -162,12 +163,11 @@ def _check_virtual_stages(config: TrainConfig, hf_config: dict, num_microbatches
     par, vpp = config.parallel, config.parallel.vpp or 1
     if vpp == 1:
         return
-    seq = config.data.seq_length
     if padded and seq % PADDED_ARM_MULTIPLE:
         raise MegapackError(f"parallel.vpp: padding shards are padded to multiples of {PADDED_ARM_MULTIPLE}, which "
-                            f"data.seq_length {seq} is not; rows would outgrow the fixed size interleaving sends")
+                            f"the shards' seq_length {seq} is not; rows would outgrow the fixed size interleaving sends")
     if par.sequence_parallel and (seq * config.training.micro_batch_size) % par.tp:
-        raise MegapackError(f"parallel.vpp: with sequence_parallel, data.seq_length * training.micro_batch_size "
+        raise MegapackError(f"parallel.vpp: with sequence_parallel, seq_length * training.micro_batch_size "
                             f"({seq * config.training.micro_batch_size}) must be a multiple of parallel.tp {par.tp}")
     layers = int(hf_config["num_hidden_layers"])
     if layers % (par.pp * vpp):
@@ -179,13 +179,13 @@ def _check_virtual_stages(config: TrainConfig, hf_config: dict, num_microbatches
                             f"multiple of parallel.pp {par.pp}")
 
 
-def _total_steps(config: TrainConfig, train_packs: int, global_batch_size: int) -> int:
+def _total_steps(config: RunConfig, train_packs: int, global_batch_size: int) -> int:
     if config.training.train_steps is not None:
         return config.training.train_steps
     return max(1, math.ceil((config.training.epochs or 1.0) * train_packs / global_batch_size))
 
 
-def _resume_point(config: TrainConfig) -> Path | None:
+def _resume_point(config: RunConfig) -> Path | None:
     from megapack.training.preflight.resume import checkpoint_problem, resume_checkpoint
 
     ck = config.checkpoint
@@ -203,7 +203,7 @@ def _resume_point(config: TrainConfig) -> Path | None:
     return resume
 
 
-def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool | None = None) -> RunPlan:
+def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | None = None) -> RunPlan:
     """Check shards, model, checkpoint and layout against each other and resolve every `auto` into a RunPlan."""
     import torch
 
@@ -219,12 +219,12 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     world_size = world_size or world_size_from_env()
     par, tr = config.parallel, config.training
     if config.data.blend:
-        from megapack.training.run.blend import blend_preflight
+        from megapack.training.preflight.blend_members import blend_preflight
 
         meta, sets, identity, blend = blend_preflight(config)
     else:
         meta, blend = read_meta(config.data.path), []
-        _check_shards(config, meta)
+        _check_pad_multiple(config, meta)
         sets = shard_sets(config, meta)
         identity = data_identity(meta)
     checksums = verify_shards(sets, config.data.verify)
@@ -237,12 +237,13 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
         _check_same_data(config, resume, ckpt_meta, identity)
     elif config.model.init == "megatron":
         ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
-    dp, gbs, num_micro = batch_layout(config, world_size)
+    seq = shard_seq_length(config, meta)
+    dp, gbs, num_micro = batch_layout(config, world_size, seq)
     if par.sequence_parallel and par.tp == 1:
         raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
     hf_config = load_hf_config(config.model.hf_dir)
-    check_parallel_sizes(hf_config, par.tp, par.pp, config.data.seq_length)
-    _check_virtual_stages(config, hf_config, num_micro, meta.get("packing") == "padding")
+    check_parallel_sizes(hf_config, par.tp, par.pp, seq)
+    _check_virtual_stages(config, hf_config, num_micro, meta.get("packing") == "padding", seq)
     warnings += check_token_range(sets, int(hf_config["vocab_size"]), config.model.hf_dir)
     shard_tok = tokenizer_identity(meta)
     _check_tokenizer(config, shard_tok, ckpt_meta)
@@ -256,11 +257,11 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     device_name = torch.cuda.get_device_name() if cuda and torch.cuda.is_available() else None
     return RunPlan(
         world_size=world_size, tp=par.tp, pp=par.pp, dp=dp, micro_batch_size=tr.micro_batch_size,
-        global_batch_size=gbs, num_microbatches=num_micro, seq_length=config.data.seq_length,
+        global_batch_size=gbs, num_microbatches=num_micro, seq_length=seq, row_length=seq * tr.micro_batch_size,
         packing=str(meta.get("packing", "unknown")), padded=meta.get("packing") == "padding",
         pad_id=int(meta.get("pad_id", DEFAULT_PAD_ID)),
         # interleaved pipelines send fixed-size rows (see loop.build_model_and_optimizer): pad each to the longest
-        row_multiple=config.data.seq_length * tr.micro_batch_size if (par.vpp or 1) > 1
+        row_multiple=seq * tr.micro_batch_size if (par.vpp or 1) > 1
         else par.tp if par.sequence_parallel else 1,
         precision=precision,
         attention_backend=resolve_attention_backend(config.model.attention_backend,
@@ -275,7 +276,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, *, cuda: bool 
     )
 
 
-def resolved_config(config: TrainConfig, plan: RunPlan) -> dict:
+def resolved_config(config: RunConfig, plan: RunPlan) -> dict:
     """The config as it ran: every `auto` replaced by the plan's choice, the derived layout under `derived`."""
     data = config.to_dict()
     data["training"]["precision"] = plan.precision
@@ -286,7 +287,7 @@ def resolved_config(config: TrainConfig, plan: RunPlan) -> dict:
     return data
 
 
-def save_resolved_config(config: TrainConfig, plan: RunPlan, directory: str | os.PathLike) -> Path:
+def save_resolved_config(config: RunConfig, plan: RunPlan, directory: str | os.PathLike) -> Path:
     """Write the resolved config (see `resolved_config`) as directory/config.yaml, atomically."""
     target = Path(directory) / "config.yaml"
     write_text_atomic(target, yaml.safe_dump(resolved_config(config, plan), sort_keys=False))

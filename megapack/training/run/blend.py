@@ -22,15 +22,18 @@ no new preprocessing. Semantics (README "Dataset mixtures"):
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from megapack import seeds
 from megapack.errors import MegapackError
-from megapack.training.preflight.config import TrainConfig
-from megapack.training.run.batch import PackBatches, TrainSampler, validation_batches
+from megapack.training.preflight.config import RunConfig
+from megapack.training.preflight.plan import RunPlan
+from megapack.training.run.batch import Batch
+from megapack.training.run.sampler import BatchFeed, TrainSampler, validation_batches
+from megapack.training.run.source import Evaluate, Validation
 
 
 class BlendSchedule:
@@ -54,10 +57,6 @@ class BlendSchedule:
             self.reweighted = not same
         self._orders: list[tuple[int, np.ndarray | None]] = [(-1, None)] * count
 
-    def order(self, member: int, epoch: int) -> np.ndarray:
-        """The pack order of a member's epoch."""
-        return seeds.rng(self.seed, "blend_order", member, epoch).permutation(len(self.lengths[member]))
-
     def next(self) -> tuple[int, int]:
         """The next (member, pack index); advances the position."""
         since = [t - b for t, b in zip(self.tokens, self.base)]
@@ -65,7 +64,7 @@ class BlendSchedule:
         m = max(range(len(since)), key=lambda j: self.weights[j] * total - since[j])  # first of equal deficits
         epoch, pos = divmod(self.packs[m], len(self.lengths[m]))
         if self._orders[m][0] != epoch:
-            self._orders[m] = (epoch, self.order(m, epoch))
+            self._orders[m] = (epoch, seeds.epoch_order(len(self.lengths[m]), self.seed, epoch, member=m))
         pack = int(self._orders[m][1][pos])
         self.packs[m] += 1
         self.tokens[m] += int(self.lengths[m][pack])
@@ -99,180 +98,131 @@ class BlendSampler(TrainSampler):
         """The data position of every member (goes into the checkpoint next to consumed_packs)."""
         return {"names": self.names} | self.schedule.state_dict()
 
-    def member_positions(self) -> dict[str, dict]:
-        """Per member: its weight, packs consumed and epochs (fractional) so far."""
-        s = self.schedule
-        return {name: {"weight": s.weights[m], "packs": s.packs[m], "epochs": s.packs[m] / len(s.lengths[m])}
-                for m, name in enumerate(self.names)}
 
+class BlendSource:
+    """A data.blend mixture as a data source: the blended train sequence, each member's own validation, and the
+    per-member accounting (loss, trained and real tokens, packs, epochs) in the step records and the summary."""
 
-class BlendDataset:
-    """The members' train splits behind one `dataset[(member, pack)]`."""
+    TOTALS = ("trained_tokens", "tokens")  # per member, kept in checkpoints
 
-    def __init__(self, members: Sequence) -> None:
-        self.members = list(members)
-        self.num_members = len(self.members)
+    def __init__(self, config: RunConfig, plan: RunPlan, feed: BatchFeed, dp_rank: int, log) -> None:
+        from megapack.data.packs.shards import ShardDataset
 
-    def __len__(self) -> int:
-        return sum(len(m) for m in self.members)
+        data = config.data
+        self.config, self.plan, self.feed, self.dp_rank, self.log = config, plan, feed, dp_rank, log
+        self.names = [m["name"] for m in plan.blend]
+        self.weights = [m["weight"] for m in plan.blend]
+        self.trains = [ShardDataset(m["path"], split=data.train_split) for m in plan.blend]
+        self.valids = []
+        for m in plan.blend:
+            try:
+                self.valids.append(ShardDataset(m["path"], split=data.valid_split) if data.valid_split else None)
+            except MegapackError as exc:
+                log(f"no validation for blend member {m['name']}: {exc}")
+                self.valids.append(None)
+        self.sampler = self._sampler(None, 0)
+        self.totals = {f"dataset/{n}/{k}": 0 for n in self.names for k in self.TOTALS}
+        self.last_loss: dict[str, float | None] = {}
+        self.last_valid_loss: dict[str, float] = {}
 
-    def __getitem__(self, key: tuple[int, int]):
-        member, pack = key
-        return self.members[member][pack]
+    def _sampler(self, state: dict | None, consumed_packs: int) -> BlendSampler:
+        schedule = BlendSchedule([t.pack_lengths(real=True) for t in self.trains], self.weights,
+                                 self.config.training.seed, state)
+        if schedule.reweighted:
+            self.log("data.blend: the weights differ from the checkpoint's; every member continues where it was, "
+                     "the shares count from here")
+        return BlendSampler(schedule, self.names, self.plan.global_batch_size, self.plan.micro_batch_size,
+                            self.dp_rank, self.plan.dp, self.config.training.seed, consumed_packs)
 
+    def describe(self) -> str:
+        """The members and their weights."""
+        return "data.blend " + ", ".join(f"{n} {w:.4g}" for n, w in zip(self.names, self.weights))
 
-class BlendBatches(PackBatches):
-    """PackBatches of a blend: the blended train sequence, and one validation split per member."""
+    @property
+    def epoch(self) -> float:
+        """Fractional epochs of the blend (one epoch: every member's train packs)."""
+        return self.sampler.epoch
 
-    def __init__(self, train: BlendDataset, valids: list, sampler: BlendSampler, **kwargs) -> None:
-        super().__init__(train, None, sampler, **kwargs)
-        self.valids = valids
+    def next_step(self) -> tuple[Iterator[Batch], int]:
+        """The next step's micro-batches of this rank, each pack tagged with its member."""
+        index_lists = self.sampler.next_step()
+        read = lambda key: self.trains[key[0]][key[1]]  # noqa: E731 - (member, pack) -> pack
+        return self.feed.batches(read, index_lists, members=lambda idx: [m for m, _ in idx]), len(index_lists)
 
-    def member_validation(self, member: int, micro_batch_size: int, max_batches: int | None):
-        """(iterator, count) over a member's validation split, or None without one."""
-        valid = self.valids[member]
-        if valid is None or len(valid) == 0:
+    def validate(self, evaluate: Evaluate) -> Validation | None:
+        """Each member's validation loss (as a run on that member alone computes it) and their weighted mean."""
+        mbs, max_batches = self.plan.micro_batch_size, self.config.training.eval_max_batches
+        losses = {}
+        for name, valid in zip(self.names, self.valids):
+            if valid is None or len(valid) == 0:
+                continue
+            index_lists = validation_batches(len(valid), mbs, self.dp_rank, self.plan.dp, max_batches)
+            losses[name] = evaluate(self.feed.batches(valid.__getitem__, index_lists), len(index_lists))
+        if not losses:
             return None
-        index_lists = validation_batches(len(valid), micro_batch_size, self.sampler.dp_rank, self.sampler.dp_size,
-                                         max_batches)
-        return self._batches(valid, index_lists), len(index_lists)
+        weights = {n: w for n, w in zip(self.names, self.weights) if n in losses}
+        self.last_valid_loss.update(losses)
+        loss = sum(weights[n] * v for n, v in losses.items()) / sum(weights.values())
+        return Validation(loss, {f"dataset/{n}/valid_loss": v for n, v in losses.items()})
 
+    def loss_report(self, losses, batch: Batch) -> dict:
+        """Per member of one micro-batch: [sum of weighted losses, sum of weights, trained tokens, real tokens]."""
+        import torch
 
-# ---------------------------------------------------------------------------------------------- preflight
+        weight, member = batch.loss_weight.reshape(-1).to(torch.float32), batch.member.reshape(-1)
+        rows = torch.stack([losses.float().reshape(-1) * weight, weight, (weight > 0).float(),
+                            (member >= 0).float()], dim=1)
+        sums = torch.zeros(len(self.names), 4, dtype=torch.float32, device=rows.device)
+        return {"member loss": sums.index_add_(0, member.clamp(min=0), rows).detach()}
 
-def _member_key(i: int) -> str:
-    return f"data.blend[{i}].path"
+    def step_report(self, outputs: list, device) -> dict:
+        """`dataset/<name>/{loss,trained_tokens,tokens}` of the step (summed over micro-batches, stages and DP
+        ranks; the loss is None for a member with no trained token in the step), added to the member totals."""
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
 
+        total = torch.zeros(len(self.names), 4, dtype=torch.float64, device=device)
+        for item in outputs:
+            if "member loss" in item:
+                total += item["member loss"].to(torch.float64)
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # only the last stage is non-zero
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        fields: dict = {}
+        for name, (s, w, trained, tokens) in zip(self.names, total.tolist()):
+            loss = s / w if w > 0 else None
+            self.last_loss[name] = loss if loss is not None else self.last_loss.get(name)
+            fields |= {f"dataset/{name}/loss": loss, f"dataset/{name}/trained_tokens": int(trained),
+                       f"dataset/{name}/tokens": int(tokens)}
+            self.totals[f"dataset/{name}/trained_tokens"] += int(trained)
+            self.totals[f"dataset/{name}/tokens"] += int(tokens)
+        return fields
 
-def blend_preflight(config: TrainConfig) -> tuple[dict, list, dict, list[dict]]:
-    """Read and cross-check every member's metadata: (first member's meta with the blend's packing, shard sets,
-    data identity, members). Members must share seq_length, pad_to_multiple, tokenizer identity, pad id and
-    padded/packed layout; a difference is one line naming the member path and the value."""
-    from megapack.data.packs.shards import read_meta
-    from megapack.training.preflight.plan import data_identity, tokenizer_identity
+    def summary(self) -> dict:
+        """Per member: weight, packs and epochs consumed, tokens and their share, trained tokens, last losses."""
+        s, t = self.sampler.schedule, self.totals
+        tokens = sum(t[f"dataset/{n}/tokens"] for n in self.names)
+        out = {}
+        for m, n in enumerate(self.names):
+            numbers = {"weight": s.weights[m], "packs": s.packs[m], "epochs": s.packs[m] / len(s.lengths[m]),
+                       "tokens": t[f"dataset/{n}/tokens"], "token_share": t[f"dataset/{n}/tokens"] / max(tokens, 1),
+                       "trained_tokens": t[f"dataset/{n}/trained_tokens"], "final_loss": self.last_loss.get(n),
+                       "final_valid_loss": self.last_valid_loss.get(n)}
+            out |= {f"dataset/{n}/{k}": v for k, v in numbers.items()}
+        return out
 
-    data = config.data
-    metas = [read_meta(m.path) for m in data.blend]
-    first = metas[0]
-    ref = f"{_member_key(0)} {data.blend[0].path}"
-    pad_ref = ("data.pad_to_multiple", data.pad_to_multiple) if data.pad_to_multiple is not None \
-        else (ref, first.get("pad_to_multiple"))
-    checks = [  # (what, value of a member's meta, where the expected value comes from, the expected value)
-        ("seq_length", lambda meta: int(meta.get("seq_length", data.seq_length)), "data.seq_length", data.seq_length),
-        ("pad_to_multiple", lambda meta: meta.get("pad_to_multiple"), *pad_ref),
-        ("tokenizer identity", tokenizer_identity, ref, tokenizer_identity(first)),
-        ("pad_id", lambda meta: meta.get("pad_id"), ref, first.get("pad_id")),
-        ("padding arm", lambda meta: meta.get("packing") == "padding", ref, first.get("packing") == "padding"),
-    ]
-    sets, members = [], []
-    for i, (member, meta) in enumerate(zip(data.blend, metas)):
-        for what, value, against, expected in checks:
-            if value(meta) != expected:
-                raise MegapackError(f"{_member_key(i)}: {member.path} has {what} {value(meta)!r}, but {against} "
-                                    f"has {expected!r}; every blend member needs the same {what}")
-        splits = meta.get("splits", {})
-        if data.train_split not in splits:
-            raise MegapackError(f"{_member_key(i)}: {Path(member.path) / 'meta.json'} has no split "
-                                f"{data.train_split!r} (has: {', '.join(splits) or 'none'})")
-        read = [data.train_split] + ([data.valid_split] if data.valid_split and data.valid_split in splits else [])
-        sets.append((_member_key(i), Path(member.path), meta, read))
-        members.append({"name": member.name, "path": member.path, "weight": member.weight,
-                        "train_packs": int(splits[data.train_split]["num_packs"])})
-    total = sum(m["weight"] for m in members)
-    for m in members:
-        m["weight"] /= total
-    packings = list(dict.fromkeys(str(meta.get("packing", "unknown")) for meta in metas))
-    meta = dict(first, packing="+".join(packings))
-    identity = {"blend": [{"name": m["name"]} | data_identity(x) for m, x in zip(members, metas)],
-                "packing": meta["packing"], "seq_length": first.get("seq_length")}
-    return meta, sets, identity, members
+    def state_dict(self) -> dict:
+        """Packs consumed, every member's position and the member totals."""
+        return {"consumed_packs": self.sampler.consumed_packs, "blend": self.sampler.state_dict(),
+                "blend_totals": dict(self.totals)}
 
-
-def identity_change(saved: dict, identity: dict) -> str:
-    """What differs between a checkpoint's data identity and a blend's, in a few words."""
-    old, new = saved.get("blend") or [], identity["blend"]
-    names_old, names_new = [m["name"] for m in old], [m["name"] for m in new]
-    if names_old != names_new:
-        return f"members {', '.join(names_old) or 'none (data.path)'} -> {', '.join(names_new)}"
-    return "other packs in " + ", ".join(n for a, b, n in zip(old, new, names_new) if a != b)
-
-
-# ---------------------------------------------------------------------------------------------- training side
-
-def build_blend_data(config: TrainConfig, plan, device, consumed_packs: int, state: dict | None, log) -> BlendBatches:
-    """The members' shards, the blend sampler at the checkpoint's position, TP broadcast of micro-batches."""
-    from megatron.core import parallel_state as ps
-
-    from megapack.data.packs.shards import ShardDataset
-
-    data = config.data
-    trains = [ShardDataset(m["path"], split=data.train_split) for m in plan.blend]
-    valids = []
-    for m in plan.blend:
-        try:
-            valids.append(ShardDataset(m["path"], split=data.valid_split) if data.valid_split else None)
-        except MegapackError as exc:
-            log(f"no validation for blend member {m['name']}: {exc}")
-            valids.append(None)
-    if state is not None and state.get("names") != [m["name"] for m in plan.blend]:
-        state = None  # another mixture (preflight allowed it: checkpoint.reset_data_position)
-    schedule = BlendSchedule([t.pack_lengths(real=True) for t in trains], [m["weight"] for m in plan.blend],
-                             config.training.seed, state)
-    if schedule.reweighted:
-        log("data.blend: the weights differ from the checkpoint's; every member continues where it was, the "
-            "shares count from here")
-    sampler = BlendSampler(schedule, [m["name"] for m in plan.blend], plan.global_batch_size,
-                           plan.micro_batch_size, ps.get_data_parallel_rank(), plan.dp, config.training.seed,
-                           consumed_packs if state is not None else 0)
-    return BlendBatches(BlendDataset(trains), valids, sampler, padded=plan.padded,
-                        reduction=config.training.loss_reduction, pad_id=plan.pad_id, row_multiple=plan.row_multiple,
-                        tp_src=ps.get_tensor_model_parallel_src_rank(), tp_group=ps.get_tensor_model_parallel_group(),
-                        is_tp_src=ps.get_tensor_model_parallel_rank() == 0, device=device)
-
-
-def member_report(losses, weight, member, num_members: int):
-    """Per member of one micro-batch: [sum of weighted losses, sum of weights, trained tokens, real tokens]."""
-    import torch
-
-    weight, member = weight.reshape(-1).to(torch.float32), member.reshape(-1)
-    ids = member.clamp(min=0)
-    rows = torch.stack([losses.float().reshape(-1) * weight, weight, (weight > 0).float(),
-                        (member >= 0).float()], dim=1)
-    return torch.zeros(num_members, 4, dtype=torch.float32, device=rows.device).index_add_(0, ids, rows).detach()
-
-
-def reduce_members(outputs: list, num_members: int, device) -> dict:
-    """{"members": per member [loss, trained tokens, real tokens]} summed over micro-batches, stages and DP ranks
-    ({} without a blend); the loss is None for a member with no trained token in the step."""
-    if not num_members:
-        return {}
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    total = torch.zeros(num_members, 4, dtype=torch.float64, device=device)
-    for item in outputs:
-        if "member loss" in item:
-            total += item["member loss"].to(torch.float64)
-    dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # only the last stage is non-zero
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
-    return {"members": [[float(s) / w if w > 0 else None, int(t), int(r)] for s, w, t, r in total.tolist()]}
-
-
-def validate_blend(trainer) -> float | None:
-    """Each member's validation loss (as a run on that member alone computes it) and their weighted mean; logged."""
-    from megapack.training.run.loop import row_length
-    from megapack.training.run.step import evaluate
-
-    data, plan = trainer.data, trainer.plan
-    losses = {}
-    for m, member in enumerate(plan.blend):
-        batches = data.member_validation(m, plan.micro_batch_size, trainer.config.training.eval_max_batches)
-        if batches is not None:
-            losses[member["name"]] = evaluate(trainer.parts.model, *batches, row_length(plan), trainer.env.device)
-    if not losses:
-        return None
-    weights = {m["name"]: m["weight"] for m in plan.blend if m["name"] in losses}
-    loss = sum(weights[n] * v for n, v in losses.items()) / sum(weights.values())
-    trainer.metrics.record_validation(trainer.iteration, loss, members=losses)
-    return loss
+    def load_state_dict(self, state: dict) -> None:
+        """Continue every member where the checkpoint left it (another mixture, which preflight allowed with
+        checkpoint.reset_data_position, starts from its first packs)."""
+        blend = state.get("blend")
+        if blend is None or blend.get("names") != self.names:
+            return
+        self.sampler = self._sampler(blend, int(state.get("consumed_packs", 0)))
+        # checkpoints written before the blend kept its totals kept them among the run's totals
+        saved = state.get("blend_totals") or state.get("totals") or {}
+        self.totals = {k: int(saved.get(k, 0)) for k in self.totals}

@@ -29,6 +29,10 @@ from megapack.training.preflight.resume import (
 )
 from megapack.training.run.signals import start_checkpoint_helpers
 
+def _optim_metadata(sharding: str) -> dict:
+    return {"distrib_optim_sharding_type": sharding, "singleton_local_shards": False}
+
+
 def _rng_state() -> dict:
     import torch
     from megatron.core import tensor_parallel

@@ -11,15 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from typing import TYPE_CHECKING
-
 from megapack.quiet import quiet_warnings
-from megapack.training.preflight.config import OptimizerSection, TrainConfig
+from megapack.training.preflight.config import OptimizerConfig, RunConfig
+from megapack.training.run.source import open_source
 from megapack.training.preflight.plan import RunPlan, preflight, save_resolved_config
 from megapack.training.run.signals import install_stop_handlers, received, reset_stop_signals
-
-if TYPE_CHECKING:
-    from megapack.training.run.batch import PackBatches
 
 class StopFlag:
     """SIGTERM / SIGUSR1 (Slurm preemption, time limit) are recorded (megapack.training.run.signals); the loop checkpoints
@@ -54,7 +50,7 @@ class ModelParts:
     scheduler: object
 
 
-def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerSection, *, attention_backend: str,
+def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerConfig, *, attention_backend: str,
                               precision: str, row_length: int, total_steps: int, pp: int = 1,
                               sequence_parallel: bool = False, cross_sample_attention: bool = False,
                               recompute: str = "none", init_weights: Callable | None = None,
@@ -101,7 +97,7 @@ def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerSection, *, a
     return ModelParts(models[0], raws[0], opt, scheduler)
 
 
-def load_initial_weights(model, config: TrainConfig) -> None:
+def load_initial_weights(model, config: RunConfig) -> None:
     """Load the starting weights `model.init` names (HF safetensors or a megatron checkpoint; random: as built)."""
     if config.model.init == "hf":
         from megapack.model.hf_import import load_hf_weights
@@ -113,45 +109,10 @@ def load_initial_weights(model, config: TrainConfig) -> None:
         load_model_checkpoint(model, config.model.megatron_checkpoint)
 
 
-def row_length(plan: RunPlan) -> int:
-    """Tokens in one THD micro-batch row at most (micro_batch_size packs of seq_length)."""
-    return plan.seq_length * plan.micro_batch_size
-
-
-def build_data(config: TrainConfig, plan: RunPlan, device, consumed_packs: int, log,
-               blend_state: dict | None = None) -> "PackBatches":
-    """Train and validation shards of this rank, the sampler at `consumed_packs`, TP broadcast of micro-batches."""
-    from megatron.core import parallel_state as ps
-
-    if plan.blend:  # data.blend: every member's position is in `blend_state`
-        from megapack.training.run.blend import build_blend_data
-
-        return build_blend_data(config, plan, device, consumed_packs, blend_state, log)
-
-    from megapack.data.packs.shards import ShardDataset
-    from megapack.errors import MegapackError
-    from megapack.training.run.batch import PackBatches, TrainSampler
-
-    data = config.data
-    train = ShardDataset(data.path, split=data.train_split)
-    valid = None
-    if data.valid_split:
-        try:
-            valid = ShardDataset(data.valid_path or data.path, split=data.valid_split)
-        except MegapackError as exc:
-            log(f"no validation: {exc}")
-    sampler = TrainSampler(len(train), plan.global_batch_size, plan.micro_batch_size, ps.get_data_parallel_rank(),
-                           plan.dp, config.training.seed, consumed_packs)
-    return PackBatches(train, valid, sampler, padded=plan.padded, reduction=config.training.loss_reduction,
-                       pad_id=plan.pad_id, row_multiple=plan.row_multiple,
-                       tp_src=ps.get_tensor_model_parallel_src_rank(), tp_group=ps.get_tensor_model_parallel_group(),
-                       is_tp_src=ps.get_tensor_model_parallel_rank() == 0, device=device)
-
-
 class Trainer:
     """One run, constructed from its plan; `run()` trains to the end (or a stop signal) and returns the summary."""
 
-    def __init__(self, config: TrainConfig, plan: RunPlan | None = None) -> None:
+    def __init__(self, config: RunConfig, plan: RunPlan | None = None) -> None:
         from megapack.training.run.checkpointing import CheckpointSaver, load_checkpoint
         from megapack.training.run.distributed import init_distributed
         from megapack.training.run.metrics import RunMetrics
@@ -168,7 +129,7 @@ class Trainer:
             verified = verify_checksums(plan.checksums, self.env.rank, self.env.world_size, self.env.device)
         self.parts = build_model_and_optimizer(
             plan.hf_config, config.optimizer, attention_backend=plan.attention_backend, precision=plan.precision,
-            row_length=row_length(plan), total_steps=plan.total_steps, pp=plan.pp,
+            row_length=plan.row_length, total_steps=plan.total_steps, pp=plan.pp,
             sequence_parallel=config.parallel.sequence_parallel,
             cross_sample_attention=config.model.cross_sample_attention, recompute=config.training.recompute,
             init_weights=None if plan.resume_from else partial(load_initial_weights, config=config), vpp=vpp)
@@ -181,8 +142,7 @@ class Trainer:
         self.metrics = RunMetrics(log_dir, is_logger=self.env.rank == 0, interval=config.logging.interval,
                                   tensorboard=config.logging.tensorboard, total_steps=plan.total_steps,
                                   hf_config=plan.hf_config, peak_flops=plan.peak_flops,
-                                  world_size=plan.world_size, packing=plan.packing, totals=state.get("totals"),
-                                  members=[m["name"] for m in plan.blend])
+                                  world_size=plan.world_size, packing=plan.packing, totals=state.get("totals"))
         for warning in plan.warnings:
             self.metrics.log(f"warning: {warning}")
         if verified is not None:
@@ -191,9 +151,9 @@ class Trainer:
         if plan.resume_from is not None:
             self.metrics.log(f"resumed from {plan.resume_from} at step {self.iteration}"
                              + (" with the data position reset to the first pack" if plan.reset_data_position else ""))
-        consumed = 0 if plan.reset_data_position else int(state["consumed_packs"])
-        self.data = build_data(config, plan, self.env.device, consumed, self.metrics.log,
-                               None if plan.reset_data_position else state.get("blend"))
+        self.source = open_source(config, plan, self.env.device, self.metrics.log)
+        if not plan.reset_data_position:
+            self.source.load_state_dict(state)
         ck = config.checkpoint
         self.saver = CheckpointSaver(ck.dir, keep_last=ck.keep_last, async_save=plan.async_save,
                                      save_interval=ck.save_interval, total_steps=plan.total_steps,
@@ -217,14 +177,13 @@ class Trainer:
                         f"{plan.total_steps}; nothing to train, its checkpoints and summary are left as they are")
             self.close(keep_process_group)
             return {"total_steps": plan.resume_step, "interrupted": False, "already_finished": True}
-        data = self.config.data.path or "data.blend " + ", ".join(f"{m['name']} {m['weight']:.4g}" for m in plan.blend)
-        metrics.log(f"training {plan.total_steps} steps on {data}: {plan.summary()}")
+        metrics.log(f"training {plan.total_steps} steps on {self.source.describe()}: {plan.summary()}")
         metrics.start(self.iteration)
         interrupted = False
         try:
             while self.iteration < plan.total_steps:
                 record = self._train_one_step()
-                metrics.record_step(self.iteration, record, self.data.sampler.epoch)
+                metrics.record_step(self.iteration, record, self.source.epoch)
                 self._check_finite(record)
                 if self._eval_due():
                     self.validate()
@@ -238,8 +197,7 @@ class Trainer:
                 self.validate()
                 self.save(wait=True)
                 self._export()
-            positions = self.data.sampler.member_positions() if plan.blend else None
-            return metrics.finish(self.iteration, self.data.sampler.epoch, interrupted, positions)
+            return metrics.finish(self.iteration, self.source.epoch, interrupted, self.source.summary())
         finally:
             reset_stop_signals()  # acted on (or the run ended): the next run of the launch starts clean
             self.close(keep_process_group)
@@ -252,10 +210,8 @@ class Trainer:
         from megapack.training.run.step import train_step
 
         t0 = time.perf_counter()
-        batches, count = self.data.next_step()
         p = self.parts
-        record = train_step(p.model, p.optimizer, p.scheduler, batches, count, row_length(self.plan), self.env.device,
-                            num_members=len(self.plan.blend))
+        record = train_step(p.model, p.optimizer, p.scheduler, self.source, self.plan.row_length, self.env.device)
         self.iteration += 1
         t1 = time.perf_counter()
         if self.saver is not None:
@@ -297,19 +253,17 @@ class Trainer:
         return bool(interval) and self.iteration % interval == 0 and self.iteration < self.plan.total_steps
 
     def validate(self) -> float | None:
-        """Validation loss over the validation split (None without one); logged."""
+        """Validation loss over the source's validation data (None without any); logged."""
         from megapack.training.run.step import evaluate
 
-        if self.plan.blend:  # each member on its own val split
-            from megapack.training.run.blend import validate_blend
+        def on_model(batches, count: int) -> float:
+            return evaluate(self.parts.model, batches, count, self.plan.row_length, self.env.device)
 
-            return validate_blend(self)
-        batches = self.data.validation(self.plan.micro_batch_size, self.config.training.eval_max_batches)
-        if batches is None:
+        result = self.source.validate(on_model)
+        if result is None:
             return None
-        loss = evaluate(self.parts.model, *batches, row_length(self.plan), self.env.device)
-        self.metrics.record_validation(self.iteration, loss)
-        return loss
+        self.metrics.record_validation(self.iteration, result.loss, result.fields)
+        return result.loss
 
     def save(self, wait: bool = False) -> None:
         """Checkpoint now (collective); with async saves, `wait` blocks until it is written and published."""
@@ -318,9 +272,7 @@ class Trainer:
         t0 = time.perf_counter()
         meta = {"hf_config": self.plan.hf_config, "tokenizer_identity": self.plan.tokenizer_identity,
                 "data_identity": self.plan.data_identity, "plan": self.plan.summary()}
-        state = {"consumed_packs": self.data.sampler.consumed_packs, "totals": dict(self.metrics.totals)}
-        if self.plan.blend:
-            state["blend"] = self.data.sampler.state_dict()
+        state = {"totals": dict(self.metrics.totals)} | self.source.state_dict()
         p = self.parts
         self.saver.save(self.iteration, p.model, p.optimizer, p.scheduler, state, meta=meta)
         self.metrics.log(f"checkpoint of step {self.iteration}: training blocked {time.perf_counter() - t0:.2f} s")
@@ -354,6 +306,6 @@ class Trainer:
                 destroy_distributed()
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: RunConfig) -> dict:
     """Run a training job described by config (inside torchrun/srun, or as a single process)."""
     return Trainer(config).run()

@@ -51,7 +51,7 @@ class MetricsWriter:
 
 
 def summary(*, epochs: float, steps: int, train_time_s: float, packs: int, conversations: int, tokens: int,
-            target_tokens: int, final_loss: float | None, final_valid_loss: float | None, packing: str) -> dict:
+            trained_tokens: int, final_loss: float | None, final_valid_loss: float | None, packing: str) -> dict:
     """The paper's Table 3 columns (+ conversations/s and tokens/s) for the steps run in this process."""
     t = max(train_time_s, 1e-9)
     return {
@@ -63,7 +63,7 @@ def summary(*, epochs: float, steps: int, train_time_s: float, packs: int, conve
         "packs_per_s": packs / t,  # the paper's "samples/s": one sample is one pack
         "conversations_per_s": conversations / t,
         "tokens_per_s": tokens / t,
-        "trained_tokens": target_tokens,
+        "trained_tokens": trained_tokens,
         "final_loss": final_loss,
         "final_valid_loss": final_valid_loss,
     }
@@ -111,7 +111,6 @@ def read_metrics(path: str | os.PathLike, kind: str = "train") -> dict[int, dict
 
 
 TOTAL_KEYS = ("train_time_s", *STAT_KEYS)
-MEMBER_TOTALS = ("trained_tokens", "tokens")  # per data.blend member, kept in checkpoints with the totals
 
 
 class RunMetrics:
@@ -122,18 +121,17 @@ class RunMetrics:
 
     def __init__(self, directory: str | os.PathLike | None, *, is_logger: bool, interval: int, tensorboard: bool,
                  total_steps: int, hf_config: dict, peak_flops: float | None, world_size: int, packing: str,
-                 totals: dict | None = None, members: Sequence[str] = ()) -> None:
+                 totals: dict | None = None) -> None:
         self.directory = Path(directory) if directory else None
         self.is_logger, self.interval, self.total_steps = is_logger, interval, total_steps
         self.hf_config, self.peak_flops, self.world_size, self.packing = hf_config, peak_flops, world_size, packing
         self.writer = MetricsWriter(self.directory if is_logger else None, tensorboard)
-        self.members = list(members)  # data.blend member names: per-member loss and tokens
-        member_totals = {f"dataset/{n}/{k}": 0 for n in self.members for k in MEMBER_TOTALS}
-        self.totals = dict.fromkeys(TOTAL_KEYS, 0) | member_totals | dict(totals or {})
+        saved = dict(totals or {})
+        if "target_tokens" in saved:  # checkpoints written before trained tokens had one name
+            saved.setdefault("trained_tokens", saved.pop("target_tokens"))
+        self.totals = {k: saved.get(k, 0) for k in TOTAL_KEYS}
         self.last_loss: float | None = None
         self.valid_loss: float | None = None
-        self.member_loss: dict[str, float | None] = {}
-        self.member_valid_loss: dict[str, float] = {}
         self.started, self.first_step = time.perf_counter(), None
         self.bar = None  # a tqdm bar on a terminal (rank 0); plain lines otherwise (Slurm logs, files)
 
@@ -174,10 +172,9 @@ class RunMetrics:
         self.totals["train_time_s"] += dt
         for k in TOTAL_KEYS[1:]:
             self.totals[k] += rec[k]
-        rec = self._members(rec)
         rec = rec | {
             "tokens_per_s": rec["real_tokens"] / dt,
-            "trained_tokens_per_s": rec["target_tokens"] / dt,
+            "trained_tokens_per_s": rec["trained_tokens"] / dt,
             "conversations_per_s": rec["conversations"] / dt,
             "packs_per_s": rec["packs"] / dt,
             "padding_fraction": 1.0 - rec["real_tokens"] / max(rec["total_tokens"], 1),
@@ -203,57 +200,29 @@ class RunMetrics:
                  f"conv {rec['conversations']} tok/s {rec['tokens_per_s']:.0f} conv/s {rec['conversations_per_s']:.2f} "
                  f"packs/s {rec['packs_per_s']:.2f} pad {rec['padding_fraction']:.3f}{mfu} {self._clock(step)}")
 
-    def _members(self, rec: dict) -> dict:
-        """A blend step's per-member sums as `dataset/<name>/...` keys (as `megapack report` reads them)."""
-        if "members" not in rec:
-            return rec
-        rec = dict(rec)
-        for name, (loss, trained, tokens) in zip(self.members, rec.pop("members")):
-            self.member_loss[name] = loss if loss is not None else self.member_loss.get(name)
-            rec |= {f"dataset/{name}/loss": loss, f"dataset/{name}/trained_tokens": trained,
-                    f"dataset/{name}/tokens": tokens}
-            self.totals[f"dataset/{name}/trained_tokens"] += trained
-            self.totals[f"dataset/{name}/tokens"] += tokens
-        return rec
-
-    def record_validation(self, step: int, loss: float, members: dict[str, float] | None = None) -> None:
-        """Log a validation loss (and a blend's per-member validation losses)."""
+    def record_validation(self, step: int, loss: float, fields: dict[str, float] | None = None) -> None:
+        """Log a validation loss (and a source's extra fields: a blend's `dataset/<name>/valid_loss`)."""
         self.valid_loss = loss
-        per_member = {f"dataset/{name}/valid_loss": value for name, value in (members or {}).items()}
-        self.member_valid_loss.update(members or {})
-        self.writer.write({"kind": "valid", "step": step, "valid_loss": loss} | per_member)
-        detail = "".join(f" {name} {value:.6f}" for name, value in (members or {}).items())
-        self.log(f"step {step} validation loss {loss:.6f}" + (f" (members:{detail})" if detail else ""))
+        self.writer.write({"kind": "valid", "step": step, "valid_loss": loss} | dict(fields or {}))
+        detail = "".join(f" {name} {value:.6f}" for name, value in (fields or {}).items())
+        self.log(f"step {step} validation loss {loss:.6f}" + (f" ({detail.strip()})" if detail else ""))
 
-    def finish(self, steps: int, epochs: float, interrupted: bool, members: dict[str, dict] | None = None) -> dict:
-        """The run summary (Table 3 columns; a blend's per-member numbers, `members` giving their weights and
-        positions); printed and written as summary.json on the logger rank."""
+    def finish(self, steps: int, epochs: float, interrupted: bool, extra: dict | None = None) -> dict:
+        """The run summary (Table 3 columns, plus the source's `extra` fields: a blend's per-member numbers);
+        printed and written as summary.json on the logger rank."""
         from megapack.atomic import write_json_atomic
 
         t = self.totals
         result = summary(epochs=epochs, steps=steps, train_time_s=t["train_time_s"], packs=t["packs"],
-                         conversations=t["conversations"], tokens=t["real_tokens"], target_tokens=t["target_tokens"],
+                         conversations=t["conversations"], tokens=t["real_tokens"], trained_tokens=t["trained_tokens"],
                          final_loss=self.last_loss, final_valid_loss=self.valid_loss, packing=self.packing)
         result["interrupted"] = interrupted
-        if self.members:  # flat `dataset/<name>/<metric>` keys, as `megapack report` reads them
-            result |= self._member_summary(members or {})
+        result |= extra or {}
         if self.is_logger:
             print(format_table([result]), flush=True)
             if self.directory is not None:
                 write_json_atomic(self.directory / "summary.json", result)
         return result
-
-    def _member_summary(self, positions: dict[str, dict]) -> dict[str, float | int | None]:
-        t = self.totals
-        tokens = sum(t[f"dataset/{n}/tokens"] for n in self.members)
-        out = {}
-        for n in self.members:
-            numbers = dict(positions.get(n, {})) | {
-                "tokens": t[f"dataset/{n}/tokens"], "token_share": t[f"dataset/{n}/tokens"] / max(tokens, 1),
-                "trained_tokens": t[f"dataset/{n}/trained_tokens"], "final_loss": self.member_loss.get(n),
-                "final_valid_loss": self.member_valid_loss.get(n)}
-            out |= {f"dataset/{n}/{k}": v for k, v in numbers.items()}
-        return out
 
     def close(self) -> None:
         """Close the sinks and the progress bar."""

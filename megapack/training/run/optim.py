@@ -1,10 +1,10 @@
 """DDP wrapping, megatron's distributed AdamW and the warmup + decay learning-rate schedule."""
 from __future__ import annotations
 
-from megapack.training.preflight.config import OptimizerSection
+from megapack.training.preflight.config import OptimizerConfig
 
 
-def warmup_steps(cfg: OptimizerSection, total_steps: int) -> int:
+def warmup_steps(cfg: OptimizerConfig, total_steps: int) -> int:
     """Warmup length in steps from `warmup_steps` or `warmup_ratio` (0 when neither is set)."""
     if cfg.warmup_steps is not None:
         return min(cfg.warmup_steps, total_steps)
@@ -29,7 +29,7 @@ def wrap_ddp(model, disable_bucketing: bool = False):
                                    disable_bucketing=disable_bucketing)
 
 
-def build_optimizer(cfg: OptimizerSection, model_chunks: list, bf16: bool):
+def build_optimizer(cfg: OptimizerConfig, model_chunks: list, bf16: bool):
     """AdamW over the DDP-wrapped chunks via `get_megatron_optimizer` with the distributed optimizer."""
     import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -51,7 +51,7 @@ def build_optimizer(cfg: OptimizerSection, model_chunks: list, bf16: bool):
     return get_megatron_optimizer(opt_config, model_chunks)
 
 
-def build_scheduler(cfg: OptimizerSection, optimizer, total_steps: int):
+def build_scheduler(cfg: OptimizerConfig, optimizer, total_steps: int):
     """megatron's OptimizerParamScheduler counted in optimizer steps: linear warmup, then decay to min_lr.
 
     With W warmup steps, step k (1-based) uses lr * k / (W + 1) up to step W + 1, which uses the full rate: the

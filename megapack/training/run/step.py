@@ -7,40 +7,45 @@ by the global denominator, so the loss is token-weighted across micro-batches an
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import partial
 
-from megapack.training.run.batch import STAT_KEYS
+from megapack.training.run.batch import STAT_KEYS, Batch
+from megapack.training.run.source import DataSource
+
+# a data source's extra entries of one micro-batch's loss report (DataSource.loss_report)
+LossReport = Callable[[object, Batch], dict]
 
 
-def forward_step(data_iterator, model, *, stats_sink: list):
+def no_report(losses, batch: Batch) -> dict:
+    """No entries beyond the loss."""
+    return {}
+
+
+
+def forward_step(data_iterator, model, *, stats_sink: list, report: LossReport = no_report):
     """One micro-batch forward; returns per-token losses and the loss function the schedule calls on them."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    batch = next(data_iterator)
-    if batch["stats"] is not None:  # None: a later virtual-pipeline chunk's copy, counted by the first chunk
-        stats_sink.append(batch["stats"])
-    cu, cu_padded, m = batch["cu_seqlens"], batch["cu_seqlens_padded"], batch["max_seqlen"]
+    batch: Batch = next(data_iterator)
+    if batch.stats is not None:  # None: a later virtual-pipeline chunk's copy, counted by the first chunk
+        stats_sink.append(batch.stats)
+    cu, cu_padded, m = batch.cu_seqlens, batch.cu_seqlens_padded, batch.max_seqlen
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
                              cu_seqlens_kv_padded=cu_padded, max_seqlen_q=m, max_seqlen_kv=m)
-    output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
-                   labels=batch["labels"], packed_seq_params=params)
-    return output, partial(loss_func, batch["loss_weight"], batch["loss_denominator"], member=batch.get("member"),
-                           num_members=batch.get("num_members", 0))
+    output = model(input_ids=batch.tokens, position_ids=batch.positions, attention_mask=None,
+                   labels=batch.targets, packed_seq_params=params)
+    return output, partial(loss_func, batch, report=report)
 
 
-def loss_func(weight, loss_denominator: int, losses, *, member=None, num_members: int = 0):
+def loss_func(batch: Batch, losses, *, report: LossReport = no_report):
     """(sum of weighted token losses, denominator, report): megatron divides by the global denominator."""
     import torch
 
-    loss = (losses.float().reshape(-1) * weight.reshape(-1)).sum()
-    count = torch.tensor(loss_denominator, dtype=torch.int, device=loss.device)
-    report = {"lm loss": torch.stack([loss.detach(), count.to(loss.dtype)])}
-    if num_members:  # data.blend: the same sums per member
-        from megapack.training.run.blend import member_report
-
-        report["member loss"] = member_report(losses, weight, member, num_members)
-    return loss, count, report
+    loss = (losses.float().reshape(-1) * batch.loss_weight.reshape(-1)).sum()
+    count = torch.tensor(batch.loss_denominator, dtype=torch.int, device=loss.device)
+    return loss, count, {"lm loss": torch.stack([loss.detach(), count.to(loss.dtype)])} | report(losses, batch)
 
 
 def reduce_loss(outputs: list, device) -> float:
@@ -71,7 +76,7 @@ def reduce_stats(stats: list[dict], device) -> dict[str, int]:
 class TimedIterator:
     """Wraps the micro-batch iterator and adds up the seconds spent waiting for the next batch."""
 
-    def __init__(self, inner: Iterator[dict]) -> None:
+    def __init__(self, inner: Iterator[Batch]) -> None:
         self.inner, self.seconds = inner, 0.0
 
     def __iter__(self) -> "TimedIterator":
@@ -92,7 +97,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def chunk_iterators(batches: Iterator[dict], chunks: int) -> Iterator[dict] | list[Iterator[dict]]:
+def chunk_iterators(batches: Iterator[Batch], chunks: int) -> Iterator[Batch] | list[Iterator[Batch]]:
     """The micro-batches as the schedule takes them: one iterator, or with virtual pipeline stages one per model
     chunk, each yielding every micro-batch (its cu_seqlens reach every virtual stage); only the first counts stats."""
     if chunks == 1:
@@ -100,11 +105,11 @@ def chunk_iterators(batches: Iterator[dict], chunks: int) -> Iterator[dict] | li
     import itertools
 
     first, *rest = itertools.tee(batches, chunks)  # lazy: holds only the micro-batches in flight
-    return [first, *(map(lambda batch: batch | {"stats": None}, copy) for copy in rest)]
+    return [first, *(map(lambda batch: replace(batch, stats=None), copy) for copy in rest)]
 
 
-def run_schedule(model, batches: Iterator[dict], num_microbatches: int, row_length: int, *,
-                 forward_only: bool, stats: list) -> list:
+def run_schedule(model, batches: Iterator[Batch], num_microbatches: int, row_length: int, *,
+                 forward_only: bool, stats: list, report: LossReport = no_report) -> list:
     """megatron's forward(-backward) schedule over THD rows (one row of `row_length` tokens per micro-batch).
 
     megatron's own micro_batch_size is 1 here: one THD row, which holds megapack's `micro_batch_size` packs.
@@ -116,7 +121,7 @@ def run_schedule(model, batches: Iterator[dict], num_microbatches: int, row_leng
 
     chunks = as_chunks(model)
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, stats_sink=stats),
+        forward_step_func=partial(forward_step, stats_sink=stats, report=report),
         data_iterator=chunk_iterators(batches, len(chunks)), model=chunks,
         num_microbatches=num_microbatches, seq_length=row_length, micro_batch_size=1, forward_only=forward_only)
 
@@ -137,9 +142,8 @@ def nonfinite_gradients(model, device) -> bool:
     return bool(bad.item())
 
 
-def train_step(model, optimizer, scheduler, batches: Iterator[dict], num_microbatches: int, row_length: int,
-               device, num_members: int = 0) -> dict:
-    """One optimizer step over the global batch; returns the step's metrics (the same on every rank).
+def train_step(model, optimizer, scheduler, source: DataSource, row_length: int, device) -> dict:
+    """One optimizer step over the source's next global batch; returns the step's metrics (the same on every rank).
 
     A non-finite loss or gradient skips the optimizer and scheduler step (the weights stay as they were) and names
     itself in `nonfinite` ("loss" or "gradient"; None otherwise). `time_data_s` is the time spent waiting for
@@ -152,9 +156,11 @@ def train_step(model, optimizer, scheduler, batches: Iterator[dict], num_microba
     for chunk in as_chunks(model):
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    batches, num_microbatches = source.next_step()
     timed, stats = TimedIterator(batches), []
     t0 = time.perf_counter()
-    outputs = run_schedule(model, timed, num_microbatches, row_length, forward_only=False, stats=stats)
+    outputs = run_schedule(model, timed, num_microbatches, row_length, forward_only=False, stats=stats,
+                           report=source.loss_report)
     loss = reduce_loss(outputs, device)
     nonfinite = "loss" if not math.isfinite(loss) else "gradient" if nonfinite_gradients(model, device) else None
     _sync()
@@ -169,12 +175,10 @@ def train_step(model, optimizer, scheduler, batches: Iterator[dict], num_microba
     record = {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else None, "lr": lr,
               "skipped": not ok, "nonfinite": nonfinite, "time_data_s": timed.seconds,
               "time_forward_backward_s": t1 - t0 - timed.seconds, "time_optimizer_s": t2 - t1}
-    from megapack.training.run.blend import reduce_members
-
-    return record | reduce_stats(stats, device) | reduce_members(outputs, num_members, device)
+    return record | reduce_stats(stats, device) | source.step_report(outputs, device)
 
 
-def padded_to_multiple(batches: Iterator[dict], count: int, multiple: int) -> tuple[Iterator[dict], int]:
+def padded_to_multiple(batches: Iterator[Batch], count: int, multiple: int) -> tuple[Iterator[Batch], int]:
     """The micro-batches followed by zero-weight copies of the last one up to a multiple of `multiple` (interleaved
     1F1B runs whole groups of pp micro-batches); they add nothing to the loss."""
     extra = -count % multiple
@@ -186,13 +190,12 @@ def padded_to_multiple(batches: Iterator[dict], count: int, multiple: int) -> tu
         for last in batches:
             yield last
         for _ in range(extra):
-            yield last | {"loss_weight": last["loss_weight"] * 0, "loss_denominator": 0,
-                          "stats": dict.fromkeys(STAT_KEYS, 0)}
+            yield last.zeroed()
 
     return padded(), count + extra
 
 
-def evaluate(model, batches: Iterator[dict], num_microbatches: int, row_length: int, device) -> float:
+def evaluate(model, batches: Iterator[Batch], num_microbatches: int, row_length: int, device) -> float:
     """Token-weighted (or conversation-weighted) loss over the given validation micro-batches."""
     import torch
     from megatron.core import parallel_state as ps
