@@ -9,7 +9,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megapack.errors import MegapackError
 from megapack.model.config import head_dim, rope_parameters, transformer_config_from_hf
-from megapack.model.spec import gpt_block_spec, resolve_attention_backend
+from megapack.model.spec import CONCRETE_BACKENDS, gpt_block_spec
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -77,7 +77,7 @@ class MegapackGPTModel(GPTModel):
 def build_model(
     hf_config: dict,
     *,
-    attention_backend: str = "auto",
+    attention_backend: str = "sdpa",
     cross_sample_attention: bool = False,
     bf16: bool = False,
     sequence_parallel: bool = False,
@@ -93,10 +93,12 @@ def build_model(
         raise MegapackError("build_model needs megatron's parallel state: call init_distributed() first")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    backend = resolve_attention_backend(attention_backend, cross_sample_attention, bf16)
+    if attention_backend not in CONCRETE_BACKENDS:  # `auto` is resolved once, by the run plan
+        raise MegapackError(f"attention_backend {attention_backend!r}: build_model takes a resolved backend "
+                            f"({', '.join(CONCRETE_BACKENDS)}); see megapack.model.spec.resolve_attention_backend")
     config = transformer_config_from_hf(
         hf_config,
-        attention_backend=backend,
+        attention_backend=attention_backend,
         cross_sample_attention=cross_sample_attention,
         bf16=bf16,
         sequence_parallel=sequence_parallel,
@@ -109,7 +111,7 @@ def build_model(
     vocab = int(hf_config["vocab_size"])
     model = MegapackGPTModel(
         config=config,
-        transformer_layer_spec=gpt_block_spec(config, backend, cross_sample_attention, vp_stage),
+        transformer_layer_spec=gpt_block_spec(config, attention_backend, cross_sample_attention, vp_stage),
         vocab_size=padded_vocab_size(vocab, tp),
         true_vocab_size=vocab,
         max_sequence_length=seq_length,

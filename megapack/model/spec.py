@@ -9,6 +9,8 @@ from megapack.errors import MegapackError
 from megapack.model.attention import PackedCoreAttention, cuda_kernel_available, flash_available, torch_varlen_available
 from megapack.model.config import ATTENTION_BACKENDS
 
+CONCRETE_BACKENDS = tuple(name for name in ATTENTION_BACKENDS if name != "auto")
+
 
 def te_available() -> bool:
     """Whether transformer_engine imports and CUDA is present."""

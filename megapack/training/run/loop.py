@@ -211,7 +211,9 @@ class Trainer:
 
         t0 = time.perf_counter()
         p = self.parts
-        record = train_step(p.model, p.optimizer, p.scheduler, self.source, self.plan.row_length, self.env.device)
+        batches, count = self.source.next_step()
+        record = train_step(p.model, p.optimizer, p.scheduler, batches, count, self.plan.row_length, self.env.device,
+                            source=self.source)
         self.iteration += 1
         t1 = time.perf_counter()
         if self.saver is not None:

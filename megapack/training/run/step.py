@@ -142,8 +142,10 @@ def nonfinite_gradients(model, device) -> bool:
     return bool(bad.item())
 
 
-def train_step(model, optimizer, scheduler, source: DataSource, row_length: int, device) -> dict:
-    """One optimizer step over the source's next global batch; returns the step's metrics (the same on every rank).
+def train_step(model, optimizer, scheduler, batches: Iterator[Batch], num_microbatches: int, row_length: int,
+               device, source: DataSource | None = None) -> dict:
+    """One optimizer step over this rank's micro-batches of a global batch; returns the step's metrics (the same on
+    every rank), with the fields `source` adds from its loss reports (a blend's per-member numbers).
 
     A non-finite loss or gradient skips the optimizer and scheduler step (the weights stay as they were) and names
     itself in `nonfinite` ("loss" or "gradient"; None otherwise). `time_data_s` is the time spent waiting for
@@ -156,11 +158,10 @@ def train_step(model, optimizer, scheduler, source: DataSource, row_length: int,
     for chunk in as_chunks(model):
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    batches, num_microbatches = source.next_step()
     timed, stats = TimedIterator(batches), []
     t0 = time.perf_counter()
     outputs = run_schedule(model, timed, num_microbatches, row_length, forward_only=False, stats=stats,
-                           report=source.loss_report)
+                           report=source.loss_report if source is not None else no_report)
     loss = reduce_loss(outputs, device)
     nonfinite = "loss" if not math.isfinite(loss) else "gradient" if nonfinite_gradients(model, device) else None
     _sync()
@@ -175,7 +176,7 @@ def train_step(model, optimizer, scheduler, source: DataSource, row_length: int,
     record = {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else None, "lr": lr,
               "skipped": not ok, "nonfinite": nonfinite, "time_data_s": timed.seconds,
               "time_forward_backward_s": t1 - t0 - timed.seconds, "time_optimizer_s": t2 - t1}
-    return record | reduce_stats(stats, device) | source.step_report(outputs, device)
+    return record | reduce_stats(stats, device) | (source.step_report(outputs, device) if source is not None else {})
 
 
 def padded_to_multiple(batches: Iterator[Batch], count: int, multiple: int) -> tuple[Iterator[Batch], int]:
