@@ -1,6 +1,8 @@
-"""tools/gpu_check.sh --dry-run: the GPU check's whole path on the CPU (tiny shapes), and its report files."""
+"""tools/gpu_check.sh --dry-run: the GPU check's whole path on the CPU (tiny shapes), and its report files; the
+GPU check (tools/) stays outside the runtime package."""
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -13,12 +15,25 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_megapack_never_imports_tools():
+    """tools/ may import megapack; megapack must not import tools/ (the GPU check, benchmarks, scripts)."""
+    for path in sorted((ROOT / "megapack").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            assert not any(n == "tools" or n.startswith("tools.") for n in names), f"{path} imports {names}"
+
+
 def test_gpu_check_dry_run_reports_every_step(tmp_path):
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run(["bash", "tools/gpu_check.sh", str(out), "--dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
+    """Run as a user would: from a directory of their own, OUT relative to it, no PYTHON: the script finds the
+    environment as the launchers do (here the interpreter's own, first on PATH, so the test's `megapack`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "out", "--dry-run"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.startswith("[megapack] using "), proc.stdout[:300]
+    out = tmp_path / "out"
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["mode"] == "dry-run" and report["finished"] and report["elapsed_s"] < report["budget_s"]
     assert "sdpa" in report["environment"]["attention_backends"]

@@ -190,7 +190,7 @@ def measure_activations(trainer, path: str) -> Callable[[], None]:
     from megapack.model.attention import PackedCoreAttention
     from megapack.model.builder import as_chunks
     from megapack.training.run import step
-    from megapack.training.activations import SavedActivations
+    from activations import SavedActivations  # tests/activations.py (this script runs from tests/)
 
     chunks = as_chunks(trainer.parts.raw_model)
     meter = SavedActivations(exclude=[p for c in chunks for p in c.parameters()])

@@ -4,7 +4,7 @@ Conversation lengths follow tools/bench/bench_packing.py (lognormal, log-mean ln
 [8, 16384], truncated to the sequence length; scaled by seq_length / 4096 for small dry-run shapes), token ids are
 random. The packed arm trains best-fit-decreasing packs, one pack per THD micro-batch; the padded arm trains one
 conversation per row, `padded_micro_batch` rows per micro-batch padded to the longest (rounded up to 8), exactly as
-`build_micro_batch(padded=True)` gives the trainer. Both arms take `global_batch` sequences (packs or conversations)
+`build_batch(padded=True)` gives the trainer. Both arms take `global_batch` sequences (packs or conversations)
 per optimizer step. Each arm warms up, times a few steps (synchronised) and extrapolates one epoch of the same
 conversations as median step time x steps per epoch.
 """
@@ -22,7 +22,7 @@ import numpy as np
 
 from megapack.data.packs.packing import plan_packs
 from megapack.data.packs.shards import Pack
-from megapack.training.data import MicroBatch, build_micro_batch
+from megapack.training.run.batch import Batch, build_batch
 
 if TYPE_CHECKING:  # torch is imported where it is used: settings and length helpers stay light
     import torch
@@ -118,18 +118,18 @@ def _pack(lengths: list[int], vocab: int, rng: np.random.Generator) -> Pack:
                 cu_seqlens=cu, cu_seqlens_padded=cu)
 
 
-def arm_steps(s: BenchSettings, lengths: np.ndarray, arm: str) -> list[list[MicroBatch]]:
+def arm_steps(s: BenchSettings, lengths: np.ndarray, arm: str) -> list[list[Batch]]:
     """One epoch of the conversations as optimizer steps of micro-batches, for arm 'packed' or 'padded'."""
     rng = np.random.default_rng(s.seed + 1)
     if arm == "packed":
         plan = plan_packs(lengths, s.seq_length, "bfd", seed=s.seed)
-        mbs = [build_micro_batch([_pack([p[2] for p in plan.pieces(k)], s.vocab_size, rng)])
-               for k in range(plan.num_packs)]
+        segments = np.split(plan.length, plan.pack_offsets[1:-1])  # the real lengths of each pack's segments
+        mbs = [build_batch([_pack(pack.tolist(), s.vocab_size, rng)]) for pack in segments]
         per_step = s.global_batch
     elif arm == "padded":
         order = rng.permutation(len(lengths))
         groups = [order[i : i + s.padded_micro_batch] for i in range(0, len(order), s.padded_micro_batch)]
-        mbs = [build_micro_batch([_pack([int(lengths[i])], s.vocab_size, rng) for i in g], padded=True)
+        mbs = [build_batch([_pack([int(lengths[i])], s.vocab_size, rng) for i in g], padded=True)
                for g in groups]
         per_step = max(1, s.global_batch // s.padded_micro_batch)
     else:
@@ -142,8 +142,8 @@ class StepRunner:
     and its optimizer step."""
 
     def __init__(self, config: dict, backend: str, bf16: bool, max_row: int) -> None:
-        from megapack.training.config import OptimizerConfig
-        from megapack.training.loop import build_model_and_optimizer
+        from megapack.training.preflight.config import OptimizerConfig
+        from megapack.training.run.loop import build_model_and_optimizer
 
         self.parts = build_model_and_optimizer(config, OptimizerConfig(lr=1e-5), attention_backend=backend,
                                                precision="bf16" if bf16 else "fp32", row_length=max_row,
@@ -151,13 +151,12 @@ class StepRunner:
         self.num_params = sum(p.numel() for p in self.parts.raw_model.parameters())
         self.max_row = max_row
 
-    def step(self, micro_batches: list[MicroBatch], device: torch.device) -> float:
+    def step(self, micro_batches: list[Batch], device: torch.device) -> float:
         """One optimizer step over the micro-batches (the trainer's train_step); returns the token-weighted loss."""
-        from megapack.training.data import to_tensors
-        from megapack.training.step import train_step
+        from megapack.training.run.step import train_step
 
         p = self.parts
-        batches = iter([to_tensors(mb, device) for mb in micro_batches])
+        batches = iter([mb.to(device) for mb in micro_batches])
         return train_step(p.model, p.optimizer, p.scheduler, batches, len(micro_batches), self.max_row,
                           device)["loss"]
 
@@ -183,12 +182,12 @@ class ArmResult:
     stopped_early: bool = False
 
 
-def time_arm(runner: StepRunner, steps: list[list[MicroBatch]], s: BenchSettings, config: dict, device: torch.device,
+def time_arm(runner: StepRunner, steps: list[list[Batch]], s: BenchSettings, config: dict, device: torch.device,
              peak_flops: float | None, deadline: float, on_step: Callable[[ArmResult], None]) -> ArmResult:
     """Warm up, then time steps until timed_steps or the deadline; on_step sees the partial result after each."""
     import torch
 
-    from megapack.training.metrics import model_flops
+    from megapack.model.flops import model_flops
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -243,8 +242,8 @@ def run_worker(s: BenchSettings, backend: str, out_path: str | Path, deadline: f
     import torch
 
     from megapack.atomic import write_json_atomic
-    from megapack.training.distributed import destroy_distributed, init_distributed
-    from megapack.training.metrics import device_peak_flops
+    from megapack.training.run.distributed import destroy_distributed, init_distributed
+    from megapack.model.flops import device_peak_flops
 
     env = init_distributed(tp=1, pp=1, seed=s.seed)
     cuda = env.device.type == "cuda"

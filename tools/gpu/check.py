@@ -1,14 +1,19 @@
 """The GPU check behind `bash tools/gpu_check.sh OUT`: correctness on the device, then packed vs padded throughput.
 
+Run as `python -m tools.gpu.check OUT [--dry-run] [--budget-s S] [--layers N]` from the repository root (what
+gpu_check.sh does, after setting up PYTHONPATH); `python tools/gpu/check.py ...` works from anywhere too.
 Step 1 (<= 2 min): tests/test_model_backends.py under pytest on the device; 3 steps of configs/tiny_cpu.yaml (the
 quickstart's tiny model, LLaMA-3 tokenizer, demo data) through `python -m megapack train` in bf16 on the device
 with async checkpoints, against the same run in fp32 on the CPU (CUDA_VISIBLE_DEVICES=""), losses compared.
-Step 2 (<= 5 min): megapack.training.bench per attention backend, each in its own process with its own deadline.
+Step 2 (<= 5 min): tools/gpu/throughput.py per attention backend, each in its own process with its own deadline.
 Every subprocess has a timeout, so the check ends within its budget and the report holds what was measured.
 `dry_run` runs the same code on the CPU: the "device" run is bf16 on the CPU and the benchmark shape is tiny.
+Writes OUT/gpu_check.json and OUT/gpu_check.md after every step. The --worker-* options are internal: the driver
+starts itself with them to benchmark one attention backend in a fresh process.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -23,10 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from megapack.errors import MegapackError
-from megapack.training.gpu_report import Report
-
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script (python tools/gpu/check.py) from a checkout without installing
+
+from megapack.errors import MegapackError  # noqa: E402
+from tools.gpu.report import Report  # noqa: E402
+
+WORKER_MODULE = "tools.gpu.check"  # the benchmark workers run `python -m tools.gpu.check` in ROOT (Job's cwd)
 STEP1_S, STEP2_S, MARGIN_S = 120.0, 300.0, 10.0
 LOSS_TOLERANCE = 1e-2  # relative, per step, bf16 on the device against fp32 on the CPU
 TRAIN_OVERRIDES = ("training.train_steps=3", "checkpoint.resume=never", "logging.tensorboard=false")
@@ -119,7 +128,7 @@ def _train_job(hf_dir: Path, shards: Path, run_dir: Path, log: Path, precision: 
 
 
 def _run_result(job: Job, rc: int | None, wall: float, run_dir: Path, label: str) -> dict:
-    from megapack.training.metrics import read_metrics
+    from megapack.training.run.metrics import read_metrics
 
     out = {"label": label, "exit_code": rc, "wall_s": wall, "losses": {}}
     metrics = run_dir / "metrics.jsonl"
@@ -250,3 +259,36 @@ def run_check(out_dir: str | Path, worker_cmd: list[str], *, dry_run: bool = Fal
     report.set("finished", True, step=False)
     report.log(f"done in {time.time() - t0:.0f} s: {out_dir / 'gpu_check.json'}, {out_dir / 'gpu_check.md'}")
     return report.data
+
+
+def main() -> int:
+    """Parse the arguments and run the check (or one benchmark worker)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", help="where gpu_check.json, gpu_check.md and logs/ go")
+    p.add_argument("--dry-run", action="store_true", help="on the CPU with a tiny shape (no GPU needed)")
+    p.add_argument("--budget-s", type=float, default=450.0, help="total seconds, counted from --started-at")
+    p.add_argument("--started-at", type=float, default=None, help="epoch seconds the check started (the shell's)")
+    p.add_argument("--layers", type=int, default=None, help="benchmark layers (default: as many as fit, up to 8)")
+    p.add_argument("--worker-backend", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--worker-deadline", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    try:
+        if args.worker_backend:
+            from tools.gpu.throughput import BenchSettings, dry_run_settings, run_worker
+
+            settings = dry_run_settings() if args.dry_run else BenchSettings()
+            settings.num_layers = args.layers or settings.num_layers
+            result = run_worker(settings, args.worker_backend, args.worker_out, args.worker_deadline)
+            return 1 if result.get("error") else 0
+        data = run_check(args.out_dir, [sys.executable, "-m", WORKER_MODULE, args.out_dir], dry_run=args.dry_run,
+                         budget_s=args.budget_s, started_at=args.started_at, layers=args.layers)
+    except MegapackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    failed = [k for k, v in data["steps"].items() if v.get("status") in ("failed", "timeout")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
