@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["megapack", "megapack.*"]),
-    package_data={"megapack": ["data/packs/FORMAT.md"]},
+    package_data={"megapack": ["data/packs/FORMAT.md", "assets.json"]},
     install_requires=[
         # torch is installed first, explicitly (torch==2.13.0 CPU here); a bare requirement would pull a CUDA build.
         "torch>=2.4",

