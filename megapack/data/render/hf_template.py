@@ -40,7 +40,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from megapack.data.render import tools as toolfmt
 from megapack.data.render.templates import TEMPLATES, TemplateOptions
-from megapack.data.render.tokenizers import Tokenizer
+from megapack.data.render.tokenizer_base import Tokenizer
 from megapack.data.render.tools import EMPTY_MASK, NO_TOOL_FORMAT, PREFIX_UNSTABLE, TEMPLATE_ERROR, BadSample
 from megapack.data.sources.conversation import ASSISTANT, FUNCTION_CALL, OBSERVATION, Conversation, Document, Sample
 from megapack.errors import MegapackError

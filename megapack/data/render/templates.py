@@ -44,7 +44,7 @@ from megapack.data.sources.conversation import (
     Sample,
 )
 from megapack.data.render import tools as toolfmt
-from megapack.data.render.tokenizers import Tokenizer
+from megapack.data.render.tokenizer_base import Tokenizer
 from megapack.errors import MegapackError
 
 TEMPLATE_FORMAT_VERSION = 2  # bump when rendering semantics change, so template identities change with them
