@@ -131,7 +131,7 @@ def train_all(cfg: DemoConfig, workdir: Path, hf_dir: Path) -> list[dict]:
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
     """Preprocess with every packing, train each arm briefly, print and save the Table 3 comparison and a report."""
-    from megapack.data.packs.stats import table
+    from megapack.data.packs.summary import table
     from megapack.atomic import write_json_atomic
     from megapack.report.document import write_report
     from megapack.training.metrics import format_table

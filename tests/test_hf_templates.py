@@ -15,7 +15,7 @@ from megapack.cli import main
 from megapack.data.render.hf_template import HFChatTemplate, parse_date
 from megapack.data.render.templates import TemplateOptions, get_template
 from megapack.data.render.tokenizers import load_tokenizer
-from megapack.data.render.tools import EMPTY_MASK, PREFIX_UNSTABLE, RENDER_REASONS, TEMPLATE_ERROR, BadSample
+from megapack.data.render.tool_calls import EMPTY_MASK, PREFIX_UNSTABLE, RENDER_REASONS, TEMPLATE_ERROR, BadSample
 from megapack.data.sources.conversation import Conversation, Message
 from megapack.data.sources.formats import iter_samples
 from megapack.data.sources.registry import resolve_datasets

@@ -124,3 +124,20 @@ def test_bad_arguments(kwargs, fragment):
     args = dict(seq_length=64, packing="bfd", pad_to_multiple=1) | kwargs
     with pytest.raises(MegapackError, match=fragment.replace("'", ".")):
         plan_packs(np.array([3, 4]), **args)
+
+
+def test_padded_length_is_the_padding_arms_rule():
+    from megapack.data.packs.padding import PADDED_ARM_MULTIPLE, padded_length, padded_micro_batches
+
+    assert PADDED_ARM_MULTIPLE == 8
+    assert padded_length([5, 17]) == 24 and padded_length([16]) == 16 and padded_length(np.array([1])) == 8
+    assert padded_length([5, 17], multiple=1) == 17 and padded_length([30, 3], multiple=64) == 64
+    with pytest.raises(ValueError):
+        padded_length([])
+    # every micro-batch `padded_micro_batches` counts is one padded_length wide per conversation
+    lengths, order = np.array([5, 17, 9, 30, 3, 64, 65]), np.array([6, 0, 3, 1, 5, 2, 4])
+    for size in (1, 2, 3, 7):
+        real, computed = padded_micro_batches(lengths, order, size)
+        runs = [lengths[order[i : i + size]] for i in range(0, len(order), size)]
+        assert real.tolist() == [int(r.sum()) for r in runs]
+        assert computed.tolist() == [len(r) * padded_length(r) for r in runs]

@@ -169,7 +169,7 @@ def test_unreadable_inputs_are_one_line_naming_the_file(tmp_path, capsys):
 
 
 def test_padded_micro_batches_by_hand():
-    from megapack.data.packs.stats import PADDED_ARM_MULTIPLE, padded_micro_batches
+    from megapack.data.packs.padding import PADDED_ARM_MULTIPLE, padded_micro_batches
     from megapack.training import data
 
     assert data.PADDED_ARM_MULTIPLE is PADDED_ARM_MULTIPLE == 8
@@ -223,7 +223,7 @@ def test_demo_writes_a_report_of_its_runs(shrunk_demo, tmp_path):
 
 
 def test_inspect_plot_shows_the_trainers_padding(shrunk_demo, tmp_path, capsys):
-    from megapack.data.packs.inspect import micro_batch_fill, plot
+    from megapack.data.packs.views import micro_batch_fill, plot
     from megapack.data.packs.shards import ShardDataset
 
     workdir, _ = shrunk_demo

@@ -24,10 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print statistics, then do what the flags ask; exit 1 when --verify finds problems."""
-    from megapack.data.packs.inspect import plot, render_pack
+    from megapack.data.packs.views import plot, render_pack
     from megapack.data.packs.verify import verify
     from megapack.data.packs.shards import read_meta, ShardDataset
-    from megapack.data.packs.stats import summary_rows, table
+    from megapack.data.packs.summary import summary_rows, table
     from megapack.errors import MegapackError
     from megapack.seeds import check_seed
 

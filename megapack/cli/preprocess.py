@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run preprocessing and print the summary table."""
     from megapack.data.pipeline.preprocess import PreprocessConfig, run_preprocess
-    from megapack.data.packs.stats import table, summary_rows
+    from megapack.data.packs.summary import summary_rows, table
 
     cfg = PreprocessConfig(
         output_dir=args.output_dir, tokenizer_model=args.tokenizer_model, inputs=args.input, datasets=args.dataset,

@@ -157,7 +157,7 @@ def _check_tokenizer(config: TrainConfig, shard_tok: str | None, checkpoint_meta
 def _check_virtual_stages(config: TrainConfig, hf_config: dict, num_microbatches: int, padded: bool) -> None:
     """Interleaved 1F1B needs pp*vpp equal model chunks and whole groups of pp micro-batches (megatron's rules), and
     rows that fit the fixed size its stages send (seq_length * micro_batch_size)."""
-    from megapack.data.packs.stats import PADDED_ARM_MULTIPLE
+    from megapack.data.packs.padding import PADDED_ARM_MULTIPLE
 
     par, vpp = config.parallel, config.parallel.vpp or 1
     if vpp == 1:

@@ -38,10 +38,10 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from megapack.data.render import tools as toolfmt
+from megapack.data.render import tool_calls as toolfmt
 from megapack.data.render.templates import TEMPLATES, TemplateOptions
 from megapack.data.render.tokenizer_base import Tokenizer
-from megapack.data.render.tools import EMPTY_MASK, NO_TOOL_FORMAT, PREFIX_UNSTABLE, TEMPLATE_ERROR, BadSample
+from megapack.data.render.tool_calls import EMPTY_MASK, NO_TOOL_FORMAT, PREFIX_UNSTABLE, TEMPLATE_ERROR, BadSample
 from megapack.data.sources.conversation import ASSISTANT, FUNCTION_CALL, OBSERVATION, Conversation, Document, Sample
 from megapack.errors import MegapackError
 

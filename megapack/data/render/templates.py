@@ -43,7 +43,7 @@ from megapack.data.sources.conversation import (
     Document,
     Sample,
 )
-from megapack.data.render import tools as toolfmt
+from megapack.data.render import tool_calls as toolfmt
 from megapack.data.render.tokenizer_base import Tokenizer
 from megapack.errors import MegapackError
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from megapack import seeds
 from megapack.data.packs.shards import ShardDataset
-from megapack.data.packs.stats import padded_micro_batches
+from megapack.data.packs.padding import padded_micro_batches
 
 
 def render_pack(ds: ShardDataset, i: int, tokenizer=None, start: str = "\u00ab", end: str = "\u00bb") -> str:
