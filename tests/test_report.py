@@ -237,9 +237,10 @@ def test_inspect_plot_shows_the_trainers_padding(shrunk_demo, tmp_path, capsys):
     split = ds.meta["splits"]["train"]
     assert f"padded micro-batches (micro_batch_size 4): {numbers['micro_batches']}, " \
            f"{numbers['padding_fraction']:.1%} of the tokens computed are padding" in printed
-    assert numbers["micro_batches"] == -(-split["num_samples"] // 4)
+    assert numbers["micro_batches"] == -(-split["num_conversations"] // 4)
     caption = numbers["caption"]
-    for value in (f"{split['num_samples']} samples", f"{split['truncated']} truncated", f"{split['num_packs']} packs",
+    for value in (f"{split['num_conversations']} conversations", f"{split['truncated']} truncated",
+                  f"{split['num_packs']} packs",
                   f"lower bound {split['lower_bound_packs']}", f"packing efficiency {split['packing_efficiency']:.1%}",
                   f"{numbers['padding_fraction']:.1%} padding", "micro_batch_size 4"):
         assert value in caption, value

@@ -310,10 +310,10 @@ def test_chatml_renders_tools_in_the_hermes_format(llama3_tokenizer):
 
 
 def test_templates_without_a_tool_format_refuse_tools(llama3_tokenizer, mistral):
-    from megapack.data.render.tool_calls import BadSample
+    from megapack.data.render.tool_calls import UnrenderableRecord
 
     for name, tok in (("llama2", mistral), ("plain", llama3_tokenizer)):
-        with pytest.raises(BadSample, match=f"template '{name}' has no tool format") as info:
+        with pytest.raises(UnrenderableRecord, match=f"template '{name}' has no tool format") as info:
             get_template(name).encode(TOOL_CHAT, tok)
         assert info.value.reason == "tools unsupported by template"
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from megapack.data.packs.packing import plan_packs
+from megapack.data.packs.packing import assign_packs
 from megapack.data.packs.shards import Pack
 from megapack.training.data import MicroBatch, build_micro_batch
 
@@ -122,8 +122,9 @@ def arm_steps(s: BenchSettings, lengths: np.ndarray, arm: str) -> list[list[Micr
     """One epoch of the conversations as optimizer steps of micro-batches, for arm 'packed' or 'padded'."""
     rng = np.random.default_rng(s.seed + 1)
     if arm == "packed":
-        plan = plan_packs(lengths, s.seq_length, "bfd", seed=s.seed)
-        mbs = [build_micro_batch([_pack([p[2] for p in plan.pieces(k)], s.vocab_size, rng)])
+        plan = assign_packs(lengths, s.seq_length, "bfd", seed=s.seed)
+        mbs = [build_micro_batch([_pack(plan.real_lengths[plan.pack_offsets[k] : plan.pack_offsets[k + 1]].tolist(),
+                                        s.vocab_size, rng)])
                for k in range(plan.num_packs)]
         per_step = s.global_batch
     elif arm == "padded":

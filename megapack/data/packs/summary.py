@@ -20,7 +20,8 @@ def summary_rows(meta: dict) -> list[tuple[str, object]]:
     ]
     rows += [(f"  skipped: {reason}", n) for reason, n in sorted(meta.get("skipped", {}).items())]
     rows += [
-        ("packing", f"{meta['packing']} (L={meta['seq_length']}, seed={meta['seed']}, pad_to_multiple={meta['pad_to_multiple']})"),
+        ("packing", f"{meta['packing']} (L={meta['seq_length']}, seed={meta['seed']}, "
+                    f"pad_to_multiple={meta['pad_to_multiple']})"),
         ("tokenizer", meta.get("tokenizer_identity", "?")),
         ("template", (meta.get("template") or {}).get("name", "?")),
     ]
@@ -28,9 +29,9 @@ def summary_rows(meta: dict) -> list[tuple[str, object]]:
         eff = s["packing_efficiency"]
         ratio = s["num_packs"] / s["lower_bound_packs"] if s["lower_bound_packs"] else 0.0
         rows += [
-            (f"{split}: samples", s["num_samples"]),
+            (f"{split}: conversations", s["num_conversations"]),
             (f"{split}: truncated / dropped", f"{s['truncated']:,} / {s['dropped']:,}"),
-            (f"{split}: tokens (loss tokens)", f"{s['num_tokens']:,} ({s['num_loss_tokens']:,})"),
+            (f"{split}: tokens (trained tokens)", f"{s['num_tokens']:,} ({s['num_trained_tokens']:,})"),
             (f"{split}: packs (lower bound)", f"{s['num_packs']:,} ({s['lower_bound_packs']:,}, x{ratio:.5f})"),
             (f"{split}: packing efficiency", f"{eff:.2%}"),
             (f"{split}: shards", len(s["shards"])),
