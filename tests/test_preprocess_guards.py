@@ -286,3 +286,12 @@ def test_killed_while_removing_the_work_folder(tmp_path, llama3_tokenizer_path, 
     (out / ".work").mkdir()
     assert main(argv) == 1 and "already holds finished shards" in _one_line_error(capsys)
     assert not (out / ".work").exists() and "meta.json" in _tree(out)
+
+
+def test_partitions_written_before_the_rename_read_with_the_new_keys(tmp_path):
+    from megapack.data.pipeline.partitions import DONE_FILE, finished_partition, part_dir
+
+    folder = part_dir(tmp_path, 0, 1)
+    folder.mkdir(parents=True)
+    (folder / DONE_FILE).write_text(json.dumps({"records": 3, "samples": 2, "tokens": 10, "loss_tokens": 4}))
+    assert finished_partition(tmp_path, 0, 1) == {"records": 3, "conversations": 2, "tokens": 10, "trained_tokens": 4}

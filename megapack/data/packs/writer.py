@@ -60,7 +60,8 @@ class RecordStore:
             self.files, self.file_dtype,
         )
 
-    def gather_into(self, records, start, lengths, tokens: np.ndarray, loss_mask: np.ndarray, out_start) -> None:
+    def gather_into(self, records: np.ndarray, start: np.ndarray, lengths: np.ndarray, tokens: np.ndarray,
+                    loss_mask: np.ndarray, out_start: np.ndarray) -> None:
         """Copy `lengths[k]` tokens and loss-mask values of records[k] from token start[k] to out_start[k] in the
         outputs."""
         parts = self.part[records]
