@@ -12,9 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from megapack.data.packs.packing import PACKINGS
 from megapack.errors import MegapackError
-
-PACKINGS = ("padding", "random", "greedy", "bfd")
 
 
 @dataclass
@@ -63,13 +62,14 @@ def prepare_inputs(cfg: DemoConfig, workdir: Path) -> tuple[Path, Path, Path]:
 
 def preprocess_all(cfg: DemoConfig, workdir: Path, tokenizer: Path, data_dir: Path) -> dict[str, dict]:
     """Run `megapack preprocess` once per packing; returns each meta.json."""
+    from megapack.data.packs.shards import META_NAME, read_meta
     from megapack.data.pipeline.preprocess import PreprocessConfig, run_preprocess
 
     metas = {}
     for packing in cfg.packings:
         out = workdir / "shards" / packing
-        if (out / "meta.json").exists():
-            metas[packing] = json.loads((out / "meta.json").read_text())
+        if (out / META_NAME).exists():
+            metas[packing] = read_meta(out)
             continue
         pre = PreprocessConfig(
             output_dir=str(out), tokenizer_model=str(tokenizer), datasets=[cfg.dataset], dataset_dir=str(data_dir),
@@ -131,7 +131,7 @@ def train_all(cfg: DemoConfig, workdir: Path, hf_dir: Path) -> list[dict]:
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
     """Preprocess with every packing, train each arm briefly, print and save the Table 3 comparison and a report."""
-    from megapack.data.packs.stats import table
+    from megapack.data.packs.summary import table
     from megapack.atomic import write_json_atomic
     from megapack.report.document import write_report
     from megapack.training.run.metrics import format_table
@@ -140,10 +140,10 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     tokenizer, data_dir, hf_dir = prepare_inputs(cfg, workdir)
     metas = preprocess_all(cfg, workdir, tokenizer, data_dir)
     print(f"\n{cfg.dataset}: first {cfg.num_samples} records, LLaMA-3 tokenizer, seq_length {cfg.seq_length}")
-    rows = [("train split", "samples  packs  lower bound  efficiency  truncated")]
+    rows = [("train split", "conversations  packs  lower bound  efficiency  truncated")]
     for packing, meta in metas.items():
         s = meta["splits"]["train"]
-        rows.append((packing, f"{s['num_samples']:7d}  {s['num_packs']:5d}  {s['lower_bound_packs']:11d}  "
+        rows.append((packing, f"{s['num_conversations']:13d}  {s['num_packs']:5d}  {s['lower_bound_packs']:11d}  "
                               f"{s['packing_efficiency']:10.1%}  {s['truncated']:9d}"))
     print(table(rows))
     if not cfg.train:

@@ -24,7 +24,7 @@ def test_demo_trains_every_arm_in_one_launch(shrunk_demo):
         # one epoch (rounded up to whole steps of 8 sequences, the default) over the same conversations in both arms
         assert row["total_steps"] == math.ceil(train["num_packs"] / 8) and row["epochs"] >= 1.0
         conversations = row["conversations_per_s"] * row["total_training_time_s"]
-        assert train["num_samples"] <= round(conversations) <= 2 * train["num_samples"]
+        assert train["num_conversations"] <= round(conversations) <= 2 * train["num_conversations"]
         # a few steps from random weights: the token-mean cross-entropy is still about ln(vocabulary size)
         assert abs(row["final_loss"] - math.log(128256)) < 0.5
     assert rows[1]["total_steps"] < rows[0]["total_steps"]

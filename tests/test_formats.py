@@ -6,7 +6,7 @@ import json
 import pytest
 
 from megapack.data.sources.conversation import BadRecord, Conversation, Document, Message, SkipReport
-from megapack.data.sources.formats import REASONS, apply_error_policy, iter_samples, make_converter, read_datasets
+from megapack.data.sources.formats import REASONS, handle_bad_record, make_converter, parse_records
 from megapack.data.sources.registry import DatasetSpec, resolve_datasets
 from megapack.errors import MegapackError
 
@@ -20,12 +20,25 @@ def _gpt(*turns, **extra) -> dict:
     return {"conversations": [{"from": f, "value": v} for f, v in turns], **extra}
 
 
+def _read(specs, on_error: str, report: SkipReport) -> list:
+    """The parsed records of every dataset in order, bad records through `handle_bad_record` (the tokenize step's
+    read path: encode.py hands every BadRecord of `parse_records` to it)."""
+    out = []
+    for spec in specs:
+        for item in parse_records(spec):
+            if isinstance(item, BadRecord):
+                handle_bad_record(item, on_error, report)
+            else:
+                out.append(item)
+    return out
+
+
 def test_sharegpt_roles_system_and_tools():
     convert = make_converter("sharegpt")
     record = _gpt(("system", "be brief"), ("human", "weather?"), ("function_call", '{"name": "w"}'),
                   ("observation", "sunny"), ("gpt", "It is sunny."), tools=[{"name": "w"}])
-    sample = convert("f:1", record)
-    assert sample == Conversation(
+    parsed = convert("f:1", record)
+    assert parsed == Conversation(
         [Message("user", "weather?"), Message("function_call", '{"name": "w"}'),
          Message("observation", "sunny"), Message("assistant", "It is sunny.")],
         system="be brief", tools='[{"name": "w"}]', source="f:1")
@@ -36,8 +49,8 @@ def test_sharegpt_roles_system_and_tools():
 def test_sharegpt_custom_tags_and_columns():
     convert = make_converter("sharegpt", {"messages": "turns"},
                              {"role_tag": "speaker", "content_tag": "text", "user_tag": "U", "assistant_tag": "A"})
-    sample = convert("f:1", {"turns": [{"speaker": "U", "text": "hi"}, {"speaker": "A", "text": "yo"}]})
-    assert sample.messages == [Message("user", "hi"), Message("assistant", "yo")]
+    parsed = convert("f:1", {"turns": [{"speaker": "U", "text": "hi"}, {"speaker": "A", "text": "yo"}]})
+    assert parsed.messages == [Message("user", "hi"), Message("assistant", "yo")]
 
 
 def test_openai_tool_calls_tool_results_and_text_parts():
@@ -51,9 +64,9 @@ def test_openai_tool_calls_tool_results_and_text_parts():
         {"role": "tool", "content": "6"},
         {"role": "assistant", "content": [{"type": "text", "value": "4 and "}, {"type": "text", "value": "6"}]},
     ]}
-    sample = convert("f:1", record)
-    assert sample.system == "sys"
-    assert sample.messages == [
+    parsed = convert("f:1", record)
+    assert parsed.system == "sys"
+    assert parsed.messages == [
         Message("user", "2+2 and 3+3?"),
         Message("function_call", '[{"name": "add", "arguments": "{\\"a\\": 2}"}]'),
         Message("observation", "4\n6"),
@@ -63,9 +76,9 @@ def test_openai_tool_calls_tool_results_and_text_parts():
 
 def test_alpaca_join_history_system_and_text():
     convert = make_converter("alpaca")
-    sample = convert("f:1", {"instruction": "Translate", "input": "bonjour", "output": "hello",
+    parsed = convert("f:1", {"instruction": "Translate", "input": "bonjour", "output": "hello",
                              "system": "S", "history": [["q1", "a1"]]})
-    assert sample == Conversation([Message("user", "q1"), Message("assistant", "a1"),
+    assert parsed == Conversation([Message("user", "q1"), Message("assistant", "a1"),
                                    Message("user", "Translate\nbonjour"), Message("assistant", "hello")],
                                   system="S", source="f:1")
     assert convert("f:2", {"instruction": "Say hi", "input": "", "output": "hi"}).messages[0].content == "Say hi"
@@ -95,7 +108,7 @@ def test_every_bad_reason_is_reported_with_its_line(tmp_path):
     lines = [_gpt(("human", "ok"), ("gpt", "fine"))] + [line for line, _ in BAD_CASES]
     path = _jsonl(tmp_path / "chat.jsonl", lines)
     [spec] = resolve_datasets([path], None, None, fmt="sharegpt")
-    items = list(iter_samples(spec))
+    items = list(parse_records(spec))
     assert isinstance(items[0], Conversation) and items[0].source == f"{path}:1"
     got = [(b.source, b.reason) for b in items[1:]]
     assert got == [(f"{path}:{i}", reason) for i, (_, reason) in enumerate(BAD_CASES, start=2)]
@@ -134,11 +147,11 @@ def test_auto_detects_each_format(tmp_path):
     for name, (record, role) in cases.items():
         path = _jsonl(tmp_path / name, [{"unrelated": 1}, record])
         [spec] = resolve_datasets([path], None, None)
-        bad, sample = list(iter_samples(spec))
+        bad, parsed = list(parse_records(spec))
         assert (bad.source, bad.reason) == (f"{path}:1", "missing column")  # nothing to detect from: reported
-        assert sample.messages == [Message(role, "a"), Message("assistant", "b")], name
+        assert parsed.messages == [Message(role, "a"), Message("assistant", "b")], name
     doc_path = _jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])
-    assert list(iter_samples(resolve_datasets([doc_path], None, None)[0])) == [Document("hello", f"{doc_path}:1")]
+    assert list(parse_records(resolve_datasets([doc_path], None, None)[0])) == [Document("hello", f"{doc_path}:1")]
 
 
 def test_skip_counts_and_fail_stops_at_first(tmp_path):
@@ -151,27 +164,29 @@ def test_skip_counts_and_fail_stops_at_first(tmp_path):
     ])
     spec = DatasetSpec("mix", path)
     report = SkipReport()
-    kept = list(apply_error_policy(iter_samples(spec), "skip", report))
+    kept = _read([spec], "skip", report)
     assert [s.source for s in kept] == [f"{path}:1", f"{path}:4"]
     assert report.counts == {"unknown role": 1, "invalid JSON": 1, "ends on user turn": 1}
-    assert report.total == 3
+    assert sum(report.counts.values()) == 3
     assert report.examples[0].startswith(f"{path}:2: unknown role (conversations[1] from='robot'")
 
     seen = []
     with pytest.raises(MegapackError) as err:
-        for sample in apply_error_policy(iter_samples(spec), "fail", SkipReport()):
-            seen.append(sample.source)
+        for item in parse_records(spec):
+            if isinstance(item, BadRecord):
+                handle_bad_record(item, "fail", SkipReport())
+            seen.append(item.source)
     assert seen == [f"{path}:1"]
     assert str(err.value).startswith(f"{path}:2: unknown role (conversations[1] from='robot', expected one of")
     with pytest.raises(MegapackError, match="--on-error 'ignore'"):
-        list(apply_error_policy([], "ignore", report))
+        handle_bad_record(BadRecord("f:1", "invalid JSON"), "ignore", report)
 
 
-def test_num_samples_and_read_datasets(tmp_path):
+def test_num_samples_keeps_the_first_valid_records(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", ["{", *[{"instruction": f"q{i}", "output": "a"} for i in range(5)]])
     spec = DatasetSpec("d", path, formatting="alpaca", num_samples=3)
     report = SkipReport()
-    got = [s.messages[0].content for s in read_datasets([spec, spec], "skip", report)]
+    got = [s.messages[0].content for s in _read([spec, spec], "skip", report)]
     assert got == ["q0", "q1", "q2"] * 2
     assert report.counts == {"invalid JSON": 2}
 
@@ -180,28 +195,28 @@ def test_real_alpaca_demo_matches_the_file(llamafactory_data_dir):
     path = llamafactory_data_dir / "alpaca_en_demo.json"
     raw = json.loads(path.read_text(encoding="utf-8"))
     [spec] = resolve_datasets([str(path)], None, None, fmt="alpaca")
-    samples = list(iter_samples(spec))
-    assert len(samples) == len(raw) == 999
-    first = samples[0]
+    records = list(parse_records(spec))
+    assert len(records) == len(raw) == 999
+    first = records[0]
     assert first.messages[0] == Message("user", "Describe a process of making crepes.")
     assert first.messages[1].content.startswith("Making crepes is an easy and delicious process!")
-    for sample, rec in zip(samples, raw):
+    for parsed, rec in zip(records, raw):
         prompt = "\n".join(x for x in (rec["instruction"], rec["input"]) if x)
-        assert sample.messages == [Message("user", prompt), Message("assistant", rec["output"])]
+        assert parsed.messages == [Message("user", prompt), Message("assistant", rec["output"])]
 
 
 def test_real_v1_sft_and_glaive_demos(llamafactory_data_dir):
     [v1] = resolve_datasets([str(llamafactory_data_dir / "v1_sft_demo.jsonl")], None, None)
-    samples = list(iter_samples(v1))
-    assert len(samples) == 500 and all(isinstance(s, Conversation) for s in samples)
-    assert samples[0].messages[0] == Message("user", "hi")
-    assert all(s.messages[-1].role == "assistant" and s.messages[-1].content for s in samples)
+    records = list(parse_records(v1))
+    assert len(records) == 500 and all(isinstance(s, Conversation) for s in records)
+    assert records[0].messages[0] == Message("user", "hi")
+    assert all(s.messages[-1].role == "assistant" and s.messages[-1].content for s in records)
     [glaive] = resolve_datasets([str(llamafactory_data_dir / "glaive_toolcall_en_demo.json")], None, None)
-    samples = list(iter_samples(glaive))
-    assert len(samples) == 300 and all(isinstance(s, Conversation) and s.tools for s in samples)
-    roles = {m.role for s in samples for m in s.messages}
+    records = list(parse_records(glaive))
+    assert len(records) == 300 and all(isinstance(s, Conversation) and s.tools for s in records)
+    roles = {m.role for s in records for m in s.messages}
     assert roles == {"user", "assistant", "function_call", "observation"}
-    assert samples[0].messages[3].content.startswith('{"name": "search_recipes"')
+    assert records[0].messages[3].content.startswith('{"name": "search_recipes"')
 
 
 def test_auto_detects_per_file_in_a_folder(tmp_path, llamafactory_data_dir):
@@ -212,13 +227,13 @@ def test_auto_detects_per_file_in_a_folder(tmp_path, llamafactory_data_dir):
     _jsonl(folder / "a_alpaca.jsonl", alpaca)
     (folder / "b_sharegpt.json").write_bytes((llamafactory_data_dir / "glaive_toolcall_en_demo.json").read_bytes())
     report = SkipReport()
-    samples = list(read_datasets(resolve_datasets([str(folder)], None, None), "skip", report))
-    assert report.counts == {} and len(samples) == 50 + 300
-    assert samples[0].messages[-1].content == alpaca[0]["output"]
-    assert samples[50].source.startswith(str(folder / "b_sharegpt.json"))
-    assert any(m.role == "function_call" for s in samples[50:] for m in s.messages)
-    assert all(s.tools for s in samples[50:])  # sharegpt's tools column read in the second file
+    records = _read(resolve_datasets([str(folder)], None, None), "skip", report)
+    assert report.counts == {} and len(records) == 50 + 300
+    assert records[0].messages[-1].content == alpaca[0]["output"]
+    assert records[50].source.startswith(str(folder / "b_sharegpt.json"))
+    assert any(m.role == "function_call" for s in records[50:] for m in s.messages)
+    assert all(s.tools for s in records[50:])  # sharegpt's tools column read in the second file
     # an explicit format applies to every file: the other file's records are bad records, counted
     report = SkipReport()
-    samples = list(read_datasets(resolve_datasets([str(folder)], None, None, "alpaca"), "skip", report))
-    assert len(samples) == 50 and report.counts == {"missing column": 300}
+    records = _read(resolve_datasets([str(folder)], None, None, "alpaca"), "skip", report)
+    assert len(records) == 50 and report.counts == {"missing column": 300}

@@ -12,12 +12,13 @@ from hypothesis import strategies as st
 
 from chat_strategies import tool_chats
 from megapack.cli import main
-from megapack.data.render.hf_template import HFChatTemplate, parse_date
+from megapack.data.render.hf_jinja import parse_date
+from megapack.data.render.hf_template import HFChatTemplate
 from megapack.data.render.templates import TemplateOptions, get_template
 from megapack.data.render.tokenizers import load_tokenizer
-from megapack.data.render.tools import EMPTY_MASK, PREFIX_UNSTABLE, RENDER_REASONS, TEMPLATE_ERROR, BadSample
+from megapack.data.render.tool_calls import EMPTY_MASK, PREFIX_UNSTABLE, RENDER_REASONS, TEMPLATE_ERROR, UnrenderableRecord
 from megapack.data.sources.conversation import Conversation, Message
-from megapack.data.sources.formats import iter_samples
+from megapack.data.sources.formats import parse_records
 from megapack.data.sources.registry import resolve_datasets
 from megapack.errors import MegapackError
 
@@ -92,7 +93,7 @@ def pair(llama3_tokenizer, hf_tokenizer_json_path, mistral_sp_model_path, chatml
 
 def _demo(data_dir, name, n=N):
     spec = resolve_datasets(None, [name], str(data_dir))[0]
-    return [s for s in iter_samples(spec) if isinstance(s, Conversation)][:n]
+    return [s for s in parse_records(spec) if isinstance(s, Conversation)][:n]
 
 
 def _reference(hf_tok, template, conv, source, mask=False):
@@ -176,7 +177,7 @@ def test_property_chatml_ids_and_masks(pair, conv):
     template = HFChatTemplate.from_dir(TEMPLATES / "qwen2.5-instruct")
     try:
         ids, mask = template.encode(conv, ours)
-    except BadSample as bad:  # "assistant\n" + a content that opens with whitespace: BPE merges across the boundary
+    except UnrenderableRecord as bad:  # "assistant\n" + a content that opens with whitespace: BPE merges across the boundary
         assert bad.reason == PREFIX_UNSTABLE
         assert any(re.match(r"\s", m.content) for m in conv.messages if m.role == "assistant")
         return
@@ -228,16 +229,16 @@ def test_bad_records_have_their_own_reasons(llama3_tokenizer, llamafactory_data_
          PREFIX_UNSTABLE),
     ]
     for source, reason in cases:
-        with pytest.raises(BadSample) as info:
+        with pytest.raises(UnrenderableRecord) as info:
             HFChatTemplate({"default": source}).encode(conv, tok)
         assert info.value.reason == reason, source
     glaive = _demo(llamafactory_data_dir, "glaive_toolcall_en_demo", 1)[0]
-    with pytest.raises(BadSample, match="does not render tools") as info:
+    with pytest.raises(UnrenderableRecord, match="does not render tools") as info:
         HFChatTemplate.from_dir(TEMPLATES / "llama3-instruct").encode(glaive, tok)
     assert info.value.reason == "tools unsupported by template"
     broken = Conversation([Message("user", "Q"), Message("function_call", "weather(paris)")], tools=glaive.tools)
     for template in (HFChatTemplate.from_dir(TEMPLATES / "llama3.1-instruct"), get_template("llama3")):
-        with pytest.raises(BadSample) as info:
+        with pytest.raises(UnrenderableRecord) as info:
             template.encode(broken, tok)
         assert info.value.reason == "bad tool call"
 
@@ -251,7 +252,7 @@ def test_preprocess_cli_template_hf(tmp_path, llamafactory_data_dir, llama3_toke
     assert main([*base, "--template", "hf", "--chat-template-from", str(TEMPLATES / "llama3.1-instruct"),
                  "--output-dir", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["num_samples"] == 300 and meta["skipped"] == {}
+    assert meta["num_conversations"] == 300 and meta["skipped"] == {}
     assert meta["template"]["name"] == "hf" and meta["template"]["identity"].startswith("hf:")
     assert meta["template"]["chat_template_from"] == str(TEMPLATES / "llama3.1-instruct")
     # a checkpoint folder as HF ships it: tokenizer.json + tokenizer_config.json holding the chat template
@@ -269,7 +270,7 @@ def test_preprocess_cli_template_hf(tmp_path, llamafactory_data_dir, llama3_toke
     assert main([*base, "--template", "hf", "--chat-template-from", str(TEMPLATES / "llama3-instruct"),
                  "--output-dir", str(tmp_path / "no-tools")]) == 0
     meta = json.loads((tmp_path / "no-tools" / "meta.json").read_text())
-    assert meta["num_samples"] == 109 and meta["skipped"] == {"tools unsupported by template": 191}
+    assert meta["num_conversations"] == 109 and meta["skipped"] == {"tools unsupported by template": 191}
     assert "does not render tools" in capsys.readouterr().err
     assert main([*base, "--template", "llama3", "--template-date", "2024-07-26", "--output-dir", str(tmp_path / "x")]) == 1
     assert "--chat-template-from / --template-date apply to --template hf" in capsys.readouterr().err

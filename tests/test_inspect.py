@@ -28,7 +28,7 @@ def test_stats_verify_show_plot(shard_dir, llamafactory_data_dir, capsys, tmp_pa
     png = tmp_path / "dist.png"
     assert main(["inspect", str(shard_dir), "--verify", "--show", "0", "--show", "5", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"records read\s+999\n", out) and re.search(r"train: samples\s+999\n", out)
+    assert re.search(r"records read\s+999\n", out) and re.search(r"train: conversations\s+999\n", out)
     assert "verify: ok" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     outputs = {r["output"] for r in json.loads((llamafactory_data_dir / "alpaca_en_demo.json").read_text())}

@@ -40,7 +40,7 @@ def _paper_shards(tmp: Path, tokenizer: Path) -> Path:
     assert rc == 0
     meta = json.loads((out / "meta.json").read_text())  # every record read through the registry's column mapping
     assert (meta["num_records"], meta["skipped"], meta["inputs"][0]["formatting"]) == (20, {}, "sharegpt")
-    assert sum(split["num_samples"] for split in meta["splits"].values()) == 20
+    assert sum(split["num_conversations"] for split in meta["splits"].values()) == 20
     return out
 
 

@@ -74,7 +74,7 @@ def test_tokenizer_json_checkpoint_matches_tiktoken_shards(tmp_path, llama3_toke
                                                            mistral_sp_model_path, llamafactory_data_dir):
     """An HF checkpoint with only tokenizer.json records the identity that shards made with the ranks file carry."""
     from megapack.data.pipeline.preprocess import PreprocessConfig, run_preprocess
-    from megapack.data.render.tokenizers import vocab_identity
+    from megapack.data.render.vocab import vocab_identity
     from megapack.errors import MegapackError
     from megapack.training.preflight.config import load_config
     from megapack.training.preflight.plan import preflight

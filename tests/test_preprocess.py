@@ -28,14 +28,15 @@ LLAMA3_VOCAB = "vocab:2b6dff733d9c48f89f6efd2e9c62e69238bb03ca9c50345b0c7a00a48b
 @pytest.fixture(scope="module")
 def reference(llama3_tokenizer, llamafactory_data_dir):
     """(ids, mask) of every demo conversation, straight from the template (the expected content of the shards)."""
-    from megapack.data.sources.formats import read_datasets
+    from megapack.data.sources.formats import parse_records
     from megapack.data.sources.registry import resolve_datasets
     from megapack.data.render.templates import TemplateOptions, get_template
-    from megapack.data.sources.conversation import SkipReport
+    from megapack.data.sources.conversation import BadRecord
 
     template, opts = get_template("llama3"), TemplateOptions()
-    specs = resolve_datasets(None, DATASETS, str(llamafactory_data_dir))
-    return [template.encode(s, llama3_tokenizer, opts) for s in read_datasets(specs, "fail", SkipReport())]
+    records = [r for spec in resolve_datasets(None, DATASETS, str(llamafactory_data_dir)) for r in parse_records(spec)]
+    assert not [r for r in records if isinstance(r, BadRecord)]  # --on-error fail would stop on none of them
+    return [template.encode(r, llama3_tokenizer, opts) for r in records]
 
 
 def config(tmp_path, data_dir, tok, name, **kw) -> PreprocessConfig:
@@ -60,8 +61,8 @@ def test_real_demo_data_all_packings(tmp_path, llamafactory_data_dir, llama3_tok
     n = len(reference)
     assert n == 999 + 300 + 91 and meta["num_records"] == n and meta["skipped"] == {}
     assert meta["tokenizer_identity"] == LLAMA3_VOCAB and meta["dtype"] == "int32"
-    for key in ("format_version", "num_samples", "num_tokens", "num_loss_tokens", "num_packs", "seq_length", "packing",
-                "seed", "pad_to_multiple", "lower_bound_packs", "packing_efficiency", "truncated", "dropped",
+    for key in ("format_version", "num_conversations", "num_tokens", "num_trained_tokens", "num_packs", "seq_length",
+                "packing", "seed", "pad_to_multiple", "lower_bound_packs", "packing_efficiency", "truncated", "dropped",
                 "skipped", "tokenizer_identity", "template", "vocab_size", "sha256"):
         assert key in meta, key
     cut = None if packing == "random" else L  # only random keeps over-long conversations whole (split across rows)
@@ -149,7 +150,7 @@ def test_killed_run_is_never_complete_and_resumes(tmp_path, llama3_tokenizer_pat
     assert fresh.returncode == 0, fresh.stderr
     a = json.loads((out / "meta.json").read_text())
     b = json.loads((tmp_path / "fresh" / "meta.json").read_text())
-    assert a["sha256"] == b["sha256"] and a["num_samples"] == 8000
+    assert a["sha256"] == b["sha256"] and a["num_conversations"] == 8000
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "fresh").iterdir())
 
 
@@ -169,7 +170,7 @@ def test_bad_arguments_one_line_and_nothing_left(tmp_path, llama3_tokenizer_path
         (["--input", str(good), "--workers", "0"], "--workers 0", tmp_path / "o2"),
         (["--input", str(good), "--packing", "knapsack"], "--packing 'knapsack'", tmp_path / "o3"),
         (["--input", str(good), "--seq-length", "100", "--pad-to-multiple", "8"], "--pad-to-multiple 8", tmp_path / "o4"),
-        (["--input", str(bad)], "no samples left to pack", tmp_path / "o5"),
+        (["--input", str(bad)], "no conversations left to pack", tmp_path / "o5"),
         (["--input", str(good)], "not writable", blocker / "sub"),
         (["--input", str(good)], "not empty; pass --overwrite", full),
         (["--input", str(tmp_path / "missing.jsonl")], "missing.jsonl", tmp_path / "o6"),

@@ -76,7 +76,7 @@ def test_train_split_without_trained_tokens_is_refused(tmp_path, llama3_tokenize
         out = tmp_path / f"out-{packing}"
         assert main(_argv(llama3_tokenizer_path, [], out, *base, "--packing", packing)) == 1
         err = _one_line_error(capsys)
-        assert "no trained tokens" in err and "--seq-length 16" in err and "300 samples" in err, err
+        assert "no trained tokens" in err and "--seq-length 16" in err and "300 conversations" in err, err
         assert not out.exists()
     # an existing directory keeps what is not ours and gets no meta.json
     out = tmp_path / "existing"
@@ -87,10 +87,10 @@ def test_train_split_without_trained_tokens_is_refused(tmp_path, llama3_tokenize
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     # random packing keeps whole conversations: the same data trains there
     assert main(_argv(llama3_tokenizer_path, [], tmp_path / "random", *base, "--packing", "random")) == 0
-    assert json.loads((tmp_path / "random" / "meta.json").read_text())["num_loss_tokens"] > 0
+    assert json.loads((tmp_path / "random" / "meta.json").read_text())["num_trained_tokens"] > 0
 
 
-def test_all_samples_dropped_is_refused(tmp_path, llama3_tokenizer_path, llamafactory_data_dir, capsys):
+def test_all_conversations_dropped_is_refused(tmp_path, llama3_tokenizer_path, llamafactory_data_dir, capsys):
     base = ["--dataset", "identity,glaive_toolcall_en_demo", "--dataset-dir", str(llamafactory_data_dir)]
     out = tmp_path / "out"
     assert main(_argv(llama3_tokenizer_path, [], out, *base, "--seq-length", "16", "--drop-long")) == 1
@@ -125,9 +125,9 @@ def _assert_not_complete(out: Path) -> None:
 
 
 def test_disk_full_while_writing_shards(tmp_path, llama3_tokenizer_path, monkeypatch, capsys):
-    from megapack.data.packs import shards
+    from megapack.data.packs import mmidx
 
-    real_write = shards._HashingFile.write
+    real_write = mmidx.HashingFile.write
     calls = {"n": 0}
 
     def write(self, data):
@@ -136,7 +136,7 @@ def test_disk_full_while_writing_shards(tmp_path, llama3_tokenizer_path, monkeyp
             raise ENOSPC
         real_write(self, data)
 
-    monkeypatch.setattr(shards._HashingFile, "write", write)
+    monkeypatch.setattr(mmidx.HashingFile, "write", write)
     data, out = _docs(tmp_path / "d.jsonl"), tmp_path / "out"
     argv = _argv(llama3_tokenizer_path, [data], out, "--template", "plain", "--seq-length", "64")
     assert main(argv) == 1
@@ -145,7 +145,7 @@ def test_disk_full_while_writing_shards(tmp_path, llama3_tokenizer_path, monkeyp
     assert "bytes needed" in err and "rerun" in err, err
     _assert_not_complete(out)
     assert (out / ".work" / "part-00000-of-00001" / "part.json").exists()  # the tokenized partition is kept
-    monkeypatch.setattr(shards._HashingFile, "write", real_write)
+    monkeypatch.setattr(mmidx.HashingFile, "write", real_write)
     assert main(argv) == 0 and "reused partitions" in capsys.readouterr().out
     assert (out / "meta.json").exists() and not (out / ".work").exists()
 
@@ -286,3 +286,12 @@ def test_killed_while_removing_the_work_folder(tmp_path, llama3_tokenizer_path, 
     (out / ".work").mkdir()
     assert main(argv) == 1 and "already holds finished shards" in _one_line_error(capsys)
     assert not (out / ".work").exists() and "meta.json" in _tree(out)
+
+
+def test_partitions_written_before_the_rename_read_with_the_new_keys(tmp_path):
+    from megapack.data.pipeline.partitions import DONE_FILE, finished_partition, part_dir
+
+    folder = part_dir(tmp_path, 0, 1)
+    folder.mkdir(parents=True)
+    (folder / DONE_FILE).write_text(json.dumps({"records": 3, "samples": 2, "tokens": 10, "loss_tokens": 4}))
+    assert finished_partition(tmp_path, 0, 1) == {"records": 3, "conversations": 2, "tokens": 10, "trained_tokens": 4}

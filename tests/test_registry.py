@@ -6,7 +6,7 @@ import json
 import pytest
 
 from megapack.data.sources.conversation import BadRecord, Conversation, Document, Message
-from megapack.data.sources.formats import iter_samples
+from megapack.data.sources.formats import parse_records
 from megapack.data.sources.registry import load_registry, resolve_datasets
 from megapack.errors import MegapackError
 
@@ -35,7 +35,7 @@ def test_every_local_entry_of_the_real_registry(llamafactory_data_dir):
                 resolve_datasets(None, [name], str(llamafactory_data_dir))
             continue
         [spec] = resolve_datasets(None, [name], str(llamafactory_data_dir))
-        items = list(iter_samples(spec))
+        items = list(parse_records(spec))
         assert not [b for b in items if isinstance(b, BadRecord)], name
         counts[name] = (spec.formatting, len(items), type(items[0]).__name__)
     assert counts == {
@@ -52,11 +52,11 @@ def test_every_local_entry_of_the_real_registry(llamafactory_data_dir):
 def test_real_alpaca_and_c4_entries(llamafactory_data_dir):
     specs = resolve_datasets(None, ["alpaca_en_demo,c4_demo"], str(llamafactory_data_dir))
     assert [s.name for s in specs] == ["alpaca_en_demo", "c4_demo"]
-    alpaca = list(iter_samples(specs[0]))
+    alpaca = list(parse_records(specs[0]))
     assert alpaca[0].source == f"{llamafactory_data_dir}/alpaca_en_demo.json:1"
     assert alpaca[0].messages[0] == Message("user", "Describe a process of making crepes.")
     assert alpaca[0].system is None
-    docs = list(iter_samples(specs[1]))
+    docs = list(parse_records(specs[1]))
     assert all(isinstance(d, Document) for d in docs)
     assert docs[0].text.startswith("Don’t think you need all the bells and whistles? No problem.")
     assert docs[-1].source == f"{llamafactory_data_dir}/c4_demo.jsonl:300"
@@ -76,7 +76,7 @@ def test_seed_paper_wildchat_entry(tmp_path):
     (tmp_path / "wildchat_gpt.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
     [spec] = resolve_datasets(None, ["wildchat_gpt"], directory)
     assert (spec.formatting, spec.columns["messages"], spec.columns["system"]) == ("sharegpt", "conversations", None)
-    first, second, bad = iter_samples(spec)
+    first, second, bad = parse_records(spec)
     assert first == Conversation([Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "2+2?"),
                                   Message("assistant", "4")], source=f"{tmp_path}/wildchat_gpt.json:1")
     assert (second.system, second.messages) == ("Be terse.", [Message("user", "Q"), Message("assistant", "A")])
@@ -99,8 +99,8 @@ def test_openai_entry_via_tags_folder_and_num_samples(tmp_path):
         "oa2": {"file_name": "parts", "formatting": "openai", "columns": {"system": "sys"}},
     })
     specs = resolve_datasets(None, ["oa", "oa1", "oa2"], directory)
-    samples = [s for spec in specs for s in iter_samples(spec)]
-    assert [(s.system, s.messages[1].content, s.source.rsplit("/", 1)[1]) for s in samples] == [
+    records = [s for spec in specs for s in parse_records(spec)]
+    assert [(s.system, s.messages[1].content, s.source.rsplit("/", 1)[1]) for s in records] == [
         ("s0", "a0", "0.jsonl:1"), ("s1", "a1", "1.jsonl:1"), ("s0", "a0", "0.jsonl:1"),
         ("s0", "a0", "0.jsonl:1"), ("s1", "a1", "1.jsonl:1")]  # a leading system turn wins over the column
 
@@ -163,6 +163,6 @@ def test_prompt_only_entry_is_text_only_without_responses(tmp_path):
     directory = _registry(tmp_path, {"pt": {"file_name": "pt.jsonl", "columns": {"prompt": "content"}},
                                      "qa": {"file_name": "qa.jsonl", "columns": {"prompt": "question"}}})
     pt, qa = resolve_datasets(None, ["pt", "qa"], directory)
-    assert (pt.formatting, list(iter_samples(pt))) == ("text", [Document("a document", f"{tmp_path}/pt.jsonl:1")])
-    assert (qa.formatting, [s.messages for s in iter_samples(qa)]) == (
+    assert (pt.formatting, list(parse_records(pt))) == ("text", [Document("a document", f"{tmp_path}/pt.jsonl:1")])
+    assert (qa.formatting, [s.messages for s in parse_records(qa)]) == (
         "alpaca", [[Message("user", "why?"), Message("assistant", "because")]])

@@ -169,7 +169,7 @@ def test_unreadable_inputs_are_one_line_naming_the_file(tmp_path, capsys):
 
 
 def test_padded_micro_batches_by_hand():
-    from megapack.data.packs.stats import PADDED_ARM_MULTIPLE, padded_micro_batches
+    from megapack.data.packs.padding import PADDED_ARM_MULTIPLE, padded_micro_batches
     from megapack.training.run import batch as data
 
     assert data.PADDED_ARM_MULTIPLE is PADDED_ARM_MULTIPLE == 8
@@ -223,7 +223,7 @@ def test_demo_writes_a_report_of_its_runs(shrunk_demo, tmp_path):
 
 
 def test_inspect_plot_shows_the_trainers_padding(shrunk_demo, tmp_path, capsys):
-    from megapack.data.packs.inspect import micro_batch_fill, plot
+    from megapack.data.packs.views import micro_batch_fill, plot
     from megapack.data.packs.shards import ShardDataset
 
     workdir, _ = shrunk_demo
@@ -237,9 +237,10 @@ def test_inspect_plot_shows_the_trainers_padding(shrunk_demo, tmp_path, capsys):
     split = ds.meta["splits"]["train"]
     assert f"padded micro-batches (micro_batch_size 4): {numbers['micro_batches']}, " \
            f"{numbers['padding_fraction']:.1%} of the tokens computed are padding" in printed
-    assert numbers["micro_batches"] == -(-split["num_samples"] // 4)
+    assert numbers["micro_batches"] == -(-split["num_conversations"] // 4)
     caption = numbers["caption"]
-    for value in (f"{split['num_samples']} samples", f"{split['truncated']} truncated", f"{split['num_packs']} packs",
+    for value in (f"{split['num_conversations']} conversations", f"{split['truncated']} truncated",
+                  f"{split['num_packs']} packs",
                   f"lower bound {split['lower_bound_packs']}", f"packing efficiency {split['packing_efficiency']:.1%}",
                   f"{numbers['padding_fraction']:.1%} padding", "micro_batch_size 4"):
         assert value in caption, value

@@ -7,7 +7,7 @@ import pytest
 
 from megapack import seeds
 from megapack.data.packs.writer import split_train_val
-from megapack.data.packs.packing import plan_packs
+from megapack.data.packs.packing import assign_packs
 from megapack.errors import MegapackError
 
 PREPROCESS_DEFAULT_SEED = 1234  # megapack preprocess --seed default (cli/preprocess.py, PreprocessConfig)
@@ -17,10 +17,10 @@ L = 64
 
 
 def _pack_order(seed: int, n: int, packing: str) -> np.ndarray:
-    """Sample index of each pack when every sample fills a pack: the permutation preprocessing applied."""
-    plan = plan_packs(np.full(n, L), L, packing, seed=seed)
-    assert plan.num_packs == n and (np.diff(plan.pack_offsets) == 1).all()
-    return plan.sample
+    """Conversation index of each pack when every conversation fills a pack: the permutation preprocessing applied."""
+    assignment = assign_packs(np.full(n, L), L, packing, seed=seed)
+    assert assignment.num_packs == n and (np.diff(assignment.pack_offsets) == 1).all()
+    return assignment.conversation
 
 
 def test_numpy_trailing_zero_seed_words_collide():
@@ -62,7 +62,7 @@ def test_val_split_uses_its_own_stream():
 
 def test_bad_seeds_and_purposes():
     with pytest.raises(MegapackError, match=r"--seed -1: expected an integer in \[0, 2\*\*64\)"):
-        plan_packs(np.full(4, 8), 8, "bfd", seed=-1)
+        assign_packs(np.full(4, 8), 8, "bfd", seed=-1)
     with pytest.raises(MegapackError, match=r"seed 18446744073709551616"):
         seeds.rng(2**64, "pack_order")
     with pytest.raises(ValueError, match="purpose 'shuffle'"):

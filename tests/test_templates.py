@@ -310,10 +310,10 @@ def test_chatml_renders_tools_in_the_hermes_format(llama3_tokenizer):
 
 
 def test_templates_without_a_tool_format_refuse_tools(llama3_tokenizer, mistral):
-    from megapack.data.render.tools import BadSample
+    from megapack.data.render.tool_calls import UnrenderableRecord
 
     for name, tok in (("llama2", mistral), ("plain", llama3_tokenizer)):
-        with pytest.raises(BadSample, match=f"template '{name}' has no tool format") as info:
+        with pytest.raises(UnrenderableRecord, match=f"template '{name}' has no tool format") as info:
             get_template(name).encode(TOOL_CHAT, tok)
         assert info.value.reason == "tools unsupported by template"
 
@@ -321,7 +321,7 @@ def test_templates_without_a_tool_format_refuse_tools(llama3_tokenizer, mistral)
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(conv=tool_chats(TEXT, st.just(WEATHER_TOOLS)))
 def test_property_tool_calls_trained_observations_not(llama3_tokenizer, conv):
-    from megapack.data.render.tools import hermes_call, llama31_call
+    from megapack.data.render.tool_calls import hermes_call, llama31_call
 
     for name, call, eot in (("llama3", llama31_call, "<|eot_id|>"), ("chatml", hermes_call, "<|im_end|>")):
         ids, mask = get_template(name).encode(conv, llama3_tokenizer)

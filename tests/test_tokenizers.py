@@ -9,12 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megapack.data.render.tokenizers import (
-    SentencePieceTokenizer,
-    TiktokenLlama3Tokenizer,
-    load_tokenizer,
-    vocab_identity,
-)
+from megapack.data.render.tokenizers import SentencePieceTokenizer, TiktokenLlama3Tokenizer, load_tokenizer
+from megapack.data.render.vocab import vocab_identity
 from megapack.errors import MegapackError
 
 # vocab_identity of the LLaMA-3 vocabulary (ranks file and tokenizer.json alike) and of Mistral v1, pinned: shard

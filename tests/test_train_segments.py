@@ -48,7 +48,7 @@ def _eos_ending_samples(data_dir, sp_model, count: int = 12) -> tuple[list, int]
 
 @pytest.fixture(scope="module")
 def arms(tmp_path_factory, llamafactory_data_dir, mistral_sp_model_path):
-    from megapack.data.packs.writer import SampleStore, write_shard_dir
+    from megapack.data.packs.writer import RecordStore, write_shard_dir
 
     w = tmp_path_factory.mktemp("segments")
     hf = make_tiny_hf(w / "hf")
@@ -56,7 +56,7 @@ def arms(tmp_path_factory, llamafactory_data_dir, mistral_sp_model_path):
     jobs, runs = [], {}
     for packing, k in ARMS:
         shards = w / f"{packing}{k}"
-        meta = write_shard_dir(SampleStore.from_samples(samples), shards, seq_length=256, packing=packing,
+        meta = write_shard_dir(RecordStore.from_encoded(samples), shards, seq_length=256, packing=packing,
                                pad_to_multiple=k, vocab_size=32000, pad_id=pad_id, seed=3)
         packs = meta["num_packs"]  # one step = every conversation (the loss is then independent of packing)
         cfg = base_config(hf, shards, w / f"run_{packing}{k}", data={"valid_split": None},

@@ -77,8 +77,8 @@ def test_token_range_is_taken_chunk_by_chunk_padding_included(tmp_path, monkeypa
     from megapack.data.packs import writer
 
     monkeypatch.setattr(writer, "CHUNK_TOKENS", 8)  # every pack its own write step
-    samples = [([7, 9, 8], [0, 1, 1]), ([300, 12], [0, 1]), ([40, 3, 42, 43, 44], [0, 0, 1, 1, 1]), ([5, 6], [0, 1])]
-    store = writer.SampleStore.from_samples([(np.array(t), np.array(m)) for t, m in samples])
+    encoded = [([7, 9, 8], [0, 1, 1]), ([300, 12], [0, 1]), ([40, 3, 42, 43, 44], [0, 0, 1, 1, 1]), ([5, 6], [0, 1])]
+    store = writer.RecordStore.from_encoded([(np.array(t), np.array(m)) for t, m in encoded])
     meta = writer.write_shard_dir(store, tmp_path / "a", seq_length=16, packing="padding", vocab_size=1000, pad_id=2)
     assert (meta["min_token_id"], meta["max_token_id"]) == (3, 300)
     assert meta["splits"]["train"]["min_token_id"] == 3 and meta["splits"]["train"]["max_token_id"] == 300

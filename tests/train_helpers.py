@@ -266,7 +266,7 @@ def _run_jobs(spec_path: str) -> None:
         if job.get("attention_calls"):
             dumps.append(record_attention_calls(trainer, job["attention_calls"]))
         if job.get("segment_losses"):
-            result = {json.dumps(list(k)): v for k, v in segment_losses(trainer, trainer.data.train).items()}
+            result = {json.dumps(list(k)): v for k, v in segment_losses(trainer, trainer.source.train).items()}
             if dist.get_rank() == 0:
                 Path(job["segment_losses"]).write_text(json.dumps(result))
             trainer.close(keep_process_group=True)

@@ -41,7 +41,7 @@ def parse_size(text: str) -> int:
 
 def tokenizer_identity(hf_dir: Path) -> str | None:
     """vocab_identity of the first readable of original/tokenizer.model, tokenizer.model, tokenizer.json; else None."""
-    from megapack.data.render.tokenizers import vocab_identity
+    from megapack.data.render.vocab import vocab_identity
     from megapack.model.hf_export import TOKENIZER_FILES
 
     for rel in ("original/tokenizer.model", "tokenizer.model", "tokenizer.json"):

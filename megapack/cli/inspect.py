@@ -12,8 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true", help="re-check every checksum and structural invariant")
     parser.add_argument("--show", type=int, action="append", metavar="I", help="print pack I, trained tokens in «»")
     parser.add_argument("--tokenizer-model", help="tokenizer for --show (default: the one recorded in meta.json)")
-    parser.add_argument("--plot", metavar="OUT.png", help="draw the sample-length histogram and the pack fill, with "
-                        "the split's numbers (padding shards: the fill of the trainer's padded micro-batches)")
+    parser.add_argument("--plot", metavar="OUT.png", help="draw the conversation-length histogram and the pack fill, "
+                        "with the split's numbers (padding shards: the fill of the trainer's padded micro-batches)")
     parser.add_argument("--micro-batch-size", type=int, default=1, metavar="N",
                         help="padding shards, --plot: conversations per micro-batch, as training.micro_batch_size "
                              "(default 1, its default); each micro-batch is padded to its longest, rounded up to 8")
@@ -24,10 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print statistics, then do what the flags ask; exit 1 when --verify finds problems."""
-    from megapack.data.packs.inspect import plot, render_pack
+    from megapack.data.packs.views import plot, render_pack
     from megapack.data.packs.verify import verify
     from megapack.data.packs.shards import read_meta, ShardDataset
-    from megapack.data.packs.stats import summary_rows, table
+    from megapack.data.packs.summary import summary_rows, table
     from megapack.errors import MegapackError
     from megapack.seeds import check_seed
 

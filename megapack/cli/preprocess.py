@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"one of {', '.join(PACKINGS)} (default %(default)s)")
     pack.add_argument("--pad-to-multiple", type=int, default=default["pad_to_multiple"], metavar="K",
                       help="round each segment up to K tokens (default %(default)s)")
-    pack.add_argument("--drop-long", action="store_true", help="drop samples longer than --seq-length (else truncate)")
+    pack.add_argument("--drop-long", action="store_true",
+                      help="drop conversations longer than --seq-length (else truncate)")
     pack.add_argument("--seed", type=int, default=default["seed"],
                       help="seed of the pack order and the val split (default %(default)s)")
     pack.add_argument("--val-fraction", type=float, default=default["val_fraction"],
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run preprocessing and print the summary table."""
     from megapack.data.pipeline.preprocess import PreprocessConfig, run_preprocess
-    from megapack.data.packs.stats import table, summary_rows
+    from megapack.data.packs.summary import summary_rows, table
 
     cfg = PreprocessConfig(
         output_dir=args.output_dir, tokenizer_model=args.tokenizer_model, inputs=args.input, datasets=args.dataset,
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_preprocess(cfg)
     if args.partition_index is not None:
-        rows = [(k, result[k]) for k in ("records", "samples", "tokens", "loss_tokens")]
+        rows = [(k, result[k]) for k in ("records", "conversations", "tokens", "trained_tokens")]
         rows += [(f"skipped: {r}", n) for r, n in sorted(result["skipped"].items())]
         print(f"partition {args.partition_index}/{args.num_partitions} of {args.output_dir}"
               f" {'reused' if result['reused'] else 'done'}:\n{table(rows)}")

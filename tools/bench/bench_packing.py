@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from megapack.data.packs.packing import PACKINGS, lower_bound, plan_packs
+from megapack.data.packs.packing import PACKINGS, assign_packs, lower_bound
 
 
 def main() -> None:
@@ -29,12 +29,12 @@ def main() -> None:
         times = []
         for _ in range(args.repeat):
             t = time.perf_counter()
-            plan = plan_packs(lengths, L, packing, seed=1)
+            assignment = assign_packs(lengths, L, packing, seed=1)
             times.append(time.perf_counter() - t)
-        lb = lower_bound(plan.seg_length, L)  # random keeps every token; the others truncate to L
-        eff = plan.length.sum() / (plan.num_packs * L)
-        print(f"| {packing} | {statistics.median(times):.3f} | {plan.num_packs:,} | {lb:,} | {plan.num_packs / lb:.5f} | "
-              f"{eff:.4%} | {plan.truncated:,} |")
+        lb = lower_bound(assignment.padded_lengths, L)  # random keeps every token; the others truncate to L
+        eff = assignment.real_lengths.sum() / (assignment.num_packs * L)
+        print(f"| {packing} | {statistics.median(times):.3f} | {assignment.num_packs:,} | {lb:,} | "
+              f"{assignment.num_packs / lb:.5f} | {eff:.4%} | {assignment.truncated:,} |")
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ BYTES_PER_TOKEN = 5  # int32 token + uint8 mask
 
 
 def make_shards(out: Path, gb: float, seed: int = 0) -> dict:
-    """A shard directory of about `gb` GB (tokens + masks) from random samples, through the real writer."""
-    from megapack.data.packs.writer import SampleStore, write_shard_dir
+    """A shard directory of about `gb` GB (tokens + loss masks) from random conversations, through the real writer."""
+    from megapack.data.packs.shards import token_dtype
+    from megapack.data.packs.writer import RecordStore, write_shard_dir
 
+    dtype = token_dtype(VOCAB)  # the dtype the writer expects of intermediate token files (int32 for LLaMA-3)
     rng = np.random.default_rng(seed)
     total = int(gb * 1e9 / BYTES_PER_TOKEN)
     lengths = np.clip(rng.lognormal(np.log(700), 1.0, size=total // 400), 8, SEQ_LENGTH).astype(np.int64)
@@ -46,12 +48,12 @@ def make_shards(out: Path, gb: float, seed: int = 0) -> dict:
         left = int(lengths.sum())
         while left:
             n = min(left, 1 << 24)
-            tf.write(rng.integers(0, VOCAB, size=n, dtype=np.int32).tobytes())
+            tf.write(rng.integers(0, VOCAB, size=n, dtype=dtype).tobytes())
             mf.write(rng.integers(0, 2, size=n, dtype=np.uint8).tobytes())
             left -= n
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     part = np.zeros(len(lengths), np.int32)
-    store = SampleStore.from_files([(tok_file, mask_file)], np.int32, part, offsets, lengths)
+    store = RecordStore.from_files([(tok_file, mask_file)], dtype, part, offsets, lengths)
     meta = write_shard_dir(store, out, seq_length=SEQ_LENGTH, packing="bfd", vocab_size=VOCAB, pad_id=0)
     tok_file.unlink()
     mask_file.unlink()

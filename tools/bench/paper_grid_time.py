@@ -2,9 +2,10 @@
 
 The study's datasets are not here, so each dataset is its size in conversations with bench_packing's long-tailed
 lengths (lognormal, log-mean ln 700, sigma 1, clipped to [8, 16384]); 10% are held out for validation as in the
-study. Each arm's train split is planned with megapack's own packing (`plan_packs`, 4096 tokens): the packed arms
-compute their packs' tokens; the padding arm computes micro-batches of the config's micro_batch_size conversations
-in a shuffled order, each padded to the longest rounded up to 8 (the trainer's padded micro-batches). The FLOPs are
+study (`split_train_val`, as preprocessing holds them out). Each arm's train split is packed with megapack's own
+packing (`assign_packs`, 4096 tokens): the packed arms compute their packs' tokens; the padding arm computes
+micro-batches of the config's micro_batch_size conversations in a shuffled order, each padded to the longest
+rounded up to 8 (`padded_micro_batches`, the trainer's padded micro-batches). The FLOPs are
 `metrics.model_flops` (6 N per token plus causal attention over each segment, the formula behind the logged MFU)
 over the tokens computed, padding included: time = epochs x FLOPs / (GPUs x peak x MFU), with a third more for the
 runs under full recompute (each layer's forward runs twice: 8 N instead of 6 N per token; MFU does not count it).
@@ -23,7 +24,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import paper_grid  # noqa: E402
 
-from megapack.data.packs.packing import plan_packs  # noqa: E402
+from megapack.data.packs.packing import assign_packs  # noqa: E402
+from megapack.data.packs.padding import padded_micro_batches  # noqa: E402
+from megapack.data.packs.writer import split_train_val  # noqa: E402
 from megapack.model.config import load_hf_config  # noqa: E402
 from megapack.model.flops import BF16_PEAK_FLOPS, model_flops  # noqa: E402
 
@@ -38,14 +41,15 @@ def lengths_of(n: int, seed: int) -> np.ndarray:
 
 def epoch_work(lengths: np.ndarray, packing: str, micro_batch_size: int, seed: int) -> tuple[int, int, int]:
     """(sequences per epoch, tokens computed, sum of squared segment lengths) of one arm's train split."""
-    plan = plan_packs(lengths, SEQ, packing, seed=seed)
+    assignment = assign_packs(lengths, SEQ, packing, seed=seed)
     if packing != "padding":
-        seg = plan.seg_length.astype(np.float64)
-        return plan.num_packs, int(plan.seg_length.sum()), int((seg * seg).sum())
-    rows = np.random.default_rng(seed).permutation(plan.seg_length)
-    rows = np.pad(rows, (0, -len(rows) % micro_batch_size)).reshape(-1, micro_batch_size)
-    longest = (np.ceil(rows.max(axis=1) / 8) * 8).astype(np.float64)
-    return plan.num_packs, int(longest.sum() * micro_batch_size), int((longest * longest).sum() * micro_batch_size)
+        padded = assignment.padded_lengths.astype(np.float64)
+        return assignment.num_packs, int(padded.sum()), int((padded * padded).sum())
+    order = np.random.default_rng(seed).permutation(len(assignment.real_lengths))
+    _, computed = padded_micro_batches(assignment.real_lengths, order, micro_batch_size)
+    count = np.minimum(micro_batch_size, len(order) - micro_batch_size * np.arange(len(computed)))
+    width = (computed // count).astype(np.float64)  # every conversation of a micro-batch is this wide
+    return assignment.num_packs, int(computed.sum()), int((width * width * count).sum())
 
 
 def main() -> None:
@@ -62,7 +66,7 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for dataset, (label, n) in paper_grid.DATASETS.items():
         lengths = lengths_of(n, args.seed)
-        train = lengths[: n - int(round(0.1 * n))]
+        train = lengths[split_train_val(n, 0.1, args.seed)[0]]
         for model, m in paper_grid.MODELS.items():
             hf = load_hf_config(ROOT / m["planner_config"])
             hours = {}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from megapack.data.packs.packing import plan_packs
+from megapack.data.packs.packing import assign_packs
 from megapack.data.packs.shards import Pack
 from megapack.training.run.batch import Batch, build_batch
 
@@ -122,8 +122,8 @@ def arm_steps(s: BenchSettings, lengths: np.ndarray, arm: str) -> list[list[Batc
     """One epoch of the conversations as optimizer steps of micro-batches, for arm 'packed' or 'padded'."""
     rng = np.random.default_rng(s.seed + 1)
     if arm == "packed":
-        plan = plan_packs(lengths, s.seq_length, "bfd", seed=s.seed)
-        segments = np.split(plan.length, plan.pack_offsets[1:-1])  # the real lengths of each pack's segments
+        plan = assign_packs(lengths, s.seq_length, "bfd", seed=s.seed)
+        segments = np.split(plan.real_lengths, plan.pack_offsets[1:-1])  # the real lengths of each pack's segments
         mbs = [build_batch([_pack(pack.tolist(), s.vocab_size, rng)]) for pack in segments]
         per_step = s.global_batch
     elif arm == "padded":

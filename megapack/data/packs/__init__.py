@@ -1,1 +1,2 @@
-"""Stage 3, packs: packing plans, the shard format (FORMAT.md) and its writer, reader, statistics and inspection."""
+"""Stage 3, packs: pack assignments (packing), the shard format (FORMAT.md) and its writer, reader, checks, summary
+and views, and the padding arm's micro-batch rule."""

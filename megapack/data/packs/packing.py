@@ -1,8 +1,10 @@
-"""Packing algorithms: pure functions from a sample-lengths array to a plan of packs (deterministic for a seed).
+"""Packing algorithms: pure functions from conversation lengths to a pack assignment (deterministic for a seed).
 
-A plan lists, for every pack, the pieces it holds as (sample, start, length, segment length): `length` real tokens
-taken from `sample` beginning at token `start`, padded with pad tokens up to `segment length` (a multiple of
-`pad_to_multiple`). Each piece becomes one segment of the pack's `cu_seqlens`. Only `random` splits samples.
+A `PackAssignment` lists, for every pack, the segments it holds as (conversation, start, real length, padded
+length): `real length` tokens taken from `conversation` beginning at token `start`, padded with pad tokens up to the
+`padded length` (a multiple of `pad_to_multiple`). Each segment becomes one entry of the pack's `cu_seqlens`.
+Which tokens of a conversation go into packs at all is the keep rule, `kept_lengths`. Only `random` splits
+conversations.
 """
 from __future__ import annotations
 
@@ -18,17 +20,17 @@ PACKINGS = ("padding", "random", "greedy", "bfd")
 
 
 @dataclass
-class PackPlan:
-    """Which pieces of which samples go into each pack, plus what was truncated or dropped."""
+class PackAssignment:
+    """Which segments of which conversations go into each pack, plus what was truncated or dropped."""
 
-    pack_offsets: np.ndarray  # int64 [num_packs + 1]: pieces of pack p are [pack_offsets[p], pack_offsets[p+1])
-    sample: np.ndarray  # int64 [num_pieces]: sample index of each piece
-    start: np.ndarray  # int64 [num_pieces]: first token of the piece within its sample
-    length: np.ndarray  # int64 [num_pieces]: real tokens in the piece
-    seg_length: np.ndarray  # int64 [num_pieces]: segment length incl. padding to pad_to_multiple
-    truncated: int = 0  # samples cut to seq_length (padding, greedy, bfd)
+    pack_offsets: np.ndarray  # int64 [num_packs + 1]: segments of pack p are [pack_offsets[p], pack_offsets[p+1])
+    conversation: np.ndarray  # int64 [num_segments]: conversation index of each segment
+    start: np.ndarray  # int64 [num_segments]: first token of the segment within its conversation
+    real_lengths: np.ndarray  # int64 [num_segments]: real tokens in the segment
+    padded_lengths: np.ndarray  # int64 [num_segments]: segment length incl. padding to pad_to_multiple
+    truncated: int = 0  # conversations cut to seq_length (padding, greedy, bfd)
     truncated_tokens: int = 0
-    dropped: int = 0  # samples longer than seq_length left out (drop_long)
+    dropped: int = 0  # conversations longer than seq_length left out (drop_long)
     dropped_tokens: int = 0
 
     @property
@@ -37,17 +39,9 @@ class PackPlan:
         return len(self.pack_offsets) - 1
 
     def pack_lengths(self) -> np.ndarray:
-        """Total segment length (tokens incl. padding) of every pack."""
-        sums = np.concatenate([[0], np.cumsum(self.seg_length)])
+        """Total padded length (tokens incl. padding) of every pack."""
+        sums = np.concatenate([[0], np.cumsum(self.padded_lengths)])
         return sums[self.pack_offsets[1:]] - sums[self.pack_offsets[:-1]]
-
-    def pieces(self, p: int) -> list[tuple[int, int, int, int]]:
-        """The (sample, start, length, seg_length) pieces of pack p."""
-        a, b = int(self.pack_offsets[p]), int(self.pack_offsets[p + 1])
-        return [
-            (int(s), int(st), int(n), int(sl))
-            for s, st, n, sl in zip(self.sample[a:b], self.start[a:b], self.length[a:b], self.seg_length[a:b])
-        ]
 
 
 def round_up(lengths: np.ndarray, multiple: int) -> np.ndarray:
@@ -55,12 +49,30 @@ def round_up(lengths: np.ndarray, multiple: int) -> np.ndarray:
     return -(-lengths // multiple) * multiple
 
 
-def lower_bound(seg_lengths: np.ndarray, seq_length: int) -> int:
-    """ceil(sum of segment lengths / seq_length): no packing can use fewer packs."""
-    return int(-(-int(np.sum(seg_lengths, dtype=np.int64)) // seq_length))
+def lower_bound(padded_lengths: np.ndarray, seq_length: int) -> int:
+    """ceil(sum of padded segment lengths / seq_length): no packing can use fewer packs."""
+    return int(-(-int(np.sum(padded_lengths, dtype=np.int64)) // seq_length))
 
 
-def plan_packs(
+def kept_lengths(lengths: np.ndarray, seq_length: int, packing: str, drop_long: bool) -> np.ndarray:
+    """The keep rule: how many tokens of each conversation go into packs. `random` keeps all of them (it cuts
+    conversations across packs), the others the first seq_length (truncation); with `drop_long` a conversation
+    longer than seq_length keeps none (dropped)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    kept = lengths.copy() if packing == "random" else np.minimum(lengths, seq_length)
+    if drop_long:
+        kept[lengths > seq_length] = 0
+    return kept
+
+
+def _keep_counts(lengths: np.ndarray, kept: np.ndarray) -> dict:
+    """Conversations (and their tokens) the keep rule truncated and dropped."""
+    cut, dropped = (kept > 0) & (kept < lengths), kept == 0
+    return dict(truncated=int(cut.sum()), truncated_tokens=int((lengths - kept)[cut].sum()),
+                dropped=int(dropped.sum()), dropped_tokens=int(lengths[dropped].sum()))
+
+
+def assign_packs(
     lengths: np.ndarray,
     seq_length: int,
     packing: str = "bfd",
@@ -68,58 +80,54 @@ def plan_packs(
     seed: int = 0,
     pad_to_multiple: int = 1,
     drop_long: bool = False,
-) -> PackPlan:
-    """Plan the packs of samples with the given token lengths (see the module docstring)."""
+) -> PackAssignment:
+    """Assign conversations with the given token lengths to packs (see the module docstring)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if packing not in PACKINGS:
         raise MegapackError(f"--packing {packing!r}: expected one of {', '.join(PACKINGS)}")
     if seq_length <= 0:
         raise MegapackError(f"--seq-length {seq_length}: expected a positive integer")
     if pad_to_multiple <= 0 or seq_length % pad_to_multiple:
-        raise MegapackError(f"--pad-to-multiple {pad_to_multiple}: expected a positive divisor of --seq-length {seq_length}")
+        raise MegapackError(f"--pad-to-multiple {pad_to_multiple}: expected a positive divisor of "
+                            f"--seq-length {seq_length}")
     if lengths.ndim != 1 or (lengths.size and lengths.min() <= 0):
-        raise MegapackError("sample lengths: expected a 1-D array of positive integers")
+        raise MegapackError("conversation lengths: expected a 1-D array of positive integers")
     seeds.check_seed(seed, "--seed")
+    kept_len = kept_lengths(lengths, seq_length, packing, drop_long)
+    counts = _keep_counts(lengths, kept_len)
     if packing == "random":
-        return _random(lengths, seq_length, pad_to_multiple, seeds.rng(seed, "packing"), drop_long)
+        return _random(kept_len, seq_length, pad_to_multiple, seeds.rng(seed, "packing"), counts)
 
-    long = lengths > seq_length
-    kept = np.flatnonzero(~long) if drop_long else np.arange(len(lengths))
-    real = np.minimum(lengths[kept], seq_length)
-    seg = round_up(real, pad_to_multiple)
-    stats = dict(
-        truncated=0 if drop_long else int(long.sum()),
-        truncated_tokens=0 if drop_long else int((lengths[long] - seq_length).sum()),
-        dropped=int(long.sum()) if drop_long else 0,
-        dropped_tokens=int(lengths[long].sum()) if drop_long else 0,
-    )
+    kept = np.flatnonzero(kept_len)  # every conversation but the dropped ones
+    real = kept_len[kept]
+    padded = round_up(real, pad_to_multiple)
     if packing == "padding":
         bins = np.arange(len(kept), dtype=np.int64)
         placement = np.arange(len(kept), dtype=np.int64)
     else:
-        placement = _stable_argsort(seq_length - seg)  # decreasing length, ties by sample index
+        placement = _stable_argsort(seq_length - padded)  # decreasing length, ties by conversation index
         fit = _first_fit if packing == "greedy" else _best_fit
-        bins = fit(seg[placement], seq_length)
+        bins = fit(padded[placement], seq_length)
         # Shuffle pack order so training does not see packs sorted by length (a stream of its own: the trainer's
         # epoch order must not undo it).
         bins = seeds.rng(seed, "pack_order").permutation(int(bins.max()) + 1 if bins.size else 0)[bins]
-    return _plan_from_bins(kept, real, seg, placement, bins, stats)
+    return _assignment_from_bins(kept, real, padded, placement, bins, counts)
 
 
-def _plan_from_bins(
-    kept: np.ndarray, real: np.ndarray, seg: np.ndarray, placement: np.ndarray, bins: np.ndarray, stats: dict
-) -> PackPlan:
-    """Group placed items by bin; within a bin, pieces keep their placement order."""
+def _assignment_from_bins(
+    kept: np.ndarray, real: np.ndarray, padded: np.ndarray, placement: np.ndarray, bins: np.ndarray, counts: dict
+) -> PackAssignment:
+    """Group placed items by bin; within a bin, segments keep their placement order."""
     order = placement[_stable_argsort(bins)]
-    counts = np.bincount(bins, minlength=int(bins.max()) + 1 if bins.size else 0)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return PackPlan(
+    per_bin = np.bincount(bins, minlength=int(bins.max()) + 1 if bins.size else 0)
+    offsets = np.concatenate([[0], np.cumsum(per_bin)]).astype(np.int64)
+    return PackAssignment(
         pack_offsets=offsets,
-        sample=kept[order].astype(np.int64),
+        conversation=kept[order].astype(np.int64),
         start=np.zeros(len(order), dtype=np.int64),
-        length=real[order].astype(np.int64),
-        seg_length=seg[order].astype(np.int64),
-        **stats,
+        real_lengths=real[order].astype(np.int64),
+        padded_lengths=padded[order].astype(np.int64),
+        **counts,
     )
 
 
@@ -135,36 +143,34 @@ def _stable_argsort(keys: np.ndarray) -> np.ndarray:
     return low[np.argsort((keys[low] >> 16).astype(np.uint16), kind="stable")]
 
 
-def _random(lengths: np.ndarray, seq_length: int, multiple: int, rng: np.random.Generator, drop_long: bool) -> PackPlan:
+def _random(kept: np.ndarray, seq_length: int, multiple: int, rng: np.random.Generator, counts: dict) -> PackAssignment:
     """Seeded order, concatenate, cut into exact seq_length rows (the last row may be shorter); nothing is
-    truncated; with drop_long, samples longer than seq_length are left out."""
-    order = rng.permutation(len(lengths))
-    long = lengths[order] > seq_length
-    if drop_long:
-        order = order[~long]
-    seg = round_up(lengths[order], multiple)
-    ends = np.cumsum(seg)
-    begins = ends - seg
+    truncated; conversations the keep rule dropped (kept 0 tokens) are left out."""
+    order = rng.permutation(len(kept))
+    order = order[kept[order] > 0]
+    padded = round_up(kept[order], multiple)
+    ends = np.cumsum(padded)
+    begins = ends - padded
     first_row = begins // seq_length
     last_row = (ends - 1) // seq_length
-    npieces = last_row - first_row + 1
-    owner = np.repeat(np.arange(len(order)), npieces)  # position in `order` of each piece
-    k = np.arange(len(owner)) - np.repeat(np.cumsum(npieces) - npieces, npieces)  # piece number within its sample
+    nsegments = last_row - first_row + 1
+    owner = np.repeat(np.arange(len(order)), nsegments)  # position in `order` of each segment
+    # segment number within its conversation
+    k = np.arange(len(owner)) - np.repeat(np.cumsum(nsegments) - nsegments, nsegments)
     row = first_row[owner] + k
-    piece_begin = np.maximum(begins[owner], row * seq_length)
-    piece_end = np.minimum(ends[owner], (row + 1) * seq_length)
-    start = piece_begin - begins[owner]
-    seg_len = piece_end - piece_begin
-    real_len = np.clip(lengths[order][owner] - start, 0, seg_len)
-    counts = np.bincount(row, minlength=int(row.max()) + 1 if row.size else 0)
-    return PackPlan(
-        pack_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        sample=order[owner].astype(np.int64),
+    segment_begin = np.maximum(begins[owner], row * seq_length)
+    segment_end = np.minimum(ends[owner], (row + 1) * seq_length)
+    start = segment_begin - begins[owner]
+    padded_len = segment_end - segment_begin
+    real_len = np.clip(kept[order][owner] - start, 0, padded_len)
+    per_row = np.bincount(row, minlength=int(row.max()) + 1 if row.size else 0)
+    return PackAssignment(
+        pack_offsets=np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64),
+        conversation=order[owner].astype(np.int64),
         start=start.astype(np.int64),
-        length=real_len.astype(np.int64),
-        seg_length=seg_len.astype(np.int64),
-        dropped=int(long.sum()) if drop_long else 0,
-        dropped_tokens=int(lengths[lengths > seq_length].sum()) if drop_long else 0,
+        real_lengths=real_len.astype(np.int64),
+        padded_lengths=padded_len.astype(np.int64),
+        **counts,
     )
 
 

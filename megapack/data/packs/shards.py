@@ -4,27 +4,24 @@ shard files, `ShardDataset` reads them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from megapack.data.packs.mmidx import HashingFile, MMIndex, write_idx
 from megapack.errors import MegapackError
 
 FORMAT_VERSION = 2
 META_NAME = "meta.json"
-MMIDIDX_HEADER = b"MMIDIDX\x00\x00"
-# Megatron's DType codes (megatron.core.datasets.indexed_dataset.DType).
-DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int32): 4, np.dtype(np.uint16): 8}
-CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 DEFAULT_MAX_SHARD_TOKENS = 1 << 30
 REAL_LENGTHS_SUFFIX = "real_lengths.bin"  # int32 per segment: its tokens before the pad_to_multiple padding
 SHARD_FILE_SUFFIXES = ("tokens.bin", "tokens.idx", "mask.bin", "mask.idx", REAL_LENGTHS_SUFFIX, "continues.bin")
 SPLITS = ("train", "val")
+# meta.json keys renamed within format_version 2 (old name -> new). Files written before use the old names;
+# `read_meta` renames them, so no other code knows the old names.
+RENAMED_META_KEYS = {"num_samples": "num_conversations", "num_loss_tokens": "num_trained_tokens"}
 
 
 def is_shard_file(name: str) -> bool:
@@ -44,51 +41,6 @@ def shard_prefix(split: str, index: int) -> str:
     return f"{split}-{index:05d}"
 
 
-class _HashingFile:
-    """A binary file written under a temporary name, hashed as it goes, renamed into place on commit."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.file = open(self.tmp, "wb")
-        self.sha = hashlib.sha256()
-        self.nbytes = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.file.write(data)
-        self.sha.update(data)
-        self.nbytes += len(data)
-
-    def commit(self) -> str:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        return self.sha.hexdigest()
-
-    def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _write_idx(path: Path, dtype: np.dtype, seq_lengths: np.ndarray, doc_index: np.ndarray) -> tuple[str, int]:
-    """Write one MMIDIDX .idx file atomically; returns its sha256 and byte size."""
-    out = _HashingFile(path)
-    try:
-        pointers = np.zeros(len(seq_lengths), dtype=np.int64)
-        if len(seq_lengths) > 1:
-            np.cumsum(seq_lengths[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
-        out.write(MMIDIDX_HEADER + struct.pack("<QB", 1, DTYPE_CODES[dtype]))
-        out.write(struct.pack("<QQ", len(seq_lengths), len(doc_index)))
-        out.write(np.ascontiguousarray(seq_lengths, dtype="<i4").tobytes())
-        out.write(pointers.astype("<i8").tobytes())
-        out.write(np.ascontiguousarray(doc_index, dtype="<i8").tobytes())
-        return out.commit(), out.nbytes
-    except BaseException:
-        out.abort()
-        raise
-
-
 class ShardWriter:
     """Streams packs of one split into shard files of at most `max_shard_tokens` tokens (a pack is never split)."""
 
@@ -104,38 +56,35 @@ class ShardWriter:
     def _start(self) -> None:
         prefix = shard_prefix(self.split, len(self.shards))
         self._prefix = prefix
-        self._tok = _HashingFile(self.out_dir / f"{prefix}.tokens.bin")
-        self._mask = _HashingFile(self.out_dir / f"{prefix}.mask.bin")
-        self._cont = _HashingFile(self.out_dir / f"{prefix}.continues.bin") if self.continuation else None
-        self._real = _HashingFile(self.out_dir / f"{prefix}.{REAL_LENGTHS_SUFFIX}")
-        self._seq_lengths: list[np.ndarray] = []
+        self._tok = HashingFile(self.out_dir / f"{prefix}.tokens.bin")
+        self._mask = HashingFile(self.out_dir / f"{prefix}.mask.bin")
+        self._cont = HashingFile(self.out_dir / f"{prefix}.continues.bin") if self.continuation else None
+        self._real = HashingFile(self.out_dir / f"{prefix}.{REAL_LENGTHS_SUFFIX}")
+        self._padded_lengths: list[np.ndarray] = []
         self._doc_ends: list[int] = [0]
         self._num_seqs = 0
         self._tokens = 0
         self._open = True
 
-    def add_pack(self, tokens: np.ndarray, mask: np.ndarray, seg_lengths: np.ndarray,
-                 real_lengths: np.ndarray | None = None) -> None:
-        """Append one pack: its tokens, loss mask (same length), padded segment lengths (summing to that length)
-        and real segment lengths (default: no padding)."""
-        self.add_packs(tokens, mask, seg_lengths, np.array([len(seg_lengths)]), real_lengths=real_lengths)
-
-    def add_packs(self, tokens: np.ndarray, mask: np.ndarray, seg_lengths: np.ndarray, segs_per_pack: np.ndarray,
-                  continues: np.ndarray | None = None, real_lengths: np.ndarray | None = None) -> None:
-        """Append several packs laid end to end; pack k has segs_per_pack[k] segments of seg_lengths (padded) whose
+    def add_packs(self, tokens: np.ndarray, loss_mask: np.ndarray, padded_lengths: np.ndarray,
+                  segs_per_pack: np.ndarray, continues: np.ndarray | None = None,
+                  real_lengths: np.ndarray | None = None) -> None:
+        """Append several packs laid end to end; pack k has segs_per_pack[k] segments of padded_lengths whose
         first real_lengths tokens are the conversation and, with `continuation`, continues[k] says whether its first
         segment carries on the previous pack's last conversation."""
         if self.continuation and (continues is None or len(continues) != len(segs_per_pack)):
             raise ValueError("a continuation writer needs one `continues` flag per pack")
-        seg_lengths = np.asarray(seg_lengths, dtype=np.int64)
-        real_lengths = seg_lengths if real_lengths is None else np.asarray(real_lengths, dtype=np.int64)
-        if real_lengths.shape != seg_lengths.shape or np.any(real_lengths > seg_lengths) or np.any(real_lengths < 0):
+        padded_lengths = np.asarray(padded_lengths, dtype=np.int64)
+        real_lengths = padded_lengths if real_lengths is None else np.asarray(real_lengths, dtype=np.int64)
+        if (real_lengths.shape != padded_lengths.shape or np.any(real_lengths > padded_lengths)
+                or np.any(real_lengths < 0)):
             raise ValueError("real segment lengths must be one per segment, between 0 and the padded length")
         seg_end = np.cumsum(segs_per_pack)
-        seg_tok_end = np.concatenate([[0], np.cumsum(seg_lengths)])
+        seg_tok_end = np.concatenate([[0], np.cumsum(padded_lengths)])
         pack_tok_end = seg_tok_end[seg_end]
-        if len(tokens) != len(mask) or (len(seg_end) and pack_tok_end[-1] != len(tokens)):
-            raise ValueError(f"{len(tokens)} tokens, {len(mask)} mask values, segments summing to {seg_tok_end[-1]}")
+        if len(tokens) != len(loss_mask) or (len(seg_end) and pack_tok_end[-1] != len(tokens)):
+            raise ValueError(f"{len(tokens)} tokens, {len(loss_mask)} loss-mask values, segments summing to "
+                             f"{seg_tok_end[-1]}")
         if np.any(np.diff(np.concatenate([[0], pack_tok_end])) <= 0):
             raise ValueError("empty pack")
         k, t0 = 0, 0
@@ -152,25 +101,25 @@ class ShardWriter:
             s1 = int(seg_end[k + fit - 1])
             t1 = int(pack_tok_end[k + fit - 1])
             self._tok.write(np.ascontiguousarray(tokens[t0:t1], dtype=self.dtype.newbyteorder("<")).tobytes())
-            self._mask.write(np.ascontiguousarray(mask[t0:t1], dtype=np.uint8).tobytes())
+            self._mask.write(np.ascontiguousarray(loss_mask[t0:t1], dtype=np.uint8).tobytes())
             if self._cont is not None:
                 self._cont.write(np.asarray(continues[k : k + fit], dtype=np.uint8).tobytes())
             self._real.write(real_lengths[s0:s1].astype("<i4").tobytes())
-            self._seq_lengths.append(seg_lengths[s0:s1].astype(np.int32))
+            self._padded_lengths.append(padded_lengths[s0:s1].astype(np.int32))
             self._doc_ends.extend((seg_end[k : k + fit] - s0 + self._num_seqs).tolist())
             self._num_seqs += s1 - s0
             self._tokens += t1 - t0
             k, t0 = k + fit, t1
 
     def _finish(self) -> None:
-        lengths = np.concatenate(self._seq_lengths) if self._seq_lengths else np.zeros(0, np.int32)
+        lengths = np.concatenate(self._padded_lengths) if self._padded_lengths else np.zeros(0, np.int32)
         docs = np.asarray(self._doc_ends, dtype=np.int64)
         p = self._prefix
         written = {
             f"{p}.tokens.bin": (self._tok.commit(), self._tok.nbytes),
             f"{p}.mask.bin": (self._mask.commit(), self._mask.nbytes),
-            f"{p}.tokens.idx": _write_idx(self.out_dir / f"{p}.tokens.idx", self.dtype, lengths, docs),
-            f"{p}.mask.idx": _write_idx(self.out_dir / f"{p}.mask.idx", np.dtype(np.uint8), lengths, docs),
+            f"{p}.tokens.idx": write_idx(self.out_dir / f"{p}.tokens.idx", self.dtype, lengths, docs),
+            f"{p}.mask.idx": write_idx(self.out_dir / f"{p}.mask.idx", np.dtype(np.uint8), lengths, docs),
             f"{p}.{REAL_LENGTHS_SUFFIX}": (self._real.commit(), self._real.nbytes),
         }
         if self._cont is not None:
@@ -223,53 +172,6 @@ class Pack:
         return np.diff(self.cu_seqlens_padded)
 
 
-class MMIndex:
-    """A read-only view of one MMIDIDX .idx file and its .bin (memory-mapped, opened lazily)."""
-
-    def __init__(self, prefix: Path):
-        self.prefix = prefix
-        idx_path = Path(f"{prefix}.idx")
-        try:
-            raw = np.memmap(idx_path, mode="r", dtype=np.uint8)
-        except (OSError, ValueError) as exc:
-            raise MegapackError(f"{idx_path}: cannot read the shard index ({exc})") from None
-        if len(raw) < 34 or bytes(raw[:9]) != MMIDIDX_HEADER:
-            raise MegapackError(f"{idx_path}: not a MMIDIDX index file (bad header)")
-        version, code = struct.unpack("<QB", bytes(raw[9:18]))
-        nseq, ndoc = struct.unpack("<QQ", bytes(raw[18:34]))
-        if version != 1 or code not in CODE_DTYPES:
-            raise MegapackError(f"{idx_path}: unsupported MMIDIDX version {version} or dtype code {code}")
-        self.dtype = CODE_DTYPES[code]
-        off = 34
-        need = off + nseq * 4 + nseq * 8 + ndoc * 8
-        if len(raw) < need:
-            raise MegapackError(f"{idx_path}: truncated ({len(raw)} bytes, expected at least {need})")
-        self.seq_lengths = np.frombuffer(raw, dtype="<i4", count=nseq, offset=off)
-        self.seq_pointers = np.frombuffer(raw, dtype="<i8", count=nseq, offset=off + 4 * nseq)
-        self.doc_index = np.frombuffer(raw, dtype="<i8", count=ndoc, offset=off + 12 * nseq)
-        self._bin = None
-
-    @property
-    def bin(self) -> np.ndarray:
-        """The .bin file as a flat array of this index's dtype."""
-        if self._bin is None:
-            path = Path(f"{self.prefix}.bin")
-            self._bin = np.memmap(path, mode="r", dtype=self.dtype) if path.stat().st_size else np.zeros(0, self.dtype)
-        return self._bin
-
-    def __len__(self) -> int:
-        return len(self.doc_index) - 1
-
-    def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(values, segment lengths) of document i."""
-        a, b = int(self.doc_index[i]), int(self.doc_index[i + 1])
-        lengths = self.seq_lengths[a:b]
-        if a == b:
-            return self.bin[0:0], lengths
-        start = int(self.seq_pointers[a]) // self.dtype.itemsize
-        return self.bin[start : start + int(lengths.sum())], lengths
-
-
 def read_meta(path: str | Path) -> dict:
     """The parsed meta.json of a shard directory (MegapackError if it is missing: the directory is incomplete)."""
     meta_path = Path(path) / META_NAME
@@ -286,6 +188,16 @@ def read_meta(path: str | Path) -> dict:
                             f"`megapack preprocess` with this version to write format_version {FORMAT_VERSION}")
     if version != FORMAT_VERSION:
         raise MegapackError(f"{meta_path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    return normalise_meta(meta)
+
+
+def normalise_meta(meta: dict) -> dict:
+    """`meta` with the old names of RENAMED_META_KEYS replaced by the new ones, at the top level and per split."""
+    for entry in [meta, *(meta.get("splits") or {}).values()]:
+        for old, new in RENAMED_META_KEYS.items():
+            if old in entry:
+                value = entry.pop(old)
+                entry.setdefault(new, value)
     return meta
 
 
@@ -322,7 +234,7 @@ class ShardDataset:
         out = []
         for k in range(len(self._shards)):
             shard = self._shard(k)
-            lengths = shard.real_lengths if real else shard.tokens.seq_lengths
+            lengths = shard.real_lengths if real else shard.tokens.padded_lengths
             cum = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
             doc = shard.tokens.doc_index
             out.append(cum[doc[1:]] - cum[doc[:-1]])
@@ -338,11 +250,11 @@ class ShardDataset:
         shard = self._shard(k)
         j = i - int(self._cum[k])
         tokens, padded = shard.tokens.document(j)
-        mask, _ = shard.mask.document(j)
+        loss_mask, _ = shard.mask.document(j)
         a, b = int(shard.tokens.doc_index[j]), int(shard.tokens.doc_index[j + 1])
         return Pack(
             tokens=tokens.astype(np.int64),
-            loss_mask=np.array(mask, dtype=np.uint8),
+            loss_mask=np.array(loss_mask, dtype=np.uint8),
             cu_seqlens=_cumulative(shard.real_lengths[a:b]),
             cu_seqlens_padded=_cumulative(padded),
             continues=bool(shard.continues[j]) if shard.continues is not None else False,
@@ -367,8 +279,8 @@ class _OpenShard:
             self.real_lengths = np.fromfile(real_path, dtype="<i4")
         except OSError as exc:
             raise MegapackError(f"{real_path}: cannot read the real segment lengths ({exc})") from None
-        if len(self.real_lengths) != len(self.tokens.seq_lengths):
+        if len(self.real_lengths) != len(self.tokens.padded_lengths):
             raise MegapackError(f"{real_path}: {len(self.real_lengths)} lengths for "
-                                f"{len(self.tokens.seq_lengths)} segments in {prefix}.tokens.idx")
+                                f"{len(self.tokens.padded_lengths)} segments in {prefix}.tokens.idx")
         cont_path = Path(f"{prefix}.continues.bin")
         self.continues = np.fromfile(cont_path, dtype=np.uint8) if cont_path.is_file() else None

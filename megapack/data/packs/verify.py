@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from megapack.checksums import file_sha256
-from megapack.data.packs.shards import REAL_LENGTHS_SUFFIX, MMIndex, read_meta
+from megapack.data.packs.mmidx import MMIndex
+from megapack.data.packs.shards import REAL_LENGTHS_SUFFIX, read_meta
 from megapack.errors import MegapackError
 
 VERIFY_LEVELS = ("full", "fast", "off")
@@ -78,16 +79,17 @@ def check_structure(path: str | Path, meta: dict, splits: list[str]) -> list[str
                 problems.append(str(exc).removeprefix(f"{path}/"))
                 continue
             problems += _check_index(tok, where + ".tokens") + _check_index(mask, where + ".mask")
-            same = np.array_equal(tok.seq_lengths, mask.seq_lengths) and np.array_equal(tok.doc_index, mask.doc_index)
+            same = (np.array_equal(tok.padded_lengths, mask.padded_lengths)
+                    and np.array_equal(tok.doc_index, mask.doc_index))
             if not same:
                 problems.append(f"{where}: mask index differs from token index")
                 continue
-            problems += _check_side_files(prefix, len(tok.seq_lengths), len(tok))
-            cum = np.concatenate([[0], np.cumsum(tok.seq_lengths, dtype=np.int64)])
+            problems += _check_side_files(prefix, len(tok.padded_lengths), len(tok))
+            cum = np.concatenate([[0], np.cumsum(tok.padded_lengths, dtype=np.int64)])
             pack_len = cum[tok.doc_index[1:]] - cum[tok.doc_index[:-1]]
             if np.any(pack_len > L) or np.any(pack_len <= 0):
                 problems.append(f"{where}: a pack is empty or longer than seq_length {L}")
-            if np.any(tok.seq_lengths % K):
+            if np.any(tok.padded_lengths % K):
                 problems.append(f"{where}: a segment length is not a multiple of pad_to_multiple {K}")
             if len(tok) != shard["num_packs"] or int(cum[-1]) != shard["num_tokens"]:
                 problems.append(f"{where}: {len(tok)} packs / {int(cum[-1])} tokens, meta.json says "
@@ -152,18 +154,18 @@ def token_range(meta: dict, splits: list[str]) -> tuple[int, int] | None:
 
 def _check_index(idx: MMIndex, where: str) -> list[str]:
     out = []
-    d, n = idx.doc_index, len(idx.seq_lengths)
+    d, n = idx.doc_index, len(idx.padded_lengths)
     if len(d) == 0 or d[0] != 0 or d[-1] != n or np.any(np.diff(d) <= 0):
         out.append(f"{where}.idx: document index is not 0 .. {n} strictly increasing")
-    if np.any(idx.seq_lengths <= 0):
+    if np.any(idx.padded_lengths <= 0):
         out.append(f"{where}.idx: a segment has length <= 0")
     size = idx.dtype.itemsize
-    expect = np.concatenate([[0], np.cumsum(idx.seq_lengths[:-1], dtype=np.int64)]) * size if n else idx.seq_pointers
+    expect = np.concatenate([[0], np.cumsum(idx.padded_lengths[:-1], dtype=np.int64)]) * size if n else idx.seq_pointers
     if not np.array_equal(idx.seq_pointers, expect):
         out.append(f"{where}.idx: sequence pointers do not follow the lengths")
     bin_bytes = Path(f"{idx.prefix}.bin").stat().st_size
-    if bin_bytes != int(idx.seq_lengths.sum(dtype=np.int64)) * size:
-        out.append(f"{where}.bin: {bin_bytes} bytes, index says {int(idx.seq_lengths.sum()) * size}")
+    if bin_bytes != int(idx.padded_lengths.sum(dtype=np.int64)) * size:
+        out.append(f"{where}.bin: {bin_bytes} bytes, index says {int(idx.padded_lengths.sum()) * size}")
     return out
 
 

@@ -1,9 +1,9 @@
-"""Turn tokenized samples plus a packing plan into shard files, streaming in bounded chunks.
+"""Turn tokenized records plus a pack assignment into shard files, streaming in bounded chunks.
 
-Samples live in flat per-part token/mask sequences (the tokenize step's files, or in-memory arrays); a
-`SampleStore` locates sample i as (part, offset, length). Packs are written in chunks of about CHUNK_TOKENS tokens:
-each piece is read straight into the chunk buffer (one positioned read per piece from files, one vectorized index
-per part from arrays), so memory is bounded by the chunk, not by the dataset.
+Records live in flat per-part token/loss-mask sequences (the tokenize step's files, or in-memory arrays); a
+`RecordStore` locates record i as (part, offset, length). Packs are written in chunks of about CHUNK_TOKENS tokens:
+each segment is read straight into the chunk buffer (one positioned read per segment from files, one vectorized
+index per part from arrays), so memory is bounded by the chunk, not by the dataset.
 """
 from __future__ import annotations
 
@@ -15,70 +15,72 @@ import numpy as np
 
 from megapack import seeds
 from megapack.atomic import write_json_atomic
-from megapack.data.packs.packing import PackPlan
-from megapack.data.packs.shards import DEFAULT_MAX_SHARD_TOKENS, ShardWriter
+from megapack.data.packs.packing import PackAssignment, assign_packs, lower_bound
+from megapack.data.packs.shards import DEFAULT_MAX_SHARD_TOKENS, FORMAT_VERSION, META_NAME, ShardWriter, token_dtype
 
 CHUNK_TOKENS = 1 << 22  # tokens gathered per write step (bounds memory)
 
 
 @dataclass
-class SampleStore:
-    """Tokenized samples: flat per-part arrays and, per sample, its part, offset and length."""
+class RecordStore:
+    """Tokenized records: flat per-part arrays and, per record, its part, offset and length (all its tokens)."""
 
     tokens: list[np.ndarray]  # per part, flat token ids (empty when `files` is set)
-    masks: list[np.ndarray]  # per part, flat uint8 loss mask (empty when `files` is set)
-    part: np.ndarray  # int32 [num_samples]
-    offset: np.ndarray  # int64 [num_samples]
-    length: np.ndarray  # int64 [num_samples]
-    files: list[tuple[Path, Path]] | None = None  # per part (tokens, mask) files to read from instead
+    loss_masks: list[np.ndarray]  # per part, flat uint8 loss mask (empty when `files` is set)
+    part: np.ndarray  # int32 [num_records]
+    offset: np.ndarray  # int64 [num_records]
+    lengths: np.ndarray  # int64 [num_records]
+    files: list[tuple[Path, Path]] | None = None  # per part (tokens, loss mask) files to read from instead
     file_dtype: np.dtype | None = None  # token dtype of those files
 
     @classmethod
-    def from_samples(cls, samples: list[tuple[np.ndarray, np.ndarray]]) -> "SampleStore":
-        """A store over in-memory (ids, mask) pairs (tests, small jobs)."""
-        lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(samples) else lengths
+    def from_encoded(cls, encoded: list[tuple[np.ndarray, np.ndarray]]) -> "RecordStore":
+        """A store over in-memory (ids, loss_mask) pairs (tests, small jobs)."""
+        lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(encoded) else lengths
         cat = lambda xs, dt: np.concatenate([np.asarray(x, dtype=dt) for x in xs]) if xs else np.zeros(0, dt)  # noqa: E731
         return cls(
-            tokens=[cat([s[0] for s in samples], np.int64)],
-            masks=[cat([s[1] for s in samples], np.uint8)],
-            part=np.zeros(len(samples), dtype=np.int32),
+            tokens=[cat([e[0] for e in encoded], np.int64)],
+            loss_masks=[cat([e[1] for e in encoded], np.uint8)],
+            part=np.zeros(len(encoded), dtype=np.int32),
             offset=offsets,
-            length=lengths,
+            lengths=lengths,
         )
 
     @classmethod
-    def from_files(cls, files: list[tuple[Path, Path]], dtype: np.dtype, part, offset, length) -> "SampleStore":
-        """A store over per-part token and mask files, read with positioned reads (no memory maps: resident
+    def from_files(cls, files: list[tuple[Path, Path]], dtype: np.dtype, part, offset, lengths) -> "RecordStore":
+        """A store over per-part token and loss-mask files, read with positioned reads (no memory maps: resident
         memory stays bounded by the chunk being written, whatever the file sizes)."""
-        return cls([], [], part, offset, length, files, np.dtype(dtype))
+        return cls([], [], part, offset, lengths, files, np.dtype(dtype))
 
-    def subset(self, indices: np.ndarray) -> "SampleStore":
-        """The samples at `indices`, renumbered 0..len-1 (shares the part arrays)."""
-        return SampleStore(
-            self.tokens, self.masks, self.part[indices], self.offset[indices], self.length[indices], self.files,
-            self.file_dtype,
+    def subset(self, indices: np.ndarray) -> "RecordStore":
+        """The records at `indices`, renumbered 0..len-1 (shares the part arrays)."""
+        return RecordStore(
+            self.tokens, self.loss_masks, self.part[indices], self.offset[indices], self.lengths[indices],
+            self.files, self.file_dtype,
         )
 
-    def gather_into(self, sample, start, length, tokens: np.ndarray, mask: np.ndarray, out_start) -> None:
-        """Copy `length[k]` tokens and mask values of sample[k] from token start[k] to out_start[k] in the outputs."""
-        parts = self.part[sample]
-        src_start = self.offset[sample] + start
+    def gather_into(self, records: np.ndarray, start: np.ndarray, lengths: np.ndarray, tokens: np.ndarray,
+                    loss_mask: np.ndarray, out_start: np.ndarray) -> None:
+        """Copy `lengths[k]` tokens and loss-mask values of records[k] from token start[k] to out_start[k] in the
+        outputs."""
+        parts = self.part[records]
+        src_start = self.offset[records] + start
         if self.files is None:
             for p in np.unique(parts).tolist():
                 sel = parts == p
-                src = _ranges(src_start[sel], length[sel])
-                dst = _ranges(out_start[sel], length[sel])
+                src = _ranges(src_start[sel], lengths[sel])
+                dst = _ranges(out_start[sel], lengths[sel])
                 tokens[dst] = self.tokens[p][src]
-                mask[dst] = self.masks[p][src]
+                loss_mask[dst] = self.loss_masks[p][src]
             return
         if tokens.dtype != self.file_dtype:
             raise ValueError(f"token buffer dtype {tokens.dtype} differs from the files' {self.file_dtype}")
         size = self.file_dtype.itemsize
-        tok_view, mask_view = memoryview(tokens).cast("B"), memoryview(mask).cast("B")
+        tok_view, mask_view = memoryview(tokens).cast("B"), memoryview(loss_mask).cast("B")
         fds = [(os.open(t, os.O_RDONLY), os.open(m, os.O_RDONLY)) for t, m in self.files]
         try:
-            for p, src, n, dst in zip(parts.tolist(), src_start.tolist(), length.tolist(), out_start.tolist()):
+            for p, src, n, dst in zip(parts.tolist(), src_start.tolist(), lengths.tolist(), out_start.tolist()):
                 if n:
                     ftok, fmask = fds[p]
                     _pread_exact(ftok, tok_view[dst * size : (dst + n) * size], src * size)
@@ -96,9 +98,9 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(shift, counts) + np.arange(int(counts.sum()), dtype=np.int64)
 
 
-def write_plan(
-    store: SampleStore,
-    plan: PackPlan,
+def write_assignment(
+    store: RecordStore,
+    assignment: PackAssignment,
     out_dir: str | Path,
     split: str,
     dtype: np.dtype,
@@ -106,30 +108,30 @@ def write_plan(
     max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS,
     progress=None,
 ) -> dict:
-    """Write the packs of `plan` (pack order) as shards of `split`; returns shard list and token statistics
+    """Write the packs of `assignment` (pack order) as shards of `split`; returns shard list and token statistics
     (trained tokens, the smallest and largest token id written, padding included; None without tokens)."""
-    splits_samples = bool(np.any(plan.start > 0))  # only `random` cuts samples
-    writer = ShardWriter(out_dir, split, dtype, max_shard_tokens, continuation=splits_samples)
-    continues = plan.start[plan.pack_offsets[:-1]] > 0 if splits_samples else None
-    pack_len = plan.pack_lengths()
-    pack_end_tok = np.cumsum(pack_len)
-    loss_tokens = 0
+    a = assignment
+    cuts_conversations = bool(np.any(a.start > 0))  # only `random` cuts conversations
+    writer = ShardWriter(out_dir, split, dtype, max_shard_tokens, continuation=cuts_conversations)
+    continues = a.start[a.pack_offsets[:-1]] > 0 if cuts_conversations else None
+    pack_end_tok = np.cumsum(a.pack_lengths())
+    trained_tokens = 0
     low: int | None = None
     high: int | None = None
     try:
         p0 = 0
-        while p0 < plan.num_packs:
+        while p0 < a.num_packs:
             base = int(pack_end_tok[p0 - 1]) if p0 else 0
             p1 = max(p0 + 1, int(np.searchsorted(pack_end_tok, base + CHUNK_TOKENS, side="right")))
-            p1 = min(p1, plan.num_packs)
-            a, b = int(plan.pack_offsets[p0]), int(plan.pack_offsets[p1])
-            tokens, mask = _gather(store, plan, a, b, pad_id, dtype)
-            loss_tokens += int(mask.sum(dtype=np.int64))
+            p1 = min(p1, a.num_packs)
+            s0, s1 = int(a.pack_offsets[p0]), int(a.pack_offsets[p1])
+            tokens, loss_mask = _gather(store, a, s0, s1, pad_id, dtype)
+            trained_tokens += int(loss_mask.sum(dtype=np.int64))
             if len(tokens):  # the id range, chunk by chunk (memory stays bounded by the chunk)
                 lo, hi = int(tokens.min()), int(tokens.max())
                 low, high = (lo, hi) if low is None else (min(low, lo), max(high, hi))
-            writer.add_packs(tokens, mask, plan.seg_length[a:b], np.diff(plan.pack_offsets[p0 : p1 + 1]),
-                             continues[p0:p1] if continues is not None else None, real_lengths=plan.length[a:b])
+            writer.add_packs(tokens, loss_mask, a.padded_lengths[s0:s1], np.diff(a.pack_offsets[p0 : p1 + 1]),
+                             continues[p0:p1] if continues is not None else None, real_lengths=a.real_lengths[s0:s1])
             if progress is not None:
                 progress.update(p1 - p0)
             p0 = p1
@@ -137,21 +139,20 @@ def write_plan(
     except BaseException:
         writer.abort()
         raise
-    return {"shards": shards, "num_loss_tokens": loss_tokens, "min_token_id": low, "max_token_id": high}
+    return {"shards": shards, "num_trained_tokens": trained_tokens, "min_token_id": low, "max_token_id": high}
 
 
 def _gather(
-    store: SampleStore, plan: PackPlan, a: int, b: int, pad_id: int, dtype: np.dtype
+    store: RecordStore, a: PackAssignment, s0: int, s1: int, pad_id: int, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and mask of pieces a..b laid end to end, each piece padded to its segment length."""
-    sample, start = plan.sample[a:b], plan.start[a:b]
-    length, seg = plan.length[a:b], plan.seg_length[a:b]
-    total = int(seg.sum())
+    """Tokens and loss mask of segments s0..s1 laid end to end, each segment padded to its padded length."""
+    padded = a.padded_lengths[s0:s1]
+    total = int(padded.sum())
     tokens = np.full(total, pad_id, dtype=dtype)
-    mask = np.zeros(total, dtype=np.uint8)
-    out_start = np.cumsum(seg) - seg
-    store.gather_into(sample, start, length, tokens, mask, out_start)
-    return tokens, mask
+    loss_mask = np.zeros(total, dtype=np.uint8)
+    out_start = np.cumsum(padded) - padded
+    store.gather_into(a.conversation[s0:s1], a.start[s0:s1], a.real_lengths[s0:s1], tokens, loss_mask, out_start)
+    return tokens, loss_mask
 
 
 def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
@@ -163,18 +164,19 @@ def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
         buf, offset = buf[got:], offset + got
 
 
-def split_train_val(num_samples: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted train and val sample indices; the val set is a seeded random round(val_fraction * n) samples."""
-    n_val = int(round(val_fraction * num_samples))
-    if val_fraction > 0 and n_val == 0 and num_samples >= 2:
+def split_train_val(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and val indices of `count` conversations; the val set is a seeded random
+    round(val_fraction * count) of them (at least one when val_fraction > 0 and count >= 2; never all)."""
+    n_val = int(round(val_fraction * count))
+    if val_fraction > 0 and n_val == 0 and count >= 2:
         n_val = 1
-    n_val = min(n_val, num_samples - 1) if num_samples else 0
-    perm = seeds.rng(seed, "val_split").permutation(num_samples)
+    n_val = min(n_val, count - 1) if count else 0
+    perm = seeds.rng(seed, "val_split").permutation(count)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def pack_split(
-    store: SampleStore,
+    store: RecordStore,
     out_dir: str | Path,
     split: str,
     *,
@@ -188,35 +190,34 @@ def pack_split(
     max_shard_tokens: int = DEFAULT_MAX_SHARD_TOKENS,
     progress_factory=None,
 ) -> dict:
-    """Plan and write one split; returns its statistics and shard list (the `splits.<split>` entry of meta.json)."""
-    from megapack.data.packs.packing import lower_bound, plan_packs
-
-    plan = plan_packs(
-        store.length, seq_length, packing, seed=seed, pad_to_multiple=pad_to_multiple, drop_long=drop_long
+    """Assign and write one split; returns its statistics and shard list (the `splits.<split>` entry of meta.json)."""
+    assignment = assign_packs(
+        store.lengths, seq_length, packing, seed=seed, pad_to_multiple=pad_to_multiple, drop_long=drop_long
     )
-    bar = progress_factory(total=plan.num_packs, desc=f"write {split}", unit="pack") if progress_factory else None
+    num_packs = assignment.num_packs
+    bar = progress_factory(total=num_packs, desc=f"write {split}", unit="pack") if progress_factory else None
     try:
-        written = write_plan(store, plan, out_dir, split, dtype, pad_id, max_shard_tokens, bar)
+        written = write_assignment(store, assignment, out_dir, split, dtype, pad_id, max_shard_tokens, bar)
     finally:
         if bar is not None:
             bar.close()
-    sample_tokens = int(plan.length.sum())
-    counts, edges = np.histogram(store.length, bins=min(64, max(1, len(store.length))))
-    padded_tokens = int(plan.seg_length.sum())
+    real_tokens = int(assignment.real_lengths.sum())
+    counts, edges = np.histogram(store.lengths, bins=min(64, max(1, len(store.lengths))))
+    padded_tokens = int(assignment.padded_lengths.sum())
     return {
-        "num_samples": int(len(store.length)) - plan.dropped,
-        "num_tokens": sample_tokens,
-        "num_padding_tokens": padded_tokens - sample_tokens,
-        "num_loss_tokens": written["num_loss_tokens"],
-        "num_packs": plan.num_packs,
-        "num_segments": int(len(plan.sample)),
-        "lower_bound_packs": lower_bound(plan.seg_length, seq_length),
-        "packing_efficiency": sample_tokens / (plan.num_packs * seq_length) if plan.num_packs else 0.0,
-        "max_pack_tokens": int(plan.pack_lengths().max(initial=0)),
-        "truncated": plan.truncated,
-        "truncated_tokens": plan.truncated_tokens,
-        "dropped": plan.dropped,
-        "dropped_tokens": plan.dropped_tokens,
+        "num_conversations": int(len(store.lengths)) - assignment.dropped,
+        "num_tokens": real_tokens,
+        "num_padding_tokens": padded_tokens - real_tokens,
+        "num_trained_tokens": written["num_trained_tokens"],
+        "num_packs": num_packs,
+        "num_segments": int(len(assignment.conversation)),
+        "lower_bound_packs": lower_bound(assignment.padded_lengths, seq_length),
+        "packing_efficiency": real_tokens / (num_packs * seq_length) if num_packs else 0.0,
+        "max_pack_tokens": int(assignment.pack_lengths().max(initial=0)),
+        "truncated": assignment.truncated,
+        "truncated_tokens": assignment.truncated_tokens,
+        "dropped": assignment.dropped,
+        "dropped_tokens": assignment.dropped_tokens,
         "min_token_id": written["min_token_id"],
         "max_token_id": written["max_token_id"],
         "sample_length_histogram": {"bin_edges": edges.round(2).tolist(), "counts": counts.tolist()},
@@ -225,7 +226,7 @@ def pack_split(
 
 
 def write_shard_dir(
-    store: SampleStore,
+    store: RecordStore,
     out_dir: str | Path,
     *,
     seq_length: int,
@@ -245,12 +246,10 @@ def write_shard_dir(
     `info` adds keys to meta.json (tokenizer, template, skipped, inputs, ...). Top-level statistics describe the
     train split; `splits` holds every split's statistics and shard list.
     """
-    from megapack.data.packs.shards import FORMAT_VERSION, META_NAME, token_dtype
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(vocab_size)
-    train_idx, val_idx = split_train_val(len(store.length), val_fraction, seed)
+    train_idx, val_idx = split_train_val(len(store.lengths), val_fraction, seed)
     common = dict(
         seq_length=seq_length, packing=packing, seed=seed, pad_to_multiple=pad_to_multiple, drop_long=drop_long,
         dtype=dtype, pad_id=pad_id, max_shard_tokens=max_shard_tokens, progress_factory=progress_factory,
@@ -264,7 +263,7 @@ def write_shard_dir(
     highs = [s["max_token_id"] for s in splits.values() if s["max_token_id"] is not None]
     meta = {
         "format_version": FORMAT_VERSION,
-        **{k: train[k] for k in ("num_samples", "num_tokens", "num_loss_tokens", "num_packs")},
+        **{k: train[k] for k in ("num_conversations", "num_tokens", "num_trained_tokens", "num_packs")},
         "seq_length": seq_length,
         "packing": packing,
         "seed": seed,

@@ -1,7 +1,9 @@
-"""Tokenize step: one partition of the input records -> flat token/mask files plus (record, length) per sample.
+"""Tokenize step: one partition of the input records -> flat token/loss-mask files plus (record, length) per
+encoded record.
 
 Which records a partition owns and how its folder is written live in `partitions`. Inside a partition, batches of
-samples go to a process pool and come back in submission order, so the files are identical for any worker count.
+parsed records go to a process pool and come back in submission order, so the files are identical for any worker
+count.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from megapack.data.pipeline.partitions import PartitionWriter, owned_count, owne
 from megapack.data.sources.conversation import BadRecord, SkipReport
 from megapack.errors import MegapackError
 
-BATCH = 256  # samples per worker task
+BATCH = 256  # records per worker task
 
 
 @dataclass
@@ -40,7 +42,8 @@ def load_encoder(spec: EncodeSpec):
 
     tokenizer = load_tokenizer(spec.tokenizer_model, spec.tokenizer_type)
     if spec.template == "hf":
-        from megapack.data.render.hf_template import HFChatTemplate, parse_date
+        from megapack.data.render.hf_jinja import parse_date
+        from megapack.data.render.hf_template import HFChatTemplate
 
         template = HFChatTemplate.from_dir(spec.chat_template_from or spec.tokenizer_model,
                                            parse_date(spec.template_date))
@@ -61,36 +64,38 @@ def _init_worker(spec: EncodeSpec, dtype: str, encoder: tuple | None = None) -> 
     _WORKER["dtype"] = np.dtype(dtype)
 
 
-def _encode_batch(samples: list) -> tuple[bytes, bytes, np.ndarray, list[tuple[int, str, str]]]:
-    """Encode samples; returns token bytes, mask bytes, lengths, and (position, reason, detail) of failures."""
+def _encode_batch(records: list) -> tuple[bytes, bytes, np.ndarray, list[tuple[int, str, str]]]:
+    """Encode parsed records; returns token bytes, loss-mask bytes, lengths, and (position, reason, detail) of
+    failures."""
     tokenizer, template, options = _WORKER["encoder"]
-    ids_out, mask_out, lengths, bad = [], [], [], []
-    for pos, sample in enumerate(samples):
+    ids_out, loss_mask_out, lengths, bad = [], [], [], []
+    for pos, record in enumerate(records):
         try:
-            ids, mask = template.encode(sample, tokenizer, options)
-        except MegapackError as exc:  # BadSample carries its own reason (tools, prefix stability, empty mask)
+            ids, loss_mask = template.encode(record, tokenizer, options)
+        except MegapackError as exc:  # UnrenderableRecord carries its reason (tools, prefix stability, empty mask)
             bad.append((pos, getattr(exc, "reason", "template error"), str(exc)))
             continue
         if len(ids) == 0:
             bad.append((pos, "empty after tokenization", ""))
             continue
-        if len(ids) != len(mask):
-            raise RuntimeError(f"template {type(template).__name__} returned {len(ids)} ids and {len(mask)} mask values")
+        if len(ids) != len(loss_mask):
+            raise RuntimeError(f"template {type(template).__name__} returned {len(ids)} ids and {len(loss_mask)} "
+                               "loss-mask values")
         ids_out.append(np.asarray(ids))
-        mask_out.append(np.asarray(mask, dtype=np.uint8))
+        loss_mask_out.append(np.asarray(loss_mask, dtype=np.uint8))
         lengths.append(len(ids))
     dtype = _WORKER["dtype"]
     toks = np.concatenate(ids_out).astype(dtype).tobytes() if ids_out else b""
-    masks = np.concatenate(mask_out).tobytes() if mask_out else b""
-    return toks, masks, np.array(lengths, dtype=np.int64), bad
+    loss_masks = np.concatenate(loss_mask_out).tobytes() if loss_mask_out else b""
+    return toks, loss_masks, np.array(lengths, dtype=np.int64), bad
 
 
 def _owned_batches(specs: list, index: int, num_parts: int, on_error: str,
                    report: SkipReport) -> Iterator[tuple[list[int], list, int]]:
-    """(record numbers, samples, records consumed) batches of this partition; bad records go to the policy."""
-    from megapack.data.sources.formats import handle_bad_record, iter_samples
+    """(record numbers, parsed records, records consumed) batches of this partition; bad records go to the policy."""
+    from megapack.data.sources.formats import handle_bad_record, parse_records
 
-    items = (item for spec in specs for item in iter_samples(spec))
+    items = (item for spec in specs for item in parse_records(spec))
     recs, batch, consumed = [], [], 0
     for record, item in owned_records(items, index, num_parts):
         consumed += 1
@@ -125,7 +130,7 @@ def tokenize_partition(
     out = PartitionWriter(work_dir, index, num_parts)
     report = SkipReport()
     rec_chunks, len_chunks = [], []
-    n_records = n_tokens = n_loss = 0
+    n_records = n_tokens = n_trained = 0
     t0 = time.perf_counter()
     bar = None
     pool = None
@@ -145,17 +150,17 @@ def tokenize_partition(
         pending: deque = deque()
 
         def drain_one() -> None:
-            nonlocal n_tokens, n_loss
+            nonlocal n_tokens, n_trained
             recs, sources, result = pending.popleft()
-            toks, masks, lengths, bad = result.get() if pool is not None else result
+            toks, loss_masks, lengths, bad = result.get() if pool is not None else result
             if bad:
                 for p, reason, detail in bad:
                     handle_bad_record(BadRecord(sources[p] or f"record {recs[p]}", reason, detail), on_error, report)
                 bad_pos = {p for p, _, _ in bad}
                 recs = [r for p, r in enumerate(recs) if p not in bad_pos]
-            out.write(toks, masks)
+            out.write(toks, loss_masks)
             n_tokens += int(lengths.sum())
-            n_loss += int(np.frombuffer(masks, dtype=np.uint8).sum(dtype=np.int64))
+            n_trained += int(np.frombuffer(loss_masks, dtype=np.uint8).sum(dtype=np.int64))
             rec_chunks.append(np.array(recs, dtype=np.int64))
             len_chunks.append(lengths)
             if bar is not None:
@@ -167,7 +172,7 @@ def tokenize_partition(
                 bar.update(consumed)
             if not batch:
                 continue
-            sources = [getattr(sample, "source", "") for sample in batch]
+            sources = [getattr(record, "source", "") for record in batch]
             if pool is not None:
                 pending.append((recs, sources, pool.apply_async(_encode_batch, (batch,))))
                 if len(pending) >= 4 * workers:
@@ -183,9 +188,9 @@ def tokenize_partition(
             "index": index,
             "num_partitions": num_parts,
             "records": n_records,
-            "samples": int(len(lengths)),
+            "conversations": int(len(lengths)),
             "tokens": n_tokens,
-            "loss_tokens": n_loss,
+            "trained_tokens": n_trained,
             "skipped": report.counts,
             "skipped_examples": report.examples,
             "seconds": round(time.perf_counter() - t0, 3),

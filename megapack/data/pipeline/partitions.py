@@ -2,9 +2,10 @@
 read back.
 
     OUT/.work/job.json                          fingerprint of what tokenization depends on
-    OUT/.work/part-IIIII-of-PPPPP/tokens.bin    token ids of the partition's samples, back to back
+    OUT/.work/part-IIIII-of-PPPPP/tokens.bin    token ids of the partition's encoded records, back to back
                                  /mask.bin      their loss masks (uint8)
-                                 /samples.npy   int64 [n, 2]: global record number, token count
+                                 /samples.npy   int64 [n, 2]: global record number, token count (the name
+                                                predates "record"; kept so unfinished runs stay resumable)
                                  /part.json     statistics; its presence marks the partition finished
 
 Records are numbered across all inputs in order, bad ones included; record r belongs to partition
@@ -18,18 +19,19 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from megapack.data.packs.writer import SampleStore
+from megapack.data.packs.writer import RecordStore
 
 WORK_DIR = ".work"
 JOB_FILE = "job.json"
 BLOCK = 256  # consecutive records per partition block
 DONE_FILE = "part.json"
-TOKENS_FILE, MASK_FILE, SAMPLES_FILE = "tokens.bin", "mask.bin", "samples.npy"
+TOKENS_FILE, MASK_FILE, RECORDS_FILE = "tokens.bin", "mask.bin", "samples.npy"
+# part.json keys renamed (old -> new); `finished_partition` renames them in partitions written before
+RENAMED_PART_KEYS = {"samples": "conversations", "loss_tokens": "trained_tokens"}
 
 
 def part_dir(work_dir: Path, index: int, num_parts: int) -> Path:
@@ -61,16 +63,16 @@ class PartitionWriter:
         self.tokens = open(self.tmp / TOKENS_FILE, "wb")
         self.mask = open(self.tmp / MASK_FILE, "wb")
 
-    def write(self, tokens: bytes, mask: bytes) -> None:
-        """Append encoded samples (token bytes in the shards' dtype, uint8 mask bytes)."""
+    def write(self, tokens: bytes, loss_mask: bytes) -> None:
+        """Append encoded records (token bytes in the shards' dtype, uint8 loss-mask bytes)."""
         self.tokens.write(tokens)
-        self.mask.write(mask)
+        self.mask.write(loss_mask)
 
     def finish(self, records: np.ndarray, lengths: np.ndarray, stats: dict) -> None:
-        """Write the sample table and part.json, then publish the folder."""
+        """Write the record table and part.json, then publish the folder."""
         self.tokens.close()
         self.mask.close()
-        np.save(self.tmp / SAMPLES_FILE, np.stack([records, lengths], axis=1))
+        np.save(self.tmp / RECORDS_FILE, np.stack([records, lengths], axis=1))
         with open(self.tmp / DONE_FILE, "w", encoding="utf-8") as f:
             json.dump(stats, f, indent=1)
         shutil.rmtree(self.final, ignore_errors=True)
@@ -84,12 +86,16 @@ class PartitionWriter:
 
 
 def finished_partition(work_dir: Path, index: int, num_parts: int) -> dict | None:
-    """part.json of a finished partition, or None."""
+    """part.json of a finished partition (keys renamed since it was written: new names), or None."""
     try:
         with open(part_dir(work_dir, index, num_parts) / DONE_FILE, encoding="utf-8") as f:
-            return json.load(f)
+            stats = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
+    for old, new in RENAMED_PART_KEYS.items():
+        if old in stats:
+            stats.setdefault(new, stats.pop(old))
+    return stats
 
 
 def remove_work_dir(work_dir: Path) -> None:
@@ -105,19 +111,18 @@ def remove_work_dir(work_dir: Path) -> None:
     work_dir.rmdir()
 
 
-def read_partitions(work_dir: Path, num_parts: int, dtype: np.dtype) -> "SampleStore":
-    """A SampleStore over every partition's files, samples in global record order."""
-    from megapack.data.packs.writer import SampleStore
+def read_partitions(work_dir: Path, num_parts: int, dtype: np.dtype) -> RecordStore:
+    """A RecordStore over every partition's files, records in global record order."""
 
-    files, part, offset, length, record = [], [], [], [], []
+    files, part, offset, lengths, record = [], [], [], [], []
     for i in range(num_parts):
         d = part_dir(work_dir, i, num_parts)
-        table = np.load(d / SAMPLES_FILE)
+        table = np.load(d / RECORDS_FILE)
         files.append((d / TOKENS_FILE, d / MASK_FILE))
         record.append(table[:, 0])
-        length.append(table[:, 1])
+        lengths.append(table[:, 1])
         offset.append(np.cumsum(table[:, 1]) - table[:, 1])
         part.append(np.full(len(table), i, dtype=np.int32))
     order = np.argsort(np.concatenate(record), kind="stable")
     cat = lambda xs: np.concatenate(xs)[order]  # noqa: E731
-    return SampleStore.from_files(files, dtype, cat(part), cat(offset), cat(length))
+    return RecordStore.from_files(files, dtype, cat(part), cat(offset), cat(lengths))

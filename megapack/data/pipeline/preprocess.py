@@ -13,22 +13,19 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from megapack.atomic import describe_os_error, free_bytes, write_json_atomic
-from megapack.data.packs.packing import PACKINGS
-from megapack.data.packs.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME, is_shard_file
+from megapack.data.packs.packing import PACKINGS, kept_lengths, round_up
+from megapack.data.packs.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME, is_shard_file, read_meta, token_dtype
+from megapack.data.packs.writer import RecordStore, split_train_val, write_shard_dir
 from megapack.data.pipeline.partitions import (
     BLOCK, JOB_FILE, WORK_DIR, finished_partition, part_dir, read_partitions, remove_work_dir,
 )
 from megapack.data.sources.formats import ON_ERROR
 from megapack.errors import MegapackError
 from megapack.seeds import SEED_LIMIT
-
-if TYPE_CHECKING:
-    from megapack.data.packs.writer import SampleStore
 
 MIN_SEQ_LENGTH = 16  # shorter packs hold little more than a chat template's header tokens
 
@@ -88,7 +85,7 @@ def validate(cfg: PreprocessConfig) -> None:
         if not ok:
             raise MegapackError(message)
     if cfg.template_date is not None:
-        from megapack.data.render.hf_template import parse_date
+        from megapack.data.render.hf_jinja import parse_date
 
         parse_date(cfg.template_date)
 
@@ -174,8 +171,11 @@ def finish_interrupted_cleanup(cfg: PreprocessConfig, job: dict) -> dict | None:
     if not any(work.iterdir()):  # killed between removing job.json and the folder itself
         work.rmdir()
         return None
-    meta = _read_json(out / META_NAME)
-    if meta is None or _read_json(work / JOB_FILE) != job:
+    try:
+        meta = read_meta(out)
+    except MegapackError:
+        return None
+    if _read_json(work / JOB_FILE) != job:
         return None
     remove_work_dir(work)
     return meta
@@ -190,10 +190,8 @@ def _read_json(path: Path) -> dict | None:
 
 def run_preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole job (or one partition of it); returns meta.json's content (or the partition's statistics)."""
-    from megapack.data.packs.writer import write_shard_dir
     from megapack.data.pipeline.encode import EncodeSpec, load_encoder, tokenize_partition
     from megapack.data.sources.registry import resolve_datasets
-    from megapack.data.packs.shards import token_dtype
 
     t_start = time.perf_counter()
     validate(cfg)
@@ -240,12 +238,12 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         for p in parts.values():
             for reason, n in p["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + n
-        if len(store.length) == 0:
+        if len(store.lengths) == 0:
             raise MegapackError(
-                f"no samples left to pack: {sum(p['records'] for p in parts.values())} records read, "
+                f"no conversations left to pack: {sum(p['records'] for p in parts.values())} records read, "
                 f"skipped: {json.dumps(skipped) if skipped else 'none'} (check --format and the input files)"
             )
-        check_trained_tokens(store, cfg, sum(p["loss_tokens"] for p in parts.values()))
+        check_trained_tokens(store, cfg, sum(p["trained_tokens"] for p in parts.values()))
         for entry in out.iterdir():  # leftovers of a killed pack step
             if entry.name != WORK_DIR and _ours(entry):
                 entry.unlink()
@@ -262,7 +260,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             "num_partitions": cfg.num_partitions,
         }
         at = {"path": out, "doing": "while writing the shards", "free": free_bytes(out),
-              "needed": shard_bytes(store.length, cfg, dtype.itemsize)}
+              "needed": shard_bytes(store.lengths, cfg, dtype.itemsize)}
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else tokenizer.eos_id
         factory = None
         if cfg.progress:
@@ -316,43 +314,36 @@ def _discard_after_os_error(out: Path, created: bool, whole_job: bool, num_parts
 
 
 def shard_bytes(lengths: np.ndarray, cfg: PreprocessConfig, itemsize: int) -> int:
-    """About how many bytes the shards of these samples take (tokens, masks and both .idx files)."""
-    keep = lengths if cfg.packing == "random" else np.minimum(lengths, cfg.seq_length)
-    if cfg.drop_long:
-        keep = keep[lengths <= cfg.seq_length]
-    tokens = int((-(-keep // cfg.pad_to_multiple) * cfg.pad_to_multiple).sum())
-    packs = len(keep) if cfg.packing == "padding" else -(-tokens // cfg.seq_length)
-    segments = len(keep) + (packs if cfg.packing == "random" else 0)
+    """About how many bytes the shards of these conversations take (tokens, loss masks and both .idx files)."""
+    kept = kept_lengths(lengths, cfg.seq_length, cfg.packing, cfg.drop_long)
+    kept = kept[kept > 0]
+    tokens = int(round_up(kept, cfg.pad_to_multiple).sum())
+    packs = len(kept) if cfg.packing == "padding" else -(-tokens // cfg.seq_length)
+    segments = len(kept) + (packs if cfg.packing == "random" else 0)
     return tokens * (itemsize + 1) + segments * 24 + packs * 17 + 4096
 
 
-def check_trained_tokens(store: SampleStore, cfg: PreprocessConfig, loss_tokens: int) -> None:
+def check_trained_tokens(store: RecordStore, cfg: PreprocessConfig, trained_tokens: int) -> None:
     """Refuse, before any shard is written, a train split whose packs would hold no trained token (every response
-    cut off at --seq-length or dropped by --drop-long). Reads masks only until a trained token is found."""
-    from megapack.data.packs.writer import split_train_val
-
-    train, _ = split_train_val(len(store.length), cfg.val_fraction, cfg.seed)
-    lengths = store.length[train]
-    long = lengths > cfg.seq_length
-    keep = lengths.copy() if cfg.packing == "random" else np.minimum(lengths, cfg.seq_length)  # what packing keeps
-    if cfg.drop_long:
-        keep[long] = 0
-    todo = np.flatnonzero(keep) if loss_tokens else np.zeros(0, np.int64)
-    ends = np.cumsum(keep[todo])
-    pos, budget = 0, 1 << 12  # the first few samples decide in the usual case; then batches of up to 4M tokens
+    cut off at --seq-length or dropped by --drop-long). Reads loss masks only until a trained token is found."""
+    train, _ = split_train_val(len(store.lengths), cfg.val_fraction, cfg.seed)
+    lengths = store.lengths[train]
+    kept = kept_lengths(lengths, cfg.seq_length, cfg.packing, cfg.drop_long)
+    todo = np.flatnonzero(kept) if trained_tokens else np.zeros(0, np.int64)
+    ends = np.cumsum(kept[todo])
+    pos, budget = 0, 1 << 12  # the first few conversations decide in the usual case; then batches of up to 4M tokens
     dtype = store.file_dtype or store.tokens[0].dtype
     while pos < len(todo):
         stop = max(pos + 1, int(np.searchsorted(ends, (ends[pos - 1] if pos else 0) + budget, side="right")))
-        batch, n = train[todo[pos:stop]], keep[todo[pos:stop]]
-        tokens, mask = np.empty(int(n.sum()), dtype=dtype), np.zeros(int(n.sum()), dtype=np.uint8)
-        store.gather_into(batch, np.zeros(len(batch), np.int64), n, tokens, mask, np.cumsum(n) - n)
-        if mask.any():
+        batch, n = train[todo[pos:stop]], kept[todo[pos:stop]]
+        tokens, loss_mask = np.empty(int(n.sum()), dtype=dtype), np.zeros(int(n.sum()), dtype=np.uint8)
+        store.gather_into(batch, np.zeros(len(batch), np.int64), n, tokens, loss_mask, np.cumsum(n) - n)
+        if loss_mask.any():
             return
         pos, budget = stop, min(budget * 8, 1 << 22)
-    cut = 0 if cfg.packing == "random" or cfg.drop_long else int(long.sum())
-    dropped = int(long.sum()) if cfg.drop_long else 0
+    cut, dropped = int(((kept > 0) & (kept < lengths)).sum()), int((kept == 0).sum())
     raise MegapackError(
-        f"{cfg.output_dir}: the train split has no trained tokens (num_loss_tokens 0): {len(train)} samples, "
+        f"{cfg.output_dir}: the train split has no trained tokens (num_trained_tokens 0): {len(train)} conversations, "
         f"{cut} cut at --seq-length {cfg.seq_length}, {dropped} dropped by --drop-long; expected at least one "
         "response token within --seq-length (raise --seq-length, or check --mask-history and the data)"
     )

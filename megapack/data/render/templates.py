@@ -8,7 +8,7 @@ fall exactly on token boundaries. A special token the tokenizer lacks (chatml's 
 LLaMA-3 or SentencePiece vocabulary) is written as text within its segment. With SentencePiece each segment starts
 with the model's dummy-prefix space, as in LLaMA-Factory's turn-wise encoding ("[/INST]" then "▁Hello").
 
-Mask: mask[i] == 1 iff token i is a trained target. By default that is the content of each response turn
+Loss mask: loss_mask[i] == 1 iff token i is a trained target. By default that is the content of each response turn
 (assistant, function_call) and the end-of-turn token that closes it; `train_on_prompt` trains everything,
 `mask_history` keeps only the last response turn.
 
@@ -20,7 +20,7 @@ except when a response content starts with a whitespace run that contains a line
 "\\n\\n" (id 271) as its own token so that the loss mask can start exactly at the content.
 
 Tools (`Conversation.tools`): llama3 renders them in the LLaMA-3.1 JSON tool-calling format and chatml in the
-Hermes / Qwen2.5 `<tools>` format (see `tools`); function-call turns are then rewritten into that format and trained,
+Hermes / Qwen2.5 `<tools>` format (see `tool_calls`); function-call turns are then rewritten into that format and trained,
 observations are not. Without a tools column function calls are rendered verbatim. llama2 and plain have no tool
 format: a record with tools is a bad record ("tools unsupported by template"), never rendered without them.
 """
@@ -41,10 +41,10 @@ from megapack.data.sources.conversation import (
     USER,
     Conversation,
     Document,
-    Sample,
+    Record,
 )
-from megapack.data.render import tools as toolfmt
-from megapack.data.render.tokenizers import Tokenizer
+from megapack.data.render import tool_calls as toolfmt
+from megapack.data.render.tokenizer_base import Tokenizer
 from megapack.errors import MegapackError
 
 TEMPLATE_FORMAT_VERSION = 2  # bump when rendering semantics change, so template identities change with them
@@ -89,7 +89,7 @@ class ChatTemplate:
     end_of_turn: Special
     system_in_first_user: bool = False  # llama2: the system block goes inside the first [INST]
     plain: bool = False  # no chat markup: contents joined, loss on every token
-    tool_style: str = ""  # "llama3.1-json" or "hermes" (see `tools`); "" = a tools column is refused
+    tool_style: str = ""  # "llama3.1-json" or "hermes" (see `tool_calls`); "" = a tools column is refused
     tool_observation: Format = ()  # the observation format when tools are given (hermes: a user turn)
 
     def __post_init__(self) -> None:
@@ -106,29 +106,29 @@ class ChatTemplate:
                            "options": dataclasses.asdict(options)}, sort_keys=True, ensure_ascii=False)
         return f"{self.name}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
-    def encode(self, sample: Conversation | Document, tokenizer: Tokenizer,
+    def encode(self, record: Conversation | Document, tokenizer: Tokenizer,
                options: TemplateOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(int32 token ids, uint8 loss mask of the same length) for one conversation or document."""
         options = options or TemplateOptions()
-        pieces = self._pieces(sample, tokenizer, options)
+        pieces = self._pieces(record, tokenizer, options)
         ids: list[int] = []
-        mask: list[int] = []
+        loss_mask: list[int] = []
         for piece_ids, trained in pieces:
             ids += piece_ids
-            mask += [trained] * len(piece_ids)
-        return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)
+            loss_mask += [trained] * len(piece_ids)
+        return np.asarray(ids, dtype=np.int32), np.asarray(loss_mask, dtype=np.uint8)
 
-    def render_text(self, sample: Conversation | Document, tokenizer: Tokenizer,
+    def render_text(self, record: Conversation | Document, tokenizer: Tokenizer,
                     options: TemplateOptions | None = None) -> str:
         """The conversation as one string with special tokens written by name (for display and comparisons)."""
         options = options or TemplateOptions()
         names = {i: name for name, i in tokenizer.special_tokens.items()}
         return "".join((names.get(ids[0]) or tokenizer.decode(ids)) if ids else text
-                       for text, ids, _, _ in self._parts(sample, tokenizer, options))
+                       for text, ids, _, _ in self._parts(record, tokenizer, options))
 
-    def _pieces(self, sample: Sample, tokenizer: Tokenizer, options: TemplateOptions) -> list[tuple[list[int], int]]:
+    def _pieces(self, record: Record, tokenizer: Tokenizer, options: TemplateOptions) -> list[tuple[list[int], int]]:
         out = []
-        for text, special_ids, constant, trained in self._parts(sample, tokenizer, options):
+        for text, special_ids, constant, trained in self._parts(record, tokenizer, options):
             if special_ids:
                 out.append((special_ids, trained))
             elif constant:  # template literals ("user", "\n\n", ...) are encoded once per tokenizer
@@ -141,22 +141,22 @@ class ChatTemplate:
                 out.append((tokenizer.encode(text), trained))
         return out
 
-    def _parts(self, sample: Sample, tokenizer: Tokenizer, options: TemplateOptions) -> Iterator[_Part]:
-        """Yield (text, [id] if special else [], is_literal_text, trained) for every part of the sample, in order."""
-        if isinstance(sample, Document):
-            yield from self._plain(tokenizer, [sample.text])
+    def _parts(self, record: Record, tokenizer: Tokenizer, options: TemplateOptions) -> Iterator[_Part]:
+        """Yield (text, [id] if special else [], is_literal_text, trained) for every part of the record, in order."""
+        if isinstance(record, Document):
+            yield from self._plain(tokenizer, [record.text])
             return
-        if not isinstance(sample, Conversation):
-            raise TypeError(f"expected a Conversation or Document, got {type(sample).__name__}")
-        system = sample.system if options.use_data_system and sample.system else options.default_system
-        tools = toolfmt.parse_tools(sample.tools)
+        if not isinstance(record, Conversation):
+            raise TypeError(f"expected a Conversation or Document, got {type(record).__name__}")
+        system = record.system if options.use_data_system and record.system else options.default_system
+        tools = toolfmt.parse_tools(record.tools)
         if tools and not self.tool_style:
-            raise toolfmt.BadSample(toolfmt.NO_TOOL_FORMAT, f"template {self.name!r} has no tool format; "
+            raise toolfmt.UnrenderableRecord(toolfmt.NO_TOOL_FORMAT, f"template {self.name!r} has no tool format; "
                                     "use llama3, chatml or hf for records with a tools column")
         if self.plain:
-            yield from self._plain(tokenizer, ([system] if system else []) + [m.content for m in sample.messages])
+            yield from self._plain(tokenizer, ([system] if system else []) + [m.content for m in record.messages])
             return
-        responses = [i for i, m in enumerate(sample.messages) if m.role in (ASSISTANT, FUNCTION_CALL)]
+        responses = [i for i, m in enumerate(record.messages) if m.role in (ASSISTANT, FUNCTION_CALL)]
         last_response = responses[-1] if responses else -1
         prompt_flag = int(options.train_on_prompt)
         if tools and self.tool_style == "hermes":
@@ -166,16 +166,16 @@ class ChatTemplate:
         if system and not self.system_in_first_user:
             yield from self._format(self.system, system, tokenizer, prompt_flag)
         first_user = True
-        for i, message in enumerate(sample.messages):
+        for i, message in enumerate(record.messages):
             if message.role in (ASSISTANT, FUNCTION_CALL):
                 fmt = self.assistant if message.role == ASSISTANT else self.function_call
-                target = int(not options.mask_history or i == last_response)
+                trained = int(not options.mask_history or i == last_response)
                 content = message.content
                 if tools and message.role == FUNCTION_CALL:
                     call = toolfmt.llama31_call if self.tool_style == "llama3.1-json" else toolfmt.hermes_call
                     content = call(content)
                 # the first two parts are the content and the end-of-turn token (checked in __post_init__)
-                yield from self._format(fmt[:2], content, tokenizer, target)
+                yield from self._format(fmt[:2], content, tokenizer, trained)
                 yield from self._format(fmt[2:], content, tokenizer, prompt_flag)
             elif message.role in (USER, OBSERVATION):
                 content = message.content
@@ -189,7 +189,7 @@ class ChatTemplate:
                     fmt, content = self.tool_observation, toolfmt.hermes_observation(content)
                 yield from self._format(fmt, content, tokenizer, prompt_flag)
             else:
-                raise MegapackError(f"{sample.source or 'conversation'}: role {message.role!r} cannot be a turn; "
+                raise MegapackError(f"{record.source or 'conversation'}: role {message.role!r} cannot be a turn; "
                                     f"expected user, assistant, function_call or observation")
 
     def _format(self, fmt: Format, content: str, tokenizer: Tokenizer, trained: int) -> Iterator[_Part]:

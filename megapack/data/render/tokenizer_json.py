@@ -13,9 +13,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from megapack.data.render.tokenizers import (
-    LLAMA3_NUM_RANKS, LLAMA3_NUM_SPECIAL, Tokenizer, _cached_identity, _read, _reload, _tokenizer_json_identity,
+from megapack.data.render.tokenizer_base import (
+    LLAMA3_NUM_RANKS, LLAMA3_NUM_SPECIAL, Tokenizer, read_model_file, reload_tokenizer,
 )
+from megapack.data.render.vocab import cached_identity, tokenizer_json_identity
 from megapack.errors import MegapackError
 
 LLAMA3_PAD_ID = LLAMA3_NUM_RANKS + 4  # "<|finetune_right_pad_id|>"; LLaMA-3.0's file calls it a reserved token
@@ -28,7 +29,7 @@ class TokenizerJsonTokenizer(Tokenizer):
         import tokenizers
 
         self.path = Path(path)
-        data = _read(self.path) if data is None else data
+        data = read_model_file(self.path) if data is None else data
         try:
             doc = json.loads(data)
             added = doc.get("added_tokens") or []
@@ -39,7 +40,7 @@ class TokenizerJsonTokenizer(Tokenizer):
             raise MegapackError(f"{self.path}: not a readable tokenizer.json ({str(exc)[:200]})") from None
         self._names = {i: name for name, i in self.special_tokens.items()}
         self.file_sha256 = hashlib.sha256(data).hexdigest()
-        identity = _cached_identity(self.file_sha256, lambda: _tokenizer_json_identity(data, doc))
+        identity = cached_identity(self.file_sha256, lambda: tokenizer_json_identity(data, doc))
         if identity is None:
             raise MegapackError(f"{self.path}: tokenizer.json model {doc['model'].get('type')!r} is not supported; "
                                 "expected a BPE or Unigram model")
@@ -86,7 +87,7 @@ class TokenizerJsonTokenizer(Tokenizer):
         return "".join(out + ([self._tok.decode(run)] if run else []))
 
     def __reduce__(self):
-        return (_reload, (type(self), str(self.path), self.file_sha256))
+        return (reload_tokenizer, (type(self), str(self.path), self.file_sha256))
 
 
 def _config(folder: Path) -> dict:

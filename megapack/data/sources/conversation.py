@@ -1,4 +1,5 @@
-"""The records every reader yields and every chat template consumes."""
+"""The parsed records every reader yields and every chat template consumes: a `Record` is a Conversation or a
+Document; a record that cannot be parsed is a BadRecord."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ class Conversation:
 
 @dataclass
 class Document:
-    """Plain text for pre-training style samples (the `plain` template trains on every token)."""
+    """Plain text, a pre-training style record (the `plain` template trains on every token)."""
 
     text: str
     source: str = ""
@@ -37,14 +38,15 @@ class Document:
 
 @dataclass
 class BadRecord:
-    """A record a reader could not turn into a sample; counted by reason, never dropped silently."""
+    """A record a reader could not parse (into a Conversation or Document); counted by reason, never dropped
+    silently."""
 
     source: str
     reason: str  # a stable category ("invalid JSON", "unknown role", ...) used as the count key
     detail: str = ""  # the specifics, shown in the first few examples
 
 
-Sample = Conversation | Document
+Record = Conversation | Document
 
 
 @dataclass
@@ -61,8 +63,3 @@ class SkipReport:
         if len(self.examples) < self.max_examples:
             detail = f" ({bad.detail})" if bad.detail else ""
             self.examples.append(f"{bad.source}: {bad.reason}{detail}")
-
-    @property
-    def total(self) -> int:
-        """Number of skipped records."""
-        return sum(self.counts.values())

@@ -4,17 +4,17 @@ The formats follow LLaMA-Factory v0.9.5 (data/README.md and its dataset converte
 with a system turn, then has user/observation turns at odd positions and assistant/function_call turns at even ones,
 and ends on an assistant/function_call turn; an alpaca record's user turn is `instruction + "\\n" + input`. Where
 LLaMA-Factory silently drops or keeps a broken record, megapack reports it as a BadRecord with a stable reason
-(see REASONS); `apply_error_policy` then skips-and-counts or fails. Nothing is dropped silently.
+(see REASONS); `handle_bad_record` then skips-and-counts or fails. Nothing is dropped silently.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from megapack.data.sources.conversation import (
     ASSISTANT, FUNCTION_CALL, OBSERVATION, SYSTEM, USER,
-    BadRecord, Conversation, Document, Message, Sample, SkipReport,
+    BadRecord, Conversation, Document, Message, Record, SkipReport,
 )
 from megapack.data.sources.readers import iter_records
 from megapack.data.sources.registry import DatasetSpec
@@ -47,7 +47,7 @@ _OPENAI_TAGS = {
 }
 DEFAULT_TAGS = {"sharegpt": _SHAREGPT_TAGS, "openai": _OPENAI_TAGS}
 
-Converter = Callable[[str, dict], Sample | BadRecord]
+Converter = Callable[[str, dict], Record | BadRecord]
 
 
 class _Bad(Exception):
@@ -60,27 +60,27 @@ class _Bad(Exception):
 
 def make_converter(formatting: str, columns: dict[str, str | None] | None = None,
                    tags: dict[str, str] | None = None) -> Converter:
-    """A function (source, record) -> Sample | BadRecord for one format with column/tag overrides."""
+    """A function (source, raw record) -> Record | BadRecord for one format with column/tag overrides."""
     if formatting not in DEFAULT_COLUMNS:
         raise MegapackError(f"format {formatting!r} is not supported; expected one of {', '.join(DEFAULT_COLUMNS)}")
     cols = {**DEFAULT_COLUMNS[formatting], **(columns or {})}
     if formatting == "text":
-        body: Callable[[dict], Sample] = lambda rec: Document(_text(rec, cols["text"]))
+        body: Callable[[dict], Record] = lambda rec: Document(_text(rec, cols["text"]))
     elif formatting == "alpaca":
         body = lambda rec: _alpaca(rec, cols)
     else:
         tag = {**DEFAULT_TAGS[formatting], **(tags or {})}
         body = lambda rec: _chat(rec, cols, tag, openai=formatting == "openai")
 
-    def convert(source: str, record: Any) -> Sample | BadRecord:
+    def convert(source: str, record: Any) -> Record | BadRecord:
         if not isinstance(record, dict):
             return BadRecord(source, "not an object", f"a JSON {_kind(record)} where a record object was expected")
         try:
-            sample = body(record)
+            parsed = body(record)
         except _Bad as bad:
             return BadRecord(source, bad.reason, bad.detail)
-        sample.source = source
-        return sample
+        parsed.source = source
+        return parsed
 
     return convert
 
@@ -103,8 +103,8 @@ def detect_format(record: Any) -> tuple[str, dict[str, str]] | None:
     return None
 
 
-def iter_samples(spec: DatasetSpec) -> Iterator[Sample | BadRecord]:
-    """Stream a dataset's samples and bad records in file order; `auto` picks the format on each file's first
+def parse_records(spec: DatasetSpec) -> Iterator[Record | BadRecord]:
+    """Stream a dataset's parsed records and bad records in file order; `auto` picks the format on each file's first
     usable record (a folder may hold an alpaca file beside a sharegpt one)."""
     fixed = None if spec.formatting == "auto" else make_converter(spec.formatting, spec.columns, spec.tags)
     produced = 0
@@ -122,43 +122,23 @@ def iter_samples(spec: DatasetSpec) -> Iterator[Sample | BadRecord]:
                     continue
                 formatting, overrides = detected
                 convert = make_converter(formatting, {**overrides, **spec.columns}, spec.tags)
-            sample = convert(source, record)
-            yield sample
-            if not isinstance(sample, BadRecord):
+            parsed = convert(source, record)
+            yield parsed
+            if not isinstance(parsed, BadRecord):
                 produced += 1
                 # LLaMA-Factory draws num_samples at random; a stream takes the first ones
                 if spec.num_samples is not None and produced >= spec.num_samples:
                     return
 
 
-def _check_policy(on_error: str) -> None:
-    if on_error not in ON_ERROR:
-        raise MegapackError(f"--on-error {on_error!r} is not supported; expected one of {', '.join(ON_ERROR)}")
-
-
 def handle_bad_record(item: BadRecord, on_error: str, report: SkipReport) -> None:
     """The bad-record policy, applied in this one place: count it into `report` ("skip") or stop ("fail")."""
-    _check_policy(on_error)
+    if on_error not in ON_ERROR:
+        raise MegapackError(f"--on-error {on_error!r} is not supported; expected one of {', '.join(ON_ERROR)}")
     if on_error == "fail":
         detail = f" ({item.detail})" if item.detail else ""
         raise MegapackError(f"{item.source}: {item.reason}{detail}")
     report.add(item)
-
-
-def apply_error_policy(items: Iterable[Sample | BadRecord], on_error: str, report: SkipReport) -> Iterator[Sample]:
-    """Pass samples through; bad records go to `handle_bad_record`."""
-    _check_policy(on_error)
-    for item in items:
-        if isinstance(item, BadRecord):
-            handle_bad_record(item, on_error, report)
-        else:
-            yield item
-
-
-def read_datasets(specs: Iterable[DatasetSpec], on_error: str, report: SkipReport) -> Iterator[Sample]:
-    """Every valid sample of every dataset in order, bad records handled by `on_error`."""
-    for spec in specs:
-        yield from apply_error_policy(iter_samples(spec), on_error, report)
 
 
 def _undetected(source: str, record: Any) -> BadRecord:

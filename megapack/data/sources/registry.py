@@ -6,7 +6,7 @@ and `tags`. Its defaults apply: an alpaca entry reads no system/history column u
 entry whose only column is `prompt` (LLaMA-Factory's pre-training description, e.g. c4_demo) reads Documents when
 its records have no response (`output`) column. An `openai` entry defaults to OpenAI names (messages, role/content,
 user/assistant/system/tool) where LLaMA-Factory would look for sharegpt's and fail. `num_samples` keeps the first N
-valid samples (LLaMA-Factory draws N at random).
+valid records (LLaMA-Factory draws N at random).
 Hub-hosted entries, preference (`ranking`), KTO and multimodal entries are refused: megapack does text SFT offline.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class DatasetSpec:
     columns: dict[str, str | None] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
-    num_samples: int | None = None  # registry `num_samples`: read at most this many valid samples
+    num_samples: int | None = None  # registry `num_samples` (LLaMA-Factory's key): at most this many valid records
     registry: str | None = None  # the dataset_info.json this entry came from
 
     def __post_init__(self) -> None:

@@ -158,7 +158,7 @@ def _check_virtual_stages(config: RunConfig, hf_config: dict, num_microbatches: 
                           seq: int) -> None:
     """Interleaved 1F1B needs pp*vpp equal model chunks and whole groups of pp micro-batches (megatron's rules), and
     rows that fit the fixed size its stages send (seq_length * micro_batch_size)."""
-    from megapack.data.packs.stats import PADDED_ARM_MULTIPLE
+    from megapack.data.packs.padding import PADDED_ARM_MULTIPLE
 
     par, vpp = config.parallel, config.parallel.vpp or 1
     if vpp == 1:

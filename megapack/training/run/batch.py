@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from megapack.data.packs.stats import PADDED_ARM_MULTIPLE
+from megapack.data.packs.padding import PADDED_ARM_MULTIPLE, padded_length
 
 # Per-micro-batch counters, in this order (summed over micro-batches and DP ranks for metrics).
 STAT_KEYS = ("real_tokens", "total_tokens", "trained_tokens", "conversations", "packs", "seq_sq_sum")
@@ -132,7 +132,7 @@ def build_batch(
     if padded:
         # one conversation per pack: each becomes one segment padded to the micro-batch's longest, rounded up
         lengths = [int(p.real_lengths.sum()) for p in packs]
-        row = -(-max(lengths) // pad_multiple) * pad_multiple
+        row = padded_length(lengths, pad_multiple)
         for p, n in zip(packs, lengths):
             t = np.full(row, pad_id, np.int64)
             m = np.zeros(row, np.uint8)

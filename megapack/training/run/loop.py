@@ -13,7 +13,7 @@ from functools import partial
 
 from megapack.quiet import quiet_warnings
 from megapack.training.preflight.config import OptimizerConfig, RunConfig
-from megapack.training.run.source import open_source
+from megapack.training.run.sources import open_source
 from megapack.training.preflight.plan import RunPlan, preflight, save_resolved_config
 from megapack.training.run.signals import install_stop_handlers, received, reset_stop_signals
 

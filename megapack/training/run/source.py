@@ -130,15 +130,3 @@ class ShardSource:
     def load_state_dict(self, state: dict) -> None:
         """Continue at the checkpoint's pack."""
         self.sampler.consumed_packs = int(state.get("consumed_packs", 0))
-
-
-def open_source(config: RunConfig, plan: RunPlan, device, log) -> DataSource:
-    """The data source the config names: a shard directory (data.path) or a mixture (data.blend)."""
-    from megatron.core import parallel_state as ps
-
-    feed, dp_rank = batch_feed(plan, config, device), ps.get_data_parallel_rank()
-    if config.data.blend:
-        from megapack.training.run.blend import BlendSource
-
-        return BlendSource(config, plan, feed, dp_rank, log)
-    return ShardSource(config, plan, feed, dp_rank, log)

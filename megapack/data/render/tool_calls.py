@@ -21,7 +21,7 @@ from typing import Any
 from megapack.errors import MegapackError
 
 
-class BadSample(MegapackError):
+class UnrenderableRecord(MegapackError):
     """A record a template cannot render; `reason` is its bad-record category (counted, reported)."""
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -59,18 +59,18 @@ def parse_tools(tools: str | None) -> list[dict] | None:
     try:
         value = json.loads(tools)
     except ValueError as exc:
-        raise BadSample(BAD_TOOLS, f"tools is not JSON ({exc})") from None
+        raise UnrenderableRecord(BAD_TOOLS, f"tools is not JSON ({exc})") from None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise BadSample(BAD_TOOLS, "tools must be a JSON list of function schemas (objects)")
+        raise UnrenderableRecord(BAD_TOOLS, "tools must be a JSON list of function schemas (objects)")
     if not value:
         return None
     out = []
     for i, tool in enumerate(value):
         schema = tool["function"] if tool.get("type") == "function" and isinstance(tool.get("function"), dict) else tool
         if not isinstance(schema.get("name"), str):
-            raise BadSample(BAD_TOOLS, f"tools[{i}] has no string 'name'")
+            raise UnrenderableRecord(BAD_TOOLS, f"tools[{i}] has no string 'name'")
         out.append({"type": "function", "function": schema})
     return out
 
@@ -80,21 +80,22 @@ def parse_calls(content: str) -> list[dict]:
     try:
         value = json.loads(content)
     except ValueError:
-        raise BadSample(BAD_CALL, f"function_call is not JSON: {content[:60]!r}") from None
+        raise UnrenderableRecord(BAD_CALL, f"function_call is not JSON: {content[:60]!r}") from None
     calls = value if isinstance(value, list) else [value]
     out = []
     for i, call in enumerate(calls):
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            raise BadSample(BAD_CALL, f"function_call[{i}] is not an object with a string 'name'")
+            raise UnrenderableRecord(BAD_CALL, f"function_call[{i}] is not an object with a string 'name'")
         args = call.get("arguments", call.get("parameters", {}))
         if isinstance(args, str):  # OpenAI writes arguments as a JSON string
             try:
                 args = json.loads(args)
             except ValueError:
-                raise BadSample(BAD_CALL, f"function_call[{i}] arguments are not JSON: {args[:60]!r}") from None
+                raise UnrenderableRecord(BAD_CALL,
+                                         f"function_call[{i}] arguments are not JSON: {args[:60]!r}") from None
         out.append({"name": call["name"], "arguments": args})
     if not out:
-        raise BadSample(BAD_CALL, "function_call holds no call")
+        raise UnrenderableRecord(BAD_CALL, "function_call holds no call")
     return out
 
 
@@ -107,7 +108,7 @@ def llama31_call(content: str) -> str:
     """A function_call turn in the LLaMA-3.1 JSON format: {"name": ..., "parameters": ...}."""
     calls = parse_calls(content)
     if len(calls) != 1:
-        raise BadSample(BAD_CALL, f"{len(calls)} calls in one turn; the LLaMA-3.1 format allows one")
+        raise UnrenderableRecord(BAD_CALL, f"{len(calls)} calls in one turn; the LLaMA-3.1 format allows one")
     return '{"name": "' + calls[0]["name"] + '", "parameters": ' + _dumps(calls[0]["arguments"]) + "}"
 
 

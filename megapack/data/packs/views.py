@@ -7,7 +7,7 @@ import numpy as np
 
 from megapack import seeds
 from megapack.data.packs.shards import ShardDataset
-from megapack.data.packs.stats import padded_micro_batches
+from megapack.data.packs.padding import padded_micro_batches
 
 
 def render_pack(ds: ShardDataset, i: int, tokenizer=None, start: str = "\u00ab", end: str = "\u00bb") -> str:
@@ -16,16 +16,16 @@ def render_pack(ds: ShardDataset, i: int, tokenizer=None, start: str = "\u00ab",
     lines = [f"pack {i}: {len(pack.tokens)} tokens, {len(pack.cu_seqlens) - 1} segments, "
              f"{int(pack.loss_mask.sum())} trained, cu_seqlens={pack.cu_seqlens.tolist()}, "
              f"cu_seqlens_padded={pack.cu_seqlens_padded.tolist()}"]
-    for k, real in enumerate(pack.real_lengths.tolist()):
+    for k, real_length in enumerate(pack.real_lengths.tolist()):
         a = int(pack.cu_seqlens_padded[k])  # the segment's place in the pack; its real tokens come first
-        b = a + real
-        ids, mask = pack.tokens[a:b], pack.loss_mask[a:b]
-        spans = np.flatnonzero(np.diff(np.concatenate([[-1], mask, [-1]]))) if b > a else []
+        b = a + real_length
+        ids, loss_mask = pack.tokens[a:b], pack.loss_mask[a:b]
+        spans = np.flatnonzero(np.diff(np.concatenate([[-1], loss_mask, [-1]]))) if b > a else []
         text = []
         for s, e in zip(spans[:-1], spans[1:]):
-            piece = tokenizer.decode(ids[s:e].tolist()) if tokenizer is not None else " ".join(map(str, ids[s:e]))
-            text.append(f"{start}{piece}{end}" if mask[s] else piece)
-        padding = int(pack.padded_lengths[k]) - real
+            span = tokenizer.decode(ids[s:e].tolist()) if tokenizer is not None else " ".join(map(str, ids[s:e]))
+            text.append(f"{start}{span}{end}" if loss_mask[s] else span)
+        padding = int(pack.padded_lengths[k]) - real_length
         lines.append(f"--- segment {k} [{a}:{b}]{f' + {padding} padding' if padding else ''} ---\n" + "".join(text))
     return "\n".join(lines)
 
@@ -48,7 +48,7 @@ def plot_numbers(ds: ShardDataset, micro_batch_size: int = 1, train_seed: int = 
     `padding` shards."""
     s = ds.meta["splits"][ds.split]
     out = {"packing": ds.meta["packing"], "seq_length": ds.meta["seq_length"], "split": ds.split,
-           "num_samples": s["num_samples"], "truncated": s["truncated"], "num_packs": s["num_packs"],
+           "num_conversations": s["num_conversations"], "truncated": s["truncated"], "num_packs": s["num_packs"],
            "lower_bound_packs": s["lower_bound_packs"], "packing_efficiency": s["packing_efficiency"]}
     if ds.meta["packing"] == "padding":
         real, computed = micro_batch_fill(ds, micro_batch_size, train_seed)
@@ -59,7 +59,8 @@ def plot_numbers(ds: ShardDataset, micro_batch_size: int = 1, train_seed: int = 
 
 
 def _caption(n: dict) -> str:
-    lines = [f"{n['num_samples']:,} samples ({n['truncated']:,} truncated to seq_length {n['seq_length']:,})  ·  "
+    lines = [f"{n['num_conversations']:,} conversations ({n['truncated']:,} truncated to seq_length "
+             f"{n['seq_length']:,})  ·  "
              f"{n['num_packs']:,} packs (lower bound {n['lower_bound_packs']:,})  ·  "
              f"packing efficiency {n['packing_efficiency']:.1%} of packs × seq_length"]
     if "padding_fraction" in n:
@@ -71,7 +72,7 @@ def _caption(n: dict) -> str:
 
 
 def plot(ds: ShardDataset, out: str | Path, micro_batch_size: int = 1, train_seed: int = 1234) -> dict:
-    """Sample-length histogram and pack fill (`padding` shards: the fill of the trainer's padded micro-batches),
+    """Conversation-length histogram and pack fill (`padding` shards: the fill of the trainer's padded micro-batches),
     saved as an image with the split's numbers written on it; returns those numbers and the `caption` drawn."""
     import matplotlib
 
@@ -84,7 +85,7 @@ def plot(ds: ShardDataset, out: str | Path, micro_batch_size: int = 1, train_see
     edges = np.array(hist["bin_edges"])
     a.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge")
     a.axvline(ds.meta["seq_length"], color="red", linestyle="--", label=f"seq_length {ds.meta['seq_length']:,}")
-    a.set(title="sample lengths", xlabel="sample length (tokens)", ylabel="samples")
+    a.set(title="conversation lengths", xlabel="conversation length (tokens)", ylabel="conversations")
     a.legend()
     if "padding_fraction" in numbers:
         real, computed = micro_batch_fill(ds, micro_batch_size, train_seed)

@@ -1,11 +1,5 @@
-"""Human-readable summaries of a preprocess run / a shard directory's meta.json, and the padding arm's layout."""
+"""Human-readable summaries of a preprocess run / a shard directory's meta.json: the rows of its summary table."""
 from __future__ import annotations
-
-import numpy as np
-
-# The padding arm pads each micro-batch to its longest conversation, rounded up to this many tokens (the trainer's
-# build_micro_batch(padded=True) uses it; it lives here so the data stage can show that padding without training).
-PADDED_ARM_MULTIPLE = 8
 
 
 def _fmt(n: float) -> str:
@@ -26,7 +20,8 @@ def summary_rows(meta: dict) -> list[tuple[str, object]]:
     ]
     rows += [(f"  skipped: {reason}", n) for reason, n in sorted(meta.get("skipped", {}).items())]
     rows += [
-        ("packing", f"{meta['packing']} (L={meta['seq_length']}, seed={meta['seed']}, pad_to_multiple={meta['pad_to_multiple']})"),
+        ("packing", f"{meta['packing']} (L={meta['seq_length']}, seed={meta['seed']}, "
+                    f"pad_to_multiple={meta['pad_to_multiple']})"),
         ("tokenizer", meta.get("tokenizer_identity", "?")),
         ("template", (meta.get("template") or {}).get("name", "?")),
     ]
@@ -34,9 +29,9 @@ def summary_rows(meta: dict) -> list[tuple[str, object]]:
         eff = s["packing_efficiency"]
         ratio = s["num_packs"] / s["lower_bound_packs"] if s["lower_bound_packs"] else 0.0
         rows += [
-            (f"{split}: samples", s["num_samples"]),
+            (f"{split}: conversations", s["num_conversations"]),
             (f"{split}: truncated / dropped", f"{s['truncated']:,} / {s['dropped']:,}"),
-            (f"{split}: tokens (loss tokens)", f"{s['num_tokens']:,} ({s['num_loss_tokens']:,})"),
+            (f"{split}: tokens (trained tokens)", f"{s['num_tokens']:,} ({s['num_trained_tokens']:,})"),
             (f"{split}: packs (lower bound)", f"{s['num_packs']:,} ({s['lower_bound_packs']:,}, x{ratio:.5f})"),
             (f"{split}: packing efficiency", f"{eff:.2%}"),
             (f"{split}: shards", len(s["shards"])),
@@ -49,19 +44,3 @@ def summary_rows(meta: dict) -> list[tuple[str, object]]:
         rows.append(("reused partitions", meta["reused_partitions"]))
     return rows
 
-
-def padded_micro_batches(real_lengths: np.ndarray, order: np.ndarray, micro_batch_size: int,
-                         multiple: int = PADDED_ARM_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
-    """(real, computed) tokens of each padding-arm micro-batch: consecutive runs of `micro_batch_size`
-    conversations in `order`, each padded to the run's longest rounded up to `multiple` (the last run may be shorter).
-    """
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size {micro_batch_size}: expected at least 1")
-    lengths = np.asarray(real_lengths, np.int64)[np.asarray(order, np.int64)]
-    starts = np.arange(0, len(lengths), micro_batch_size)
-    if not len(starts):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    real = np.add.reduceat(lengths, starts)
-    longest = np.maximum.reduceat(lengths, starts)
-    count = np.diff(np.append(starts, len(lengths)))
-    return real, count * (-(-longest // multiple) * multiple)
