@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.multiprocess  # the driver starts pytest, training and benchmark processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
