@@ -66,21 +66,6 @@ def shrunk_demo(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir) 
     return workdir, printed.getvalue()
 
 
-# Under pytest-xdist (`bash tests/run.sh -n 2 --dist loadgroup`): one group per file, so that a module fixture's
-# launch serves all its tests on one worker, and files that share a session fixture's launch in one group.
-XDIST_SHARED = {"test_report": "test_demo",  # the shrunk demo run (shrunk_demo)
-                "test_slurm": "test_launchers"}  # the README's torchrun reference run (launch_runs.py)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    if not config.pluginmanager.hasplugin("xdist") or config.getoption("dist", "no") != "loadgroup":
-        return
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            module = item.path.stem
-            item.add_marker(pytest.mark.xdist_group(XDIST_SHARED.get(module, module)))
-
-
 # The markers of tests/pytest.ini that `bash tests/run.sh --fast` deselects, in the order a test is counted under
 # (a Slurm test also launches several processes: it counts as slurm).
 FAST_SKIPS = ("slurm", "gpu", "multiprocess", "slow")
