@@ -1,6 +1,8 @@
-"""Shared fixtures: real reference assets, fetched once per machine into the megapack cache."""
+"""Shared fixtures: real reference assets, fetched once per machine into the megapack cache; and the summary of
+what a marker selection (`bash tests/run.sh --fast`, `-m ...`) left out."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,29 @@ def shrunk_demo(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir) 
         assert main(["demo", "--workdir", str(workdir), "--num-samples", "24", "--seq-length", "256",
                      "--packings", "padding,greedy"]) == 0
     return workdir, printed.getvalue()
+
+
+# The markers of tests/pytest.ini that `bash tests/run.sh --fast` deselects, in the order a test is counted under
+# (a Slurm test also launches several processes: it counts as slurm).
+FAST_SKIPS = ("slurm", "gpu", "multiprocess", "slow")
+_deselected: list = []
+
+
+def pytest_deselected(items) -> None:
+    _deselected.extend(items)
+
+
+@pytest.hookimpl(trylast=True)  # after --durations' table: the last lines before the counts
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many tests the selection left out, by marker, and the command that runs them."""
+    if not _deselected:
+        return
+    why = Counter(next((m for m in FAST_SKIPS if item.get_closest_marker(m)), "unmarked") for item in _deselected)
+    counts = ", ".join(f"{name} {why[name]}" for name in (*FAST_SKIPS, "unmarked") if why[name])
+    tr = terminalreporter
+    tr.section("deselected")
+    tr.write_line(f"{len(_deselected)} tests deselected, by marker (each counted once, under the first it has of "
+                  f"{', '.join(FAST_SKIPS)}): {counts}")
+    if not why["unmarked"]:  # the --fast selection: say how to run what it left out
+        tr.write_line('run them: bash tests/run.sh -m "multiprocess or slurm or slow or gpu"; one kind: '
+                      "bash tests/run.sh -m multiprocess (or slurm, slow, gpu); everything: bash tests/run.sh")

@@ -274,6 +274,7 @@ def _packs(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.multiprocess
 def test_resume_at_another_dp_reproduces_the_pack_sequence_and_losses(inputs, runs):
     w = runs
     full, resumed = _packs(w / "dp2_packs.jsonl"), _packs(w / "dp1_packs.jsonl")
@@ -295,6 +296,7 @@ def test_resume_at_another_dp_reproduces_the_pack_sequence_and_losses(inputs, ru
         assert sorted(va) == [3, STEPS] and abs(va[STEPS] - vb[STEPS]) <= 1e-5 * va[STEPS]
 
 
+@pytest.mark.multiprocess
 def test_per_member_numbers_in_metrics_tensorboard_and_summary(inputs, runs):
     from megapack.training.run.metrics import read_metrics
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -335,6 +337,7 @@ def test_per_member_numbers_in_metrics_tensorboard_and_summary(inputs, runs):
     assert position["names"] == ["A", "B"] and sum(position["packs"]) == 8 == meta["train_state"]["consumed_packs"]
 
 
+@pytest.mark.multiprocess
 def test_member_validation_losses_equal_single_member_runs(runs):
     w = runs
     for m in "AB":

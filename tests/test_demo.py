@@ -5,7 +5,10 @@ import json
 import math
 import re
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.multiprocess  # `megapack demo` trains in a 2-process torchrun launch
 
 
 def test_demo_trains_every_arm_in_one_launch(shrunk_demo):

@@ -25,6 +25,8 @@ from megapack.data.packs.shards import ShardDataset, is_shard_file
 from megapack.errors import MegapackError
 from train_helpers import base_config, finish, kill_family, launch, make_demo_shards, make_tiny_hf
 
+pytestmark = pytest.mark.multiprocess  # preprocess with a worker pool, torchrun launches
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
 STEPS = 6  # training steps of every run of the training sweep

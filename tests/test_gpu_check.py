@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +25,7 @@ def test_megapack_never_imports_tools():
             assert not any(n == "tools" or n.startswith("tools.") for n in names), f"{path} imports {names}"
 
 
+@pytest.mark.multiprocess  # the driver starts pytest, training and benchmark processes
 def test_gpu_check_dry_run_reports_every_step(tmp_path):
     """Run as a user would: from a directory of their own, OUT relative to it, no PYTHON: the script finds the
     environment as the launchers do (here the interpreter's own, first on PATH, so the test's `megapack`)."""

@@ -7,6 +7,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,7 @@ def _bare_env() -> dict:
     return env | {"OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.multiprocess
 def test_readme_torchrun_line_on_cpu_from_another_directory_resolves_paths_there(tmp_path_factory):
     """The README's CPU line of examples/train_torchrun.sh (tests/launch_runs.py, the launcher tests' reference)."""
     from launch_runs import STEPS, torchrun_reference
@@ -35,6 +38,7 @@ def test_readme_torchrun_line_on_cpu_from_another_directory_resolves_paths_there
     assert after == repo_runs  # nothing written into the repository
 
 
+@pytest.mark.multiprocess
 def test_multinode_script_two_nodes_equal_one_node_with_two_processes(tmp_path_factory):
     """examples/train_multinode.sh started twice on this host (NNODES=2, NPROC=1: two "nodes" of one process),
     rendezvous at this host's name and a free port: the losses of the README's one-node 2-process run."""
@@ -92,6 +96,7 @@ def test_quickstart_from_another_directory_writes_there(tmp_path):
     assert (tmp_path / "runs" / "demo" / "data" / "dataset_info.json").is_file()
 
 
+@pytest.mark.multiprocess
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, llama3_tokenizer_path,
                                                                   llamafactory_data_dir):
     """SIGUSR1 to rank 0 only, right after it logged step 2 (after the step's all-reduce: the moment where a flag

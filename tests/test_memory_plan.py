@@ -12,6 +12,8 @@ import pytest
 
 from memory_helpers import LAYOUTS, MEASURED, MEASURED_CASES, MODELS
 
+pytestmark = pytest.mark.multiprocess  # two child interpreters side by side
+
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_8B = ROOT / "configs/paper/llama3-8b_wildchat_gpt4_69k_greedy.yaml"
 PAPER_70B = ROOT / "configs/paper/llama3-70b_opensource_1m_random.yaml"

@@ -6,7 +6,8 @@ import torch
 
 from model_helpers import make_hf_checkpoint, packed_example
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU attention backends need CUDA")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU attention backends need CUDA")]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ def _convert(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_hf_to_megatron_to_hf_round_trip(tmp_path, llama3_tokenizer_path):
     from safetensors.torch import load_file
 
@@ -70,6 +71,7 @@ def test_convert_usage_errors_are_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == expected
 
 
+@pytest.mark.slow
 def test_tokenizer_json_checkpoint_matches_tiktoken_shards(tmp_path, llama3_tokenizer_path, hf_tokenizer_json_path,
                                                            mistral_sp_model_path, llamafactory_data_dir):
     """An HF checkpoint with only tokenizer.json records the identity that shards made with the ranks file carry."""

@@ -15,6 +15,8 @@ import torch
 
 from model_helpers import hf_logits, make_hf_checkpoint, packed_example, run_workers
 
+pytestmark = pytest.mark.multiprocess  # one 4-process spawned gloo job
+
 transformers = pytest.importorskip("transformers")
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]

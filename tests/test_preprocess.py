@@ -102,6 +102,7 @@ def test_real_demo_data_all_packings(tmp_path, llamafactory_data_dir, llama3_tok
         assert meta["num_packs"] == n
 
 
+@pytest.mark.multiprocess
 def test_workers_and_partitions_give_identical_bytes(tmp_path, llamafactory_data_dir, llama3_tokenizer_path):
     one = run_preprocess(config(tmp_path, llamafactory_data_dir, llama3_tokenizer_path, "w1", workers=1))
     three = run_preprocess(config(tmp_path, llamafactory_data_dir, llama3_tokenizer_path, "w3", workers=3))

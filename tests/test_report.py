@@ -192,6 +192,7 @@ def test_inspect_defaults_are_the_trainers():
 # ------------------------------------------------------------------------------------------- one real small run
 
 
+@pytest.mark.multiprocess
 def test_demo_writes_a_report_of_its_runs(shrunk_demo, tmp_path):
     workdir, out = shrunk_demo
     assert f"report (loss, throughput and padding figures): {workdir / 'report' / 'report.md'}" in out
@@ -222,6 +223,7 @@ def test_demo_writes_a_report_of_its_runs(shrunk_demo, tmp_path):
     assert pad[0] > 5.0 and pad[1] == 0.0  # the padding arm pads its micro-batches, packs are not padded
 
 
+@pytest.mark.multiprocess
 def test_inspect_plot_shows_the_trainers_padding(shrunk_demo, tmp_path, capsys):
     from megapack.data.packs.views import micro_batch_fill, plot
     from megapack.data.packs.shards import ShardDataset

@@ -23,6 +23,8 @@ import pytest
 from launch_runs import ROOT, STEPS, launcher_env, torchrun_reference
 from slurm import FINAL_STATES, SlurmUnavailable, start_cluster, stop_cluster
 
+pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess]  # Slurm jobs running torchrun
+
 CPU_ONLY = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
 # the interrupted runs also save on schedule: the checkpoint writer's helper processes then exist when the signal
 # comes (megapack before the fix: they died of it and the next save failed with BrokenPipeError)

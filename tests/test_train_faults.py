@@ -38,6 +38,7 @@ def runs(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
     return {"dir": w, "hf": hf, "greedy": greedy, "padding": padding, "failed": failed, "finished": finished}
 
 
+@pytest.mark.multiprocess
 def test_nonfinite_loss_stops_before_the_update_and_keeps_the_good_checkpoints(runs):
     w = runs["dir"]
     log = (w / "first.log").read_text()
@@ -58,6 +59,7 @@ def test_nonfinite_loss_stops_before_the_update_and_keeps_the_good_checkpoints(r
             json.loads(text, parse_constant=lambda c: pytest.fail(f"{path}: {c} is not JSON"))
 
 
+@pytest.mark.multiprocess
 def test_nonfinite_skip_is_bounded(runs):
     w = runs["dir"]
     log = (w / "second.log").read_text()
@@ -74,6 +76,7 @@ def _records(run_dir) -> dict[int, dict]:
     return read_metrics(run_dir / "metrics.jsonl")
 
 
+@pytest.mark.multiprocess
 def test_a_finished_run_is_not_rewritten_by_a_run_that_trains_nothing(runs):
     w = runs["dir"]
     log = (w / "first.log").read_text()
@@ -82,6 +85,7 @@ def test_a_finished_run_is_not_rewritten_by_a_run_that_trains_nothing(runs):
     assert log.count("training 3 steps on") == 1
 
 
+@pytest.mark.multiprocess
 def test_resuming_with_other_data_is_refused_unless_the_position_is_reset(runs, tmp_path, capsys):
     from megapack.cli import main
 
@@ -97,6 +101,7 @@ def test_resuming_with_other_data_is_refused_unless_the_position_is_reset(runs, 
     assert plan["reset_data_position"] is True and plan["resume_step"] == 3
 
 
+@pytest.mark.multiprocess
 def test_an_incomplete_latest_checkpoint_is_refused_or_falls_back_when_asked(runs, tmp_path, capsys):
     from megapack.cli import main
 
@@ -122,6 +127,7 @@ def test_an_incomplete_latest_checkpoint_is_refused_or_falls_back_when_asked(run
     assert "(megapack.json is missing)" in capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_tmp(runs, tmp_path):
     """A real ENOSPC: the checkpoint directory is a 20 MB tmpfs (a tiny-model checkpoint needs ~100 MB per rank)."""
     import os

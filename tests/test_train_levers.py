@@ -84,6 +84,7 @@ def _expected_cu(shards: Path, row_multiple: int = 1) -> list[list[int]]:
             for _ in range(STEPS) for mb in sampler.next_step()]
 
 
+@pytest.mark.multiprocess
 def test_recompute_gives_the_same_losses_with_less_activation_memory(inputs, runs):
     """selective and full recompute train exactly like none (<= 1e-6 relative, 3 steps) at TP2 and at PP2, while the
     transformer layers hold less activation memory for backward (measured with saved-tensor hooks, every rank)."""
@@ -105,6 +106,7 @@ def test_recompute_gives_the_same_losses_with_less_activation_memory(inputs, run
             assert selective < 0.95 * none and full < 0.6 * none and full < selective, (layout, rank, peak)
 
 
+@pytest.mark.multiprocess
 def test_recompute_keeps_cu_seqlens_in_the_recomputed_attention(inputs, runs):
     """Every recomputation of the packed core attention in backward sees the micro-batch's own cu_seqlens."""
     w, expected = inputs["dir"], _expected_cu(inputs["shards"])
@@ -122,6 +124,7 @@ def test_recompute_keeps_cu_seqlens_in_the_recomputed_attention(inputs, runs):
             assert seen == Counter(tuple(cu) for cu in expected * 2), (rank, layer)
 
 
+@pytest.mark.multiprocess
 def test_virtual_pipeline_stages_train_like_pp(inputs, runs):
     """PP2 x VPP2 (interleaved 1F1B, two model chunks per rank) gives PP2's losses and counts every conversation once."""
     w = inputs["dir"]
@@ -137,6 +140,7 @@ def test_virtual_pipeline_stages_train_like_pp(inputs, runs):
             assert vpp_rec[s][key] == pp_rec[s][key], (s, key)
 
 
+@pytest.mark.multiprocess
 def test_cu_seqlens_reach_every_virtual_stage(inputs, runs):
     """Each rank's two model chunks (layers 1 and 3 on rank 0, 2 and 4 on rank 1) run packed attention with every
     micro-batch's cu_seqlens, in order (rows padded to seq_length with one padding segment: megatron's p2p of
@@ -151,6 +155,7 @@ def test_cu_seqlens_reach_every_virtual_stage(inputs, runs):
             assert seen == expected, (rank, chunk)
 
 
+@pytest.mark.multiprocess
 def test_virtual_pipeline_checkpoint_resumes_on_the_same_curve(inputs, runs, tmp_path, capsys):
     """A PP2 x VPP2 run stopped after step 1 (checkpoint of both chunks) resumes on the uninterrupted curve; its
     dp_reshardable optimizer state is refused at another vpp before any process starts, in one line."""
@@ -169,6 +174,7 @@ def test_virtual_pipeline_checkpoint_resumes_on_the_same_curve(inputs, runs, tmp
     assert err.startswith("error: parallel.vpp:") and "saved at vpp=2" in err and "\n" not in err, err
 
 
+@pytest.mark.multiprocess
 def test_virtual_pipeline_export_reproduces_the_validation_loss(inputs, runs):
     """The HF export gathers both chunks of both ranks: transformers gives the trainer's final validation loss."""
     from train_helpers import hf_loss_on_split

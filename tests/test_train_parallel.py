@@ -25,6 +25,8 @@ import pytest
 
 from train_helpers import base_config, demo_inputs, finish, kill_family, launch, losses
 
+pytestmark = pytest.mark.multiprocess  # torchrun launches of 1, 2 and 4 processes
+
 STEPS = 6  # every layout run, the killed run and its resumptions share this schedule
 LONG_OPTIMIZER = {"lr": 3e-3, "warmup_steps": 0, "decay_style": "constant"}  # the 50-step run and the bf16 run
 LLAMA3_VOCAB = "vocab:2b6dff733d9c48f89f6efd2e9c62e69238bb03ca9c50345b0c7a00a48b35196b"  # as in test_tokenizers.py

@@ -14,6 +14,8 @@ import pytest
 
 from train_helpers import base_config, launch, losses, make_tiny_hf
 
+pytestmark = pytest.mark.multiprocess  # a torchrun launch
+
 ARMS = [("greedy", 1), ("greedy", 16), ("padding", 1), ("padding", 16)]
 
 

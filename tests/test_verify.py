@@ -240,6 +240,7 @@ def test_check_warns_when_a_run_writes_no_checkpoints(inputs, tmp_path, capsys):
     assert _check(tmp_path, capsys, config, f"checkpoint.dir={tmp_path / 'ck'}")[:2] == (0, [])
 
 
+@pytest.mark.multiprocess
 def test_flipped_byte_trains_with_fast_and_is_refused_by_full_on_every_rank(inputs, tmp_path):
     """One launch, 2 ranks: a full-verified run of the intact shards trains a step; a fast-verified run trains a step
     on a copy with one flipped byte (fast does not hash); the copy under `full` stops before step 1 with the same

@@ -3,7 +3,9 @@ encoded record.
 
 Which records a partition owns and how its folder is written live in `partitions`. Inside a partition, batches of
 parsed records go to a process pool and come back in submission order, so the files are identical for any worker
-count.
+count. The pool's processes come from a forkserver, not from fork: the caller may run threads (a forked child
+inherits their locks in whatever state they were), so each worker builds its own encoder from the picklable
+`EncodeSpec`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from megapack.data.sources.conversation import BadRecord, SkipReport
 from megapack.errors import MegapackError
 
 BATCH = 256  # records per worker task
+# what a pool worker imports to build its encoder: the forkserver imports it once, before it forks any worker
+PRELOAD = ["megapack.data.pipeline.encode", "megapack.data.render.templates", "megapack.data.render.tokenizers",
+           "tiktoken"]
 
 
 @dataclass
@@ -56,7 +61,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(spec: EncodeSpec, dtype: str, encoder: tuple | None = None) -> None:
-    # Forked workers inherit the parent's loaded encoder (loading the LLaMA-3 ranks takes ~0.5 s).
+    """Set up this process's encoder: the caller's own when given (one process), else built from the spec."""
     if encoder is None and _WORKER.get("spec") != spec:
         encoder = load_encoder(spec)
     if encoder is not None:
@@ -64,9 +69,20 @@ def _init_worker(spec: EncodeSpec, dtype: str, encoder: tuple | None = None) -> 
     _WORKER["dtype"] = np.dtype(dtype)
 
 
+def _init_pool_worker(spec: EncodeSpec, dtype: str) -> None:
+    """A pool worker's initializer: builds its own encoder (loading the LLaMA-3 ranks takes ~0.5 s). A pool starts
+    a new worker whenever one dies, and one whose initializer raised would die forever: its tasks fail instead."""
+    try:
+        _init_worker(spec, dtype)
+    except Exception as exc:
+        _WORKER["error"] = exc
+
+
 def _encode_batch(records: list) -> tuple[bytes, bytes, np.ndarray, list[tuple[int, str, str]]]:
     """Encode parsed records; returns token bytes, loss-mask bytes, lengths, and (position, reason, detail) of
     failures."""
+    if "error" in _WORKER:
+        raise _WORKER["error"]
     tokenizer, template, options = _WORKER["encoder"]
     ids_out, loss_mask_out, lengths, bad = [], [], [], []
     for pos, record in enumerate(records):
@@ -136,9 +152,10 @@ def tokenize_partition(
     pool = None
     try:
         _init_worker(encode, dtype.name, encoder)
-        if workers > 1:
-            ctx = multiprocessing.get_context("fork")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encode, dtype.name))
+        if workers > 1:  # forkserver: safe from a threaded caller; the spec and the batches are pickled
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(PRELOAD)  # imported once, by the server (when this process starts it)
+            pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=(encode, dtype.name))
         if progress:
             from tqdm import tqdm
 
