@@ -55,7 +55,8 @@ def epoch_work(lengths: np.ndarray, packing: str, micro_batch_size: int, seed: i
 def main() -> None:
     """One row per run: sequences, steps, tokens computed, FLOPs and hours; packed over padding speedups."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation (README GPU check: 41%% on H200)")
+    p.add_argument("--mfu", type=float, default=0.40,
+                   help="model FLOPs utilisation (tools/README.md, GPU check: 41%% on H200)")
     p.add_argument("--gpu", default="H100", choices=sorted(BF16_PEAK_FLOPS), help="bf16 peak of this GPU")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()

@@ -3,7 +3,7 @@
 1. CPU: the trainer's second training step of a tiny model (hidden 256, 2 layers, vocabulary 8192, SDPA) at
    512 and 2048 tokens without and with recompute, fp32 and bf16: the allocator's peak (profiler memory events, plus every tensor
    alive before the step; tests/memory_helpers.py) against the planner's total for device "cpu".
-2. GPU: the planner's total for the README "GPU check" step-2 model (8 layers of LLaMA-3-8B, one GPU, bf16,
+2. GPU: the planner's total for the GPU check's step-2 model (tools/README.md: 8 layers of LLaMA-3-8B, one GPU, bf16,
    distributed AdamW; packed arm one 4096-token pack per micro-batch, padded arm 2 conversations of at most 4096)
    against the peak `torch.cuda.max_memory_allocated` that run reported (H200, 2026-11-26).
 """
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 GIB = 2**30
-# README "GPU check", step 2 (torch_varlen): peak GiB per arm, and that arm's tokens per micro-batch at most
+# tools/README.md "GPU check", step 2 (torch_varlen): peak GiB per arm, and that arm's tokens per micro-batch at most
 GPU_CHECK_PEAK_GIB = {"packed (bfd)": (57.4, 1), "padded (2 per micro-batch)": (62.3, 2)}
 
 
