@@ -23,19 +23,8 @@ PAGES = ("README.md", "ARCHITECTURE.md", "tests/README.md", "tools/README.md", "
 README_MAX_LINES = 350  # the README is what a user needs to start; evidence and details live on the other pages
 # Paths and names the pages use that a branch not yet merged creates (notes/plan.md's layout and vocabulary). The
 # lead empties these after merging: a pending path or name that exists fails test_pending_is_still_pending.
-PENDING_PATHS = {
-    "megapack/data/packs/padding.py",  # the padding arm's micro-batch rule (from data/packs/stats.py)
-    "megapack/data/packs/summary.py",  # the summary table (from data/packs/stats.py)
-    "megapack/data/packs/views.py",  # was data/packs/inspect.py
-    "megapack/data/render/tool_calls.py",  # was data/render/tools.py
-    "tests/test_layers.py",  # enforces ARCHITECTURE.md's layer rules
-}
-PENDING_NAMES = {
-    "PackAssignment",  # was PackPlan
-    "num_trained_tokens",  # meta.json key, was num_loss_tokens
-    "padded_length",  # data/packs/padding.py
-    "real_length",
-}
+PENDING_PATHS: set[str] = set()
+PENDING_NAMES: set[str] = set()
 TEXT = {page: (ROOT / page).read_text(encoding="utf-8") if (ROOT / page).is_file() else "" for page in PAGES}
 README = TEXT["README.md"]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
