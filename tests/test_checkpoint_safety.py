@@ -176,3 +176,24 @@ def test_check_accepts_the_genuine_checkpoint(genuine):
     from megapack.training.preflight.resume import checkpoint_problem
 
     assert checkpoint_problem(genuine["ckpt"]) is None
+
+
+@pytest.mark.parametrize("raw, refused", [
+    (b"cbuiltins\neval\n(S'1'\ntR.", "builtins.eval"),
+    (b"ctorch\nload\n(S'x'\ntR.", "torch.load"),  # module torch, but not a dtype
+    (b"ctorch.distributed.checkpoint.metadata\nMetadata.__init__\n.", "torch.distributed.checkpoint.metadata."
+                                                                       "Metadata.__init__"),  # no attribute paths
+    (b"ctorch\nfloat32\n.", None),  # a dtype is admitted, but is not an index
+])
+def test_the_metadata_unpickler_admits_only_the_index_classes(genuine, tmp_path, raw, refused):
+    from megapack.errors import MegapackError
+    from megapack.model.safe_pickle import read_torch_metadata
+
+    meta = read_torch_metadata(genuine["ckpt"] / ".metadata")
+    assert meta == pickle.loads((genuine["ckpt"] / ".metadata").read_bytes())
+    crafted = tmp_path / ".metadata"
+    crafted.write_bytes(raw)
+    with pytest.raises(MegapackError) as info:
+        read_torch_metadata(crafted)
+    expected = f"refused to load {refused} (" if refused else "holds a dtype, not torch's checkpoint metadata"
+    assert str(info.value).startswith(f"{crafted}: ") and expected in str(info.value), str(info.value)
