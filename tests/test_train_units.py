@@ -90,8 +90,12 @@ def _plan_inputs(tmp_path, meta: dict | None = None, checkpoint_tokenizer: str |
     return raw
 
 
-def test_batch_layout_and_plan_checks(tmp_path):
+def test_batch_layout_and_plan_checks(tmp_path, monkeypatch):
+    from megapack.training.preflight import resume
     from megapack.training.preflight.plan import batch_layout, preflight
+
+    # the stand-in checkpoint to initialise from is megapack.json alone (test_checkpoint_safety.py checks real ones)
+    monkeypatch.setattr(resume, "checkpoint_problem", lambda path: None)
 
     raw = _plan_inputs(tmp_path)
     assert batch_layout(cfg("parallel.tp=2", raw=raw), 8, 64) == (4, 8, 2)

@@ -68,11 +68,12 @@ def save_model_checkpoint(model, ckpt_dir: str | Path, hf_config: dict, tokenize
 
 
 def load_model_checkpoint(model, ckpt_dir: str | Path) -> dict:
-    """Load only the model keys of a torch_dist checkpoint (saved at any TP/PP) into model; returns megapack.json."""
-    from megatron.core import dist_checkpointing
+    """Load only the model keys of a torch_dist checkpoint (saved at any TP/PP) into model; returns megapack.json.
+    Every pickle in it is read through an allow-list (megapack.model.safe_pickle)."""
+    from megapack.model.safe_pickle import dist_load
 
     meta = read_metadata(ckpt_dir)
-    loaded = dist_checkpointing.load(model_sharded_state_dict(model), str(ckpt_dir))
+    loaded = dist_load(model_sharded_state_dict(model), ckpt_dir)
     state = {key[len(MODEL_PREFIX):]: value for key, value in loaded.items() if key.startswith(MODEL_PREFIX)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

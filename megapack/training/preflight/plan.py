@@ -212,7 +212,7 @@ def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | 
     from megapack.model.spec import resolve_attention_backend
     from megapack.model.checkpoint import read_metadata as read_checkpoint_meta
     from megapack.training.preflight.inputs import check_outputs, check_token_range, shard_sets, verify_shards
-    from megapack.training.preflight.resume import check_resume_layout
+    from megapack.training.preflight.resume import check_resume_layout, checkpoint_problem
     from megapack.model.flops import device_peak_flops
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -237,6 +237,10 @@ def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | 
         _check_same_data(config, resume, ckpt_meta, identity)
     elif config.model.init == "megatron":
         ckpt_meta = read_checkpoint_meta(config.model.megatron_checkpoint)
+        problem = checkpoint_problem(config.model.megatron_checkpoint)
+        if problem is not None:
+            raise MegapackError(f"model.megatron_checkpoint: {config.model.megatron_checkpoint} is incomplete "
+                                f"({problem})")
     seq = shard_seq_length(config, meta)
     dp, gbs, num_micro = batch_layout(config, world_size, seq)
     if par.sequence_parallel and par.tp == 1:

@@ -53,18 +53,29 @@ def check_resume_layout(path: Path, meta: dict, tp: int, pp: int, vpp: int = 1) 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why a published checkpoint cannot be loaded (a file missing or cut short), or None when it is complete.
 
-    Reads torch_dist's own index (`.metadata`) for the byte ranges every shard file must hold; no process group.
+    Reads torch_dist's own index (`.metadata`) for the byte ranges every shard file must hold, and `common.pt`; no
+    process group. Both are pickles read through allow-lists (megapack.model.safe_pickle): a checkpoint that holds
+    anything else is refused with a MegapackError naming the file (not reported as incomplete, so no fallback
+    skips it quietly). The loaders read the same way, so a file swapped after this check is refused there too.
     """
-    from torch.distributed.checkpoint import FileSystemReader
+    from megapack.model.safe_pickle import load_common, read_torch_metadata
 
     path = Path(path)
     for name in ("megapack.json", "common.pt", ".metadata"):
         if not (path / name).is_file():
             return f"{name} is missing"
     try:
-        storage = FileSystemReader(str(path)).read_metadata().storage_data
+        storage = read_torch_metadata(path / ".metadata").storage_data
+    except MegapackError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable index means the same to the user
         return f".metadata is unreadable ({type(exc).__name__})"
+    try:
+        load_common(path)
+    except MegapackError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - likewise for megatron's common state
+        return f"common.pt is unreadable ({type(exc).__name__})"
     needed: dict[str, int] = {}
     for info in storage.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)

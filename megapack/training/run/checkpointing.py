@@ -298,11 +298,12 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, loa
     """Collective: restore model (+ optimizer, scheduler, RNG) from a checkpoint; returns its train_state.
 
     The RNG state is per (TP, PP) position, so it is restored only at the layout the checkpoint was saved with.
+    Every pickle in the checkpoint is read through an allow-list (megapack.model.safe_pickle).
     """
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from megapack.model.builder import as_chunks
+    from megapack.model.safe_pickle import dist_load
 
     path = Path(path)
     meta = read_metadata(path)
@@ -314,7 +315,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, loa
     template = _sharded_state_dict(model, optimizer if load_optimizer else None, is_loading=True, sharding=sharding)
     if load_rng:
         template["rng_state"] = _rng_sharded_object(None)
-    loaded = dist_checkpointing.load(template, str(path))
+    loaded = dist_load(template, path)
     for key, chunk in zip(_model_keys(model), as_chunks(model)):
         missing, unexpected = _unwrap(chunk).load_state_dict(
             {k.removeprefix(MODEL_PREFIX): v for k, v in loaded[key].items()}, strict=False
