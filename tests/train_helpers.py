@@ -228,6 +228,13 @@ def record_attention_calls(trainer, path: str) -> Callable[[], None]:
     return lambda: Path(f"{path}.rank{trainer.env.rank}.json").write_text(json.dumps(calls))
 
 
+def _dump_optimizer(optimizer, path: Path) -> None:
+    """Write the param groups' hyperparameters (all but the parameters) and each optimizer's clip_grad as JSON."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    clips = [o.config.clip_grad for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    path.write_text(json.dumps({"param_groups": groups, "clip_grad": clips}, default=float))
+
+
 def _run_jobs(spec_path: str) -> None:
     import torch.distributed as dist
 
@@ -256,6 +263,8 @@ def _run_jobs(spec_path: str) -> None:
             metrics.MetricsWriter.write = write
         config = load_config(None, job.get("overrides", []), raw=job["config"])
         trainer = Trainer(config)
+        if job.get("optimizer_dump") and dist.get_rank() == 0:  # the optimizer's hyperparameters once resumed
+            _dump_optimizer(trainer.parts.optimizer, Path(job["optimizer_dump"]))
         if job.get("pack_log"):  # rank 0 appends each step's global batch of (member, pack) as a JSON line
             _log_packs(trainer.source.sampler, Path(job["pack_log"]), dist.get_rank() == 0)
         if job.get("validate_only"):  # one validation pass with the initial weights, written to the run's metrics

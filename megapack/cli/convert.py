@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_hf.add_argument("--checkpoint-dir", required=True, help="megapack torch_dist checkpoint directory")
     to_hf.add_argument("--output-dir", required=True, help="new (empty) Hugging Face directory")
     to_hf.add_argument("--tokenizer-dir", default=None,
-                       help="copy tokenizer files from here (default: the ones saved in the checkpoint)")
+                       help="copy tokenizer files from here (default: the checkpoint's tokenizer/ folder, else the "
+                            "model directory the run trained, as its megapack.json records)")
+    to_hf.add_argument("--no-tokenizer", action="store_true",
+                       help="write the weights and config.json only (no tokenizer files)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (e.g. 5GB, 500MB)")
     for sub_parser in (to_mcore, to_hf):
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="full tracebacks")
@@ -52,6 +55,48 @@ def tokenizer_identity(hf_dir: Path) -> str | None:
     return None
 
 
+def _config_hf_dir(path: Path) -> str | None:
+    """`model.hf_dir` of a run's config.yaml (beside its checkpoints), or None."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    model = saved.get("model") if isinstance(saved, dict) else None
+    return model.get("hf_dir") if isinstance(model, dict) else None
+
+
+def tokenizer_source(ckpt_dir: Path, meta: dict, given: str | None, skip: bool) -> Path | None:
+    """Where megatron-to-hf copies the tokenizer files from: --tokenizer-dir, the checkpoint's tokenizer/ folder
+    (hf-to-megatron), else the model directory the run trained (megapack.json `hf_dir`; older training checkpoints:
+    `model.hf_dir` of the config.yaml beside them). Refused in one line when that is unknown, gone, or holds another
+    vocabulary than the checkpoint's."""
+    from megapack.training.preflight.identity import same_tokenizer
+    from megapack.training.preflight.identity import tokenizer_identity as trained_identity
+
+    if skip:
+        return None
+    hint = "give --tokenizer-dir DIR (the tokenizer files to carry) or --no-tokenizer (weights and config.json only)"
+    if given is not None:
+        source = Path(given)
+    elif (ckpt_dir / TOKENIZER_SUBDIR).is_dir():
+        source = ckpt_dir / TOKENIZER_SUBDIR
+    else:
+        recorded = meta.get("hf_dir") or _config_hf_dir(ckpt_dir.parent / "config.yaml")
+        if recorded is None:
+            raise MegapackError(f"{ckpt_dir}: megapack.json does not say which model directory the run trained "
+                                f"(model.hf_dir); {hint}")
+        if not Path(recorded).is_dir():
+            raise MegapackError(f"{ckpt_dir}: the run's model directory {recorded} (model.hf_dir) is not there; {hint}")
+        source = Path(recorded)
+    found, trained = (tokenizer_identity(source) if source.is_dir() else None), trained_identity(meta)
+    if same_tokenizer(found, trained) is False:
+        raise MegapackError(f"{source}: its tokenizer ({found}) is not the one {ckpt_dir} was trained with "
+                            f"({trained}); {hint}")
+    return source
+
+
 def _dtype_flags(hf_config: dict) -> dict:
     dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
     return {"bf16": dtype == "bfloat16"}
@@ -78,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         ckpt_dir = Path(args.checkpoint_dir)
         meta = read_metadata(ckpt_dir)
         hf_config = meta["hf_config"]
+        tokenizer_dir = tokenizer_source(ckpt_dir, meta, args.tokenizer_dir, args.no_tokenizer)  # before the work
     init_distributed(tp=args.tp, pp=args.pp)
     try:
         model = build_model(hf_config, attention_backend="sdpa", perform_initialization=False,
@@ -93,12 +139,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote torch_dist checkpoint {out}")
         else:
             load_model_checkpoint(model, ckpt_dir)
-            tokenizer_dir = args.tokenizer_dir
-            if tokenizer_dir is None and (ckpt_dir / TOKENIZER_SUBDIR).is_dir():
-                tokenizer_dir = ckpt_dir / TOKENIZER_SUBDIR
-            export_hf(model, hf_config, args.output_dir, tokenizer_dir, max_shard_bytes=parse_size(args.max_shard_size))
+            copied = export_hf(model, hf_config, args.output_dir, tokenizer_dir,
+                               max_shard_bytes=parse_size(args.max_shard_size))
             if dist.get_rank() == 0:
-                print(f"wrote Hugging Face checkpoint {args.output_dir}")
+                carried = f"with the tokenizer files of {tokenizer_dir}: {', '.join(copied)}" if tokenizer_dir \
+                    else "without tokenizer files (--no-tokenizer)"
+                print(f"wrote Hugging Face checkpoint {args.output_dir} {carried}")
     finally:
         destroy_distributed()
     return 0

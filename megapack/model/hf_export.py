@@ -14,8 +14,8 @@ from megapack.model.config import head_dim, num_kv_heads
 from megapack.model.weights_map import named_mappings
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+TOKENIZER_FILES = (  # what a model directory holds beside the weights that its exports carry
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
     "generation_config.json", "original/tokenizer.model",
 )
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -97,10 +97,11 @@ def _hf_config_out(hf_config: dict, dtype: torch.dtype) -> dict:
 
 
 def export_hf(model, hf_config: dict, output_dir: str | Path, tokenizer_dir: str | Path | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Gather TP/PP shards and write a transformers-loadable directory (all ranks call this; written atomically).
 
-    `model` is this rank's GPTModel or the list of its virtual-pipeline chunks."""
+    `model` is this rank's GPTModel or the list of its virtual-pipeline chunks. Returns the tokenizer files copied
+    from `tokenizer_dir` (on global rank 0; [] elsewhere)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from safetensors.torch import save_file
@@ -130,6 +131,7 @@ def export_hf(model, hf_config: dict, output_dir: str | Path, tokenizer_dir: str
         return "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
 
     weight_map: dict[str, str] = {}
+    copied: list[str] = []
     if writer:
         for i, names in enumerate(plan):
             name = file_name(first + i)
@@ -147,11 +149,12 @@ def export_hf(model, hf_config: dict, output_dir: str | Path, tokenizer_dir: str
             index = {"metadata": {"total_size": sum(s for _, s in maps)}, "weight_map": dict(sorted(full_map.items()))}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, staging)
+            copied = copy_tokenizer_files(tokenizer_dir, staging)
         if output_dir.exists():
             output_dir.rmdir()
         os.replace(staging, output_dir)
     dist.barrier()
+    return copied
 
 
 def copy_tokenizer_files(tokenizer_dir: str | Path, output_dir: str | Path) -> list[str]:

@@ -54,6 +54,8 @@ class RunPlan(BaseModel):
     resume_from: str | None
     resume_step: int  # the step the resumed checkpoint was taken after (0 without one)
     reset_data_position: bool  # resume with the data position at the first pack (checkpoint.reset_data_position)
+    # what this start changes against the resumed checkpoint, {key: [saved, new]}; applied from resume_step + 1
+    resume_changes: dict[str, list] = {}
     hf_config: dict
     shard_meta: dict
     verify: Literal["full", "fast", "off"] = "off"  # data.verify; fast's checks already passed in preflight
@@ -212,7 +214,7 @@ def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | 
     from megapack.model.spec import resolve_attention_backend
     from megapack.model.checkpoint import read_metadata as read_checkpoint_meta
     from megapack.training.preflight.inputs import check_outputs, check_token_range, shard_sets, verify_shards
-    from megapack.training.preflight.resume import check_resume_layout, checkpoint_problem
+    from megapack.training.preflight.resume import check_resume_layout, checkpoint_problem, resume_changes
     from megapack.model.flops import device_peak_flops
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -259,6 +261,7 @@ def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | 
     precision = tr.precision if tr.precision != "auto" else ("bf16" if cuda else "fp32")
     async_save = config.checkpoint.async_save if config.checkpoint.async_save != "auto" else cuda
     device_name = torch.cuda.get_device_name() if cuda and torch.cuda.is_available() else None
+    total_steps = _total_steps(config, train_packs, gbs)
     return RunPlan(
         world_size=world_size, tp=par.tp, pp=par.pp, dp=dp, micro_batch_size=tr.micro_batch_size,
         global_batch_size=gbs, num_microbatches=num_micro, seq_length=seq, row_length=seq * tr.micro_batch_size,
@@ -271,11 +274,12 @@ def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | 
         attention_backend=resolve_attention_backend(config.model.attention_backend,
                                                     config.model.cross_sample_attention, precision == "bf16"),
         async_save=bool(async_save), peak_flops=config.logging.peak_flops or device_peak_flops(device_name),
-        total_steps=_total_steps(config, train_packs, gbs), train_packs=train_packs,
+        total_steps=total_steps, train_packs=train_packs,
         tokenizer_identity=shard_tok, data_identity=identity, blend=blend,
         resume_from=str(resume) if resume is not None else None,
         resume_step=int(ckpt_meta.get("iteration") or 0) if resume is not None else 0,
         reset_data_position=resume is not None and config.checkpoint.reset_data_position,
+        resume_changes=resume_changes(config, resume, ckpt_meta, total_steps) if resume is not None else {},
         hf_config=hf_config, shard_meta=meta, verify=config.data.verify, checksums=checksums, warnings=warnings,
     )
 

@@ -1,4 +1,5 @@
-"""Which checkpoint a run resumes from, and whether it can: complete on disk, saved at a layout this run can load.
+"""Which checkpoint a run resumes from, whether it can (complete on disk, saved at a layout this run can load), and
+what the run changes against it.
 
 Everything here reads files only (no process group), so `preflight` and `megapack train --check` refuse a bad
 resume before any rank starts.
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from megapack.errors import MegapackError
+from megapack.training.preflight.config import RunConfig
 
 # Distributed-optimizer state layouts (megatron-core names): "dp_reshardable" = each rank writes its own flat shard
 # in parallel, loadable at another DP size only; "fully_reshardable" = per-parameter state gathered on DP rank 0,
@@ -116,3 +118,35 @@ def resume_checkpoint(root: str | os.PathLike, fallback: str = "refuse", key: st
     hint = f"set checkpoint.fallback=previous to resume from {older.name}" if older is not None \
         else "no older complete checkpoint exists"
     raise MegapackError(f"{key}: {newest} is incomplete ({problem}); {hint}")
+
+
+def saved_optimizer(resume: Path, meta: dict) -> dict | None:
+    """The optimizer settings a checkpoint was trained with: its megapack.json's `optimizer`, else (checkpoints
+    written before it was recorded) the `optimizer` section of the config.yaml beside it; None when neither says."""
+    import yaml
+
+    if isinstance(meta.get("optimizer"), dict):
+        return meta["optimizer"]
+    path = resume.parent / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    section = saved.get("optimizer") if isinstance(saved, dict) else None
+    return section if isinstance(section, dict) else None
+
+
+def resume_changes(config: RunConfig, resume: Path, meta: dict, total_steps: int) -> dict[str, list]:
+    """What this start changes against the checkpoint it resumes, as {key: [saved, new]}: optimizer settings and
+    the run's length (`training.train_steps`, or `total_steps` when `training.epochs` sets it). They apply from the
+    resumed step on (the rule of README "Train": the config in force is what runs)."""
+    changes: dict[str, list] = {}
+    saved = saved_optimizer(resume, meta) or {}
+    for key, new in config.optimizer.model_dump(mode="json").items():
+        if key in saved and saved[key] != new:
+            changes[f"optimizer.{key}"] = [saved[key], new]
+    old_total = (meta.get("plan") or {}).get("total_steps")
+    if old_total is not None and int(old_total) != total_steps:
+        key = "training.train_steps" if config.training.train_steps is not None else "total_steps"
+        changes[key] = [int(old_total), total_steps]
+    return changes

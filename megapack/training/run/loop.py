@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from megapack.quiet import quiet_warnings
 from megapack.training.preflight.config import OptimizerConfig, RunConfig
@@ -134,8 +135,11 @@ class Trainer:
             cross_sample_attention=config.model.cross_sample_attention, recompute=config.training.recompute,
             init_weights=None if plan.resume_from else partial(load_initial_weights, config=config), vpp=vpp)
         state = {"iteration": 0, "consumed_packs": 0, "totals": {}}
-        if plan.resume_from is not None:
-            state = load_checkpoint(plan.resume_from, self.parts.model, self.parts.optimizer, self.parts.scheduler)
+        if plan.resume_from is not None:  # the config in force wins over the checkpoint's hyperparameters
+            from megapack.training.run.optim import config_hyperparameters_kept
+
+            with config_hyperparameters_kept(self.parts.optimizer, self.parts.scheduler):
+                state = load_checkpoint(plan.resume_from, self.parts.model, self.parts.optimizer, self.parts.scheduler)
         self.iteration = int(state["iteration"])
         self.nonfinite_streak = 0
         log_dir = None if self.finished else config.logging.dir or config.checkpoint.dir  # nothing rewritten
@@ -151,6 +155,12 @@ class Trainer:
         if plan.resume_from is not None:
             self.metrics.log(f"resumed from {plan.resume_from} at step {self.iteration}"
                              + (" with the data position reset to the first pack" if plan.reset_data_position else ""))
+            from megapack.training.run.optim import resume_note
+
+            note = None if self.finished else resume_note(plan.resume_changes, config.optimizer, plan.resume_step,
+                                                          plan.total_steps)
+            if note is not None:
+                self.metrics.log(note)
         self.source = open_source(config, plan, self.env.device, self.metrics.log)
         if not plan.reset_data_position:
             self.source.load_state_dict(state)
@@ -273,7 +283,9 @@ class Trainer:
             return
         t0 = time.perf_counter()
         meta = {"hf_config": self.plan.hf_config, "tokenizer_identity": self.plan.tokenizer_identity,
-                "data_identity": self.plan.data_identity, "plan": self.plan.summary()}
+                "data_identity": self.plan.data_identity, "plan": self.plan.summary(),
+                "optimizer": self.config.optimizer.model_dump(mode="json"),  # what runs (compared on resume)
+                "hf_dir": str(Path(self.config.model.hf_dir).resolve())}  # its tokenizer files, for conversions
         state = {"totals": dict(self.metrics.totals)} | self.source.state_dict()
         p = self.parts
         self.saver.save(self.iteration, p.model, p.optimizer, p.scheduler, state, meta=meta)

@@ -1,5 +1,11 @@
-"""DDP wrapping, megatron's distributed AdamW and the warmup + decay learning-rate schedule."""
+"""DDP wrapping, megatron's distributed AdamW, the warmup + decay learning-rate schedule, and the resume rule: the
+config in force is what runs from the resumed step on."""
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 from megapack.training.preflight.config import OptimizerConfig
 
@@ -75,3 +81,46 @@ def build_scheduler(cfg: OptimizerConfig, optimizer, total_steps: int):
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,  # the config wins over a checkpoint, except the step count
     )
+
+
+@contextmanager
+def config_hyperparameters_kept(optimizer, scheduler) -> Iterator[None]:
+    """Around a checkpoint load: the param groups keep the hyperparameters built from the config in force (max_lr,
+    min_lr, betas, eps, weight decay), which `optimizer.load_state_dict` brings back from the checkpoint; the
+    scheduler then sets lr and weight decay of the restored step from them."""
+    built = [{k: v for k, v in group.items() if k not in ("params", "step")} for group in optimizer.param_groups]
+    yield
+    groups = optimizer.param_groups
+    assert len(groups) == len(built), "the checkpoint's optimizer has other parameter groups"
+    for group, values in zip(groups, built):
+        group.update(values)
+    scheduler.step(increment=0)
+
+
+def scheduled_lr(cfg: OptimizerConfig, total_steps: int, step: int) -> float:
+    """The lr step `step` (1-based) uses under `build_scheduler(cfg, ..., total_steps)`."""
+    stand_in = SimpleNamespace(param_groups=[{}])
+    build_scheduler(cfg, stand_in, total_steps).step(increment=step - 1)
+    return stand_in.param_groups[0]["lr"]
+
+
+def resume_note(changes: dict[str, list], cfg: OptimizerConfig, resume_step: int, total_steps: int) -> str | None:
+    """One line: what a resumed run changes (plan.resume_changes), from which step, and what it does to the lr."""
+    if not changes:
+        return None
+    step = resume_step + 1
+    said = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    line = f"resume: {said} {'applies' if len(changes) == 1 else 'apply'} from step {step}"
+    old_total = next((old for key, (old, _) in changes.items() if not key.startswith("optimizer.")), total_steps)
+    reverted = {key.removeprefix("optimizer."): old for key, (old, _) in changes.items()
+                if key.startswith("optimizer.")}
+    try:
+        saved = OptimizerConfig.model_validate(cfg.model_dump() | reverted)
+    except ValueError:  # a saved setting this version no longer accepts: no lr comparison
+        return line
+    before, after = scheduled_lr(saved, old_total, step), scheduled_lr(cfg, total_steps, step)
+    replanned = f"its decay re-planned over {total_steps} steps" if old_total != total_steps else ""
+    if math.isclose(before, after, rel_tol=1e-9, abs_tol=0.0):
+        return f"{line}{'; the schedule has ' + replanned if replanned else ''}; lr at step {step} stays {after:.3g}"
+    return (f"{line}; the schedule is recomputed with the new values{', ' + replanned if replanned else ''}: lr at "
+            f"step {step} {before:.3g} -> {after:.3g} (a jump: the saved schedule is not continued)")
