@@ -256,6 +256,10 @@ def test_a_killed_rank_fails_the_job_within_seconds(cluster, work, jobs):
     assert not isinstance(result, BaseException), result
     assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", job
     assert re.search(r"srun: error: \S+: task 1: Killed", log), log[-3000:]
+    # it printed nothing: the last line names it and where its output is (rank 0 may have lost its peer first)
+    where = re.escape(str(work / "logs" / f"killed-{ids['killed']}.out"))
+    assert re.fullmatch(rf"error: rank 1 was killed by SIGKILL \(exit code 137\); it printed no error line: its output "
+                        rf"is in {where} \(srun exit code \d+\)", log.strip().splitlines()[-1]), log[-3000:]
     # --kill-on-bad-exit stops rank 0 at once (not at the time limit); no requeue of a failed run
     assert _epoch(job["EndTime"]) - killed_at < 60, (job["EndTime"], killed_at)
     assert "requeueing" not in log and job["Restarts"] == "0"

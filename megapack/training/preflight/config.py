@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -234,8 +235,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def _known_keys(loc: tuple) -> list[str]:
     """The keys a config may have at `loc` (a pydantic error location without its last part); [] when unknown."""
-    import typing
-
     model: Any = RunConfig
     for part in loc:
         if isinstance(part, int):

@@ -49,11 +49,16 @@ def _this_rank() -> int:
 
 
 def record_failure(message: str, kind: str = "error") -> None:
-    """Record this rank's one-line error for its launcher, when it runs under one (nothing otherwise)."""
+    """Record this rank's one-line error for its launcher, when it runs under one (nothing otherwise). The JSON is
+    torch's error-file format (`message.message`, `message.extraInfo`: a plain torchrun shows the line as the root
+    cause's traceback) plus our `megapack` kind and a precise timestamp."""
     targets = [Path(os.environ[TORCH_ERROR_FILE_ENV])] if os.environ.get(TORCH_ERROR_FILE_ENV) else []
     if os.environ.get(FAILURE_DIR_ENV):
         targets.append(Path(os.environ[FAILURE_DIR_ENV]) / f"rank-{_this_rank()}.json")
-    record = json.dumps({"message": message, "timestamp": time.time(), "megapack": kind})
+    now = time.time()
+    record = json.dumps({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                       "timestamp": str(int(now))}},
+                         "megapack": kind, "timestamp": now})
     for path in targets:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,15 +68,13 @@ def record_failure(message: str, kind: str = "error") -> None:
 
 
 def _read_record(data) -> tuple[str | None, str, float | None]:
-    """(message, kind, timestamp) of an error file's JSON (ours, or torch's `@record` one with a traceback)."""
-    if not isinstance(data, dict) or "megapack" not in data and not isinstance(data.get("message"), dict):
-        return None, "", None
-    message = data.get("message")
-    if isinstance(message, dict):  # torch's own format: the traceback's last line is the exception
-        lines = str(message.get("message", "")).strip().splitlines()
-        return (lines[-1] if lines else None), "exception", None
+    """(message, kind, timestamp) of an error file's JSON: ours, or torch's (`@record`: an exception)."""
+    if not isinstance(data, dict) or not isinstance(data.get("message"), dict):
+        return None, "", None  # no file (torch's placeholder), or not a format we know
+    lines = str(data["message"].get("message") or "").strip().splitlines()
     kind = data.get("megapack") if data.get("megapack") in ("error", "exception") else "exception"
-    return str(message).strip().splitlines()[0] if message else None, kind, float(data.get("timestamp", 0))
+    stamp = data.get("timestamp") if "megapack" in data else None
+    return (lines[0] if lines else None), kind, (float(stamp) if isinstance(stamp, (int, float)) else None)
 
 
 def root_cause(failures: list[Failure]) -> Failure:
