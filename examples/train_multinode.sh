@@ -20,6 +20,6 @@ fi
 # validate config, shards and layout on every node before the rendezvous (one line naming the key on error)
 megapack train --config "$config" --check --world-size "$((NNODES * NPROC))" "$@" >/dev/null
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" CUDA_DEVICE_MAX_CONNECTIONS=1
-exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" --rdzv_backend=c10d \
-    --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-megapack}" \
-    --no-python megapack train --config "$config" "$@"
+# torchrun's agent (c10d rendezvous); a failed rank of this node ends its output with one line naming it
+exec megapack launch --nnodes "$NNODES" --nproc-per-node "$NPROC" --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
+    --rdzv-id "${RDZV_ID:-megapack}" megapack train --config "$config" "$@"

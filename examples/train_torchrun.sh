@@ -23,5 +23,5 @@ fi
 # validate config, shards and layout before starting any process group
 megapack train --config "$config" --check --world-size "$NPROC" "$@" >/dev/null
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" CUDA_DEVICE_MAX_CONNECTIONS=1
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" --no-python \
-    megapack train --config "$config" "$@"
+# torchrun's agent; a failed rank ends the output with one line (the rank, its error, the exit code), no traceback
+exec megapack launch --nproc-per-node "$NPROC" megapack train --config "$config" "$@"

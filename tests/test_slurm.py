@@ -225,6 +225,31 @@ def test_a_wrong_data_path_fails_the_job_with_one_line(cluster, work, jobs):
     assert "srun" not in log  # refused by --check before any task started
 
 
+def test_an_error_on_a_rank_after_the_check_ends_the_job_log_with_one_line(cluster, work):
+    """A flipped byte passes `--check` (data.verify fast) and every rank finds it (data.verify full) before step 1:
+    the job fails with the rank's exit code (srun's is 143: it stopped the other rank) and its log ends with one line
+    naming the rank, its error and the exit code."""
+    import shutil
+
+    shards = work / "runs" / "flipped-shards"
+    shutil.rmtree(shards, ignore_errors=True)
+    shutil.copytree(work / "runs" / "demo-shards", shards)
+    data = bytearray((shards / "train-00000.tokens.bin").read_bytes())
+    data[400] ^= 0x01
+    (shards / "train-00000.tokens.bin").write_bytes(bytes(data))
+    job_id = _train(cluster, work, "flipped", "--output=logs/flipped-%j.out",
+                    overrides=("data.path=runs/flipped-shards",))
+    job = cluster.wait(job_id, timeout=300)
+    log = _log(work, "flipped", job_id)
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "1:0", log[-3000:]
+    error = re.escape("flipped-shards/train-00000.tokens.bin: sha256 mismatch (meta.json records ")
+    last = log.strip().splitlines()[-1]
+    where = re.escape(str(work / "logs" / f"flipped-{job_id}.out"))
+    assert re.fullmatch(rf"error: rank [01] failed with exit code 1: data\.path: \S*{error}\w+…\) "
+                        rf"\(srun exit code \d+; job log {where}\)", last), log[-3000:]
+    assert "Traceback" not in log and not (work / "logs" / f".failures-{job_id}").exists()
+
+
 def test_a_killed_rank_fails_the_job_within_seconds(cluster, work, jobs):
     ids, _, done = jobs
     job = cluster.wait(ids["killed"], timeout=300)
@@ -233,6 +258,10 @@ def test_a_killed_rank_fails_the_job_within_seconds(cluster, work, jobs):
     assert not isinstance(result, BaseException), result
     assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", job
     assert re.search(r"srun: error: \S+: task 1: Killed", log), log[-3000:]
+    # it printed nothing: the last line names it and where its output is (rank 0 may have lost its peer first)
+    where = re.escape(str(work / "logs" / f"killed-{ids['killed']}.out"))
+    assert re.fullmatch(rf"error: rank 1 was killed by SIGKILL \(exit code 137\); it printed no error line: its output "
+                        rf"is in {where} \(srun exit code \d+\)", log.strip().splitlines()[-1]), log[-3000:]
     # --kill-on-bad-exit stops rank 0 at once (not at the time limit); no requeue of a failed run
     assert _epoch(job["EndTime"]) - killed_at < 60, (job["EndTime"], killed_at)
     assert "requeueing" not in log and job["Restarts"] == "0"

@@ -175,4 +175,39 @@ def test_a_config_error_under_the_torchrun_launcher_is_one_line(tmp_path):
     env = dict(os.environ, NPROC="2", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     run = subprocess.run(["bash", str(root / "examples" / "train_torchrun.sh"), str(path)], capture_output=True,
                          text=True, timeout=120, env=env)
-    assert run.returncode == 1 and run.stderr.strip() == f"error: {path}: training.train_stepz: unknown key", run.stderr
+    assert run.returncode == 1 and run.stderr.strip() == (f"error: {path}: training.train_stepz: unknown key (did you "
+                                                          f"mean 'training.train_steps'?)"), run.stderr
+
+
+def test_an_error_on_a_rank_after_the_check_ends_the_torchrun_launcher_with_one_line(tmp_path, llama3_tokenizer_path,
+                                                                                   llamafactory_data_dir):
+    """A flipped byte passes `--check` (data.verify fast) and is found by the ranks (data.verify full) before step 1:
+    the launcher's last line names the failed rank, its line and its exit code, not torchrun's ChildFailedError."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train_helpers import make_demo_shards, make_tiny_hf
+
+    root = Path(__file__).resolve().parents[1]
+    shards = make_demo_shards(llamafactory_data_dir, llama3_tokenizer_path, tmp_path / "shards", "greedy", records=16)
+    meta = json.loads((shards / "meta.json").read_text())
+    data = bytearray((shards / "train-00000.tokens.bin").read_bytes())
+    data[400] ^= 0x01
+    (shards / "train-00000.tokens.bin").write_bytes(bytes(data))
+    config = base_config(make_tiny_hf(tmp_path / "hf"), shards, tmp_path / "run", data={"verify": "full"},
+                         training={"train_steps": 1, "global_batch_size": 2})
+    path = write_yaml(tmp_path / "run.yaml", config)
+    env = dict(os.environ, NPROC="2", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    run = subprocess.run(["bash", str(root / "examples" / "train_torchrun.sh"), str(path)], capture_output=True,
+                         text=True, timeout=300, env=env)
+    sha = meta["sha256"]["train-00000.tokens.bin"]
+    error = f"data.path: {shards}/train-00000.tokens.bin: sha256 mismatch (meta.json records {sha[:12]}…)"
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and re.fullmatch(r"error: rank [01] failed with exit code 1: " + re.escape(error),
+                                                lines[-1]), run.stderr[-3000:]
+    assert lines.count(f"error: {error}") == 2  # each rank's own line, before the summary
+    assert "Traceback" not in run.stderr and "ChildFailedError" not in run.stderr, run.stderr[-3000:]

@@ -326,7 +326,7 @@ def test_cli_reports_config_errors_on_one_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump(BASE | {"training": {"global_batch_size": 8, "train_stepz": 5}}))
     assert main(["train", "--config", str(path)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {path}: training.train_stepz: unknown key"
+    assert err == f"error: {path}: training.train_stepz: unknown key (did you mean 'training.train_steps'?)"
     path.write_text(yaml.safe_dump(BASE))
     assert main(["train", "--config", str(path), "--check", "data.path=" + str(tmp_path / "none")]) == 1
     assert "meta.json" in capsys.readouterr().err

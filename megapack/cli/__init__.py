@@ -12,6 +12,7 @@ from megapack.errors import MegapackError
 SUBCOMMANDS = {
     "preprocess": ("preprocess", "tokenize, pack and write indexed shards from chat datasets"),
     "train": ("train", "packed SFT with megatron-core (launch with torchrun or srun)"),
+    "launch": ("launch", "run a command on every rank with torchrun; a failed rank ends it with one line"),
     "plan": ("plan", "per-GPU memory of a run's layout from the model's config.json: will it fit? (no GPU needed)"),
     "convert": ("convert", "convert checkpoints between Hugging Face and megatron torch_dist"),
     "inspect": ("inspect", "show statistics of a shard directory, verify it, print a pack"),
@@ -40,6 +41,17 @@ def print_error(exc: BaseException) -> None:
     print() writes the text and the newline separately and two ranks failing together interleave their lines."""
     sys.stderr.write(f"error: {exc}\n")
     sys.stderr.flush()
+    _record(str(exc), "error")
+
+
+def _record(message: str, kind: str) -> None:
+    """Under a launcher (torchrun's error file, srun's MEGAPACK_FAILURE_DIR): record the line for its last line."""
+    import os
+
+    if os.environ.get("TORCHELASTIC_ERROR_FILE") or os.environ.get("MEGAPACK_FAILURE_DIR"):
+        from megapack.training.run.launch import record_failure
+
+        record_failure(message, kind)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the traceback follows; the launcher's last line quotes the exception
+        _record(f"{type(exc).__name__}: {exc}".splitlines()[0], "exception")
+        raise
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ def run(args: argparse.Namespace) -> int:
 
     from megapack.errors import MegapackError
     from megapack.training.preflight.config import load_config
-    from megapack.training.memory.estimate import plan_config
+    from megapack.training.memory.estimate import check_gpu_memory_gb, plan_config
     from megapack.training.memory.report import format_plan
 
-    if args.world_size < 1 or args.gpu_memory_gb <= 0:
-        raise MegapackError("--world-size and --gpu-memory-gb: expected positive numbers")
+    if args.world_size < 1:
+        raise MegapackError(f"--world-size {args.world_size}: expected a positive number")
+    check_gpu_memory_gb(args.gpu_memory_gb)
     plan = plan_config(load_config(args.config, args.overrides), args.world_size, args.gpu_memory_gb)
     print(json.dumps(plan) if args.json else format_plan(plan))
     return 0 if plan["fits"] else 2

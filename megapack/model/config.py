@@ -10,6 +10,11 @@ from megapack.errors import MegapackError
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ATTENTION_BACKENDS = ("auto", "te", "flash", "torch_varlen", "sdpa")
+# sanity bounds of a config.json (the largest published LLaMA, 405B: vocab 128256, hidden 16384, FFN 53248, 126 layers,
+# 128 heads): a value beyond them is a typo or a corrupt file that would pass preflight and fail allocating
+SIZE_LIMITS = {"vocab_size": 2**24, "hidden_size": 2**20, "intermediate_size": 2**22, "num_hidden_layers": 4096,
+               "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 2**16}
+MAX_EMBEDDING_PARAMETERS = 2**36  # vocab_size × hidden_size: 32 × the 405B's (128 GiB in bf16, input table alone)
 
 
 def load_hf_config(hf_dir_or_config_json: str | Path) -> dict:
@@ -66,6 +71,14 @@ def validate_hf_config(config: dict, source: str = "config.json") -> None:
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if not isinstance(config.get(key), int) or config[key] <= 0:
             raise MegapackError(f"{source}: key {key!r} = {config.get(key)!r}, expected a positive integer")
+    for key, limit in SIZE_LIMITS.items():
+        value = config.get(key)
+        if isinstance(value, int) and value > limit:
+            raise MegapackError(f"{source}: key {key!r} = {value:,}, expected at most {limit:,}")
+    embedding = config["vocab_size"] * config["hidden_size"]
+    if embedding > MAX_EMBEDDING_PARAMETERS:
+        raise MegapackError(f"{source}: vocab_size × hidden_size = {embedding:,} embedding parameters, expected at "
+                            f"most {MAX_EMBEDDING_PARAMETERS:,}")
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise MegapackError(f"{source}: hidden_act {act!r} is not supported (expected 'silu')")

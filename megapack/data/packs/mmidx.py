@@ -100,7 +100,11 @@ class MMIndex:
         """The .bin file as a flat array of this index's dtype."""
         if self._bin is None:
             path = Path(f"{self.prefix}.bin")
-            self._bin = np.memmap(path, mode="r", dtype=self.dtype) if path.stat().st_size else np.zeros(0, self.dtype)
+            try:
+                empty = not path.stat().st_size
+                self._bin = np.zeros(0, self.dtype) if empty else np.memmap(path, mode="r", dtype=self.dtype)
+            except OSError as exc:
+                raise MegapackError(f"{path}: cannot read the shard data ({exc.strerror or exc})") from None
         return self._bin
 
     def __len__(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass
 
 from megapack.errors import MegapackError
@@ -169,8 +170,16 @@ def rank_memory(position, hf: dict, *, tp: int, pp: int, dp: int, vpp: int | Non
                       logits_bytes=logits)
 
 
+def check_gpu_memory_gb(gpu_memory_gb: float) -> float:
+    """The GiB of one GPU, refused in one line unless a positive, finite number (`--gpu-memory-gb nan` is not)."""
+    if not (isinstance(gpu_memory_gb, (int, float)) and math.isfinite(gpu_memory_gb) and gpu_memory_gb > 0):
+        raise MegapackError(f"--gpu-memory-gb {gpu_memory_gb}: expected a positive, finite number of GiB")
+    return float(gpu_memory_gb)
+
+
 def usable_bytes(gpu_memory_gb: float) -> int:
     """What tensors may use of a GPU of `gpu_memory_gb` GiB: minus the context reserve and a tenth for fragmentation."""
+    gpu_memory_gb = check_gpu_memory_gb(gpu_memory_gb)
     return int(gpu_memory_gb * GIB * (1 - FRAGMENTATION_RESERVE) - CONTEXT_RESERVE_BYTES)
 
 

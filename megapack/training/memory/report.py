@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from megapack.errors import MegapackError
-from megapack.training.memory.estimate import GIB
+from megapack.training.memory.estimate import GIB, check_gpu_memory_gb
 
 
 def _gib(n: float) -> str:
@@ -68,9 +68,7 @@ def gpu_memory_for_check(gpu_memory_gb: float | None) -> float | None:
     import torch
 
     if gpu_memory_gb is not None:
-        if gpu_memory_gb <= 0:
-            raise MegapackError(f"--gpu-memory-gb {gpu_memory_gb}: expected a positive number")
-        return gpu_memory_gb
+        return check_gpu_memory_gb(gpu_memory_gb)
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
     return None

@@ -1,7 +1,9 @@
 """Typed training configuration: YAML file + dotted `key.sub=value` overrides, validated before any process group."""
 from __future__ import annotations
 
+import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -231,12 +233,39 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys a config may have at `loc` (a pydantic error location without its last part); [] when unknown."""
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list member (data.blend.0): its model is the list's item type
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        todo, model = [field.annotation], None
+        while todo and model is None:  # the model class inside `X | None`, `list[X] | None`
+            kind = todo.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                model = kind
+            else:
+                todo.extend(typing.get_args(kind))
+        if model is None:
+            return []
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
 def _format_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # an unknown key first: a misspelt section also makes the real one "Field required"
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+        parent, key = first["loc"][:-1], str(first["loc"][-1])
+        close = difflib.get_close_matches(key, _known_keys(parent), n=1)
+        if close:
+            msg += f" (did you mean {'.'.join([*map(str, parent), close[0]])!r}?)"
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
         msg = f"{msg} (got {first['input']!r})"
     msg = msg.removeprefix("Value error, ")
