@@ -212,7 +212,7 @@ def test_preflight_refuses_padding_rows_that_outgrow_the_interleaved_row(inputs,
 
     shards = make_demo_shards(llamafactory_data_dir, llama3_tokenizer_path, inputs["dir"] / "padding124", "padding",
                               seq_length=124)
-    raw = inputs["cfg"]("refused", parallel={"pp": 2, "vpp": 2}, data={"path": str(shards)})
+    raw = inputs["cfg"]("refused", parallel={"pp": 2, "vpp": 2}, data={"path": str(shards), "seq_length": None})
     with pytest.raises(MegapackError, match=r"^parallel\.vpp: padding shards are padded to multiples of 8, which "
                                             r"the shards' seq_length 124 is not"):
         preflight(load_config(None, [], raw=raw), world_size=2)
