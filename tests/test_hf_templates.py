@@ -32,33 +32,41 @@ def _runs(mask):
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
-def _replace(src: str, old: str, new: str) -> str:
-    assert old in src, old
-    return src.replace(old, new)
+_LLAMA_PLAIN = ("{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+                "'<|eot_id|>' }}")
+_QWEN_PLAIN = "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+# (published text, the same with {% generation %} around what the assistant writes), per template
+GENERATION_EDITS = {
+    "llama3.1-instruct": [
+        (_LLAMA_PLAIN, "{%- if message.role == 'assistant' %}{{- '<|start_header_id|>assistant<|end_header_id|>"
+                       "\\n\\n' }}{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+                       "{%- else %}" + _LLAMA_PLAIN + "{%- endif %}"),
+        ("{{- '{\"name\": \"' + tool_call.name + '\", ' }}",
+         "{% generation %}{{- '{\"name\": \"' + tool_call.name + '\", ' }}"),
+        ('{{- "}" }}', '{{- "}" }}{% endgeneration %}'),
+        ('{%- else %}\n            {{- "<|eot_id|>" }}',
+         '{%- else %}{% generation %}{{- "<|eot_id|>" }}{% endgeneration %}'),
+    ],
+    "qwen2.5-instruct": [
+        (_QWEN_PLAIN, "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{% generation %}"
+                      "{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}" + _QWEN_PLAIN
+                      + "{%- endif %}"),
+        ("{{- '\\n<tool_call>\\n{\"name\": \"' }}", "{{- '\\n' }}{% generation %}{{- '<tool_call>\\n{\"name\": \"' }}"),
+        ("{{- '}\\n</tool_call>' }}", "{{- '}\\n</tool_call>' }}{% endgeneration %}"),
+        ("{%- endfor %}\n        {{- '<|im_end|>\\n' }}",
+         "{%- endfor %}{% generation %}{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"),
+    ],
+}
 
 
 def with_generation_markers(name: str) -> str:
     """The published template with {% generation %} around what the assistant writes (content or call, then its
     end-of-turn token), to get transformers' return_assistant_tokens_mask as a reference."""
     src = (TEMPLATES / name / "chat_template.jinja").read_text()
-    if name == "llama3.1-instruct":
-        plain = "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}"
-        src = _replace(src, plain, "{%- if message.role == 'assistant' %}{{- '<|start_header_id|>assistant<|end_header_id|>"
-                       "\\n\\n' }}{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
-                       "{%- else %}" + plain + "{%- endif %}")
-        src = _replace(src, "{{- '{\"name\": \"' + tool_call.name + '\", ' }}",
-                       "{% generation %}{{- '{\"name\": \"' + tool_call.name + '\", ' }}")
-        src = _replace(src, '{{- "}" }}', '{{- "}" }}{% endgeneration %}')
-        return _replace(src, '{%- else %}\n            {{- "<|eot_id|>" }}',
-                        '{%- else %}{% generation %}{{- "<|eot_id|>" }}{% endgeneration %}')
-    plain = "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    src = _replace(src, plain, "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{% generation %}"
-                   "{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}" + plain + "{%- endif %}")
-    src = _replace(src, "{{- '\\n<tool_call>\\n{\"name\": \"' }}",
-                   "{{- '\\n' }}{% generation %}{{- '<tool_call>\\n{\"name\": \"' }}")
-    src = _replace(src, "{{- '}\\n</tool_call>' }}", "{{- '}\\n</tool_call>' }}{% endgeneration %}")
-    return _replace(src, "{%- endfor %}\n        {{- '<|im_end|>\\n' }}",
-                    "{%- endfor %}{% generation %}{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}")
+    for old, new in GENERATION_EDITS[name]:
+        assert old in src, old
+        src = src.replace(old, new)
+    return src
 
 
 @pytest.fixture(scope="module")

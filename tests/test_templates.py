@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import re
 
 import numpy as np
@@ -275,18 +276,15 @@ TOOL_CHAT = Conversation([
 SCHEMA = {"type": "function", "function": json.loads(WEATHER_TOOLS)[0]}
 
 
+def _rendering(name: str) -> str:
+    """The expected rendering of TOOL_CHAT (tests/data/tool_renderings/NAME.txt, the tool schema put in)."""
+    text = (Path(__file__).parent / "data" / "tool_renderings" / f"{name}.txt").read_text(encoding="utf-8")
+    return text.replace("{schema_indented}", json.dumps(SCHEMA, indent=4)).replace("{schema}", json.dumps(SCHEMA))
+
+
 def test_llama3_renders_tools_in_the_llama31_json_format(llama3_tokenizer):
     template = get_template("llama3")
-    assert template.render_text(TOOL_CHAT, llama3_tokenizer) == (
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-        "Given the following functions, please respond with a JSON for a function call with its proper arguments "
-        "that best answers the given prompt.\n\nRespond in the format {\"name\": function name, \"parameters\": "
-        "dictionary of argument name and its value}.Do not use variables.\n\n"
-        + json.dumps(SCHEMA, indent=4) + "\n\nWeather in Paris?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        '{"name": "weather", "parameters": {"city": "Paris"}}<|eot_id|>'
-        '<|start_header_id|>ipython<|end_header_id|>\n\n{"temp": 21}<|eot_id|>'
-        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is 21 degrees.<|eot_id|>")
+    assert template.render_text(TOOL_CHAT, llama3_tokenizer) == _rendering("llama3")
     ids, mask = template.encode(TOOL_CHAT, llama3_tokenizer)
     assert [llama3_tokenizer.decode(ids[a:b]) for a, b in _runs(mask)] == [
         '{"name": "weather", "parameters": {"city": "Paris"}}<|eot_id|>', "It is 21 degrees.<|eot_id|>"]
@@ -294,15 +292,7 @@ def test_llama3_renders_tools_in_the_llama31_json_format(llama3_tokenizer):
 
 def test_chatml_renders_tools_in_the_hermes_format(llama3_tokenizer):
     template = get_template("chatml")
-    assert template.render_text(TOOL_CHAT, llama3_tokenizer) == (
-        "<|begin_of_text|><|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user "
-        "query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-        + json.dumps(SCHEMA) + "\n</tools>\n\nFor each function call, return a json object with function name and "
-        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-        "<args-json-object>}\n</tool_call><|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
-        '<|im_start|>assistant\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-        "<|im_end|>\n<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response><|im_end|>\n"
-        "<|im_start|>assistant\nIt is 21 degrees.<|im_end|>\n")
+    assert template.render_text(TOOL_CHAT, llama3_tokenizer) == _rendering("chatml")
     ids, mask = template.encode(TOOL_CHAT, llama3_tokenizer)
     assert [llama3_tokenizer.decode(ids[a:b]) for a, b in _runs(mask)] == [
         '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
