@@ -107,6 +107,7 @@ def test_a_missing_shard_data_file_is_one_line_when_the_shards_are_opened(shards
     assert str(info.value) == f"{copy / name}: cannot read the shard data (No such file or directory)"
 
 
+@pytest.mark.multiprocess
 def test_a_bare_launch_of_a_bad_config_ends_with_one_line_naming_the_rank(tmp_path):
     """`megapack launch` without the launchers' `--check`: each rank stops on the config, the last line names one."""
     import os

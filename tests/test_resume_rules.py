@@ -16,6 +16,8 @@ import yaml
 
 from train_helpers import base_config, launch, losses, make_demo_shards, make_tiny_hf
 
+pytestmark = pytest.mark.multiprocess  # one torchrun launch
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates" / "llama3.1-instruct"
 START = {"lr": 0.003, "min_lr": 0.0, "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,

@@ -179,6 +179,7 @@ def test_a_config_error_under_the_torchrun_launcher_is_one_line(tmp_path):
                                                           f"mean 'training.train_steps'?)"), run.stderr
 
 
+@pytest.mark.multiprocess
 def test_an_error_on_a_rank_after_the_check_ends_the_torchrun_launcher_with_one_line(tmp_path, llama3_tokenizer_path,
                                                                                    llamafactory_data_dir):
     """A flipped byte passes `--check` (data.verify fast) and is found by the ranks (data.verify full) before step 1:
