@@ -85,7 +85,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
     counts = ", ".join(f"{name} {why[name]}" for name in (*FAST_SKIPS, "unmarked") if why[name])
     tr = terminalreporter
     tr.section("deselected")
-    tr.write_line(f"{len(_deselected)} tests deselected, by marker (each counted once, under the first it has of "
+    tr.write_line(f"{len(_deselected)} test{'s' if len(_deselected) != 1 else ''} deselected, by marker (each counted once, under the first it has of "
                   f"{', '.join(FAST_SKIPS)}): {counts}")
     if not why["unmarked"]:  # the --fast selection: say how to run what it left out
         tr.write_line('run them: bash tests/run.sh -m "multiprocess or slurm or slow or gpu"; one kind: '

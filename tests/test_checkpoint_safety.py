@@ -26,6 +26,9 @@ import torch
 from model_helpers import make_hf_checkpoint, run_workers
 from train_helpers import base_config, make_demo_shards, write_yaml
 
+# one process at a time, but ~22 s: the genuine checkpoint (a convert subprocess, 13 s) and one spawned loader (9 s)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = f"{os.system.__module__}.system"  # how pickle names os.system (posix.system on Linux)
 TARGETS = (".metadata", "common.pt", "distcp")
