@@ -159,8 +159,7 @@ def test_micro_batch_carries_each_real_tokens_member():
 
     def pack(real, padded):
         return Pack(tokens=np.arange(sum(padded)) + 5, loss_mask=np.ones(sum(padded), np.uint8),
-                    cu_seqlens=np.cumsum([0, *real]).astype(np.int32),
-                    cu_seqlens_padded=np.cumsum([0, *padded]).astype(np.int32))
+                    real_lengths=np.array(real), padded_lengths=np.array(padded))
 
     b = build_batch([pack([3, 2], [4, 4]), pack([5], [8])], members=[1, 0], row_multiple=24)
     assert b.member.tolist() == [1, 1, 1, -1, 1, 1, -1, -1] + [0] * 5 + [-1] * 3 + [-1] * 8

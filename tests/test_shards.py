@@ -64,7 +64,7 @@ def test_round_trip_and_megatron_reader(tmp_path, packing):
         got_all = []
         for i, (toks, mask, segs, real) in enumerate(want):
             pack = ds[i]
-            assert pack.tokens.dtype == np.int64 and pack.loss_mask.dtype == np.uint8 and pack.cu_seqlens.dtype == np.int32
+            assert pack.tokens.dtype == np.int64 and pack.loss_mask.dtype == np.uint8 and pack.real_lengths.dtype == np.int64
             np.testing.assert_array_equal(pack.tokens, toks)
             np.testing.assert_array_equal(pack.loss_mask, mask)
             np.testing.assert_array_equal(pack.cu_seqlens_padded, np.concatenate([[0], np.cumsum(segs)]))

@@ -180,12 +180,11 @@ def pack(segments: list[list[int]], masks: list[list[int]], continues: bool = Fa
          real: list[int] | None = None) -> Pack:
     """A pack of the shard format: tokens, loss_mask (1 = token is a target), real and padded boundaries."""
     lengths = [len(s) for s in segments]
-    cumulative = lambda xs: np.concatenate([[0], np.cumsum(xs)]).astype(np.int32)  # noqa: E731
     return Pack(
         tokens=np.array(sum(segments, []), np.int64),
         loss_mask=np.array(sum(masks, []), np.uint8),
-        cu_seqlens=cumulative(real if real is not None else lengths),
-        cu_seqlens_padded=cumulative(lengths),
+        real_lengths=np.array(real if real is not None else lengths, np.int64),
+        padded_lengths=np.array(lengths, np.int64),
         continues=continues,
     )
 

@@ -113,9 +113,8 @@ def estimate_layers(s: BenchSettings, free_bytes: int) -> tuple[int, str]:
 def _pack(lengths: list[int], vocab: int, rng: np.random.Generator) -> Pack:
     """A pack of random tokens with unpadded segments of the given lengths, every token trained."""
     total = int(sum(lengths))
-    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return Pack(tokens=rng.integers(0, vocab, total, dtype=np.int64), loss_mask=np.ones(total, np.uint8),
-                cu_seqlens=cu, cu_seqlens_padded=cu)
+                real_lengths=np.array(lengths, np.int64), padded_lengths=np.array(lengths, np.int64))
 
 
 def arm_steps(s: BenchSettings, lengths: np.ndarray, arm: str) -> list[list[Batch]]:

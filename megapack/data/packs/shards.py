@@ -148,28 +148,28 @@ class ShardWriter:
 
 @dataclass
 class Pack:
-    """One row of at most seq_length tokens: its segments' tokens, loss mask, real and padded boundaries.
+    """One row of at most seq_length tokens: its segments' tokens, loss mask, real and padded lengths (as stored).
 
-    Segment k occupies tokens[cu_seqlens_padded[k]:cu_seqlens_padded[k+1]]; its first
-    cu_seqlens[k+1] - cu_seqlens[k] tokens are the conversation, the rest `pad_id` padding (loss mask 0).
-    This is Transformer Engine's THD convention: cu_seqlens counts real tokens, cu_seqlens_padded locates them.
+    Segment k occupies padded_lengths[k] tokens after the previous segments; its first real_lengths[k] tokens are the
+    conversation, the rest `pad_id` padding (loss mask 0). The trainer sums the lengths of a micro-batch's packs once
+    into Transformer Engine's THD `cu_seqlens` / `cu_seqlens_padded` (megapack.training.run.batch).
     """
 
     tokens: np.ndarray  # int64 [n] (n <= seq_length; segments padded to pad_to_multiple, the row is not)
     loss_mask: np.ndarray  # uint8 [n] (1 = token i is a trained target)
-    cu_seqlens: np.ndarray  # int32 [num_segments + 1]: cumulative real segment lengths
-    cu_seqlens_padded: np.ndarray  # int32 [num_segments + 1]: cumulative padded lengths, ends at n
+    real_lengths: np.ndarray  # int64 [num_segments]: each segment's tokens without its padding
+    padded_lengths: np.ndarray  # int64 [num_segments]: each segment's tokens with its padding (sum: n)
     continues: bool = False  # `random` packing: the first segment is the rest of a conversation cut in the last pack
 
     @property
-    def real_lengths(self) -> np.ndarray:
-        """Tokens of each segment without its padding."""
-        return np.diff(self.cu_seqlens)
+    def cu_seqlens(self) -> np.ndarray:
+        """[0, l0, l0+l1, ...] of the real lengths (for display: `megapack inspect`)."""
+        return np.concatenate([[0], np.cumsum(self.real_lengths)])
 
     @property
-    def padded_lengths(self) -> np.ndarray:
-        """Tokens of each segment with its padding."""
-        return np.diff(self.cu_seqlens_padded)
+    def cu_seqlens_padded(self) -> np.ndarray:
+        """Each segment's offset in the pack, ending at n (for display)."""
+        return np.concatenate([[0], np.cumsum(self.padded_lengths)])
 
 
 def read_meta(path: str | Path) -> dict:
@@ -255,17 +255,10 @@ class ShardDataset:
         return Pack(
             tokens=tokens.astype(np.int64),
             loss_mask=np.array(loss_mask, dtype=np.uint8),
-            cu_seqlens=_cumulative(shard.real_lengths[a:b]),
-            cu_seqlens_padded=_cumulative(padded),
+            real_lengths=shard.real_lengths[a:b].astype(np.int64),
+            padded_lengths=np.asarray(padded, np.int64),
             continues=bool(shard.continues[j]) if shard.continues is not None else False,
         )
-
-
-def _cumulative(lengths: np.ndarray) -> np.ndarray:
-    """[0, l0, l0+l1, ...] as int32."""
-    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=cu[1:])
-    return cu
 
 
 class _OpenShard:
