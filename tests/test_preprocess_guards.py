@@ -295,3 +295,13 @@ def test_partitions_written_before_the_rename_read_with_the_new_keys(tmp_path):
     folder.mkdir(parents=True)
     (folder / DONE_FILE).write_text(json.dumps({"records": 3, "samples": 2, "tokens": 10, "loss_tokens": 4}))
     assert finished_partition(tmp_path, 0, 1) == {"records": 3, "conversations": 2, "tokens": 10, "trained_tokens": 4}
+
+
+def test_every_record_failing_the_same_way_names_the_first_one(tmp_path, llama3_tokenizer_path, capsys):
+    """The one-line error gives the first bad record's file:line and reason, not only the counts."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"q{i}"}]}) + "\n"
+                            for i in range(5)))
+    assert main(_argv(llama3_tokenizer_path, [data], tmp_path / "out", "--format", "sharegpt")) == 1
+    err = _one_line_error(capsys)
+    assert '"ends on user turn": 5' in err and f"first: {data}:1: ends on user turn" in err, err

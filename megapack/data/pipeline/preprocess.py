@@ -239,10 +239,11 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             for reason, n in p["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + n
         if len(store.lengths) == 0:
+            first = next((e for i in sorted(parts) for e in parts[i]["skipped_examples"]), None)
             raise MegapackError(
                 f"no conversations left to pack: {sum(p['records'] for p in parts.values())} records read, "
-                f"skipped: {json.dumps(skipped) if skipped else 'none'} (check --format and the input files)"
-            )
+                f"skipped: {json.dumps(skipped) if skipped else 'none'}{f' (first: {first})' if first else ''} (check "
+                f"--format and the input files)")
         check_trained_tokens(store, cfg, sum(p["trained_tokens"] for p in parts.values()))
         for entry in out.iterdir():  # leftovers of a killed pack step
             if entry.name != WORK_DIR and _ours(entry):
