@@ -10,20 +10,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from megapack.atomic import describe_os_error, free_bytes, write_json_atomic
-from megapack.data.packs.packing import PACKINGS, kept_lengths, round_up
+from megapack.data.packs.packing import PACKINGS
 from megapack.data.packs.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME, is_shard_file, read_meta, token_dtype
-from megapack.data.packs.writer import RecordStore, split_train_val, write_shard_dir
+from megapack.data.packs.writer import write_shard_dir
 from megapack.data.pipeline.partitions import (
     BLOCK, JOB_FILE, WORK_DIR, finished_partition, part_dir, read_partitions, remove_work_dir,
 )
+from megapack.data.pipeline.sizes import check_trained_tokens, shard_bytes
 from megapack.data.sources.formats import ON_ERROR
+from megapack.dirlock import DirLock
 from megapack.errors import MegapackError
 from megapack.seeds import SEED_LIMIT
 
@@ -189,7 +190,15 @@ def _read_json(path: Path) -> dict | None:
 
 
 def run_preprocess(cfg: PreprocessConfig) -> dict:
-    """Run the whole job (or one partition of it); returns meta.json's content (or the partition's statistics)."""
+    """Run the whole job (or one partition of it) holding the output directory's lock (megapack.dirlock: one
+    writer; parallel partition tasks of one job share it); returns meta.json's content (or the partition's stats)."""
+    with DirLock(cfg.output_dir, "--output-dir", shared=cfg.partition_index is not None) as lock:
+        if lock.warning:
+            print(f"warning: {lock.warning}", file=sys.stderr)
+        return _run_locked(cfg)
+
+
+def _run_locked(cfg: PreprocessConfig) -> dict:
     from megapack.data.pipeline.encode import EncodeSpec, load_encoder, tokenize_partition
     from megapack.data.sources.registry import resolve_datasets
 
@@ -312,39 +321,3 @@ def _discard_after_os_error(out: Path, created: bool, whole_job: bool, num_parts
         return True
     shutil.rmtree(out, ignore_errors=True) if created else _clear_ours(out)
     return False
-
-
-def shard_bytes(lengths: np.ndarray, cfg: PreprocessConfig, itemsize: int) -> int:
-    """About how many bytes the shards of these conversations take (tokens, loss masks and both .idx files)."""
-    kept = kept_lengths(lengths, cfg.seq_length, cfg.packing, cfg.drop_long)
-    kept = kept[kept > 0]
-    tokens = int(round_up(kept, cfg.pad_to_multiple).sum())
-    packs = len(kept) if cfg.packing == "padding" else -(-tokens // cfg.seq_length)
-    segments = len(kept) + (packs if cfg.packing == "random" else 0)
-    return tokens * (itemsize + 1) + segments * 24 + packs * 17 + 4096
-
-
-def check_trained_tokens(store: RecordStore, cfg: PreprocessConfig, trained_tokens: int) -> None:
-    """Refuse, before any shard is written, a train split whose packs would hold no trained token (every response
-    cut off at --seq-length or dropped by --drop-long). Reads loss masks only until a trained token is found."""
-    train, _ = split_train_val(len(store.lengths), cfg.val_fraction, cfg.seed)
-    lengths = store.lengths[train]
-    kept = kept_lengths(lengths, cfg.seq_length, cfg.packing, cfg.drop_long)
-    todo = np.flatnonzero(kept) if trained_tokens else np.zeros(0, np.int64)
-    ends = np.cumsum(kept[todo])
-    pos, budget = 0, 1 << 12  # the first few conversations decide in the usual case; then batches of up to 4M tokens
-    dtype = store.file_dtype or store.tokens[0].dtype
-    while pos < len(todo):
-        stop = max(pos + 1, int(np.searchsorted(ends, (ends[pos - 1] if pos else 0) + budget, side="right")))
-        batch, n = train[todo[pos:stop]], kept[todo[pos:stop]]
-        tokens, loss_mask = np.empty(int(n.sum()), dtype=dtype), np.zeros(int(n.sum()), dtype=np.uint8)
-        store.gather_into(batch, np.zeros(len(batch), np.int64), n, tokens, loss_mask, np.cumsum(n) - n)
-        if loss_mask.any():
-            return
-        pos, budget = stop, min(budget * 8, 1 << 22)
-    cut, dropped = int(((kept > 0) & (kept < lengths)).sum()), int((kept == 0).sum())
-    raise MegapackError(
-        f"{cfg.output_dir}: the train split has no trained tokens (num_trained_tokens 0): {len(train)} conversations, "
-        f"{cut} cut at --seq-length {cfg.seq_length}, {dropped} dropped by --drop-long; expected at least one "
-        "response token within --seq-length (raise --seq-length, or check --mask-history and the data)"
-    )
