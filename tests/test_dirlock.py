@@ -93,3 +93,57 @@ def test_two_concurrent_preprocess_runs_one_writer(tmp_path, llama3_tokenizer_pa
         if rc != 0:
             lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
             assert len(lines) == 1 and ("in use by another run" in lines[0] or "already holds" in lines[0]), err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir):
+    from train_helpers import demo_inputs
+
+    w = tmp_path_factory.mktemp("locks")
+    hf, greedy, _ = demo_inputs(w, llama3_tokenizer_path, llamafactory_data_dir)
+    return w, hf, greedy
+
+
+def _train_config(tiny, name: str) -> dict:
+    from train_helpers import base_config
+
+    w, hf, greedy = tiny
+    return base_config(hf, greedy, w / f"log_{name}", checkpoint={"dir": str(w / f"ck_{name}"), "async_save": False},
+                       training={"train_steps": 2, "global_batch_size": 2})
+
+
+def test_train_check_refuses_a_held_checkpoint_dir_and_passes_once_released(tiny, held, capsys):
+    from train_helpers import write_yaml
+
+    w = tiny[0]
+    path = write_yaml(w / "check.yaml", _train_config(tiny, "check"))
+    for key in ("ck_check", "log_check"):
+        (w / key).mkdir(exist_ok=True)
+        proc = held(w / key)
+        capsys.readouterr()
+        assert main(["train", "--config", str(path), "--check"]) == 1
+        err = _one_line_error(capsys)
+        assert str(w / key) in err and HOLDER in err and "in use by another run" in err, err
+        proc.kill()
+        proc.wait()
+    assert main(["train", "--config", str(path), "--check"]) == 0  # released (stale files left): goes through
+
+
+@pytest.mark.multiprocess
+def test_training_into_a_held_dir_is_refused_and_a_stale_lock_is_taken_over(tiny, held):
+    from train_helpers import finish, launch
+
+    w = tiny[0]
+    stale = _train_config(tiny, "stale")
+    (w / "ck_stale").mkdir(exist_ok=True)
+    _lock_file(w / "ck_stale").write_text("host gone, pid 999999, started 2025-01-01 00:00:00 UTC\n")  # not flocked
+    busy = _train_config(tiny, "busy")
+    held(w / "ck_busy")
+    with pytest.raises(AssertionError) as info:  # the stale run trains; the busy one is refused with one line
+        finish(launch(1, [{"config": stale}, {"config": busy}], w, "locks", wait=False), w, "locks")
+    log = (w / "locks.log").read_text()
+    assert "stale lock" in log and "pid 999999" in log, log[-3000:]
+    assert (w / "ck_stale" / "latest").read_text().strip() == "iter_0000002"
+    line = next(x for x in log.splitlines() if "in use by another run" in x)
+    assert str(w / "ck_busy") in line and HOLDER in line, str(info.value)[-3000:]
+    assert not (w / "ck_busy" / "latest").exists() and not (w / "log_busy" / "metrics.jsonl").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from megapack.data.packs.shards import is_shard_file, read_meta
 from megapack.data.packs.verify import fast_problems, sha_mismatch, split_files, token_range
+from megapack.dirlock import check_free
 from megapack.errors import MegapackError
 from megapack.training.preflight.config import RunConfig
 
@@ -114,6 +115,8 @@ def check_outputs(config: RunConfig) -> list[str]:
     for key, value in outputs.items():
         if value:
             check_writable_dir(key, value)
+            if key != "checkpoint.export_hf":  # another live run writing there: refused here and by rank 0's lock
+                check_free(value, key)
     if ck.dir:
         return []
     files = "" if logging.dir else " and, with logging.dir null too, no metrics files (metrics.jsonl, summary.json)"

@@ -117,12 +117,14 @@ class Trainer:
         from megapack.training.run.checkpointing import CheckpointSaver, load_checkpoint
         from megapack.training.run.distributed import init_distributed
         from megapack.training.run.metrics import RunMetrics
+        from megapack.training.run.runlock import lock_run_dirs
 
         quiet_warnings()
         self.config = config
         self.plan = plan = plan or preflight(config)
         vpp = config.parallel.vpp or 1
         self.env = init_distributed(tp=plan.tp, pp=plan.pp, seed=config.training.seed, vpp=vpp)
+        self.locks, stale = lock_run_dirs(config, self.env.rank)  # one run per directory (megapack.dirlock)
         verified = None
         if plan.checksums:  # data.verify full: every rank hashes a share; a mismatch stops all with the same line
             from megapack.training.preflight.inputs import verify_checksums
@@ -147,7 +149,7 @@ class Trainer:
                                   tensorboard=config.logging.tensorboard, total_steps=plan.total_steps,
                                   hf_config=plan.hf_config, peak_flops=plan.peak_flops,
                                   world_size=plan.world_size, packing=plan.packing, totals=state.get("totals"))
-        for warning in plan.warnings:
+        for warning in [*plan.warnings, *stale]:
             self.metrics.log(f"warning: {warning}")
         if verified is not None:
             self.metrics.log(f"data.verify full: sha256 of {len(plan.checksums)} shard files ok "
@@ -308,12 +310,14 @@ class Trainer:
         from megatron.core import parallel_state
 
         from megapack.training.run.distributed import destroy_distributed
+        from megapack.training.run.runlock import release
 
         try:
             if self.saver is not None:
                 self.saver.close()
         finally:
             self.metrics.close()
+            release(self.locks)
             if keep_process_group:
                 parallel_state.destroy_model_parallel()
             else:
