@@ -56,8 +56,12 @@ class DirLock:
 
     def acquire(self) -> str | None:
         """Take the lock; returns a warning when a stale lock (its holder gone) was taken over, else None."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise MegapackError(f"{self.what} {self.directory}: not writable (cannot create the lock file {self.path}: "
+                                f"{exc.strerror or exc})") from None
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:

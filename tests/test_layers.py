@@ -13,7 +13,7 @@ import pytest
 # training.memory) may not import each other.
 LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (0, "base", ("megapack.errors", "megapack.atomic", "megapack.checksums", "megapack.seeds", "megapack.quiet",
-                 "megapack.assets")),
+                 "megapack.assets", "megapack.dirlock")),
     (1, "data.sources", ("megapack.data.sources",)),
     (2, "data.render", ("megapack.data.render",)),
     (3, "data.packs", ("megapack.data.packs",)),

@@ -1,7 +1,7 @@
 """Before the pack step: the shards' size on disk (for a full disk's message) and the trained-token check."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -9,11 +9,21 @@ from megapack.data.packs.packing import kept_lengths, round_up
 from megapack.data.packs.writer import RecordStore, split_train_val
 from megapack.errors import MegapackError
 
-if TYPE_CHECKING:
-    from megapack.data.pipeline.preprocess import PreprocessConfig
 
 
-def shard_bytes(lengths: np.ndarray, cfg: PreprocessConfig, itemsize: int) -> int:
+class PackSettings(Protocol):
+    """What these checks read of a PreprocessConfig (megapack.data.pipeline.preprocess)."""
+
+    output_dir: str
+    seq_length: int
+    packing: str
+    drop_long: bool
+    pad_to_multiple: int
+    val_fraction: float
+    seed: int
+
+
+def shard_bytes(lengths: np.ndarray, cfg: PackSettings, itemsize: int) -> int:
     """About how many bytes the shards of these conversations take (tokens, loss masks and both .idx files)."""
     kept = kept_lengths(lengths, cfg.seq_length, cfg.packing, cfg.drop_long)
     kept = kept[kept > 0]
@@ -23,7 +33,7 @@ def shard_bytes(lengths: np.ndarray, cfg: PreprocessConfig, itemsize: int) -> in
     return tokens * (itemsize + 1) + segments * 24 + packs * 17 + 4096
 
 
-def check_trained_tokens(store: RecordStore, cfg: PreprocessConfig, trained_tokens: int) -> None:
+def check_trained_tokens(store: RecordStore, cfg: PackSettings, trained_tokens: int) -> None:
     """Refuse, before any shard is written, a train split whose packs would hold no trained token (every response
     cut off at --seq-length or dropped by --drop-long). Reads loss masks only until a trained token is found."""
     train, _ = split_train_val(len(store.lengths), cfg.val_fraction, cfg.seed)
