@@ -288,3 +288,25 @@ def test_readme_lists_every_render_reason():
     readme = (Path(__file__).parent.parent / "megapack" / "data" / "README.md").read_text(encoding="utf-8")
     reasons = readme[readme.index("## Bad records"):readme.index("## Tokenizers")]
     assert all(f"`{reason}`" in reasons for reason in RENDER_REASONS)
+
+
+@pytest.mark.parametrize("source", [
+    "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",  # 10^10 loop steps
+    "{% macro f(n) %}{{ f(n - 1) ~ f(n - 1) if n else '' }}{% endmacro %}{{ f(40) }}",  # 2^40 calls
+    "{{ 'x' * 10**11 }}",  # 100 GB in one operation
+    "{{ 10 ** 10000000000 }}",  # a ten-billion-digit integer
+    "{{ '%1000000000000d' % 1 }}",  # a terabyte of padding
+    "{{ 'x' | center(10**11) }}",
+    "{% for m in messages %}{% for a in range(100000) %}{{ m.content * 1000 }}{% endfor %}{% endfor %}",  # output
+], ids=["loops", "calls", "repeat", "power", "percent", "filter", "output"])
+def test_template_rendering_has_a_budget(llama3_tokenizer, source):
+    """A chat template that would run (or allocate) without end is a bad record: `template budget exceeded`, within
+    seconds. Old code: the first case hangs preprocessing forever."""
+    import time
+
+    conv = Conversation([Message("user", "Q"), Message("assistant", "A")])
+    start = time.monotonic()
+    with pytest.raises(UnrenderableRecord) as info:
+        HFChatTemplate({"default": source}).encode(conv, llama3_tokenizer)
+    assert info.value.reason == "template budget exceeded", (source, info.value)
+    assert time.monotonic() - start < 20, source

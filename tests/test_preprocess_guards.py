@@ -305,3 +305,27 @@ def test_every_record_failing_the_same_way_names_the_first_one(tmp_path, llama3_
     assert main(_argv(llama3_tokenizer_path, [data], tmp_path / "out", "--format", "sharegpt")) == 1
     err = _one_line_error(capsys)
     assert '"ends on user turn": 5' in err and f"first: {data}:1: ends on user turn" in err, err
+
+
+def test_hostile_records_are_counted_bad_records_and_the_limits_are_flags(tmp_path, llama3_tokenizer_path, capsys):
+    """Too deep and too large records are skipped with file:line and counted in meta.json; the flags raise the limits."""
+    data = _docs(tmp_path / "d.jsonl", 20)
+    with open(data, "a", encoding="utf-8") as f:
+        f.write('{"text": "deep", "x": ' + "[" * 50_000 + "]" * 50_000 + "}\n")
+        f.write(json.dumps({"text": "long " * 60_000}) + "\n")
+        f.write('{"text": "nested past the default", "x": ' + "[" * 150 + "]" * 150 + "}\n")
+    out = tmp_path / "out"
+    assert main(_argv(llama3_tokenizer_path, [data], out, "--max-record-bytes", "200000")) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["skipped"] == {"too deeply nested": 2, "record too large": 1}, meta["skipped"]
+    assert meta["num_conversations"] == 20
+    err = capsys.readouterr().err
+    assert f"{data}:21: too deeply nested" in err and f"{data}:22: record too large" in err, err
+    assert f"{data}:23: too deeply nested (nested deeper than 100 levels (raise --max-record-depth))" in err, err
+    assert main(_argv(llama3_tokenizer_path, [data], tmp_path / "raised", "--max-record-bytes", "400000",
+                      "--max-record-depth", "200")) == 0
+    raised = json.loads((tmp_path / "raised" / "meta.json").read_text())
+    assert raised["num_conversations"] == 22 and raised["skipped"] == {"too deeply nested": 1}, raised["skipped"]
+    capsys.readouterr()
+    assert main(_argv(llama3_tokenizer_path, [data], tmp_path / "x", "--max-record-depth", "0")) == 1
+    assert "--max-record-depth 0: expected a positive integer" in _one_line_error(capsys)

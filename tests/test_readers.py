@@ -161,3 +161,77 @@ def test_directory_skips_documentation_and_the_registry(tmp_path):
         list_data_files(str(tmp_path))
     # a file given by name is read whatever its name
     assert list_data_files(str(tmp_path / "a.json")) == [str(tmp_path / "a.json")]
+
+
+# ---- hostile records: bounded nesting depth and size ---------------------------------------------------------------
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deep_nesting_is_a_bad_record_in_json_lines_and_json_arrays(tmp_path):
+    """A record nested past the depth limit is a bad record with its file:line; its neighbours are read. Old code: a
+    RecursionError traceback (.jsonl) and a record of unbounded memory (.json: ijson's prefixes grow with depth²)."""
+    lines = _write(tmp_path / "d.jsonl", f'{{"a": 1}}\n{{"x": {_nested(100_000)}}}\n{{"a": 2}}\n')
+    items = list(iter_records(lines))
+    assert items[0] == (f"{lines}:1", {"a": 1}) and items[2] == (f"{lines}:3", {"a": 2}) and len(items) == 3
+    assert (items[1].source, items[1].reason) == (f"{lines}:2", "too deeply nested")
+    assert "JSON parser" in items[1].detail
+    array = _write(tmp_path / "d.json", f'[{{"a": 1}}, {{"x": {_nested(3_000)}}}, {{"b": [[2]]}}]')
+    items = list(iter_records(array))
+    assert items[0] == (f"{array}:1", {"a": 1}) and items[2] == (f"{array}:3", {"b": [[2]]}) and len(items) == 3
+    assert (items[1].source, items[1].reason) == (f"{array}:2", "too deeply nested")
+    assert "than 100 levels (raise --max-record-depth)" in items[1].detail
+    # exactly at the limit is kept, one past it is not (the record object itself is level 1)
+    from megapack.data.sources.readers import ReadLimits
+
+    limits = ReadLimits(max_depth=4)
+    ok, deep = {"x": [[{"y": 1}]]}, {"x": [[[{"y": 1}]]]}
+    for name, text in (("l.jsonl", f"{json.dumps(ok)}\n{json.dumps(deep)}\n"),
+                       ("l.json", f"[{json.dumps(ok)}, {json.dumps(deep)}]")):
+        got = list(iter_records(_write(tmp_path / name, text), limits))
+        assert got[0][1] == ok and got[1].reason == "too deeply nested", (name, got)
+
+
+def test_hostile_json_array_stays_in_bounded_memory(tmp_path):
+    """400 KB of nested arrays (issue 21: 16 GB and the OOM killer) reads as one bad record in a bounded process."""
+    import resource
+    import subprocess
+    import sys
+
+    path = _write(tmp_path / "hostile.json", f'[{_nested(200_000)}, {{"a": 1}}]')
+    code = ("import resource, sys\nfrom megapack.data.sources.readers import iter_records\n"
+            "items = list(iter_records(sys.argv[1]))\n"
+            "print(items[0].reason, items[1][1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sep='|')")
+    limit = 1 << 30  # 1 GiB of address space past the interpreter's own: old code needed tens of GB
+    run = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit * 2, limit * 2)))
+    assert run.returncode == 0, run.stderr[-2000:]
+    reason, kept, rss_kb = run.stdout.split("|")
+    assert reason == "too deeply nested" and kept == "{'a': 1}" and int(rss_kb) < 400_000, run.stdout
+
+
+def test_records_past_the_size_limit_are_bad_records_in_every_reader(tmp_path):
+    """A record larger than --max-record-bytes is a bad record with its file:line in every format; a JSON line is
+    never read whole into memory."""
+    from megapack.data.sources.readers import ReadLimits, count_records
+
+    limits = ReadLimits(max_bytes=100_000)
+    big, small = "x" * 300_000, "y" * 10
+    files = {
+        "a.jsonl": _write(tmp_path / "a.jsonl", "\n".join(json.dumps({"text": t}) for t in (small, big, small)) + "\n"),
+        "a.json": _write(tmp_path / "a.json", json.dumps([{"text": t} for t in (small, big, small)])),
+        "a.txt": _write(tmp_path / "a.txt", f"{small}\n{big}\n{small}\n"),
+        "a.csv": _write(tmp_path / "a.csv", f"text\n{small}\n{big}\n{small}\n"),
+    }
+    pq.write_table(pa.table({"text": [small, big, small]}), tmp_path / "a.parquet")
+    files["a.parquet"] = str(tmp_path / "a.parquet")
+    for name, path in files.items():
+        items = list(iter_records(path, limits))
+        assert [i[1]["text"] for i in (items[0], items[2])] == [small, small], name
+        assert (items[1].source, items[1].reason) == (f"{path}:2", "record too large"), (name, items[1])
+        assert "--max-record-bytes" in items[1].detail, name
+        assert count_records(path, limits) == 3, name
+    # the default limit keeps the 300 KB record (csv's own 128 KiB field limit must not apply)
+    for name, path in files.items():
+        assert [len(i[1]["text"]) for i in iter_records(path)] == [10, 300_000, 10], name

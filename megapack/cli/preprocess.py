@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="record format (auto: detected per file; default %(default)s)")
     src.add_argument("--on-error", default=default["on_error"], choices=ON_ERROR,
                      help="bad records: count and skip, or stop (default %(default)s)")
+    src.add_argument("--max-record-depth", type=int, default=default["max_record_depth"], metavar="N",
+                     help="a record nested deeper is a bad record (default %(default)s)")
+    src.add_argument("--max-record-bytes", type=int, default=default["max_record_bytes"], metavar="B",
+                     help="a larger record is a bad record (default %(default)s, 16 MiB)")
     tok = parser.add_argument_group("tokenizer and template")
     tok.add_argument("--tokenizer-model", required=True,
                      help="tiktoken ranks / SentencePiece / tokenizer.json file or checkpoint dir")
@@ -82,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         train_on_prompt=args.train_on_prompt, mask_history=args.mask_history, system=args.system,
         seq_length=args.seq_length, packing=args.packing, pad_to_multiple=args.pad_to_multiple,
         drop_long=args.drop_long, seed=args.seed, val_fraction=args.val_fraction, workers=args.workers,
-        on_error=args.on_error, overwrite=args.overwrite, num_partitions=args.num_partitions,
+        on_error=args.on_error, max_record_depth=args.max_record_depth,
+        max_record_bytes=args.max_record_bytes, overwrite=args.overwrite, num_partitions=args.num_partitions,
         partition_index=args.partition_index, max_shard_tokens=args.max_shard_tokens, progress=not args.no_progress,
     )
     result = run_preprocess(cfg)

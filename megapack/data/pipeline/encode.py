@@ -20,6 +20,7 @@ import numpy as np
 
 from megapack.data.pipeline.partitions import PartitionWriter, owned_count, owned_records
 from megapack.data.sources.conversation import BadRecord, SkipReport
+from megapack.data.sources.limits import ReadLimits
 from megapack.errors import MegapackError
 
 BATCH = 256  # records per worker task
@@ -106,12 +107,12 @@ def _encode_batch(records: list) -> tuple[bytes, bytes, np.ndarray, list[tuple[i
     return toks, loss_masks, np.array(lengths, dtype=np.int64), bad
 
 
-def _owned_batches(specs: list, index: int, num_parts: int, on_error: str,
-                   report: SkipReport) -> Iterator[tuple[list[int], list, int]]:
+def _owned_batches(specs: list, index: int, num_parts: int, on_error: str, report: SkipReport,
+                   limits: ReadLimits) -> Iterator[tuple[list[int], list, int]]:
     """(record numbers, parsed records, records consumed) batches of this partition; bad records go to the policy."""
     from megapack.data.sources.formats import handle_bad_record, parse_records
 
-    items = (item for spec in specs for item in parse_records(spec))
+    items = (item for spec in specs for item in parse_records(spec, limits))
     recs, batch, consumed = [], [], 0
     for record, item in owned_records(items, index, num_parts):
         consumed += 1
@@ -139,6 +140,7 @@ def tokenize_partition(
     on_error: str = "skip",
     progress: bool = True,
     encoder: tuple | None = None,
+    limits: ReadLimits = ReadLimits(),
 ) -> dict:
     """Tokenize partition `index` of `num_parts` into work_dir; returns its part.json statistics."""
     from megapack.data.sources.formats import handle_bad_record
@@ -161,7 +163,7 @@ def tokenize_partition(
 
             from megapack.data.sources.readers import count_records
 
-            total = owned_count(sum(count_records(f) for spec in specs for f in spec.files), index, num_parts)
+            total = owned_count(sum(count_records(f, limits) for spec in specs for f in spec.files), index, num_parts)
             bar = tqdm(desc=f"tokenize part {index + 1}/{num_parts}", total=total, unit=" records", mininterval=1.0,
                        smoothing=0.1)
         pending: deque = deque()
@@ -183,7 +185,7 @@ def tokenize_partition(
             if bar is not None:
                 bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
 
-        for recs, batch, consumed in _owned_batches(specs, index, num_parts, on_error, report):
+        for recs, batch, consumed in _owned_batches(specs, index, num_parts, on_error, report, limits):
             n_records += consumed
             if bar is not None:
                 bar.update(consumed)

@@ -24,6 +24,7 @@ from megapack.data.pipeline.partitions import (
 )
 from megapack.data.pipeline.sizes import check_trained_tokens, shard_bytes
 from megapack.data.sources.formats import ON_ERROR
+from megapack.data.sources.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH, ReadLimits
 from megapack.dirlock import DirLock
 from megapack.errors import MegapackError
 from megapack.seeds import SEED_LIMIT
@@ -56,6 +57,8 @@ class PreprocessConfig:
     val_fraction: float = 0.0
     workers: int = 1
     on_error: str = "skip"
+    max_record_depth: int = DEFAULT_MAX_DEPTH
+    max_record_bytes: int = DEFAULT_MAX_BYTES
     overwrite: bool = False
     num_partitions: int = 1
     partition_index: int | None = None
@@ -74,6 +77,8 @@ def validate(cfg: PreprocessConfig) -> None:
          f"--pad-to-multiple {cfg.pad_to_multiple}: expected a divisor of --seq-length {cfg.seq_length}"),
         (0.0 <= cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction}: expected a number in [0, 1)"),
         (cfg.on_error in ON_ERROR, f"--on-error {cfg.on_error!r}: expected one of {', '.join(ON_ERROR)}"),
+        (cfg.max_record_depth > 0, f"--max-record-depth {cfg.max_record_depth}: expected a positive integer"),
+        (cfg.max_record_bytes > 0, f"--max-record-bytes {cfg.max_record_bytes}: expected a positive integer"),
         (cfg.num_partitions > 0, f"--num-partitions {cfg.num_partitions}: expected a positive integer"),
         (cfg.partition_index is None or 0 <= cfg.partition_index < cfg.num_partitions,
          f"--partition-index {cfg.partition_index}: expected 0 <= index < --num-partitions {cfg.num_partitions}"),
@@ -109,6 +114,7 @@ def _fingerprint(cfg: PreprocessConfig, specs: list, tokenizer_file_sha256: str,
         "tokenizer_file_sha256": tokenizer_file_sha256,
         "template": template_identity,
         "on_error": cfg.on_error,
+        "record_limits": [cfg.max_record_depth, cfg.max_record_bytes],
         "num_partitions": cfg.num_partitions,
         "partition_block": BLOCK,
     }
@@ -236,6 +242,7 @@ def _run_locked(cfg: PreprocessConfig) -> dict:
                 specs, encode, dtype, work, i, cfg.num_partitions,
                 workers=cfg.workers, on_error=cfg.on_error, progress=cfg.progress,
                 encoder=(tokenizer, template, template_options),
+                limits=ReadLimits(cfg.max_record_depth, cfg.max_record_bytes),
             )
             parts[i]["reused"] = done is not None
         if cfg.partition_index is not None:

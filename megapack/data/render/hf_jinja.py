@@ -1,11 +1,18 @@
 """The jinja side of `--template hf`: transformers' sandboxed environment (settings, filters, globals, the
 `{% generation %}` tag that records the spans it renders) and where a checkpoint keeps its chat template
 (`chat_template.jinja`, else `tokenizer_config.json`).
+
+A template is code from a downloaded folder, so rendering one record has a budget (`RenderBudget`): a number of
+steps (each function or macro call, attribute or item lookup, and each step of a `range`), a rendered length, and
+no single operation (`*`, `**`, `%`, a width-taking filter) whose result would pass that length. Past the budget,
+`TemplateBudgetExceeded` is raised and the record becomes a bad record; a normal template uses a few thousand steps.
 """
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import date, datetime
 from pathlib import Path
@@ -13,7 +20,7 @@ from pathlib import Path
 import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from megapack.errors import MegapackError
 
@@ -21,6 +28,133 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # While HFChatTemplate.render tracks: {"pos": characters rendered so far, "spans": [(start, end), ...]}
 GENERATION_SPANS: ContextVar = ContextVar("megapack_generation_spans", default=None)
+MAX_RENDER_STEPS = 2_000_000
+MAX_RENDER_CHARS = 64 * 2**20
+_BIG_NUMBER = re.compile(r"\d{9,}")  # a width or precision of 10^8 or more in a format string
+
+
+class TemplateBudgetExceeded(Exception):
+    """A chat template went past its per-record budget of steps or rendered characters."""
+
+
+class RenderBudget:
+    """What one record's renderings may still spend: steps and characters."""
+
+    def __init__(self, steps: int = MAX_RENDER_STEPS, chars: int = MAX_RENDER_CHARS) -> None:
+        self.steps, self.chars = steps, chars
+
+    def step(self) -> None:
+        """Spend one step."""
+        self.steps -= 1
+        if self.steps < 0:
+            raise TemplateBudgetExceeded(f"more than {MAX_RENDER_STEPS:,} steps")
+
+    def output(self, n: int) -> None:
+        """Spend n rendered characters."""
+        self.chars -= n
+        if self.chars < 0:
+            raise TemplateBudgetExceeded(f"more than {MAX_RENDER_CHARS:,} characters rendered")
+
+
+_BUDGET: ContextVar[RenderBudget | None] = ContextVar("megapack_render_budget", default=None)
+
+
+@contextmanager
+def render_budget() -> Iterator[RenderBudget]:
+    """The budget of the record being rendered: a new one, or the one already in force (one per record)."""
+    current = _BUDGET.get()
+    if current is not None:
+        yield current
+        return
+    budget = RenderBudget()
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def _step() -> None:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.step()
+
+
+def _check_size(size: int, what: str) -> None:
+    if size > MAX_RENDER_CHARS:
+        raise TemplateBudgetExceeded(f"{what} would make {size:,} items, more than {MAX_RENDER_CHARS:,}")
+
+
+class _CountedRange:
+    """`range` for templates: the sandbox's bounded range whose every step is spent from the budget."""
+
+    def __init__(self, *args: int) -> None:
+        self._range = safe_range(*args)
+
+    def __iter__(self):
+        for value in self._range:
+            _step()
+            yield value
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __getitem__(self, index):
+        return self._range[index]
+
+
+class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, with every call, lookup and large-result operator checked against the render budget."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+        _step()
+        if getattr(__obj, "__name__", "") in ("format", "format_map") and isinstance(getattr(__obj, "__self__", None), str):
+            _check_format(__obj.__self__)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        _step()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _step()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context, operator, left, right):
+        _step()
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    _check_size(len(seq) * n, "repeating a sequence")
+            if isinstance(left, int) and isinstance(right, int):
+                _check_size((left.bit_length() + right.bit_length()) // 8, "multiplying integers")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+            _check_size(left.bit_length() * right // 8, "a power")
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left)
+        return super().call_binop(context, operator, left, right)
+
+
+def _check_format(fmt: str) -> None:
+    if _BIG_NUMBER.search(fmt):
+        raise TemplateBudgetExceeded("a format width or precision of 10^8 or more")
+
+
+def _bounded_filter(f):
+    """A filter whose integer arguments (widths, counts) cannot ask for more than the budget's length."""
+    def bounded(*args, **kwargs):
+        _step()
+        for value in (*args[1:], *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool):
+                _check_size(abs(value), f"the filter {getattr(f, '__name__', 'filter')}")
+        return f(*args, **kwargs)
+
+    for attr in ("jinja_pass_arg",):  # keep jinja's pass_context / pass_environment markers
+        if hasattr(f, attr):
+            setattr(bounded, attr, getattr(f, attr))
+    return bounded
 
 
 class _Generation(Extension):
@@ -86,10 +220,11 @@ def make_environment(today: date | None) -> ImmutableSandboxedEnvironment:
             raise jinja2.exceptions.TemplateError("strftime_now needs --template-date")
         return datetime(today.year, today.month, today.day).strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env = _BudgetedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals.update(raise_exception=_raise_exception, strftime_now=strftime_now, dict=_Dict(),
-                       namespace=_Namespace)
+                       namespace=_Namespace, range=_CountedRange)
     return env
 
 

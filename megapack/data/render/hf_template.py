@@ -36,12 +36,13 @@ import numpy as np
 
 from megapack.data.render import tool_calls as toolfmt
 from megapack.data.render.hf_jinja import (
-    GENERATION_SPANS, GENERATION_TAG, find_template_dir, make_environment, read_template_files,
+    GENERATION_SPANS, GENERATION_TAG, TemplateBudgetExceeded, find_template_dir, make_environment, read_template_files,
+    render_budget,
 )
 from megapack.data.render.templates import TEMPLATES, TemplateOptions
 from megapack.data.render.tokenizer_base import Tokenizer
 from megapack.data.render.tool_calls import (
-    EMPTY_MASK, NO_TOOL_FORMAT, PREFIX_UNSTABLE, TEMPLATE_ERROR, UnrenderableRecord,
+    EMPTY_MASK, NO_TOOL_FORMAT, PREFIX_UNSTABLE, TEMPLATE_BUDGET, TEMPLATE_ERROR, UnrenderableRecord,
 )
 from megapack.data.sources.conversation import ASSISTANT, FUNCTION_CALL, OBSERVATION, Conversation, Document, Record
 from megapack.errors import MegapackError
@@ -134,11 +135,15 @@ class HFChatTemplate:
         state = {"pos": 0, "spans": []}
         token = GENERATION_SPANS.set(state if track else None)
         try:
-            blocks = []
-            for block in compiled.generate(**kwargs):
-                blocks.append(block)
-                state["pos"] += len(block)
-            return "".join(blocks), state["spans"]
+            with render_budget() as budget:
+                blocks = []
+                for block in compiled.generate(**kwargs):
+                    budget.output(len(block))
+                    blocks.append(block)
+                    state["pos"] += len(block)
+                return "".join(blocks), state["spans"]
+        except TemplateBudgetExceeded as exc:
+            raise UnrenderableRecord(TEMPLATE_BUDGET, f"{self.origin}: {exc}") from None
         except Exception as exc:  # only template code runs here: whatever it raises is the template's error
             raise UnrenderableRecord(TEMPLATE_ERROR, f"{type(exc).__name__}: {exc}") from None
         finally:
@@ -187,7 +192,10 @@ class HFChatTemplate:
     def encode(self, record: Record, tokenizer: Tokenizer,
                options: TemplateOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(int32 token ids, uint8 loss mask) of one conversation (a Document renders as the plain template)."""
-        options = options or TemplateOptions()
+        with render_budget():  # one budget for every rendering of this record
+            return self._encode(record, tokenizer, options or TemplateOptions())
+
+    def _encode(self, record: Record, tokenizer: Tokenizer, options: TemplateOptions) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(record, Document):
             return TEMPLATES["plain"].encode(record, tokenizer, options)
         messages, tools = self.messages(record, options)

@@ -31,8 +31,9 @@ class UnrenderableRecord(MegapackError):
 
 BAD_TOOLS, BAD_CALL, NO_TOOL_FORMAT = "bad tools column", "bad tool call", "tools unsupported by template"
 PREFIX_UNSTABLE, EMPTY_MASK, TEMPLATE_ERROR = "not prefix-stable", "empty assistant mask", "chat template error"
+TEMPLATE_BUDGET = "template budget exceeded"
 # Every reason a template can reject a record for (besides "template error" and "empty after tokenization").
-RENDER_REASONS = (NO_TOOL_FORMAT, BAD_TOOLS, BAD_CALL, TEMPLATE_ERROR, PREFIX_UNSTABLE, EMPTY_MASK)
+RENDER_REASONS = (NO_TOOL_FORMAT, BAD_TOOLS, BAD_CALL, TEMPLATE_ERROR, TEMPLATE_BUDGET, PREFIX_UNSTABLE, EMPTY_MASK)
 
 LLAMA31_TOOL_PROMPT = (
     "Given the following functions, please respond with a JSON for a function call with its proper arguments that "

@@ -16,6 +16,7 @@ from megapack.data.sources.conversation import (
     ASSISTANT, FUNCTION_CALL, OBSERVATION, SYSTEM, USER,
     BadRecord, Conversation, Document, Message, Record, SkipReport,
 )
+from megapack.data.sources.limits import TOO_DEEP, TOO_LARGE, ReadLimits
 from megapack.data.sources.readers import iter_records
 from megapack.data.sources.registry import DatasetSpec
 from megapack.errors import MegapackError
@@ -23,7 +24,8 @@ from megapack.errors import MegapackError
 # Every reason a record can be rejected for (the keys of SkipReport.counts).
 REASONS = (
     "invalid JSON", "invalid UTF-8", "malformed row", "not an object", "missing column", "bad column type",
-    "unknown role", "broken alternation", "empty content", "non-string content", "ends on user turn",
+    "unknown role", "broken alternation", "empty content", "non-string content", "ends on user turn", TOO_DEEP,
+    TOO_LARGE,
 )
 ON_ERROR = ("skip", "fail")
 
@@ -103,14 +105,14 @@ def detect_format(record: Any) -> tuple[str, dict[str, str]] | None:
     return None
 
 
-def parse_records(spec: DatasetSpec) -> Iterator[Record | BadRecord]:
+def parse_records(spec: DatasetSpec, limits: ReadLimits = ReadLimits()) -> Iterator[Record | BadRecord]:
     """Stream a dataset's parsed records and bad records in file order; `auto` picks the format on each file's first
     usable record (a folder may hold an alpaca file beside a sharegpt one)."""
     fixed = None if spec.formatting == "auto" else make_converter(spec.formatting, spec.columns, spec.tags)
     produced = 0
     for path in spec.files:
         convert = fixed
-        for item in iter_records(path):
+        for item in iter_records(path, limits):
             if isinstance(item, BadRecord):
                 yield item
                 continue

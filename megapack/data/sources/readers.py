@@ -3,7 +3,9 @@
 Every reader yields `(source, record)` pairs, or a `BadRecord` for a record that cannot be parsed (an invalid JSON
 line). `source` is "path:line" for line-based files (.jsonl, .txt, JSON lines in a .json file) and "path:index"
 (1-based) for .json arrays, .parquet, .csv and .arrow. Nothing is loaded whole: memory stays independent of the file
-size. A file that cannot be read past a point (a corrupt .json array, a damaged parquet file) raises `MegapackError`.
+size, and one record's depth and size are bounded by `ReadLimits` (megapack.data.sources.limits): a record past them
+is a BadRecord. A file that cannot be read past a point (a corrupt .json array, a damaged parquet file) raises
+`MegapackError`.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from megapack.data.sources.conversation import BadRecord
+from megapack.data.sources.limits import ReadLimits, bounded_lines, build_items, may_be_too_deep
 from megapack.errors import MegapackError
 
 # Extensions LLaMA-Factory accepts (its FILEEXT2TYPE), mapped to our reader kinds.
@@ -68,34 +71,34 @@ def list_data_files(path: str) -> list[str]:
     return files
 
 
-def iter_records(path: str) -> Iterator[Record | BadRecord]:
+def iter_records(path: str, limits: ReadLimits = ReadLimits()) -> Iterator[Record | BadRecord]:
     """Stream the records of one data file as (source, record) pairs or BadRecords."""
     kind = file_kind(path)
     if not os.path.isfile(path):
         raise MegapackError(f"{path}: no such file (expected a {kind} dataset file)")
     if kind == "json":
         with open(path, "rb") as fp:
-            yield from iter_json(fp, path)
+            yield from iter_json(fp, path, limits)
     elif kind == "jsonl":
         with open(path, "rb") as fp:
-            yield from iter_json_lines(fp, path)
+            yield from iter_json_lines(fp, path, limits)
     elif kind == "text":
-        yield from _iter_text(path)
-    elif kind == "parquet":
-        yield from _iter_parquet(path)
+        yield from _iter_text(path, limits)
     elif kind == "csv":
-        yield from _iter_csv(path)
+        yield from _iter_csv(path, limits)
     else:
-        yield from _iter_arrow(path)
+        rows = _iter_parquet(path) if kind == "parquet" else _iter_arrow(path)
+        for source, record in rows:
+            yield limits.check(source, record) or (source, record)
 
 
-def count_records(path: str) -> int:
+def count_records(path: str, limits: ReadLimits = ReadLimits()) -> int:
     """How many items (records and bad records) iter_records(path) yields, cheaply where the format allows it:
     non-blank lines of JSON lines, the row count of a parquet footer, else a pass over the records."""
     kind = file_kind(path)
     if kind == "jsonl" and os.path.isfile(path):
         with open(path, "rb") as fp:
-            return sum(1 for line in fp if line.strip())
+            return sum(1 for _, line in bounded_lines(fp, limits.max_bytes) if line is None or line.strip())
     if kind == "parquet" and os.path.isfile(path):
         import pyarrow.parquet as pq
 
@@ -103,18 +106,18 @@ def count_records(path: str) -> int:
             return pq.ParquetFile(path).metadata.num_rows
         except Exception:  # noqa: BLE001 - iter_records reports an unreadable file in its own words
             return 0
-    return sum(1 for _ in iter_records(path))
+    return sum(1 for _ in iter_records(path, limits))
 
 
-def iter_json(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
+def iter_json(fp: BinaryIO, name: str, limits: ReadLimits = ReadLimits()) -> Iterator[Record | BadRecord]:
     """Stream a .json file: a top-level array of records (via ijson), or JSON lines as Hugging Face datasets accepts."""
     if fp.read(3) != b"\xef\xbb\xbf":  # skip a UTF-8 byte order mark, which ijson rejects
         fp.seek(0)
     first = _peek_first_byte(fp)
     if first == b"[":
-        yield from _iter_json_array(fp, name)
+        yield from _iter_json_array(fp, name, limits)
     elif first == b"{":
-        yield from _iter_json_lines_in_json(fp, name)
+        yield from _iter_json_lines_in_json(fp, name, limits)
     elif first == b"":
         return
     else:
@@ -122,20 +125,30 @@ def iter_json(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
         raise MegapackError(f"{name}: expected a JSON array of records or JSON lines, found {found!r} at the start")
 
 
-def iter_json_lines(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
+def iter_json_lines(fp: BinaryIO, name: str, limits: ReadLimits = ReadLimits()) -> Iterator[Record | BadRecord]:
     """Stream JSON lines: one record per non-blank line; an unparsable line is a BadRecord("invalid JSON")."""
-    for lineno, raw in enumerate(fp, start=1):
+    for lineno, raw in bounded_lines(fp, limits.max_bytes):
+        source = f"{name}:{lineno}"
+        if raw is None:
+            yield limits.too_large(source)
+            continue
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         if not raw.strip():
             continue
-        source = f"{name}:{lineno}"
         try:
-            yield source, json.loads(raw)
+            record = json.loads(raw)
+        except RecursionError:
+            yield limits.too_deep(source, parser_limit=True)
+            continue
         except UnicodeDecodeError as exc:
             yield BadRecord(source, "invalid JSON", f"not UTF-8: {exc.reason} at byte {exc.start}")
+            continue
         except json.JSONDecodeError as exc:
             yield BadRecord(source, "invalid JSON", f"{exc.msg} at column {exc.colno}")
+            continue
+        problem = limits.check(source, record) if may_be_too_deep(raw, limits.max_depth) else None
+        yield problem or (source, record)
 
 
 def _peek_first_byte(fp: BinaryIO) -> bytes:
@@ -167,15 +180,16 @@ class _CountingReader:
         return data
 
 
-def _iter_json_array(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
+def _iter_json_array(fp: BinaryIO, name: str, limits: ReadLimits) -> Iterator[Record | BadRecord]:
     import ijson
 
     counter = _CountingReader(fp)
     index = 0
     try:
         # use_float: plain floats rather than Decimal, as json.loads gives
-        for index, record in enumerate(ijson.items(counter, "item", use_float=True), start=1):
-            yield f"{name}:{index}", record
+        items = build_items(ijson.basic_parse(counter, use_float=True), limits)
+        for index, (record, reason) in enumerate(items, start=1):
+            yield (f"{name}:{index}", record) if reason is None else limits.bad(f"{name}:{index}", reason)
     except ijson.JSONError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MegapackError(
@@ -186,30 +200,36 @@ def _iter_json_array(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
         raise MegapackError(f"{name}: not UTF-8 in record {index + 1}; expected a UTF-8 JSON array") from exc
 
 
-def _iter_json_lines_in_json(fp: BinaryIO, name: str) -> Iterator[Record | BadRecord]:
+def _iter_json_lines_in_json(fp: BinaryIO, name: str, limits: ReadLimits) -> Iterator[Record | BadRecord]:
     """A .json file starting with an object: JSON lines (one object per line), else a single multi-line object."""
     start = fp.tell()
     first_line = b""
-    for raw in fp:
-        if raw.strip():
+    for _, raw in bounded_lines(fp, limits.max_bytes):
+        if raw is None or raw.strip():
             first_line = raw
             break
     fp.seek(start)
     try:
-        json.loads(first_line)
+        if first_line is not None:  # a first line past the size limit is reported as a bad record below
+            json.loads(first_line)
+    except RecursionError:
+        pass
     except ValueError:
         raise MegapackError(
             f"{name}: a single top-level JSON object is not a dataset; expected a JSON array of records or "
             "JSON lines (one object per line)"
         ) from None
-    yield from iter_json_lines(fp, name)
+    yield from iter_json_lines(fp, name, limits)
 
 
-def _iter_text(path: str) -> Iterator[Record | BadRecord]:
+def _iter_text(path: str, limits: ReadLimits) -> Iterator[Record | BadRecord]:
     # Like Hugging Face's text loader (used by LLaMA-Factory for .txt): one {"text": line} record per line.
     with open(path, "rb") as fp:
-        for lineno, raw in enumerate(fp, start=1):
+        for lineno, raw in bounded_lines(fp, limits.max_bytes):
             source = f"{path}:{lineno}"
+            if raw is None:
+                yield limits.too_large(source)
+                continue
             if lineno == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
@@ -257,20 +277,35 @@ def _iter_arrow(path: str) -> Iterator[Record]:
         raise MegapackError(f"{path}: unreadable Arrow file ({exc}); expected an Arrow IPC stream or file") from exc
 
 
-def _iter_csv(path: str) -> Iterator[Record | BadRecord]:
+def _iter_csv(path: str, limits: ReadLimits) -> Iterator[Record | BadRecord]:
     import csv
 
-    with open(path, newline="", encoding="utf-8-sig") as fp:
-        reader = csv.DictReader(fp)
-        try:
-            for index, row in enumerate(reader, start=1):
+    # the csv module's own field limit (128 KiB by default, process-wide) becomes the record limit while reading
+    previous = csv.field_size_limit(limits.max_bytes)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fp:
+            reader = csv.DictReader(fp)
+            index = 0
+            while True:
+                index += 1
                 source = f"{path}:{index}"
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    if "field larger than field limit" not in str(exc) or reader.fieldnames is None:
+                        raise MegapackError(f"{path}: unreadable CSV near line {reader.line_num} ({exc}); expected "
+                                            "UTF-8 CSV with a header") from exc
+                    yield limits.too_large(source)
+                    continue
+                except UnicodeDecodeError as exc:
+                    raise MegapackError(f"{path}: unreadable CSV near line {reader.line_num} ({exc}); expected UTF-8 "
+                                        "CSV with a header") from exc
                 if None in row:  # more fields than the header
                     fields, header = len(row) - 1 + len(row[None]), len(reader.fieldnames or [])
                     yield BadRecord(source, "malformed row", f"row has {fields} fields, header has {header}")
                     continue
-                yield source, row
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise MegapackError(
-                f"{path}: unreadable CSV near line {reader.line_num} ({exc}); expected UTF-8 CSV with a header"
-            ) from exc
+                yield limits.check(source, row) or (source, row)
+    finally:
+        csv.field_size_limit(previous)
