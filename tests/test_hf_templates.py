@@ -310,3 +310,20 @@ def test_template_rendering_has_a_budget(llama3_tokenizer, source):
         HFChatTemplate({"default": source}).encode(conv, llama3_tokenizer)
     assert info.value.reason == "template budget exceeded", (source, info.value)
     assert time.monotonic() - start < 20, source
+
+
+def test_json_nested_inside_a_record_is_a_bad_record(llama3_tokenizer):
+    """A tools column or function_call arguments holding JSON nested past the depth limit is a bad record, not a
+    RecursionError that ends the job (old code: the traceback)."""
+    deep = "[" * 5_000 + "]" * 5_000
+    tools = Conversation([Message("user", "Q"), Message("assistant", "A")], tools=deep)
+    call = Conversation([Message("user", "Q"), Message("function_call", '{"name": "f", "arguments": ' + deep + "}")],
+                        tools='[{"name": "f", "parameters": {}}]')
+    as_string = Conversation([Message("user", "Q"),
+                              Message("function_call", json.dumps({"name": "f", "arguments": "[" * 150 + "]" * 150}))],
+                             tools='[{"name": "f", "parameters": {}}]')
+    for template in (HFChatTemplate.from_dir(TEMPLATES / "llama3.1-instruct"), get_template("llama3")):
+        for conv, reason in ((tools, "bad tools column"), (call, "bad tool call"), (as_string, "bad tool call")):
+            with pytest.raises(UnrenderableRecord) as info:
+                template.encode(conv, llama3_tokenizer)
+            assert info.value.reason == reason and "nested" in str(info.value), (template, reason, info.value)

@@ -179,3 +179,29 @@ def test_the_failed_rank_is_the_one_that_stopped_first_with_an_error():
     assert root_cause([exception, killed, Failure(1, 1, timestamp=5.0, **error)]).rank == 1
     assert root_cause([exception, killed, Failure(4, -15, timestamp=0.0)]).rank == 2
     assert root_cause([Failure(4, -15, timestamp=0.0), exception]).rank == 3
+
+
+DEEP_JSON = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+def test_deeply_nested_json_files_are_one_line(tmp_path, llama3_tokenizer_path, capsys):
+    """dataset_info.json, tokenizer_config.json, config.json, meta.json and megapack.json nested past what the parser
+    takes: one line naming the file (old code: a RecursionError traceback)."""
+    from megapack.data.packs.shards import read_meta
+    from megapack.data.render.hf_jinja import read_template_files
+    from megapack.model.checkpoint import read_metadata
+    from megapack.model.config import load_hf_config
+
+    for name in ("dataset_info.json", "tokenizer_config.json", "config.json", "meta.json", "megapack.json"):
+        (tmp_path / name).write_text(DEEP_JSON)
+    out = tmp_path / "out"
+    assert main(["preprocess", "--dataset", "a", "--dataset-dir", str(tmp_path), "--tokenizer-model",
+                 str(llama3_tokenizer_path), "--output-dir", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'dataset_info.json'}: ") and "\n" not in err, err
+    calls = [(read_template_files, tmp_path, "tokenizer_config.json"), (load_hf_config, tmp_path, "config.json"),
+             (read_meta, tmp_path, "meta.json"), (read_metadata, tmp_path, "megapack.json")]
+    for read, arg, name in calls:
+        with pytest.raises(MegapackError, match="nested too deeply") as info:
+            read(arg)
+        assert str(tmp_path / name) in str(info.value), (name, info.value)

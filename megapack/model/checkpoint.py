@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from megapack.atomic import write_json_atomic
-from megapack.errors import MegapackError
+from megapack.errors import MegapackError, nested_too_deeply
 
 MODEL_PREFIX = "model."
 METADATA_FILE = "megapack.json"
@@ -42,7 +42,14 @@ def read_metadata(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / METADATA_FILE
     if not path.is_file():
         raise MegapackError(f"{path}: missing (expected a megapack torch_dist checkpoint directory)")
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MegapackError(f"{path}: unreadable ({exc}); expected a megapack checkpoint's JSON metadata") from None
+    except RecursionError:
+        raise nested_too_deeply(path) from None
+    if not isinstance(meta, dict):
+        raise MegapackError(f"{path}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise MegapackError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta

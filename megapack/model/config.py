@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from megapack.errors import MegapackError
+from megapack.errors import MegapackError, nested_too_deeply
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -28,6 +28,8 @@ def load_hf_config(hf_dir_or_config_json: str | Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MegapackError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise nested_too_deeply(path) from None
     validate_hf_config(config, source=str(path))
     return config
 

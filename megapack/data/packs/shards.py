@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from megapack.data.packs.mmidx import HashingFile, MMIndex, write_idx
-from megapack.errors import MegapackError
+from megapack.errors import MegapackError, nested_too_deeply
 
 FORMAT_VERSION = 2
 META_NAME = "meta.json"
@@ -182,6 +182,8 @@ def read_meta(path: str | Path) -> dict:
         raise MegapackError(f"{meta_path}: not found; {path} is not a finished megapack shard directory") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise MegapackError(f"{meta_path}: unreadable ({exc})") from None
+    except RecursionError:
+        raise nested_too_deeply(meta_path) from None
     version = meta.get("format_version")
     if version == 1:
         raise MegapackError(f"{meta_path}: format_version 1 shards do not record real segment lengths; rerun "

@@ -22,7 +22,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
-from megapack.errors import MegapackError
+from megapack.errors import MegapackError, nested_too_deeply
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -261,6 +261,8 @@ def read_template_files(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise MegapackError(f"{config_path}: unreadable tokenizer config ({exc})") from None
+        except RecursionError:
+            raise nested_too_deeply(config_path) from None
     specials = {}
     for key in _SPECIAL_KEYS:
         value = config.get(key)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from megapack.data.sources.limits import DEFAULT_MAX_DEPTH, measure, may_be_too_deep
 from megapack.errors import MegapackError
 
 
@@ -53,12 +54,24 @@ def _dumps(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
+def _loads(text: str) -> Any:
+    """json.loads of a JSON value held in a record's string, within the record depth limit (ValueError past it)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested deeper than Python's JSON parser allows") from None
+    deep = may_be_too_deep(text.encode(), DEFAULT_MAX_DEPTH)
+    if deep and measure(value, DEFAULT_MAX_DEPTH, 1 << 62)[0] > DEFAULT_MAX_DEPTH:
+        raise ValueError(f"nested deeper than {DEFAULT_MAX_DEPTH} levels")
+    return value
+
+
 def parse_tools(tools: str | None) -> list[dict] | None:
     """The tools column as a list of {"type": "function", "function": schema}; None when there is none."""
     if tools is None or not tools.strip():
         return None
     try:
-        value = json.loads(tools)
+        value = _loads(tools)
     except ValueError as exc:
         raise UnrenderableRecord(BAD_TOOLS, f"tools is not JSON ({exc})") from None
     if isinstance(value, dict):
@@ -79,9 +92,9 @@ def parse_tools(tools: str | None) -> list[dict] | None:
 def parse_calls(content: str) -> list[dict]:
     """A function_call turn as a list of {"name": str, "arguments": object}."""
     try:
-        value = json.loads(content)
-    except ValueError:
-        raise UnrenderableRecord(BAD_CALL, f"function_call is not JSON: {content[:60]!r}") from None
+        value = _loads(content)
+    except ValueError as exc:
+        raise UnrenderableRecord(BAD_CALL, f"function_call is not JSON ({exc}): {content[:60]!r}") from None
     calls = value if isinstance(value, list) else [value]
     out = []
     for i, call in enumerate(calls):
@@ -90,10 +103,10 @@ def parse_calls(content: str) -> list[dict]:
         args = call.get("arguments", call.get("parameters", {}))
         if isinstance(args, str):  # OpenAI writes arguments as a JSON string
             try:
-                args = json.loads(args)
-            except ValueError:
+                args = _loads(args)
+            except ValueError as exc:
                 raise UnrenderableRecord(BAD_CALL,
-                                         f"function_call[{i}] arguments are not JSON: {args[:60]!r}") from None
+                                         f"function_call[{i}] arguments are not JSON ({exc}): {args[:60]!r}") from None
         out.append({"name": call["name"], "arguments": args})
     if not out:
         raise UnrenderableRecord(BAD_CALL, "function_call holds no call")

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 from megapack.data.sources.readers import iter_records, list_data_files
-from megapack.errors import MegapackError
+from megapack.errors import MegapackError, nested_too_deeply
 
 REGISTRY_FILE = "dataset_info.json"
 DEFAULT_DATASET_DIR = "data"  # LLaMA-Factory's default dataset_dir
@@ -63,6 +63,8 @@ def load_registry(dataset_dir: str) -> dict[str, dict]:
         raise MegapackError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MegapackError(f"{path}: unreadable ({exc})") from None
+    except RecursionError:
+        raise nested_too_deeply(path) from None
     if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
         raise MegapackError(f"{path}: expected a JSON object mapping dataset names to entries")
     return info
