@@ -42,11 +42,13 @@ def llama3_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tenso
 
 
 class MegapackGPTModel(GPTModel):
-    """GPTModel that gathers logits across TP when no labels are given and hides the vocabulary padding."""
+    """GPTModel that gathers logits across TP when no labels are given, hides the vocabulary padding, and computes
+    the training loss `loss_chunk_tokens` tokens at a time (megapack.model.chunked_loss; 0: megatron's own loss)."""
 
-    def __init__(self, *args: Any, true_vocab_size: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, true_vocab_size: int, loss_chunk_tokens: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.true_vocab_size = true_vocab_size
+        self.loss_chunk_tokens = loss_chunk_tokens
         if self.post_process and true_vocab_size < self.vocab_size:
             self.output_layer.register_forward_hook(self._mask_vocab_padding)
 
@@ -62,6 +64,17 @@ class MegapackGPTModel(GPTModel):
             return output
         keep = torch.arange(width, device=logits.device) < cut
         return logits.masked_fill(~keep, torch.finfo(logits.dtype).min), bias
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args: Any, **kwargs: Any):
+        """megatron's postprocess; with labels and loss_chunk_tokens, the chunked loss instead of full logits."""
+        if labels is None or not self.loss_chunk_tokens or self.config.mtp_num_layers or kwargs.get("mtp_in_postprocess"):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        from megapack.model.chunked_loss import chunked_lm_loss
+
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        weight = self.output_layer.weight if weight is None else weight
+        return chunked_lm_loss(hidden_states, weight, labels, self.loss_chunk_tokens, self.true_vocab_size,
+                               self.output_layer.sequence_parallel)
 
     def forward(self, input_ids, position_ids, attention_mask, *args: Any, labels=None, runtime_gather_output=None,
                 **kwargs: Any):
@@ -81,6 +94,7 @@ def build_model(
     cross_sample_attention: bool = False,
     seq_length: int = 4096,
     vp_stage: int | None = None,
+    loss_chunk_tokens: int = 0,
     **config_kwargs: Any,
 ) -> GPTModel:
     """A GPTModel for this rank's pipeline stage (pre/post process from parallel_state), vocab padded to 128 x TP;
@@ -103,6 +117,7 @@ def build_model(
         transformer_layer_spec=gpt_block_spec(config, attention_backend, cross_sample_attention, vp_stage),
         vocab_size=padded_vocab_size(vocab, tp),
         true_vocab_size=vocab,
+        loss_chunk_tokens=loss_chunk_tokens,
         max_sequence_length=seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
