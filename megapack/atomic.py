@@ -3,6 +3,10 @@
 The temporary file is created with mode 0o666 and the kernel applies the umask (and a default ACL) as for open(),
 so the renamed file gets the permissions any other file written by the same process gets (0644 under umask 022).
 `tempfile.mkstemp` would create it 0600, and reading the umask to chmod afterwards is racy in threaded programs.
+
+Every temporary name is `.<name>.<random hex>.tmp`, created exclusively: two processes writing the same file (on two
+hosts of a shared file system, perhaps with the same pid) never share one, and a writer that fails removes only its
+own. `temp_target` tells which final name a leftover temporary name stands for, for the cleanups that remove them.
 """
 from __future__ import annotations
 
@@ -10,12 +14,16 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _UMASK_LOCK = threading.Lock()
+_TEMP_RE = re.compile(r"\.(.+)\.[0-9a-f]+\.tmp")
 
 
 def current_umask() -> int:
@@ -39,11 +47,23 @@ def chmod_default(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def temp_name(path: str | os.PathLike) -> Path:
+    """A fresh random temporary name beside `path`: `.<name>.<16 hex digits>.tmp` (not created)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def temp_target(name: str) -> str | None:
+    """The final file name a temporary name of this module stands for (`.NAME.<hex>.tmp` -> NAME), else None."""
+    match = _TEMP_RE.fullmatch(name)
+    return match[1] if match else None
+
+
 def create_temp(path: str | os.PathLike) -> tuple[int, Path]:
     """Create a new hidden temporary file beside `path` (mode 0o666 minus the umask); returns (fd, temp path)."""
     path = Path(path)
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = temp_name(path)
         try:
             return os.open(tmp, _FLAGS, 0o666), tmp
         except FileExistsError:
@@ -51,14 +71,28 @@ def create_temp(path: str | os.PathLike) -> tuple[int, Path]:
     raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text so that readers see the old file or the whole new one."""
+def create_temp_dir(path: str | os.PathLike) -> Path:
+    """Create a new hidden temporary folder beside `path` (mode 0o777 minus the umask, parents made); returns it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = temp_name(path)
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+def write_atomic(path: str | os.PathLike, produce: Callable[[BinaryIO], object]) -> None:
+    """Write a file so that readers see the old one or the whole new one: `produce(fh)` writes the bytes into a
+    temporary file of this writer's own (create_temp), fsynced and renamed into place, or removed on any failure."""
+    path = Path(path)
     fd, tmp = create_temp(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            produce(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -67,6 +101,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         if isinstance(exc, OSError) and exc.filename is None:
             exc.filename = str(path)  # a failed write()/fsync() names no file: name the one being written
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text (UTF-8) so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def json_safe(obj):

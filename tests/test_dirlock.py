@@ -2,8 +2,10 @@
 run holds is refused in one line naming the holder; a stale lock (holder gone) is taken over with a warning."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -129,21 +131,72 @@ def test_train_check_refuses_a_held_checkpoint_dir_and_passes_once_released(tiny
     assert main(["train", "--config", str(path), "--check"]) == 0  # released (stale files left): goes through
 
 
+def test_a_lock_that_fails_half_way_is_one_line_and_every_lock_is_released(tmp_path, monkeypatch):
+    """Rank 0 failing to take a lock for another reason than a holder (here a full disk writing the holder line)
+    raises the one-line MegapackError that lock_run_dirs broadcasts, not a traceback, and keeps no lock."""
+    from types import SimpleNamespace
+
+    from megapack.dirlock import DirLock
+    from megapack.errors import MegapackError
+    from megapack.training.run.runlock import lock_run_dirs
+
+    config = SimpleNamespace(checkpoint=SimpleNamespace(dir=str(tmp_path / "ck")),
+                             logging=SimpleNamespace(dir=str(tmp_path / "log")))
+    pwrite = os.pwrite
+
+    def full_disk(fd: int, data: bytes, offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".log.megapack.lock"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    with pytest.raises(MegapackError) as info:
+        lock_run_dirs(config, 0)
+    assert str(info.value) == f"logging.dir {tmp_path / 'log'}: cannot take its lock (No space left on device)"
+    monkeypatch.undo()
+    for name in ("ck", "log"):  # a lock still held by this process would refuse a second open file's flock
+        lock = DirLock(tmp_path / name, name)
+        assert lock.acquire() is None
+        lock.release()
+
+
 @pytest.mark.multiprocess
 def test_training_into_a_held_dir_is_refused_and_a_stale_lock_is_taken_over(tiny, held):
+    """Two ranks (DP=2) in one launch: the stale-lock run trains; a run that fails inside Trainer.__init__ after
+    taking the lock (a corrupt shard under data.verify full) releases it, so the next run of the same processes
+    takes it; the run into a held directory is refused on every rank with the same line, whether preflight sees the
+    holder or only rank 0's lock does (the refusal broadcast), and nobody hangs."""
     from train_helpers import finish, launch
 
-    w = tiny[0]
+    w, _, greedy = tiny
     stale = _train_config(tiny, "stale")
     (w / "ck_stale").mkdir(exist_ok=True)
     _lock_file(w / "ck_stale").write_text("host gone, pid 999999, started 2025-01-01 00:00:00 UTC\n")  # not flocked
+    corrupt = w / "greedy_corrupt"
+    shutil.copytree(greedy, corrupt, dirs_exist_ok=True)
+    data = bytearray((greedy / "train-00000.tokens.bin").read_bytes())
+    data[400] ^= 0x01  # same size: only data.verify full (after the lock is taken) notices
+    (corrupt / "train-00000.tokens.bin").write_bytes(bytes(data))
+    failing = _train_config(tiny, "failing")
+    failing["data"]["path"] = str(corrupt)
     busy = _train_config(tiny, "busy")
     held(w / "ck_busy")
-    with pytest.raises(AssertionError) as info:  # the stale run trains; the busy one is refused with one line
-        finish(launch(1, [{"config": stale}, {"config": busy}], w, "locks", wait=False), w, "locks")
+    jobs = [{"config": stale}, {"config": failing, "expect_error": "sha256 mismatch"},
+            {"config": _train_config(tiny, "failing"), "validate_only": True},
+            {"config": busy, "expect_error": "in use by another run"},  # refused by every rank's preflight
+            {"config": busy, "lock_taken_after_preflight": True}]  # refused by rank 0's lock, broadcast
+    with pytest.raises(AssertionError) as info:  # the busy run is refused on both ranks: the launch fails
+        finish(launch(2, jobs, w, "locks", wait=False), w, "locks")
+    assert "failed with 1" in str(info.value), str(info.value)[-3000:]  # an exit, not a hang past the timeout
     log = (w / "locks.log").read_text()
     assert "stale lock" in log and "pid 999999" in log, log[-3000:]
     assert (w / "ck_stale" / "latest").read_text().strip() == "iter_0000002"
-    line = next(x for x in log.splitlines() if "in use by another run" in x)
-    assert str(w / "ck_busy") in line and HOLDER in line, str(info.value)[-3000:]
-    assert not (w / "ck_busy" / "latest").exists() and not (w / "log_busy" / "metrics.jsonl").exists()
+    assert "'world_size': 2, " in next(x for x in log.splitlines() if x.startswith("training 2 steps")), log[-3000:]
+    for rank in (0, 1):
+        lines = [x for x in log.splitlines() if x.startswith(f"rank {rank}: error: ")]
+        assert len(lines) == 3 and "sha256 mismatch" in lines[0] and lines[1] == lines[2], log[-3000:]
+        assert lines[2] == (f"rank {rank}: error: checkpoint.dir {w / 'ck_busy'}: in use by another run ({HOLDER}; "
+                            f"lock file {_lock_file(w / 'ck_busy')}); wait for it to finish or choose another "
+                            "directory"), log[-3000:]
+    assert '"kind": "valid"' in (w / "log_failing" / "metrics.jsonl").read_text()  # the failed run left it free
+    assert not [p for d in ("ck_busy", "log_busy") if (w / d).exists() for p in (w / d).iterdir()]

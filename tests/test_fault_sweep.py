@@ -73,10 +73,10 @@ def _preprocess_moments(rng: random.Random, duration: float) -> list[tuple[str, 
                                                sorted(rng.uniform(0, duration) for _ in range(9))]
     return moments + [
         ("job.json written", ".work/job.json"),
-        ("partition 1 being written", f".work/part-00000-of-{PARTS:05d}.tmp*"),
+        ("partition 1 being written", f".work/.part-00000-of-{PARTS:05d}.*.tmp"),
         ("partition 1 finished", f".work/part-00000-of-{PARTS:05d}/part.json"),
         ("last partition finished", f".work/part-{PARTS - 1:05d}-of-{PARTS:05d}/part.json"),
-        ("first shard file open", "train-00000.tokens.bin.tmp"),
+        ("first shard file open", ".train-00000.tokens.bin.*.tmp"),
         ("fifth train shard written", "train-00004.tokens.bin"),
         ("meta.json published", "meta.json"),
     ]

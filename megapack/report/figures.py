@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megapack.atomic import write_atomic
 from megapack.errors import MegapackError
 from megapack.report.runs import Run
 
@@ -90,12 +91,9 @@ def draw(figure: Figure, runs: list[Run], out_dir: Path) -> dict | None:
     legend = ax.legend(title="run")
     fig.tight_layout()
     path = out_dir / f"{figure.stem}.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+    try:  # under a temporary name of this writer's own, removed on failure
+        write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise MegapackError(f"{path}: cannot write ({exc.strerror or exc})") from None
     finally:
         plt.close(fig)

@@ -1,6 +1,7 @@
 """Megatron's MMIDIDX index files (`.idx` + `.bin`, as `megatron.core.datasets.indexed_dataset` reads them):
 writing one atomically, and a memory-mapped read-only view (byte layout in FORMAT.md). Shard files are written
-through `HashingFile`: a temporary name, hashed as it goes, renamed into place on commit.
+through `HashingFile`: a temporary name of the writer's own (megapack.atomic), hashed as it goes, renamed into
+place on commit.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megapack.atomic import create_temp
 from megapack.errors import MegapackError
 
 MMIDIDX_HEADER = b"MMIDIDX\x00\x00"
@@ -20,12 +22,13 @@ CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 
 class HashingFile:
-    """A binary file written under a temporary name, hashed as it goes, renamed into place on commit."""
+    """A binary file written under a temporary name of its own (`.<name>.<hex>.tmp`: never another writer's), hashed
+    as it goes, renamed into place on commit."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.file = open(self.tmp, "wb")
+        fd, self.tmp = create_temp(path)
+        self.file = os.fdopen(fd, "wb")
         self.sha = hashlib.sha256()
         self.nbytes = 0
 
@@ -44,7 +47,7 @@ class HashingFile:
         return self.sha.hexdigest()
 
     def abort(self) -> None:
-        """Close and remove the temporary file."""
+        """Close and remove this writer's temporary file."""
         self.file.close()
         self.tmp.unlink(missing_ok=True)
 

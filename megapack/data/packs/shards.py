@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megapack.atomic import temp_target
 from megapack.data.packs.mmidx import HashingFile, MMIndex, write_idx
 from megapack.errors import MegapackError, nested_too_deeply
 
@@ -25,8 +26,9 @@ RENAMED_META_KEYS = {"num_samples": "num_conversations", "num_loss_tokens": "num
 
 
 def is_shard_file(name: str) -> bool:
-    """Whether a file name is one of a shard's files (or its temporary name while written)."""
-    base = name.removesuffix(".tmp")
+    """Whether a file name is one of a shard's files (or its temporary name while written: `.<name>.<hex>.tmp`, or
+    `<name>.tmp` as versions before issue 21 named it)."""
+    base = temp_target(name) or name.removesuffix(".tmp")
     split, _, rest = base.partition("-")
     return split in SPLITS and any(rest.endswith("." + suffix) for suffix in SHARD_FILE_SUFFIXES)
 

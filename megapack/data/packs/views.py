@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from megapack import seeds
+from megapack.atomic import write_atomic
 from megapack.data.packs.shards import ShardDataset
 from megapack.data.packs.padding import padded_micro_batches
 
@@ -101,8 +102,8 @@ def plot(ds: ShardDataset, out: str | Path, micro_batch_size: int = 1, train_see
              bbox={"boxstyle": "round", "facecolor": "#f3f3f3", "edgecolor": "#999999"})
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.12, top=0.76 if "padding_fraction" in numbers else 0.79,
                         wspace=0.2)
-    tmp = Path(out).with_name(Path(out).name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
+    try:  # PNG whatever the name, as before; under a temporary name of this writer's own
+        write_atomic(out, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return numbers

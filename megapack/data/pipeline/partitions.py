@@ -10,7 +10,8 @@ read back.
 
 Records are numbered across all inputs in order, bad ones included; record r belongs to partition
 (r // BLOCK) % P, so each partition can be tokenized on its own node. A partition is written under a temporary
-folder name and renamed when complete: a finished partition is reusable, a killed one is redone.
+folder of the writer's own (`.part-IIIII-of-PPPPP.<hex>.tmp`, megapack.atomic: two tasks of one partition never
+share one) and renamed when complete: a finished partition is reusable, a killed one is redone.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from megapack.atomic import create_temp_dir
 from megapack.data.packs.writer import RecordStore
 
 WORK_DIR = ".work"
@@ -53,13 +55,12 @@ def owned_count(num_records: int, index: int, num_parts: int) -> int:
 
 
 class PartitionWriter:
-    """Writes one partition under a temporary folder; `finish` renames it into place, `abort` removes it."""
+    """Writes one partition under a temporary folder of its own; `finish` renames it into place, `abort` removes
+    it (and nothing another writer has)."""
 
     def __init__(self, work_dir: Path, index: int, num_parts: int) -> None:
         self.final = part_dir(work_dir, index, num_parts)
-        self.tmp = self.final.with_name(self.final.name + f".tmp{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.tmp = create_temp_dir(self.final)
         self.tokens = open(self.tmp / TOKENS_FILE, "wb")
         self.mask = open(self.tmp / MASK_FILE, "wb")
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megapack.atomic import describe_os_error, free_bytes, write_json_atomic
+from megapack.atomic import describe_os_error, free_bytes, temp_target, write_json_atomic
 from megapack.data.packs.packing import PACKINGS
 from megapack.data.packs.shards import DEFAULT_MAX_SHARD_TOKENS, META_NAME, is_shard_file, read_meta, token_dtype
 from megapack.data.packs.writer import write_shard_dir
@@ -124,7 +124,7 @@ def _ours(path: Path) -> bool:
     """Whether a directory entry is something preprocess writes."""
     n = path.name
     shard = is_shard_file(n)
-    atomic_tmp = n.startswith(f".{META_NAME}.") and n.endswith(".tmp")  # megapack.atomic's temporary name
+    atomic_tmp = temp_target(n) == META_NAME  # megapack.atomic's temporary name
     return n in (META_NAME, META_NAME + ".tmp", WORK_DIR) or shard or atomic_tmp
 
 

@@ -114,17 +114,26 @@ class Trainer:
     """One run, constructed from its plan; `run()` trains to the end (or a stop signal) and returns the summary."""
 
     def __init__(self, config: RunConfig, plan: RunPlan | None = None) -> None:
-        from megapack.training.run.checkpointing import CheckpointSaver, load_checkpoint
         from megapack.training.run.distributed import init_distributed
-        from megapack.training.run.metrics import RunMetrics
-        from megapack.training.run.runlock import lock_run_dirs
+        from megapack.training.run.runlock import lock_run_dirs, release
 
         quiet_warnings()
         self.config = config
         self.plan = plan = plan or preflight(config)
-        vpp = config.parallel.vpp or 1
-        self.env = init_distributed(tp=plan.tp, pp=plan.pp, seed=config.training.seed, vpp=vpp)
+        self.env = init_distributed(tp=plan.tp, pp=plan.pp, seed=config.training.seed, vpp=config.parallel.vpp or 1)
         self.locks, stale = lock_run_dirs(config, self.env.rank)  # one run per directory (megapack.dirlock)
+        try:
+            self._start(stale)
+        except BaseException:  # released now, not at process exit: a later run of this process may take it
+            release(self.locks)
+            raise
+
+    def _start(self, stale: list[str]) -> None:
+        """Everything after the lock: data check, model, resume state, metrics, data source, checkpoint saver."""
+        from megapack.training.run.checkpointing import CheckpointSaver, load_checkpoint
+        from megapack.training.run.metrics import RunMetrics
+
+        config, plan, vpp = self.config, self.plan, self.config.parallel.vpp or 1
         verified = None
         if plan.checksums:  # data.verify full: every rank hashes a share; a mismatch stops all with the same line
             from megapack.training.preflight.inputs import verify_checksums

@@ -18,20 +18,21 @@ def run_dirs(config) -> list[tuple[str, str]]:
 
 def lock_run_dirs(config, rank: int) -> tuple[list[DirLock], list[str]]:
     """Collective: rank 0 takes the locks; returns (locks held, stale-lock warnings), or raises the same one-line
-    MegapackError on every rank when another live run holds one of the directories."""
+    MegapackError on every rank when another live run holds one of the directories (or a lock cannot be taken)."""
     import torch.distributed as dist
 
     locks, warnings, refusal = [], [], None
     if rank == 0:
+        key, directory = "", ""
         try:
             for key, directory in run_dirs(config):
-                lock = DirLock(directory, key)
-                warning = lock.acquire()
-                locks.append(lock)
+                locks.append(DirLock(directory, key))  # before acquire: one that fails half-way is released too
+                warning = locks[-1].acquire()
                 warnings += [warning] if warning else []
-        except MegapackError as exc:
+        except Exception as exc:  # any failure reaches every rank as one line (others would wait in the broadcast)
             release(locks)
-            locks, refusal = [], str(exc)
+            locks, refusal = [], (str(exc) if isinstance(exc, MegapackError) else
+                                  f"{key} {directory}: cannot take its lock ({describe(exc)})")
     box = [refusal]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
@@ -40,6 +41,14 @@ def lock_run_dirs(config, rank: int) -> tuple[list[DirLock], list[str]]:
     return locks, warnings
 
 
+def describe(exc: Exception) -> str:
+    """An exception in a few words: an OSError's reason and file, else its type and message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
 def release(locks: list[DirLock]) -> None:
+    """Release the locks lock_run_dirs took (each once; a released lock is left alone)."""
     for lock in locks:
         lock.release()
