@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -184,16 +185,16 @@ def test_training_into_a_held_dir_is_refused_and_a_stale_lock_is_taken_over(tiny
     jobs = [{"config": stale}, {"config": failing, "expect_error": "sha256 mismatch"},
             {"config": _train_config(tiny, "failing"), "validate_only": True},
             {"config": busy, "expect_error": "in use by another run"},  # refused by every rank's preflight
-            {"config": busy, "lock_taken_after_preflight": True}]  # refused by rank 0's lock, broadcast
-    with pytest.raises(AssertionError) as info:  # the busy run is refused on both ranks: the launch fails
-        finish(launch(2, jobs, w, "locks", wait=False), w, "locks")
-    assert "failed with 1" in str(info.value), str(info.value)[-3000:]  # an exit, not a hang past the timeout
+            {"config": busy, "lock_taken_after_preflight": True,  # refused by rank 0's lock, broadcast
+             "expect_error": "in use by another run"}]  # every rank goes on: the launch ends, nobody hangs
+    finish(launch(2, jobs, w, "locks", wait=False), w, "locks")  # (a refusal of one rank only would hang or fail)
     log = (w / "locks.log").read_text()
     assert "stale lock" in log and "pid 999999" in log, log[-3000:]
     assert (w / "ck_stale" / "latest").read_text().strip() == "iter_0000002"
     assert "'world_size': 2, " in next(x for x in log.splitlines() if x.startswith("training 2 steps")), log[-3000:]
     for rank in (0, 1):
-        lines = [x for x in log.splitlines() if x.startswith(f"rank {rank}: error: ")]
+        # the two ranks write into one log: a line of one may land in the middle of the other's
+        lines = [f"rank {rank}: error: {m}" for m in re.findall(rf"rank {rank}: error: (.*?)(?=rank \d: error: |\n)", log)]
         assert len(lines) == 3 and "sha256 mismatch" in lines[0] and lines[1] == lines[2], log[-3000:]
         assert lines[2] == (f"rank {rank}: error: checkpoint.dir {w / 'ck_busy'}: in use by another run ({HOLDER}; "
                             f"lock file {_lock_file(w / 'ck_busy')}); wait for it to finish or choose another "

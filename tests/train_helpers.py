@@ -252,6 +252,10 @@ def _run_jobs(spec_path: str) -> None:
     original_packed, original_check_free = PackedCoreAttention._packed, inputs.check_free
     jobs = json.loads(Path(spec_path).read_text())
     for job in jobs:
+        # jobs start together: a rank must not preflight the next job while rank 0 still holds this one's lock
+        # (a real launch runs one job per process, and its process-group rendezvous does this)
+        if dist.is_initialized():
+            dist.barrier()
         metrics.MetricsWriter.write = original_write
         step.run_schedule, PackedCoreAttention._packed = original_schedule, original_packed
         # as if the holder took the directory's lock after preflight: only rank 0's lock (runlock) can refuse
