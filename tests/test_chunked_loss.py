@@ -75,7 +75,44 @@ def loss_job(untied: str, tied: str) -> dict:
             out[f"tp{tp}/sp{int(sp)}/tied{int(is_tied)}/cross{int(cross)}/sample{int(per_sample)}"] = (
                 loss_diff, grad_diff, float(full.mean()), len(g_full))
         ps.destroy_model_parallel()
+    out |= _training_steps(untied, tied)
     destroy_distributed()
+    return out
+
+
+def _training_steps(untied: str, tied: str) -> dict:
+    """Per-step losses of 3 training steps at DP2 (megatron's DDP, distributed AdamW, fp32) with the full and the
+    chunked loss: the chunked one adds into DDP's fp32 main gradient (untied) or returns the gradient (tied)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megapack.model.config import load_hf_config
+    from megapack.model.hf_import import load_hf_weights
+    from megapack.training.preflight.config import OptimizerConfig
+    from megapack.training.run.batch import Batch
+    from megapack.training.run.distributed import init_distributed
+    from megapack.training.run.loop import build_model_and_optimizer
+    from megapack.training.run.step import train_step
+
+    env = init_distributed()
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    tokens = torch.randint(3, 300, (1, 48), generator=gen)
+    cu = torch.tensor([0, 20, 31, 48], dtype=torch.int32)
+    positions = torch.cat([torch.arange(int(b - a)) for a, b in zip(cu[:-1], cu[1:])])[None]
+    batch = Batch(tokens=tokens, positions=positions, targets=tokens.roll(-1, dims=1),
+                  loss_weight=(torch.rand(1, 48, generator=gen) > 0.3).float(), cu_seqlens=cu, cu_seqlens_padded=cu,
+                  max_seqlen=20, loss_denominator=40)
+    out = {}
+    for name, hf_dir in (("untied", untied), ("tied", tied)):
+        losses = {}
+        for chunk in (0, 5):
+            parts = build_model_and_optimizer(load_hf_config(hf_dir), OptimizerConfig(lr=1e-2), attention_backend="sdpa",
+                                              precision="fp32", row_length=48, total_steps=10, loss_chunk_tokens=chunk,
+                                              init_weights=lambda model, d=hf_dir: load_hf_weights(model, d))
+            losses[chunk] = [train_step(parts.model, parts.optimizer, parts.scheduler, iter([batch]), 1, 48,
+                                        env.device)["loss"] for _ in range(3)]
+        out[f"train/{name}"] = losses
+    ps.destroy_model_parallel()
     return out
 
 
@@ -88,7 +125,7 @@ def job(tmp_path_factory):
 
 
 def test_chunked_loss_equals_megatron_loss_and_gradients(job):
-    cases = {k: v for rank in job for k, v in rank.items()}
+    cases = {k: v for rank in job for k, v in rank.items() if not k.startswith("train/")}
     assert len(cases) == 2 * len(CASES)
     for case, (loss_diff, grad_diff, mean_loss, n_params) in cases.items():
         assert loss_diff <= TOLERANCE and grad_diff <= TOLERANCE, (case, loss_diff, grad_diff)
@@ -101,3 +138,13 @@ def test_ranks_agree_on_the_loss(job):
     for case in first:
         if case.startswith("tp2"):
             assert abs(first[case][2] - second[case][2]) <= 1e-6, case
+
+
+def test_training_steps_through_ddp_are_the_same(job):
+    """Three optimizer steps at DP2 (DDP's fp32 main gradient, distributed AdamW): the chunked loss trains exactly
+    as megatron's (untied: its weight gradient goes into main_grad; tied: through the embedding's gradient)."""
+    for name in ("untied", "tied"):
+        losses = job[0][f"train/{name}"]
+        assert losses[0][0] > 4.0 and losses[0][2] < losses[0][0] - 0.05, (name, losses)  # it trains
+        for full, chunked in zip(losses[0], losses[5]):
+            assert abs(full - chunked) <= 1e-5 * abs(full), (name, losses)

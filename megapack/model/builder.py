@@ -8,7 +8,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from megapack.errors import MegapackError
-from megapack.model.config import head_dim, rope_parameters, transformer_config_from_hf
+from megapack.model.config import DEFAULT_LOSS_CHUNK_TOKENS, head_dim, rope_parameters, transformer_config_from_hf
 from megapack.model.spec import CONCRETE_BACKENDS, gpt_block_spec
 
 VOCAB_PAD_MULTIPLE = 128
@@ -74,7 +74,7 @@ class MegapackGPTModel(GPTModel):
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         weight = self.output_layer.weight if weight is None else weight
         return chunked_lm_loss(hidden_states, weight, labels, self.loss_chunk_tokens, self.true_vocab_size,
-                               self.output_layer.sequence_parallel)
+                               self.output_layer.sequence_parallel, self.share_embeddings_and_output_weights)
 
     def forward(self, input_ids, position_ids, attention_mask, *args: Any, labels=None, runtime_gather_output=None,
                 **kwargs: Any):
@@ -94,12 +94,12 @@ def build_model(
     cross_sample_attention: bool = False,
     seq_length: int = 4096,
     vp_stage: int | None = None,
-    loss_chunk_tokens: int = 0,
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
     **config_kwargs: Any,
 ) -> GPTModel:
     """A GPTModel for this rank's pipeline stage (pre/post process from parallel_state), vocab padded to 128 x TP;
     `config_kwargs` go to `transformer_config_from_hf` (bf16, sequence_parallel, recompute, TransformerConfig
-    fields)."""
+    fields); the training loss runs `loss_chunk_tokens` tokens at a time (0: megatron's loss over full logits)."""
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():

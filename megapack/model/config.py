@@ -7,6 +7,10 @@ from typing import Any
 
 from megapack.errors import MegapackError, nested_too_deeply
 
+# Tokens per chunk of the training loss (megapack.model.chunked_loss): 1,024 × 128,256 fp32 logits are 0.5 GB at TP1
+# (a 4,096-token row's are 2.1 GB).
+DEFAULT_LOSS_CHUNK_TOKENS = 1024
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ATTENTION_BACKENDS = ("auto", "te", "flash", "torch_varlen", "sdpa")

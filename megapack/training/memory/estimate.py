@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from megapack.errors import MegapackError
+from megapack.model.config import DEFAULT_LOSS_CHUNK_TOKENS
 
 GIB = 2**30
 # Not available to tensors: the CUDA context and NCCL's buffers (~1 GiB together on H100/H200), and the caching
@@ -135,7 +136,7 @@ def vocab_padding_parameters(hf: dict, tp: int) -> int:
 
 
 def rank_memory(position, hf: dict, *, tp: int, pp: int, dp: int, vpp: int | None, sp: bool, tokens: int,
-                num_microbatches: int, recompute: str, target: Target) -> RankMemory:
+                num_microbatches: int, recompute: str, target: Target, loss_chunk_tokens: int = 0) -> RankMemory:
     """The bytes of one position (see the module docstring for what each term holds)."""
     from megapack.model.builder import padded_vocab_size
 
@@ -149,16 +150,24 @@ def rank_memory(position, hf: dict, *, tp: int, pp: int, dp: int, vpp: int | Non
     h_sp = tokens * int(hf["hidden_size"]) // (tp if sp and tp > 1 else 1) * b
     per_micro = layers * layer["saved"] + (h_sp if not position.last_stage else 3 * h_sp)  # stage output / final norm
     in_flight = microbatches_in_flight(pp, position.pp_rank, num_microbatches, vpp)
-    logits = 0
-    if position.last_stage:  # the fp32 softmax the loss keeps (in place of the logits), plus bf16 logits/gradient
-        logits = tokens * padded_vocab_size(int(hf["vocab_size"]), tp) // tp * (4 + (2 if b == 2 else 0))
-    # Transients on top of the saved activations, whichever phase is larger: the loss (logits, then the output
-    # layer's weight gradient, which megatron without gradient-accumulation fusion materialises before adding it
-    # to the fp32 main gradient); a layer's backward (the recomputed layer or attention, the activation gradient,
-    # fc1's weight gradient); the embedding's dense weight gradient at the end of the first stage's backward.
     h = int(hf["hidden_size"])
     vocab_rows = padded_vocab_size(int(hf["vocab_size"]), tp) // tp
-    loss_phase = logits + vocab_rows * h * b if position.last_stage else 0
+    # The loss's logits: megatron's keeps the fp32 softmax of every token (in place of the logits) plus the bf16
+    # logits and their gradient; the chunked loss (megapack.model.chunked_loss) holds one chunk's (fp32, and its
+    # bf16 logits) and keeps each token's fp32 log-sum-exp.
+    logit_tokens = min(loss_chunk_tokens, tokens) if loss_chunk_tokens else tokens
+    logits = logit_tokens * vocab_rows * (4 + (2 if b == 2 else 0)) if position.last_stage else 0
+    if position.last_stage and loss_chunk_tokens:
+        per_micro += tokens * 4
+    # Transients on top of the saved activations, whichever phase is larger: the loss (logits, then the output
+    # layer's weight gradient: megatron without gradient-accumulation fusion materialises it before adding it to the
+    # fp32 main gradient, as the chunked loss does per chunk, except into an fp32 accumulator for a weight tied to the
+    # embedding); a layer's backward (the
+    # recomputed layer or attention, the activation gradient, fc1's weight gradient); the embedding's dense weight
+    # gradient at the end of the first stage's backward.
+    tied = bool(hf.get("tie_word_embeddings", False))
+    weight_grad = vocab_rows * h * (4 + b if loss_chunk_tokens and tied else b)
+    loss_phase = logits + weight_grad if position.last_stage else 0
     layer_phase = layer["recompute_workspace"] + layer["grad_workspace"] + 2 * int(hf["intermediate_size"]) // tp * h * b
     embedding_phase = vocab_rows * h * b if position.first_stage else 0
     workspace = max(loss_phase, layer_phase, embedding_phase)
@@ -186,7 +195,7 @@ def usable_bytes(gpu_memory_gb: float) -> int:
 def plan_memory(hf: dict, *, world_size: int, tp: int = 1, pp: int = 1, vpp: int | None = None,
                 sequence_parallel: bool = False, seq_length: int = 4096, micro_batch_size: int = 1,
                 num_microbatches: int = 1, recompute: str = "none", precision: str = "auto", device: str = "gpu",
-                gpu_memory_gb: float = 80.0) -> dict:
+                gpu_memory_gb: float = 80.0, loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict:
     """The memory plan of a layout: per-position bytes, the limit and whether every position fits (a JSON dict)."""
     if world_size % (tp * pp):
         raise MegapackError(f"parallel.tp/parallel.pp: world size {world_size} is not divisible by tp*pp = {tp * pp}")
@@ -196,7 +205,7 @@ def plan_memory(hf: dict, *, world_size: int, tp: int = 1, pp: int = 1, vpp: int
     tokens = seq_length * micro_batch_size
     found = positions(hf, tp, pp, vpp, sp, target.bytes_per_value == 2)
     ranks = [rank_memory(p, hf, tp=tp, pp=pp, dp=dp, vpp=vpp, sp=sp, tokens=tokens, num_microbatches=num_microbatches,
-                         recompute=recompute, target=target) for p in found]
+                         recompute=recompute, target=target, loss_chunk_tokens=loss_chunk_tokens) for p in found]
     padding = vocab_padding_parameters(hf, tp)
     limit = usable_bytes(gpu_memory_gb)
     worst = max(ranks, key=lambda r: r.total_bytes)
@@ -205,7 +214,7 @@ def plan_memory(hf: dict, *, world_size: int, tp: int = 1, pp: int = 1, vpp: int
         "vocab_padding_parameters": padding,
         "world_size": world_size, "tp": tp, "pp": pp, "dp": dp, "vpp": vpp, "sequence_parallel": sp,
         "seq_length": seq_length, "micro_batch_size": micro_batch_size, "num_microbatches": num_microbatches,
-        "recompute": recompute, "activation_bytes_per_value": target.bytes_per_value, "device": device,
+        "recompute": recompute, "loss_chunk_tokens": loss_chunk_tokens, "activation_bytes_per_value": target.bytes_per_value, "device": device,
         "gpu_memory_bytes": int(gpu_memory_gb * GIB), "limit_bytes": limit,
         "ranks": [asdict(r) for r in ranks],
         "worst": {"tp_rank": worst.tp_rank, "pp_rank": worst.pp_rank, "total_bytes": worst.total_bytes},
@@ -227,4 +236,5 @@ def plan_config(config, world_size: int, gpu_memory_gb: float = 80.0, device: st
     return plan_memory(hf, world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp,
                        sequence_parallel=par.sequence_parallel, seq_length=seq_length,
                        micro_batch_size=tr.micro_batch_size, num_microbatches=num_micro, recompute=tr.recompute,
-                       precision=tr.precision, device=device, gpu_memory_gb=gpu_memory_gb)
+                       precision=tr.precision, device=device, gpu_memory_gb=gpu_memory_gb,
+                       loss_chunk_tokens=config.model.loss_chunk_tokens)

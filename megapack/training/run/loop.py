@@ -55,13 +55,14 @@ def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerConfig, *, at
                               precision: str, row_length: int, total_steps: int, pp: int = 1,
                               sequence_parallel: bool = False, cross_sample_attention: bool = False,
                               recompute: str = "none", init_weights: Callable | None = None,
-                              vpp: int = 1) -> ModelParts:
+                              vpp: int = 1, loss_chunk_tokens: int | None = None) -> ModelParts:
     """The GPTModel of this pipeline stage (initial weights from `init_weights`), DDP, distributed AdamW and the LR
     schedule; `row_length` is the longest THD row of a micro-batch. `vpp` > 1 builds one chunk per virtual stage
     (interleaved 1F1B), each with its own DDP, one optimizer over all of them."""
     from megatron.core.distributed import finalize_model_grads
 
     from megapack.model.builder import build_model
+    from megapack.model.config import DEFAULT_LOSS_CHUNK_TOKENS
     from megapack.training.run.optim import build_optimizer, build_scheduler, wrap_ddp
 
     bf16 = precision == "bf16"
@@ -77,7 +78,8 @@ def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerConfig, *, at
     for stage in range(vpp) if vpp > 1 else [None]:
         raw = build_model(hf_config, attention_backend=attention_backend, cross_sample_attention=cross_sample_attention,
                           bf16=bf16, sequence_parallel=sequence_parallel, seq_length=row_length, recompute=recompute,
-                          calculate_per_token_loss=True, vp_stage=stage, **varlen)
+                          calculate_per_token_loss=True, vp_stage=stage, **varlen,
+                          loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS if loss_chunk_tokens is None else loss_chunk_tokens)
         if init_weights is not None:
             init_weights(raw)
         model = raw
@@ -144,6 +146,7 @@ class Trainer:
             row_length=plan.row_length, total_steps=plan.total_steps, pp=plan.pp,
             sequence_parallel=config.parallel.sequence_parallel,
             cross_sample_attention=config.model.cross_sample_attention, recompute=config.training.recompute,
+            loss_chunk_tokens=config.model.loss_chunk_tokens,
             init_weights=None if plan.resume_from else partial(load_initial_weights, config=config), vpp=vpp)
         state = {"iteration": 0, "consumed_packs": 0, "totals": {}}
         if plan.resume_from is not None:  # the config in force wins over the checkpoint's hyperparameters
