@@ -128,8 +128,11 @@ class ChatModel:
 
     def describe(self) -> str:
         """Which checkpoint, tokenizer and template this is (one line)."""
+        why = self.template_why
+        if why == "--template" and self.trained and self.trained.get("name") != self.template_name:
+            why += f"; the run trained with {self.trained.get('name')}"
         return (f"{self.source.describe()}; tokenizer {self.tokenizer.path}; template {self.template_name} "
-                f"({self.template_why}); device {next(self.model.parameters()).device}")
+                f"({why}); device {next(self.model.parameters()).device}")
 
     def prompt_ids(self, messages: list[dict], system: str | None = None) -> list[int]:
         """The chat rendered with the template's generation prompt (`system` when it has no system message)."""
