@@ -3,7 +3,8 @@
 megatron-core's local DotProductAttention rejects `packed_seq_params`. This module takes its place in the
 ModuleSpec. In THD mode megatron has already squeezed the batch dimension and restarted RoPE per sub-sequence,
 so q is `[t, heads, dim]`, k/v are `[t, kv_heads, dim]`, and the result must be `[t, heads, dim]`. Without
-packed_seq_params (padded micro-batches) q is `[s, b, heads, dim]` and the result is `[s, b, heads * dim]`.
+packed_seq_params (padded micro-batches) q is `[s, b, heads, dim]` and the result is `[s, b, heads * dim]`; under
+megatron's KV cache (megapack.model.generate) k/v hold every cached position and q the last s of them.
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ class PackedCoreAttention(MegatronModule):
 
     def _padded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None):
         s, b, h, d = q.shape
-        if self.backend == "flash" and attention_mask is None:
+        if self.backend == "flash" and attention_mask is None:  # causal=True aligns to the keys' end as well
             from flash_attn import flash_attn_func
 
             out = flash_attn_func(
@@ -169,6 +170,8 @@ class PackedCoreAttention(MegatronModule):
             )
             return out.transpose(0, 1).reshape(s, b, h * d)
         allowed = block_causal_mask(None, s, q.device)
+        if k.shape[0] != s:  # generation with a KV cache: the queries are the LAST s of the keys' positions
+            allowed = torch.ones(s, k.shape[0], dtype=torch.bool, device=q.device).tril_(k.shape[0] - s)
         if attention_mask is not None:
             # megatron's convention: True marks positions that must NOT be attended
             allowed = allowed[None, None] & ~attention_mask.to(torch.bool)

@@ -169,6 +169,15 @@ class HFChatTemplate:
         text, _ = self.render(messages, tools, False, tokenizer)
         return text.replace(_MS, "").replace(_ME, "")
 
+    def prompt_ids(self, record: Conversation, tokenizer: Tokenizer, options: TemplateOptions | None = None) -> list[int]:
+        """Token ids of the conversation with the template's generation prompt (what a model answers after)."""
+        messages, tools = self.messages(record, options or TemplateOptions())
+        names, split = self._patterns(tokenizer)
+        with render_budget():
+            full, _ = self.render(self._mark(messages, names), self._mark(tools, names), True, tokenizer)
+        atoms = [(m.start(), m.end(), m.group(2)) for m in split.finditer(full)]
+        return self._tokens(full, atoms, [], tokenizer)[0]
+
     # ---- ids and mask ------------------------------------------------------------------------------------------
 
     def _spans(self, messages, tools, tokenizer, full: str, specials: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -118,6 +118,12 @@ class ChatTemplate:
             loss_mask += [trained] * len(piece_ids)
         return np.asarray(ids, dtype=np.int32), np.asarray(loss_mask, dtype=np.uint8)
 
+    def prompt_ids(self, record: Conversation, tokenizer: Tokenizer, options: TemplateOptions | None = None) -> list[int]:
+        """Token ids of a conversation ending on a prompt turn, with the response header (what a model answers
+        after); the plain template ends the text without EOS."""
+        ids, _ = self.encode(record, tokenizer, options)
+        return ids.tolist()[:-1] if self.plain else ids.tolist()
+
     def render_text(self, record: Conversation | Document, tokenizer: Tokenizer,
                     options: TemplateOptions | None = None) -> str:
         """The conversation as one string with special tokens written by name (for display and comparisons)."""

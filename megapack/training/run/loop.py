@@ -299,7 +299,8 @@ class Trainer:
         meta = {"hf_config": self.plan.hf_config, "tokenizer_identity": self.plan.tokenizer_identity,
                 "data_identity": self.plan.data_identity, "plan": self.plan.summary(),
                 "optimizer": self.config.optimizer.model_dump(mode="json"),  # what runs (compared on resume)
-                "hf_dir": str(Path(self.config.model.hf_dir).resolve())}  # its tokenizer files, for conversions
+                "hf_dir": str(Path(self.config.model.hf_dir).resolve()),  # its tokenizer files, for conversions
+                "template": self.plan.shard_meta.get("template")}  # the chat template it learnt (megapack generate)
         state = {"totals": dict(self.metrics.totals)} | self.source.state_dict()
         p = self.parts
         self.saver.save(self.iteration, p.model, p.optimizer, p.scheduler, state, meta=meta)

@@ -1,0 +1,131 @@
+"""What `megapack generate` loads: a megatron checkpoint (a run's checkpoints/ folder or one iter_XXXXXXX folder, or a
+`megapack convert hf-to-megatron` output) or a Hugging Face folder; its tokenizer and the chat template it learnt.
+
+Files only, no process group: every problem is one line naming the path or the flag before any model is built.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from megapack.errors import MegapackError
+
+DEFAULT_TEMPLATE = "llama3"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: its kind ("megatron" or "hf"), folder, iteration (megatron runs) and config/metadata."""
+
+    kind: str
+    path: Path
+    hf_config: dict
+    meta: dict  # megapack.json of a megatron checkpoint ({} for an HF folder)
+    iteration: int | None = None
+    via_latest: bool = False  # resolved from a run's checkpoints/ folder (its `latest` marker or newest iter_)
+
+    def describe(self) -> str:
+        """One line for the user: which checkpoint was loaded (and which iteration)."""
+        if self.kind == "hf":
+            return f"Hugging Face checkpoint {self.path}"
+        if self.iteration is None:
+            return f"megatron checkpoint {self.path}"
+        how = ", the latest of its run" if self.via_latest else ""
+        return f"megatron checkpoint {self.path} (iteration {self.iteration}{how})"
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and ((path / "model.safetensors").is_file()
+                                                 or (path / "model.safetensors.index.json").is_file())
+
+
+def resolve_model(path: str | Path) -> ModelSource:
+    """The model at `path`: an HF folder, a megatron checkpoint folder, or a run's checkpoints/ folder (`latest`)."""
+    from megapack.model.checkpoint import METADATA_FILE, read_metadata
+    from megapack.model.config import load_hf_config
+    from megapack.training.preflight.resume import ITER_RE, resume_checkpoint
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MegapackError(f"--checkpoint {path}: no such directory (expected a megatron checkpoint folder, a run's "
+                            f"checkpoints/ folder, or a Hugging Face folder)")
+    if (path / METADATA_FILE).is_file():
+        meta = read_metadata(path)
+        match = ITER_RE.match(path.name)
+        iteration = meta.get("iteration") if meta.get("iteration") is not None else (
+            int(match.group(1)) if match else None)
+        return ModelSource("megatron", path, meta["hf_config"], meta, iteration)
+    if _is_hf_folder(path):
+        return ModelSource("hf", path, load_hf_config(path), {})
+    found = resume_checkpoint(path, key="--checkpoint")
+    if found is None:
+        raise MegapackError(f"--checkpoint {path}: holds no megapack.json, no `latest`, no iter_XXXXXXX folder and no "
+                            f"config.json + safetensors (expected a megatron checkpoint or a Hugging Face folder)")
+    meta = read_metadata(found)
+    match = ITER_RE.match(found.name)
+    iteration = meta.get("iteration") if meta.get("iteration") is not None else (int(match.group(1)) if match else None)
+    return ModelSource("megatron", found, meta["hf_config"], meta, iteration, via_latest=True)
+
+
+def _run_config(source: ModelSource) -> dict:
+    """The config.yaml of the run beside a training checkpoint ({} when there is none or it is unreadable)."""
+    import yaml
+
+    path = source.path.parent / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def tokenizer_path(source: ModelSource, given: str | None) -> Path:
+    """--tokenizer-model, else the HF folder, the checkpoint's tokenizer/ folder, or the model folder the run
+    trained (megapack.json `hf_dir`, else `model.hf_dir` of the run's config.yaml)."""
+    if given is not None:
+        return Path(given)
+    if source.kind == "hf":
+        return source.path
+    if (source.path / "tokenizer").is_dir():
+        return source.path / "tokenizer"
+    recorded = source.meta.get("hf_dir") or (_run_config(source).get("model") or {}).get("hf_dir")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    where = f"its model folder {recorded} (model.hf_dir) is gone" if recorded else "it records no model folder"
+    raise MegapackError(f"--checkpoint {source.path}: {where}; give --tokenizer-model (a tokenizer file or a "
+                        f"model folder)")
+
+
+def trained_template(source: ModelSource) -> dict | None:
+    """The shards' template record ({"name", "identity", "options", ...}) the run trained with, if known: its
+    megapack.json `template`, else the meta.json of the run's data.path (older checkpoints)."""
+    recorded = source.meta.get("template")
+    if isinstance(recorded, dict) and recorded.get("name"):
+        return recorded
+    data_path = (_run_config(source).get("data") or {}).get("path") if source.kind == "megatron" else None
+    meta_json = Path(data_path) / "meta.json" if isinstance(data_path, str) else None
+    try:
+        shard_meta = json.loads(meta_json.read_text(encoding="utf-8")) if meta_json and meta_json.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        return None
+    template = shard_meta.get("template") if isinstance(shard_meta, dict) else None
+    return template if isinstance(template, dict) and template.get("name") else None
+
+
+def choose_template(source: ModelSource, given: str | None) -> tuple[str, dict | None, str]:
+    """(template name, the trained record or None, why: "--template", "trained with" or "default")."""
+    recorded = trained_template(source)
+    if given is not None:
+        return given, recorded, "--template"
+    if recorded is not None:
+        return str(recorded["name"]), recorded, "trained with"
+    return DEFAULT_TEMPLATE, None, "default"
+
+
+def stop_ids(hf_config: dict, extra: list[int], vocab_size: int) -> list[int]:
+    """Stop token ids: the template's end-of-turn and EOS ids given, plus config.json's eos_token_id (an id or a
+    list), each once and inside the vocabulary."""
+    from_config = hf_config.get("eos_token_id")
+    ids = list(extra) + (from_config if isinstance(from_config, list) else [from_config])
+    return sorted({int(i) for i in ids if isinstance(i, int) and 0 <= i < vocab_size})
