@@ -81,7 +81,7 @@ def loss_job(untied: str, tied: str) -> dict:
 
 
 def _training_steps(untied: str, tied: str) -> dict:
-    """Per-step losses of 3 training steps at DP2 (megatron's DDP, distributed AdamW, fp32) with the full and the
+    """Per-step losses of 3 training steps at DP2 and PP2 (megatron's DDP, distributed AdamW, fp32) with the full and the
     chunked loss: the chunked one adds into DDP's fp32 main gradient (untied) or returns the gradient (tied)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -94,25 +94,25 @@ def _training_steps(untied: str, tied: str) -> dict:
     from megapack.training.run.loop import build_model_and_optimizer
     from megapack.training.run.step import train_step
 
-    env = init_distributed()
-    gen = torch.Generator().manual_seed(dist.get_rank())
-    tokens = torch.randint(3, 300, (1, 48), generator=gen)
-    cu = torch.tensor([0, 20, 31, 48], dtype=torch.int32)
-    positions = torch.cat([torch.arange(int(b - a)) for a, b in zip(cu[:-1], cu[1:])])[None]
-    batch = Batch(tokens=tokens, positions=positions, targets=tokens.roll(-1, dims=1),
-                  loss_weight=(torch.rand(1, 48, generator=gen) > 0.3).float(), cu_seqlens=cu, cu_seqlens_padded=cu,
-                  max_seqlen=20, loss_denominator=40)
     out = {}
-    for name, hf_dir in (("untied", untied), ("tied", tied)):
+    for name, hf_dir, pp in (("untied", untied, 1), ("tied", tied, 1), ("untied_pp2", untied, 2)):
+        env = init_distributed(pp=pp)
+        gen = torch.Generator().manual_seed(dist.get_rank() if pp == 1 else 0)  # DP ranks: own rows; PP: one row
+        tokens = torch.randint(3, 300, (1, 48), generator=gen)
+        cu = torch.tensor([0, 20, 31, 48], dtype=torch.int32)
+        positions = torch.cat([torch.arange(int(b - a)) for a, b in zip(cu[:-1], cu[1:])])[None]
+        batch = Batch(tokens=tokens, positions=positions, targets=tokens.roll(-1, dims=1),
+                      loss_weight=(torch.rand(1, 48, generator=gen) > 0.3).float(), cu_seqlens=cu,
+                      cu_seqlens_padded=cu, max_seqlen=20, loss_denominator=40)
         losses = {}
         for chunk in (0, 5):
             parts = build_model_and_optimizer(load_hf_config(hf_dir), OptimizerConfig(lr=1e-2), attention_backend="sdpa",
                                               precision="fp32", row_length=48, total_steps=10, loss_chunk_tokens=chunk,
-                                              init_weights=lambda model, d=hf_dir: load_hf_weights(model, d))
+                                              pp=pp, init_weights=lambda model, d=hf_dir: load_hf_weights(model, d))
             losses[chunk] = [train_step(parts.model, parts.optimizer, parts.scheduler, iter([batch]), 1, 48,
                                         env.device)["loss"] for _ in range(3)]
         out[f"train/{name}"] = losses
-    ps.destroy_model_parallel()
+        ps.destroy_model_parallel()
     return out
 
 
@@ -141,9 +141,10 @@ def test_ranks_agree_on_the_loss(job):
 
 
 def test_training_steps_through_ddp_are_the_same(job):
-    """Three optimizer steps at DP2 (DDP's fp32 main gradient, distributed AdamW): the chunked loss trains exactly
-    as megatron's (untied: its weight gradient goes into main_grad; tied: through the embedding's gradient)."""
-    for name in ("untied", "tied"):
+    """Three optimizer steps at DP2 (DDP's fp32 main gradient, distributed AdamW) and at PP2 (the loss on the last
+    stage): the chunked loss trains exactly as megatron's (untied: its weight gradient goes into main_grad; tied:
+    through the embedding's gradient)."""
+    for name in ("untied", "tied", "untied_pp2"):
         losses = job[0][f"train/{name}"]
         assert losses[0][0] > 4.0 and losses[0][2] < losses[0][0] - 0.05, (name, losses)  # it trains
         for full, chunked in zip(losses[0], losses[5]):

@@ -66,15 +66,20 @@ class MegapackGPTModel(GPTModel):
         return logits.masked_fill(~keep, torch.finfo(logits.dtype).min), bias
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args: Any, **kwargs: Any):
-        """megatron's postprocess; with labels and loss_chunk_tokens, the chunked loss instead of full logits."""
-        if labels is None or not self.loss_chunk_tokens or self.config.mtp_num_layers or kwargs.get("mtp_in_postprocess"):
+        """megatron's postprocess; the chunked loss instead when labels are given and the row is longer than a chunk
+        (one chunk would recompute the logits in the backward for nothing)."""
+        chunked = labels is not None and self.post_process and self.loss_chunk_tokens > 0
+        sp = chunked and self.output_layer.sequence_parallel
+        tokens = hidden_states.shape[0] * hidden_states.shape[1] * (self.config.tensor_model_parallel_size if sp else 1)
+        if (not chunked or tokens <= self.loss_chunk_tokens or self.config.mtp_num_layers
+                or kwargs.get("mtp_in_postprocess")):
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
         from megapack.model.chunked_loss import chunked_lm_loss
 
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         weight = self.output_layer.weight if weight is None else weight
         return chunked_lm_loss(hidden_states, weight, labels, self.loss_chunk_tokens, self.true_vocab_size,
-                               self.output_layer.sequence_parallel, self.share_embeddings_and_output_weights)
+                               sp, self.share_embeddings_and_output_weights)
 
     def forward(self, input_ids, position_ids, attention_mask, *args: Any, labels=None, runtime_gather_output=None,
                 **kwargs: Any):

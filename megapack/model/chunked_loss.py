@@ -8,6 +8,8 @@ softmax − one-hot scaled by the incoming gradient, and accumulates the gradien
 output weight (into megatron's fp32 main gradient when the weight is not tied to the embedding). Cost: one extra output-layer matmul per step (the recomputation), about 2% of LLaMA-3-8B's FLOPs at 4K.
 The arithmetic per token is megatron's own (`VocabParallelCrossEntropy`): the same losses and gradients up to
 summation order. Padded vocabulary columns get the lowest finite logit, as `MegapackGPTModel` does for full logits.
+A row no longer than one chunk takes megatron's loss (`MegapackGPTModel._postprocess`): chunking would only add the
+recomputation.
 """
 from __future__ import annotations
 

@@ -155,9 +155,10 @@ def rank_memory(position, hf: dict, *, tp: int, pp: int, dp: int, vpp: int | Non
     # The loss's logits: megatron's keeps the fp32 softmax of every token (in place of the logits) plus the bf16
     # logits and their gradient; the chunked loss (megapack.model.chunked_loss) holds one chunk's (fp32, and its
     # bf16 logits) and keeps each token's fp32 log-sum-exp.
-    logit_tokens = min(loss_chunk_tokens, tokens) if loss_chunk_tokens else tokens
-    logits = logit_tokens * vocab_rows * (4 + (2 if b == 2 else 0)) if position.last_stage else 0
-    if position.last_stage and loss_chunk_tokens:
+    chunked = 0 < loss_chunk_tokens < tokens  # a row of one chunk takes megatron's loss
+    logits = (loss_chunk_tokens if chunked else tokens) * vocab_rows * (4 + (2 if b == 2 else 0))
+    logits = logits if position.last_stage else 0
+    if position.last_stage and chunked:
         per_micro += tokens * 4
     # Transients on top of the saved activations, whichever phase is larger: the loss (logits, then the output
     # layer's weight gradient: megatron without gradient-accumulation fusion materialises it before adding it to the
@@ -166,7 +167,7 @@ def rank_memory(position, hf: dict, *, tp: int, pp: int, dp: int, vpp: int | Non
     # recomputed layer or attention, the activation gradient, fc1's weight gradient); the embedding's dense weight
     # gradient at the end of the first stage's backward.
     tied = bool(hf.get("tie_word_embeddings", False))
-    weight_grad = vocab_rows * h * (4 + b if loss_chunk_tokens and tied else b)
+    weight_grad = vocab_rows * h * (4 + b if chunked and tied else b)
     loss_phase = logits + weight_grad if position.last_stage else 0
     layer_phase = layer["recompute_workspace"] + layer["grad_workspace"] + 2 * int(hf["intermediate_size"]) // tp * h * b
     embedding_phase = vocab_rows * h * b if position.first_stage else 0

@@ -28,8 +28,8 @@ class ModelConfig(_Strict):
     megatron_checkpoint: str | None = None  # torch_dist directory when init == "megatron"
     attention_backend: str = "auto"
     cross_sample_attention: bool = False  # ablation: packed samples attend to each other
-    # the loss over the vocabulary runs this many tokens at a time and never holds a row's full logits (0: megatron's
-    # own loss over the full logits; the same losses and gradients either way)
+    # the loss over the vocabulary runs this many tokens at a time and never holds a row's full logits (0, or a row
+    # no longer than this: megatron's own loss over the full logits; the same losses and gradients either way)
     loss_chunk_tokens: int = Field(default=DEFAULT_LOSS_CHUNK_TOKENS, ge=0)
 
     @model_validator(mode="after")
