@@ -39,7 +39,9 @@ def main() -> None:
     print("| GPU check arm | measured peak GiB (H200) | planned GiB | planned / measured |")
     print("|---|---:|---:|---:|")
     for arm, (peak, mbs) in GPU_CHECK_PEAK_GIB.items():
-        plan = plan_memory(hf, world_size=1, seq_length=4096, micro_batch_size=mbs, num_microbatches=8)
+        # that run (2026-11-26) computed megatron's loss over the full logits: plan it so (loss_chunk_tokens=0)
+        plan = plan_memory(hf, world_size=1, seq_length=4096, micro_batch_size=mbs, num_microbatches=8,
+                           loss_chunk_tokens=0)
         est = plan["ranks"][0]["total_bytes"] / GIB
         print(f"| {arm} | {peak} | {est:.1f} | {est / peak:.3f} |")
 
