@@ -5,7 +5,8 @@ gpu_check.sh does, after setting up PYTHONPATH); `python tools/gpu/check.py ...`
 Step 1 (<= 2 min): tests/test_model_backends.py under pytest on the device; 3 steps of configs/tiny_cpu.yaml (the
 quickstart's tiny model, LLaMA-3 tokenizer, demo data) through `python -m megapack train` in bf16 on the device
 with async checkpoints, against the same run in fp32 on the CPU (CUDA_VISIBLE_DEVICES=""), losses compared.
-Step 2 (<= 5 min): tools/gpu/throughput.py per attention backend, each in its own process with its own deadline.
+Step 2 (<= 5 min): tools/gpu/throughput.py per attention backend, each in its own process with its own deadline:
+packed (1 and 2 packs per micro-batch) vs padded throughput, and where one packed step's time goes (breakdown.py).
 Every subprocess has a timeout, so the check ends within its budget and the report holds what was measured.
 `dry_run` runs the same code on the CPU: the "device" run is bf16 on the CPU and the benchmark shape is tiny.
 Writes OUT/gpu_check.json and OUT/gpu_check.md after every step. The --worker-* options are internal: the driver
@@ -33,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script (python tools/gpu/check.py) from a checkout without installing
 
 from megapack.errors import MegapackError  # noqa: E402
+from tools.gpu.breakdown import breakdown_table  # noqa: E402
 from tools.gpu.report import Report  # noqa: E402
 
 WORKER_MODULE = "tools.gpu.check"  # the benchmark workers run `python -m tools.gpu.check` in ROOT (Job's cwd)
@@ -227,10 +229,29 @@ def benchmark(report: Report, worker_cmd: list[str], backends: list[str], deadli
         speed = f"packed/padded epoch time {res['packed_over_padded_time']:.3f}" if "packed_over_padded_time" in res \
             else f"no ratio ({res.get('error')})"
         report.log(f"step 2 {name}: {speed}, {wall} s")
+        log_extras(report, name, res)
         i += 1
     ok = [r for r in bench["backends"].values() if math.isfinite(r.get("packed_over_padded_time", math.nan))]
     bench["status"] = "passed" if len(ok) == len(backends) else ("partial" if ok else "failed")
     report.set("benchmark", bench)
+
+
+def log_extras(report: Report, name: str, res: dict) -> None:
+    """Print a backend's micro-batch choice and the breakdown table of one packed step (also in the report)."""
+    choice = res.get("micro_batch_choice") or {}
+    if choice:
+        rates = ", ".join(f"{k} pack(s) {_rate(v.get('tokens_per_s'))} tokens/s" for k, v in sorted(choice.items()))
+        report.log(f"step 2 {name}: packed micro-batches: {rates}")
+    bd = res.get("breakdown")
+    if bd and not bd.get("error"):
+        report.log(f"step 2 {name}: where one packed step's time goes ({bd['primary']} time, profiled):\n"
+                   + "\n".join(breakdown_table(bd)))
+    elif bd:
+        report.log(f"step 2 {name}: no breakdown ({bd['error']})")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def run_check(out_dir: str | Path, worker_cmd: list[str], *, dry_run: bool = False, budget_s: float = 450.0,

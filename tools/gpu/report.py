@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 from megapack.atomic import write_json_atomic, write_text_atomic
+from tools.gpu.breakdown import breakdown_table
 
 
 class Report:
@@ -89,7 +90,7 @@ def _bench_markdown(bench: dict) -> list[str]:
     rows = []
     for name, res in bench.get("backends", {}).items():
         arms = res.get("arms", {})
-        for arm in ("packed", "padded"):
+        for arm in ("packed", "packed_mb2", "padded"):
             a = arms.get(arm)
             if not a:
                 rows.append([name, arm, "-", "-", "-", "-", "-", "-", "-", res.get("error") or "not run"])
@@ -110,4 +111,36 @@ def _bench_markdown(bench: dict) -> list[str]:
         out += _table(["backend", "arm", "layers", "tokens/s", "MFU", "peak GiB", "median step (s)",
                        "timed/epoch steps", "epoch est. (s)", "padding"], rows)
         out.append("")
+    return out + _choice_markdown(bench) + _breakdown_markdown(bench)
+
+
+def _choice_markdown(bench: dict) -> list[str]:
+    """The packed arm's real tokens/s at 1 and 2 packs per micro-batch, per backend."""
+    rows = []
+    for name, res in bench.get("backends", {}).items():
+        for k, c in sorted((res.get("micro_batch_choice") or {}).items()):
+            mem = c.get("peak_memory_bytes")
+            rows.append([name, k, _fmt(c.get("micro_batches_per_step")), _fmt(c.get("tokens_per_s"), "{:,.0f}"),
+                         _fmt(c.get("median_step_s"), "{:.3f}"), _fmt(mem / 2**30 if mem else None, "{:.1f}")])
+    if not rows:
+        return []
+    return ["### Micro-batch choice (packed arm)", "", *_table(
+        ["backend", "packs per micro-batch", "micro-batches per step", "tokens/s", "median step (s)", "peak GiB"],
+        rows), ""]
+
+
+def _breakdown_markdown(bench: dict) -> list[str]:
+    """Per backend: where one profiled packed step's time goes, by phase."""
+    out = []
+    for name, res in bench.get("backends", {}).items():
+        bd = res.get("breakdown")
+        if not bd:
+            continue
+        out += [f"### Where one packed step's time goes: {name}", ""]
+        if bd.get("error"):
+            out += [f"not measured: {bd['error']}", ""]
+            continue
+        out += [f"torch.profiler over one packed step ({bd['wall_ms']:.1f} ms wall with profiling, {bd['events']} "
+                f"events); shares of {bd['primary']} time, 'other' holding what no phase claims", ""]
+        out += breakdown_table(bd) + [""]
     return out

@@ -2,11 +2,13 @@
 
 Conversation lengths follow tools/bench/bench_packing.py (lognormal, log-mean ln 700, sigma 1, clipped to
 [8, 16384], truncated to the sequence length; scaled by seq_length / 4096 for small dry-run shapes), token ids are
-random. The packed arm trains best-fit-decreasing packs, one pack per THD micro-batch; the padded arm trains one
+random. The packed arm trains best-fit-decreasing packs, one pack per THD micro-batch (arm `packed_mb2`: two packs
+per micro-batch, half as many micro-batches per step, the micro-batch choice); the padded arm trains one
 conversation per row, `padded_micro_batch` rows per micro-batch padded to the longest (rounded up to 8), exactly as
 `build_batch(padded=True)` gives the trainer. Both arms take `global_batch` sequences (packs or conversations)
 per optimizer step. Each arm warms up, times a few steps (synchronised) and extrapolates one epoch of the same
-conversations as median step time x steps per epoch.
+conversations as median step time x steps per epoch. After the packed arm's timed steps, one more packed step
+runs under torch.profiler for the per-phase breakdown (tools/gpu/breakdown.py).
 """
 from __future__ import annotations
 
@@ -117,14 +119,20 @@ def _pack(lengths: list[int], vocab: int, rng: np.random.Generator) -> Pack:
                 real_lengths=np.array(lengths, np.int64), padded_lengths=np.array(lengths, np.int64))
 
 
+ARMS = ("packed", "packed_mb2", "padded")
+PACKS_PER_MICRO_BATCH = {"packed": 1, "packed_mb2": 2}
+
+
 def arm_steps(s: BenchSettings, lengths: np.ndarray, arm: str) -> list[list[Batch]]:
-    """One epoch of the conversations as optimizer steps of micro-batches, for arm 'packed' or 'padded'."""
+    """One epoch of the conversations as optimizer steps of micro-batches, for an arm of ARMS."""
     rng = np.random.default_rng(s.seed + 1)
-    if arm == "packed":
+    if arm in PACKS_PER_MICRO_BATCH:
         plan = assign_packs(lengths, s.seq_length, "bfd", seed=s.seed)
         segments = np.split(plan.real_lengths, plan.pack_offsets[1:-1])  # the real lengths of each pack's segments
-        mbs = [build_batch([_pack(pack.tolist(), s.vocab_size, rng)]) for pack in segments]
-        per_step = s.global_batch
+        packs = [_pack(pack.tolist(), s.vocab_size, rng) for pack in segments]
+        k = PACKS_PER_MICRO_BATCH[arm]  # packs per micro-batch: one THD row of up to k x seq_length tokens
+        mbs = [build_batch(packs[i : i + k]) for i in range(0, len(packs), k)]
+        per_step = max(1, s.global_batch // k)
     elif arm == "padded":
         order = rng.permutation(len(lengths))
         groups = [order[i : i + s.padded_micro_batch] for i in range(0, len(order), s.padded_micro_batch)]
@@ -166,6 +174,7 @@ class ArmResult:
 
     steps_per_epoch: int
     sequences_per_step: int
+    packs_per_micro_batch: int | None
     micro_batches_per_step: int
     warmup_steps: int
     timed_steps: int = 0
@@ -182,7 +191,8 @@ class ArmResult:
 
 
 def time_arm(runner: StepRunner, steps: list[list[Batch]], s: BenchSettings, config: dict, device: torch.device,
-             peak_flops: float | None, deadline: float, on_step: Callable[[ArmResult], None]) -> ArmResult:
+             peak_flops: float | None, deadline: float, on_step: Callable[[ArmResult], None],
+             arm: str = "packed") -> ArmResult:
     """Warm up, then time steps until timed_steps or the deadline; on_step sees the partial result after each."""
     import torch
 
@@ -191,6 +201,7 @@ def time_arm(runner: StepRunner, steps: list[list[Batch]], s: BenchSettings, con
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     res = ArmResult(steps_per_epoch=len(steps), sequences_per_step=s.global_batch,
+                    packs_per_micro_batch=PACKS_PER_MICRO_BATCH.get(arm),
                     micro_batches_per_step=len(steps[0]), warmup_steps=s.warmup_steps)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -234,6 +245,34 @@ def arm_dict(res: ArmResult) -> dict:
     return out
 
 
+def profile_breakdown(runner: StepRunner, steps: list[list[Batch]], res: ArmResult, device: torch.device,
+                      deadline: float) -> dict:
+    """Where one packed step's time goes (tools/gpu/breakdown.py), unless the arm's deadline is too close."""
+    from tools.gpu.breakdown import profile_step
+
+    # the profiled step runs slower (Python tracing) and its events take a while to read: keep a wide margin
+    need = 5 * (res.median_step_s or 0.0) + 10.0
+    if not res.step_times_s or time.time() + need > deadline:
+        return {"error": f"not profiled: {deadline - time.time():.0f} s left of the arm's time, {need:.0f} s needed"}
+    batch = steps[len(res.losses) % len(steps)]
+    try:
+        return profile_step(lambda: runner.step(batch, device), device.type == "cuda")
+    except Exception as exc:  # the breakdown is an extra: its failure must not cost the throughput numbers
+        return {"error": f"{type(exc).__name__}: " + (str(exc).splitlines() or [""])[0]}
+
+
+def micro_batch_choice(arms: dict) -> dict:
+    """Real tokens/s (and median step) of the packed arm per packs per micro-batch, from the arms measured."""
+    out = {}
+    for arm, k in PACKS_PER_MICRO_BATCH.items():
+        a = arms.get(arm)
+        if a:
+            out[str(k)] = {"arm": arm, "tokens_per_s": a.get("tokens_per_s"), "median_step_s": a.get("median_step_s"),
+                           "micro_batches_per_step": a.get("micro_batches_per_step"),
+                           "peak_memory_bytes": a.get("peak_memory_bytes"), "timed_steps": a.get("timed_steps")}
+    return out
+
+
 def run_worker(s: BenchSettings, backend: str, out_path: str | Path, deadline: float) -> dict:
     """Both arms for one backend in this process (one GPU, TP1/PP1); out_path is rewritten after every timed step."""
     import resource
@@ -264,15 +303,20 @@ def run_worker(s: BenchSettings, backend: str, out_path: str | Path, deadline: f
     try:
         runner = StepRunner(config, backend, s.bf16, s.seq_length * max(1, s.padded_micro_batch))
         result["params"] = runner.num_params
-        for k, arm in enumerate(("packed", "padded")):
+        for k, arm in enumerate(ARMS):
             steps = arm_steps(s, lengths, arm)
-            arm_deadline = time.time() + (deadline - time.time()) / (2 - k)
+            arm_deadline = time.time() + (deadline - time.time()) / (len(ARMS) - k)
 
             def on_step(res: ArmResult, arm: str = arm) -> None:
                 result["arms"][arm] = arm_dict(res)
                 save()
 
-            on_step(time_arm(runner, steps, s, config, env.device, result["peak_flops"], arm_deadline, on_step))
+            res = time_arm(runner, steps, s, config, env.device, result["peak_flops"], arm_deadline, on_step, arm)
+            on_step(res)
+            if arm == "packed":
+                result["breakdown"] = profile_breakdown(runner, steps, res, env.device, arm_deadline)
+                save()
+        result["micro_batch_choice"] = micro_batch_choice(result["arms"])
     except torch.cuda.OutOfMemoryError as exc:
         result["oom"] = True
         result["error"] = "out of memory: " + str(exc).splitlines()[0]
