@@ -6,6 +6,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from megapack import __version__
 from megapack.errors import MegapackError
 
 # subcommand -> (module under megapack.cli, one-line help). Each module defines add_arguments(parser) and run(args).
@@ -22,14 +23,24 @@ SUBCOMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for on/off switches (`--no-train`), whose default is only their absence."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available subcommand."""
     parser = argparse.ArgumentParser(prog="megapack", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"megapack {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    formatter_class=HelpFormatter)
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         module = importlib.import_module(f"megapack.cli.{module_name}")
         module.add_arguments(sub)

@@ -258,7 +258,18 @@ def _known_keys(loc: tuple) -> list[str]:
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _override_at(loc: tuple, kind: str, overrides: list[str]) -> str | None:
+    """The command-line override an error at `loc` comes from (the last that set that key, a key inside it, or, for
+    an unknown key, a key under it), else None: the file is to blame."""
+    where = [str(p) for p in loc]
+    for item in reversed(overrides):
+        keys = item.partition("=")[0].split(".")
+        if where[:len(keys)] == keys or (kind == "extra_forbidden" and keys[:len(where)] == where):
+            return item
+    return None
+
+
+def _format_error(err: ValidationError, source: str, overrides: list[str] = ()) -> str:
     errors = err.errors()
     # an unknown key first: a misspelt section also makes the real one "Field required"
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
@@ -275,6 +286,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     msg = msg.removeprefix("Value error, ")
     if loc and msg.startswith(loc + "."):  # a section validator already names its key
         loc = ""
+    override = _override_at(first["loc"], first["type"], list(overrides)) if loc else None
+    if override is not None:
+        return f"command line: {override}: {msg}"
     return f"{source}: {loc + ': ' if loc else ''}{msg}"
 
 
@@ -296,4 +310,4 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, ra
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise MegapackError(_format_error(err, source)) from None
+        raise MegapackError(_format_error(err, source, list(overrides))) from None
