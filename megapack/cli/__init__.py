@@ -6,7 +6,6 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from megapack import __version__
 from megapack.errors import MegapackError
 
 # subcommand -> (module under megapack.cli, one-line help). Each module defines add_arguments(parser) and run(args).
@@ -23,6 +22,16 @@ SUBCOMMANDS = {
 }
 
 
+def installed_version() -> str:
+    """The installed distribution's version (setup.py takes it from megapack/__init__.py, its one place)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megapack")
+    except PackageNotFoundError:
+        return "(not installed: pip install -e . records the version)"
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except for on/off switches (`--no-train`), whose default is only their absence."""
 
@@ -36,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available subcommand."""
     parser = argparse.ArgumentParser(prog="megapack", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_argument("--version", action="version", version=f"megapack {__version__}")
+    parser.add_argument("--version", action="version", version=f"megapack {installed_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text,
