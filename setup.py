@@ -1,15 +1,21 @@
 """megapack: packed-sequence SFT of LLaMA-3 models with megatron-core."""
+import re
+
 from setuptools import find_packages, setup
+
+# the version lives in megapack/__init__.py only (`megapack --version` and importlib.metadata read the same number)
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("megapack/__init__.py", encoding="utf-8").read(), re.M).group(1)
 
 setup(
     name="megapack",
-    version="0.1.0",
+    version=VERSION,
     description="Supervised fine-tuning of LLaMA-3 with packed sequences at Megatron scale",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["megapack", "megapack.*"]),
     package_data={"megapack": ["data/packs/FORMAT.md", "assets.json"]},
+    license="Apache-2.0",
     install_requires=[
         # torch is installed first, explicitly (torch==2.13.0 CPU here); a bare requirement would pull a CUDA build.
         "torch>=2.4",

@@ -44,7 +44,8 @@ def test_every_flag_has_help_and_help_shows_defaults():
             if isinstance(action, argparse._HelpAction):
                 continue
             assert action.help, f"megapack {name}: {action.option_strings or action.dest} has no help text"
-            shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+            switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))  # no default shown
+            shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings and not switch
             if shown:
                 flag = action.option_strings[-1]
                 after = text[text.index(flag):]

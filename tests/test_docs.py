@@ -19,7 +19,7 @@ from megapack.training.preflight.plan import batch_layout, planned_seq_length
 ROOT = Path(__file__).resolve().parent.parent
 # every page checked here; README.md links to each of the others
 PAGES = ("README.md", "ARCHITECTURE.md", "tests/README.md", "tools/README.md", "configs/paper/README.md",
-         "examples/README.md", "megapack/data/README.md", "megapack/training/README.md")
+         "examples/README.md", "megapack/data/README.md", "megapack/training/README.md", "docs/config-reference.md")
 README_MAX_LINES = 350  # the README is what a user needs to start; evidence and details live on the other pages
 # Paths and names the pages use that a branch not yet merged creates (notes/plan.md's layout and vocabulary). The
 # lead empties these after merging: a pending path or name that exists fails test_pending_is_still_pending.
@@ -373,3 +373,34 @@ def test_config_fits_its_layout(path):
 def test_example_script_is_valid_bash(path):
     result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_license_and_changelog():
+    """Apache-2.0 like Megatron-LM; the changelog's newest entry is the package's version."""
+    import megapack
+
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8") if (ROOT / "LICENSE").is_file() else ""
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "Copyright" in license_text and "the megapack authors" in license_text
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8") if (ROOT / "CHANGELOG.md").is_file() else ""
+    versions = re.findall(r"^## \[?(\d+\.\d+\.\d+)", changelog, re.M)
+    assert versions and versions[0] == megapack.__version__, f"CHANGELOG.md's newest entry is not {megapack.__version__}"
+
+
+def test_readme_says_where_the_tokenizer_lives():
+    """The quickstart's LLaMA-3 tokenizer: where it lives and a command that prints its path (a real asset name)."""
+    import json
+
+    assets = json.loads((ROOT / "megapack" / "assets.json").read_text())
+    names = re.findall(r"fetch\('([\w-]+)'\)", README)
+    assert "llama3-tokenizer" in names and set(names) <= set(assets), names
+    assert "~/.cache/megapack" in README and "MEGAPACK_CACHE_DIR" in README
+
+
+def test_readme_launcher_paths_are_relative_to_the_checkout():
+    """Examples name `configs/…` and `examples/…` relative to the checkout: the README says so where it says the
+    launchers run from any directory, and no example claims to run from any directory with a repo-relative path."""
+    guide = README.split("## Guide", 1)[1]
+    assert "checkout's root" in guide.split("### 1. Data", 1)[0], "say the examples are written from the checkout"
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        assert "from any directory" not in block, block

@@ -112,3 +112,36 @@ def test_tokenizer_json_checkpoint_matches_tiktoken_shards(tmp_path, llama3_toke
         preflight(load_config(None, raw=raw), world_size=1)
     assert str(err.value) == (f"data.path: tokenizer identity {LLAMA3_VOCAB} of the shards in {shards} differs from "
                               f"the checkpoint's {mistral}")
+
+
+@pytest.mark.slow
+def test_megatron_to_hf_takes_a_runs_checkpoint_folder_and_overwrite(tmp_path):
+    """`--checkpoint-dir RUN/checkpoints` exports the iteration `latest` names and says which; a non-empty
+    --output-dir is refused in one line without --overwrite, replaced with it (an HF folder only)."""
+    hf = make_hf_checkpoint(tmp_path / "hf", tied=False, seed=4, num_layers=2)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    out = _convert("hf-to-megatron", "--hf-dir", str(hf), "--output-dir", str(checkpoints / "iter_0000003"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (checkpoints / "latest").write_text("iter_0000003\n")
+    back = tmp_path / "back"
+    args = ("megatron-to-hf", "--checkpoint-dir", str(checkpoints), "--output-dir", str(back), "--no-tokenizer")
+    out = _convert(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{checkpoints / 'iter_0000003'} (iteration 3, the latest of its run)" in out.stdout + out.stderr
+    assert (back / "config.json").is_file() and (back / "model.safetensors").is_file()
+    again = _convert(*args)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines()[-1] == (f"error: --output-dir {back}: exists and is not empty; pass "
+                                                     f"--overwrite to replace it")
+    (back / "config.json").write_text("{}")  # replaced below, not kept
+    out = _convert(*args, "--overwrite")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((back / "config.json").read_text())["num_hidden_layers"] == 2
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    refused = _convert("megatron-to-hf", "--checkpoint-dir", str(checkpoints), "--output-dir", str(other),
+                       "--no-tokenizer", "--overwrite")
+    assert refused.returncode == 1 and (other / "todo.txt").read_text() == "mine"
+    assert refused.stderr.strip().splitlines()[-1] == (f"error: --output-dir {other}: holds no config.json, so it is "
+                                                       f"not a Hugging Face folder; --overwrite replaces only those")

@@ -20,12 +20,12 @@ BASE = {"model": {"hf_dir": "/m"}, "data": {"path": "/d", "seq_length": 64},
 @pytest.mark.parametrize("raw, overrides, expected", [
     ({k: v for k, v in BASE.items() if k != "training"} | {"traning": BASE["training"]}, [],
      "config.yaml: traning: unknown key (did you mean 'training'?)"),
-    (BASE, ["optimzer.lr=1e-4"], "config.yaml: optimzer: unknown key (did you mean 'optimizer'?)"),
+    (BASE, ["optimzer.lr=1e-4"], "command line: optimzer.lr=1e-4: unknown key (did you mean 'optimizer'?)"),
     (BASE, ["training.micro_batch_sise=2"],
-     "config.yaml: training.micro_batch_sise: unknown key (did you mean 'training.micro_batch_size'?)"),
+     "command line: training.micro_batch_sise=2: unknown key (did you mean 'training.micro_batch_size'?)"),
     (BASE | {"data": {"blend": [{"path": "/a", "wieght": 1}]}}, [],
      "config.yaml: data.blend.0.wieght: unknown key (did you mean 'data.blend.0.weight'?)"),
-    (BASE, ["nonsense.key=1"], "config.yaml: nonsense: unknown key"),
+    (BASE, ["nonsense.key=1"], "command line: nonsense.key=1: unknown key"),
 ])
 def test_a_misspelt_key_is_named_with_its_close_match(tmp_path, raw, overrides, expected):
     path = tmp_path / "config.yaml"

@@ -41,9 +41,9 @@ def test_config_types_and_overrides():
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("optimizer.lrr=1", "config: optimizer.lrr: unknown key"),
-        ("parallel.tp=two", "config: parallel.tp: Input should be a valid integer"),
-        ("training.loss_reduction=mean", "config: training.loss_reduction:"),
+        ("optimizer.lrr=1", "command line: optimizer.lrr=1: unknown key"),
+        ("parallel.tp=two", "command line: parallel.tp=two: Input should be a valid integer"),
+        ("training.loss_reduction=mean", "command line: training.loss_reduction=mean:"),
         ("training.global_batch_tokens=128", "training.global_batch_size/global_batch_tokens: set exactly one"),
         ("optimizer.min_lr=1", "optimizer.min_lr: 1.0 is larger than optimizer.lr"),
         ("model.init=megatron", "model.megatron_checkpoint: required"),

@@ -22,14 +22,34 @@ SUBCOMMANDS = {
 }
 
 
+def installed_version() -> str:
+    """The installed distribution's version (setup.py takes it from megapack/__init__.py, its one place)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megapack")
+    except PackageNotFoundError:
+        return "(not installed: pip install -e . records the version)"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for on/off switches (`--no-train`), whose default is only their absence."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available subcommand."""
     parser = argparse.ArgumentParser(prog="megapack", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"megapack {installed_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    formatter_class=HelpFormatter)
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         module = importlib.import_module(f"megapack.cli.{module_name}")
         module.add_arguments(sub)

@@ -19,8 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_mcore.add_argument("--output-dir", required=True, help="new (empty) checkpoint directory")
     to_hf = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> HF config.json + safetensors",
                            formatter_class=parser.formatter_class)
-    to_hf.add_argument("--checkpoint-dir", required=True, help="megapack torch_dist checkpoint directory")
+    to_hf.add_argument("--checkpoint-dir", required=True,
+                       help="a megapack torch_dist checkpoint (one iter_XXXXXXX folder, a `convert hf-to-megatron` "
+                            "output) or a run's checkpoints/ folder (its `latest`; stderr says which iteration)")
     to_hf.add_argument("--output-dir", required=True, help="new (empty) Hugging Face directory")
+    to_hf.add_argument("--overwrite", action="store_true",
+                       help="replace a non-empty --output-dir that holds a Hugging Face checkpoint (config.json)")
     to_hf.add_argument("--tokenizer-dir", default=None,
                        help="copy tokenizer files from here (default: the checkpoint's tokenizer/ folder, else the "
                             "model directory the run trained, as its megapack.json records)")
@@ -97,6 +101,40 @@ def tokenizer_source(ckpt_dir: Path, meta: dict, given: str | None, skip: bool) 
     return source
 
 
+def checkpoint_to_export(path: Path) -> Path:
+    """The checkpoint folder megatron-to-hf reads: `path` itself when it holds megapack.json, else the checkpoint a
+    run's checkpoints/ folder names as `latest` (its newest published one), said on stderr; refused in one line."""
+    import sys
+
+    from megapack.model.checkpoint import METADATA_FILE
+    from megapack.training.preflight.resume import ITER_RE, resume_checkpoint
+
+    if (path / METADATA_FILE).is_file() or not path.is_dir():
+        return path  # read_metadata names what is missing
+    found = resume_checkpoint(path, key="--checkpoint-dir")
+    if found is None:
+        raise MegapackError(f"--checkpoint-dir {path}: holds no megapack.json, no `latest` and no iter_XXXXXXX folder "
+                            f"(expected a megapack checkpoint or a run's checkpoints/ folder)")
+    print(f"exporting {found} (iteration {int(ITER_RE.match(found.name).group(1))}, the latest of its run)",
+          file=sys.stderr, flush=True)
+    return found
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> bool:
+    """Whether --output-dir must be cleared first: refused (one line) when it is a file, or not empty without
+    --overwrite, or not empty and not a Hugging Face folder (no config.json) with it."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return False
+    if not out_dir.is_dir():
+        raise MegapackError(f"--output-dir {out_dir}: exists and is not a directory")
+    if not overwrite:
+        raise MegapackError(f"--output-dir {out_dir}: exists and is not empty; pass --overwrite to replace it")
+    if not (out_dir / "config.json").is_file():
+        raise MegapackError(f"--output-dir {out_dir}: holds no config.json, so it is not a Hugging Face folder; "
+                            f"--overwrite replaces only those")
+    return True
+
+
 def _dtype_flags(hf_config: dict) -> dict:
     dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
     return {"bf16": dtype == "bfloat16"}
@@ -114,17 +152,24 @@ def run(args: argparse.Namespace) -> int:
     from megapack.training.run.distributed import destroy_distributed, init_distributed
 
     out_dir = Path(args.output_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if args.direction == "hf-to-megatron" and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise MegapackError(f"{out_dir}: --output-dir exists and is not empty (refusing to overwrite)")
     if args.direction == "hf-to-megatron":
         hf_dir = Path(args.hf_dir)
         hf_config = load_hf_config(hf_dir)
     else:
-        ckpt_dir = Path(args.checkpoint_dir)
+        replace = check_output_dir(out_dir, args.overwrite)
+        ckpt_dir = checkpoint_to_export(Path(args.checkpoint_dir))
         meta = read_metadata(ckpt_dir)
         hf_config = meta["hf_config"]
         tokenizer_dir = tokenizer_source(ckpt_dir, meta, args.tokenizer_dir, args.no_tokenizer)  # before the work
     init_distributed(tp=args.tp, pp=args.pp)
+    if args.direction == "megatron-to-hf" and replace:  # every check passed: the old export goes, on rank 0 only
+        if dist.get_rank() == 0:
+            import shutil
+
+            shutil.rmtree(out_dir)
+        dist.barrier()
     try:
         model = build_model(hf_config, attention_backend="sdpa", perform_initialization=False,
                             **_dtype_flags(hf_config)).eval()

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences (packs, or conversations in the padding arm) per optimizer step")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (cosine decay to lr/10)")
     parser.add_argument("--epochs", type=float, default=defaults.epochs, help="epochs per arm")
-    parser.add_argument("--no-train", dest="train", action="store_false", help="only fetch and preprocess")
+    parser.add_argument("--no-train", dest="train", action="store_false", help="only fetch the data and preprocess it (no training, no report)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `megapack train`."""
-    parser.add_argument("--config", required=True, action="append",
+    parser.add_argument("--config", action="append",
                         help="run config (YAML), see configs/; repeat it to train several runs one after another in "
                              "one launch (one process start and import, e.g. comparing packings)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values (every run)")
@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validate config, shards (data.verify fast: files, sizes, indexes; token ids against the "
                              "vocabulary), checkpoint, layout and output directories; print the plan and its warnings "
                              "as JSON (a line per config) and exit (no GPU)")
+    parser.add_argument("--print-defaults", action="store_true",
+                        help="print every config key at its default as YAML (with what each means) and exit; the "
+                             "reference: docs/config-reference.md")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --check: the number of processes the run will have (default: from the launcher)")
     parser.add_argument("--gpu-memory-gb", type=float, default=None,
@@ -23,6 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan every config (before any process group), then train them in order."""
+    if args.print_defaults:
+        from megapack.training.preflight.reference import default_yaml
+
+        print(default_yaml(), end="")
+        return 0
+    if not args.config:
+        from megapack.errors import MegapackError
+
+        raise MegapackError("megapack train: --config is required (or --print-defaults to see every key)")
     from megapack.training.run.signals import install_stop_handlers
 
     install_stop_handlers()  # before the slow part: Slurm's SIGUSR1 may come while the model loads

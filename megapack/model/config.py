@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,27 @@ SIZE_LIMITS = {"vocab_size": 2**24, "hidden_size": 2**20, "intermediate_size": 2
 MAX_EMBEDDING_PARAMETERS = 2**36  # vocab_size × hidden_size: 32 × the 405B's (128 GiB in bf16, input table alone)
 
 
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hugging Face Hub spells a model
+
+
+def hub_name_hint(given: str | Path) -> None:
+    """Refuse (one line: megapack reads local folders, and how to download one) a model folder that does not exist
+    and reads as a Hub name `org/name` whose `org` is no local folder either."""
+    text = str(given)
+    if HUB_NAME.fullmatch(text) and not Path(text).exists() and not Path(text.split("/")[0]).exists():
+        name = text.split("/")[1]
+        raise MegapackError(f"{text}: no such local folder; megapack reads models from local folders, not from the "
+                            f"Hugging Face Hub: download it with `huggingface-cli download {text} --local-dir "
+                            f"/models/{name}` and give /models/{name}")
+
+
 def load_hf_config(hf_dir_or_config_json: str | Path) -> dict:
     """Read a Hugging Face `config.json` (given the file or its directory) and check the architecture is supported."""
     path = Path(hf_dir_or_config_json)
     if path.is_dir() or path.suffix != ".json":
         path = path / "config.json"
     if not path.is_file():
+        hub_name_hint(hf_dir_or_config_json)
         raise MegapackError(f"{path}: no such file (expected a Hugging Face config.json)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

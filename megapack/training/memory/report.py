@@ -54,7 +54,10 @@ def format_plan(plan: dict) -> str:
               "activations GiB", "total GiB"]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(header)]
     table = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [header, *rows]]
-    return "\n".join([head, *table, verdict(plan)])
+    footnote = ("in flight: micro-batches whose activations the rank holds at once in the 1F1B schedule (pp - pp "
+                "rank; interleaved with parallel.vpp: counted in chunks of 1/vpp of the stage); activations = in "
+                "flight x one micro-batch's saved tensors + the largest transient")
+    return "\n".join([head, *table, footnote, verdict(plan)])
 
 
 def check_fits(plan: dict) -> None:

@@ -23,14 +23,16 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Which model to train and where its starting weights come from."""
 
-    hf_dir: str  # HF checkpoint directory: config.json always, weights when init == "hf"
-    init: Literal["hf", "megatron", "random"] = "hf"
-    megatron_checkpoint: str | None = None  # torch_dist directory when init == "megatron"
-    attention_backend: str = "auto"
-    cross_sample_attention: bool = False  # ablation: packed samples attend to each other
-    # the loss over the vocabulary runs this many tokens at a time and never holds a row's full logits (0, or a row
-    # no longer than this: megatron's own loss over the full logits; the same losses and gradients either way)
-    loss_chunk_tokens: int = Field(default=DEFAULT_LOSS_CHUNK_TOKENS, ge=0)
+    hf_dir: str = Field(description="local Hugging Face model folder: its config.json always, its weights when "
+                                    "init is hf")
+    init: Literal["hf", "megatron", "random"] = Field("hf", description="starting weights: hf (hf_dir's "
+                                                      "safetensors), megatron (megatron_checkpoint) or random")
+    megatron_checkpoint: str | None = Field(None, description="torch_dist checkpoint folder when init is megatron")
+    attention_backend: str = Field("auto", description="te, flash, torch_varlen, sdpa, or auto (the first available)")
+    cross_sample_attention: bool = Field(False, description="ablation: packed conversations attend to each other")
+    loss_chunk_tokens: int = Field(DEFAULT_LOSS_CHUNK_TOKENS, ge=0, description=(
+        "the loss over the vocabulary runs this many tokens at a time and never holds a row's full logits (0, or a "
+        "row no longer than this: megatron's own loss over the full logits; the same losses and gradients either way)"))
 
     @model_validator(mode="after")
     def _init_source(self) -> "ModelConfig":
@@ -42,9 +44,9 @@ class ModelConfig(_Strict):
 class BlendMember(_Strict):
     """One shard directory of a weighted mixture (`data.blend`)."""
 
-    path: str  # shard directory (made by `megapack preprocess`); its val split validates this member
-    weight: float = Field(gt=0)  # share of the trained tokens (weights are normalised to sum to 1)
-    name: str | None = None  # in metrics and summary.json; defaults to the directory's name
+    path: str = Field(description="shard folder (a `megapack preprocess` output); its val split validates it")
+    weight: float = Field(gt=0, description="share of the trained tokens (weights are normalised to sum to 1)")
+    name: str | None = Field(None, description="its name in metrics and summary.json; default: the folder's name")
 
     @model_validator(mode="before")
     @classmethod
@@ -57,19 +59,20 @@ class BlendMember(_Strict):
 class DataConfig(_Strict):
     """Shard directories and the sequence layout the run expects them to have."""
 
-    path: str | None = None  # shard directory (made by `megapack preprocess`); or data.blend
-    # weighted mixture of shard directories sampled at training time (README "Dataset mixtures"); set it or path
-    blend: list[BlendMember] | None = None
-    train_split: str = "train"
-    valid_path: str | None = None  # defaults to `path`
-    valid_split: str | None = "val"  # None: no validation
-    # the shards' seq_length (meta.json) is the run's; set this only to plan a run before its shards exist
-    # (`megapack plan`), or as a guard that must agree with the shards
-    seq_length: int | None = Field(None, gt=0)
-    pad_to_multiple: int | None = Field(None, gt=0)  # None: accept what the shards say
-    # fast: every shard file there with its recorded size, every index sound (preflight); full: fast + the sha256
-    # of every file, hashed across the ranks before the first step; off: no file checks (README "Train")
-    verify: Literal["full", "fast", "off"] = "full"
+    path: str | None = Field(None, description="shard folder (a `megapack preprocess` output); set it or blend")
+    blend: list[BlendMember] | None = Field(None, description=(
+        "weighted mixture of shard folders sampled at training time, a list of {path, weight, name}; set it or path"))
+    train_split: str = Field("train", description="the shards' split to train on")
+    valid_path: str | None = Field(None, description="shard folder to validate on; default: path")
+    valid_split: str | None = Field("val", description="the split to validate on; null: no validation")
+    seq_length: int | None = Field(None, gt=0, description=(
+        "the shards' seq_length (meta.json) is the run's; set this only to plan a run before its shards exist "
+        "(`megapack plan`), or as a guard that must agree with the shards"))
+    pad_to_multiple: int | None = Field(None, gt=0, description="a guard the shards must agree with; null: accept "
+                                                                "what the shards say")
+    verify: Literal["full", "fast", "off"] = Field("full", description=(
+        "fast: every shard file there with its recorded size, every index sound (preflight); full: fast + the sha256 "
+        "of every file, hashed across the ranks before the first step; off: no file checks"))
 
     @field_validator("verify", mode="before")
     @classmethod
@@ -97,12 +100,12 @@ class DataConfig(_Strict):
 class ParallelConfig(_Strict):
     """Model-parallel layout; the data-parallel size is world size / (tp * pp)."""
 
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
-    sequence_parallel: bool = False  # requires tp > 1
-    # virtual pipeline stages per pipeline rank (interleaved 1F1B); None: no interleaving. Needs pp > 1 and
-    # num_hidden_layers divisible by pp * vpp
-    vpp: int | None = Field(None, ge=1)
+    tp: int = Field(1, ge=1, description="tensor-parallel size (divides the attention and key/value heads)")
+    pp: int = Field(1, ge=1, description="pipeline-parallel size (divides the layers)")
+    sequence_parallel: bool = Field(False, description="megatron's sequence parallelism; needs tp > 1")
+    vpp: int | None = Field(None, ge=1, description=(
+        "virtual pipeline stages per pipeline rank (interleaved 1F1B); null: no interleaving. Needs pp > 1 and "
+        "num_hidden_layers divisible by pp * vpp"))
 
     @model_validator(mode="after")
     def _vpp_needs_pp(self) -> "ParallelConfig":
@@ -114,16 +117,18 @@ class ParallelConfig(_Strict):
 class OptimizerConfig(_Strict):
     """AdamW, gradient clipping and the learning-rate schedule."""
 
-    lr: float = Field(1e-5, gt=0)
-    min_lr: float = Field(0.0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
-    warmup_steps: int | None = Field(None, ge=0)
-    warmup_ratio: float | None = Field(None, ge=0, le=1)
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+    min_lr: float = Field(0.0, ge=0, description="learning rate the decay ends at")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    beta1: float = Field(0.9, description="AdamW beta1")
+    beta2: float = Field(0.95, description="AdamW beta2")
+    eps: float = Field(1e-8, description="AdamW epsilon")
+    clip_grad: float = Field(1.0, ge=0, description="gradient-norm clipping threshold; 0 disables clipping")
+    warmup_steps: int | None = Field(None, ge=0, description=(
+        "W warmup steps: step k uses lr*k/(W+1), so the first step already trains; set it or warmup_ratio"))
+    warmup_ratio: float | None = Field(None, ge=0, le=1, description="warmup as a share of the run's steps")
+    decay_style: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after the warmup, "
+                                                                                       "from lr to min_lr")
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "OptimizerConfig":
@@ -137,23 +142,28 @@ class OptimizerConfig(_Strict):
 class TrainingConfig(_Strict):
     """Batch sizes, duration, loss reduction, precision and seeds."""
 
-    micro_batch_size: int = Field(1, ge=1)  # packs (or padded conversations) per micro-batch
-    global_batch_size: int | None = Field(None, ge=1)  # sequences per optimizer step
-    global_batch_tokens: int | None = Field(None, ge=1)  # alternative: tokens per step (multiple of seq_length)
-    train_steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)  # used when train_steps is not set
-    loss_reduction: Literal["token", "sample"] = "token"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    # activation recompute: none; selective (megatron-core's core_attn recompute: the attention's inner products);
-    # full (each layer's input is kept, the layer is recomputed in backward: uniform method over all layers)
-    recompute: Literal["none", "selective", "full"] = "none"
-    seed: int = Field(1234, ge=0, lt=2**64)
-    # a NaN/inf loss or gradient: stop before the optimizer step (exit 1, no checkpoint of that state), or skip the
-    # step's update and go on, stopping after max_nonfinite_skips consecutive skipped steps
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_nonfinite_skips: int = Field(3, ge=1)
-    eval_interval: int | None = Field(None, ge=1)  # steps between validations (also run at the end)
-    eval_max_batches: int | None = Field(None, ge=1)  # cap on validation micro-batches per DP rank
+    micro_batch_size: int = Field(1, ge=1, description="packs (padding arm: conversations) per micro-batch")
+    global_batch_size: int | None = Field(None, ge=1, description=(
+        "sequences (packs, or conversations in the padding arm) per optimizer step; set it or global_batch_tokens"))
+    global_batch_tokens: int | None = Field(None, ge=1, description="tokens per optimizer step (a multiple of "
+                                                                    "seq_length)")
+    train_steps: int | None = Field(None, ge=1, description="optimizer steps; set it or epochs")
+    epochs: float | None = Field(None, gt=0, description="passes over the train split when train_steps is not set "
+                                                         "(neither: one epoch)")
+    loss_reduction: Literal["token", "sample"] = Field("token", description=(
+        "token: every trained token weighs the same; sample: every conversation weighs the same"))
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    recompute: Literal["none", "selective", "full"] = Field("none", description=(
+        "activation recompute: none; selective (the attention's inner products); full (each layer is recomputed "
+        "in backward from its kept input)"))
+    seed: int = Field(1234, ge=0, lt=2**64, description="the seed every random stream of the run derives from")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description=(
+        "a NaN/inf loss or gradient: stop before the optimizer step (exit 1, no checkpoint of that state), or skip "
+        "the step's update and go on"))
+    max_nonfinite_skips: int = Field(3, ge=1, description="with on_nonfinite skip: stop after this many "
+                                                          "consecutive skipped steps")
+    eval_interval: int | None = Field(None, ge=1, description="steps between validations (also run at the end)")
+    eval_max_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per DP rank")
 
     @model_validator(mode="after")
     def _batch(self) -> "TrainingConfig":
@@ -165,43 +175,46 @@ class TrainingConfig(_Strict):
 class CheckpointConfig(_Strict):
     """Where and how often torch_dist checkpoints are written, and whether to resume."""
 
-    dir: str | None = None
-    save_interval: int | None = Field(None, ge=1)
-    keep_last: int = Field(2, ge=1)
-    # write in a background process per rank while training continues; auto: on GPU (the writer uses idle host
-    # cores), not on CPU-only runs (there it competes with training for the cores: tools/bench/bench_checkpoint.py)
-    async_save: bool | Literal["auto"] = "auto"
-    # dp_reshardable: parallel writes, resume at another DP size; fully_reshardable: resume at any TP/PP/DP
-    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
-    resume: Literal["latest", "never"] = "latest"  # latest: continue from dir/latest when it exists
-    load: str | None = None  # resume from this checkpoint (iter_ dir or a checkpoint dir) while dir has none
-    # resuming with other shards than the checkpoint was trained on is refused; true continues on the new data from
-    # its first pack (weights, optimizer and step count kept)
-    reset_data_position: bool = False
-    # the newest checkpoint is incomplete or corrupt: refuse (one line), or resume from the newest complete older one
-    fallback: Literal["refuse", "previous"] = "refuse"
-    export_hf: str | None = None  # write HF safetensors here at the end
+    dir: str | None = Field(None, description="checkpoint folder (iter_XXXXXXX folders and `latest`); null: none")
+    save_interval: int | None = Field(None, ge=1, description="steps between checkpoints (also one at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept; older ones are removed")
+    async_save: bool | Literal["auto"] = Field("auto", description=(
+        "write in a background process per rank while training continues; auto: on GPU, off on CPU-only runs "
+        "(there it competes with training for the cores)"))
+    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = Field("dp_reshardable", description=(
+        "dp_reshardable: parallel writes, resume at another DP size; fully_reshardable: resume at any TP/PP/DP"))
+    resume: Literal["latest", "never"] = Field("latest", description="latest: continue from dir/latest when it "
+                                                                     "exists; never: always start fresh")
+    load: str | None = Field(None, description="resume from this checkpoint (an iter_ folder or a checkpoint "
+                                               "folder) while dir has none")
+    reset_data_position: bool = Field(False, description=(
+        "resuming on other shards than the checkpoint's is refused; true continues on the new data from its first "
+        "pack (weights, optimizer and step count kept)"))
+    fallback: Literal["refuse", "previous"] = Field("refuse", description=(
+        "the newest checkpoint is incomplete or corrupt: refuse (one line), or resume from the newest complete one"))
+    export_hf: str | None = Field(None, description="write a Hugging Face folder (safetensors) here at the end")
 
 
 class LoggingConfig(_Strict):
     """Per-step metrics sinks."""
 
-    dir: str | None = None  # JSONL + TensorBoard + summary JSON; defaults to checkpoint.dir
-    interval: int = Field(1, ge=1)
-    tensorboard: bool = True
-    peak_flops: float | None = Field(None, gt=0)  # per-device peak FLOP/s for MFU; default: bf16 peak of the GPU
+    dir: str | None = Field(None, description="metrics.jsonl, TensorBoard and summary.json; default: checkpoint.dir")
+    interval: int = Field(1, ge=1, description="steps between logged steps (the last one is always logged)")
+    tensorboard: bool = Field(True, description="also write TensorBoard event files")
+    peak_flops: float | None = Field(None, gt=0, description="per-device peak FLOP/s for MFU; default: the GPU's "
+                                                             "bf16 peak by name")
 
 
 class RunConfig(_Strict):
-    """The whole run."""
+    """The whole run: one section per concern."""
 
-    model: ModelConfig
-    data: DataConfig
-    parallel: ParallelConfig = ParallelConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    training: TrainingConfig
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    logging: LoggingConfig = LoggingConfig()
+    model: ModelConfig = Field(description="which model to train and where its starting weights come from")
+    data: DataConfig = Field(description="the shards to train and validate on")
+    parallel: ParallelConfig = Field(ParallelConfig(), description="the model-parallel layout")
+    optimizer: OptimizerConfig = Field(OptimizerConfig(), description="AdamW and the learning-rate schedule")
+    training: TrainingConfig = Field(description="batch sizes, duration, loss, precision, seeds, validation")
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="checkpoints, resume and the HF export")
+    logging: LoggingConfig = Field(LoggingConfig(), description="where and how often metrics are written")
 
     def to_dict(self) -> dict:
         """Plain dict (YAML/JSON serialisable)."""
@@ -258,7 +271,18 @@ def _known_keys(loc: tuple) -> list[str]:
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _override_at(loc: tuple, kind: str, overrides: list[str]) -> str | None:
+    """The command-line override an error at `loc` comes from (the last that set that key, a key inside it, or, for
+    an unknown key, a key under it), else None: the file is to blame."""
+    where = [str(p) for p in loc]
+    for item in reversed(overrides):
+        keys = item.partition("=")[0].split(".")
+        if where[:len(keys)] == keys or (kind == "extra_forbidden" and keys[:len(where)] == where):
+            return item
+    return None
+
+
+def _format_error(err: ValidationError, source: str, overrides: list[str] = ()) -> str:
     errors = err.errors()
     # an unknown key first: a misspelt section also makes the real one "Field required"
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
@@ -275,6 +299,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     msg = msg.removeprefix("Value error, ")
     if loc and msg.startswith(loc + "."):  # a section validator already names its key
         loc = ""
+    override = _override_at(first["loc"], first["type"], list(overrides)) if loc else None
+    if override is not None:
+        return f"command line: {override}: {msg}"
     return f"{source}: {loc + ': ' if loc else ''}{msg}"
 
 
@@ -296,4 +323,4 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), *, ra
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise MegapackError(_format_error(err, source)) from None
+        raise MegapackError(_format_error(err, source, list(overrides))) from None

@@ -201,7 +201,10 @@ class Trainer:
                         f"{plan.total_steps}; nothing to train, its checkpoints and summary are left as they are")
             self.close(keep_process_group)
             return {"total_steps": plan.resume_step, "interrupted": False, "already_finished": True}
-        metrics.log(f"training {plan.total_steps} steps on {self.source.describe()}: {plan.summary()}")
+        from megapack.training.run.metrics import format_settings
+
+        metrics.log(f"training {plan.total_steps} steps on {self.source.describe()}:\n"
+                    f"{format_settings(plan.summary())}")
         metrics.start(self.iteration)
         interrupted = False
         try:

@@ -99,6 +99,23 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _setting(value: object) -> str:
+    """One value of the settings block: '-' for none, a mapping as `key value` pairs, a list joined by '; '."""
+    if value is None or value == [] or value == {}:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_setting(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "; ".join(_setting(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def format_settings(settings: dict) -> str:
+    """The run's settings (the plan's summary) as an indented block, one `key  value` per line, values aligned."""
+    width = max((len(k) for k in settings), default=0)
+    return "\n".join(f"  {key.ljust(width)}  {_setting(value)}" for key, value in settings.items())
+
+
 def read_metrics(path: str | os.PathLike, kind: str = "train") -> dict[int, dict]:
     """step -> record from a metrics.jsonl (the last record of a step wins, e.g. after a resume)."""
     out: dict[int, dict] = {}
