@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import re
 import subprocess
 import sys
@@ -104,3 +105,34 @@ def test_an_override_typo_is_blamed_on_the_command_line(override, expected, tmp_
         load_config(tmp_path / "run.yaml", ["training.train_steps=3"])
     assert str(err.value) == (f"{tmp_path / 'run.yaml'}: training.trian_steps: unknown key (did you mean "
                               f"'training.train_steps'?)")
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_license_and_changelog():
+    """Apache-2.0 like Megatron-LM; the changelog's newest entry is the package's version."""
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8") if (ROOT / "LICENSE").is_file() else ""
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "Copyright" in license_text and "the megapack authors" in license_text
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8") if (ROOT / "CHANGELOG.md").is_file() else ""
+    versions = re.findall(r"^## \[?(\d+\.\d+\.\d+)", changelog, re.M)
+    assert versions and versions[0] == megapack.__version__, f"CHANGELOG.md's newest entry is not {megapack.__version__}"
+
+
+def test_readme_says_where_the_tokenizer_lives():
+    """The quickstart's LLaMA-3 tokenizer: where it lives and a command that prints its path (a real asset name)."""
+    assets = json.loads((ROOT / "megapack" / "assets.json").read_text())
+    names = re.findall(r"fetch\('([\w-]+)'\)", _readme())
+    assert "llama3-tokenizer" in names and set(names) <= set(assets), names
+    assert "~/.cache/megapack" in _readme() and "MEGAPACK_CACHE_DIR" in _readme()
+
+
+def test_readme_launcher_paths_are_relative_to_the_checkout():
+    """Examples name `configs/…` and `examples/…` relative to the checkout: the README says so where it says the
+    launchers run from any directory, and no example claims to run from any directory with a repo-relative path."""
+    guide = _readme().split("## Guide", 1)[1]
+    assert "checkout's root" in guide.split("### 1. Data", 1)[0], "say the examples are written from the checkout"
+    for block in re.findall(r"```bash\n(.*?)```", _readme(), re.S):
+        assert "from any directory" not in block, block
