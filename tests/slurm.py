@@ -58,6 +58,8 @@ def _node_line() -> str:
     return line
 
 
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
 @dataclass
 class SlurmCluster:
     """A running test cluster: `env` points the Slurm clients at it (SLURM_CONF)."""
@@ -84,7 +86,9 @@ class SlurmCluster:
 
     def sbatch(self, *args: str, cwd: Path, env: dict | None = None) -> str:
         """Submit; returns the job id."""
-        out = self.run("sbatch", "--parsable", *args, cwd=cwd, env=dict(env or os.environ, SLURM_CONF=str(self.conf)))
+        # a job gets its rendezvous from train.sbatch, not from what an in-process test group left in this process
+        base = {k: v for k, v in (env or os.environ).items() if k not in DIST_VARS}
+        out = self.run("sbatch", "--parsable", *args, cwd=cwd, env=dict(base, SLURM_CONF=str(self.conf)))
         return out.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict:

@@ -55,6 +55,9 @@ def _env_int(name: str) -> int:
         raise MegapackError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
+_SET_HERE: set[str] = set()  # the rendezvous variables _rank_from_environment set for a single process
+
+
 def _rank_from_environment() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun, else Slurm, else a single process; sets MASTER_ADDR/PORT."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -71,9 +74,11 @@ def _rank_from_environment() -> tuple[int, int, int]:
             os.environ["MASTER_PORT"] = str(SLURM_PORT_BASE + job % SLURM_PORT_SPAN)
     else:
         rank, world, local = 0, 1, 0
-    if world == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if world == 1:  # a single in-process group: destroy_distributed takes these out again (a later sbatch or
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):  # torchrun inherits
+            if name not in os.environ:  # the environment, and this port stays bound while the group lives)
+                os.environ[name] = value
+                _SET_HERE.add(name)
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
             raise MegapackError(f"environment variable {name} is not set: launch with torchrun or srun")
@@ -138,3 +143,5 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _SET_HERE:
+        os.environ.pop(_SET_HERE.pop(), None)
