@@ -145,3 +145,67 @@ def test_megatron_to_hf_takes_a_runs_checkpoint_folder_and_overwrite(tmp_path):
     assert refused.returncode == 1 and (other / "todo.txt").read_text() == "mine"
     assert refused.stderr.strip().splitlines()[-1] == (f"error: --output-dir {other}: holds no config.json, so it is "
                                                        f"not a Hugging Face folder; --overwrite replaces only those")
+
+
+def _trained_checkpoint(tmp_path, tokenizer_model, system=None) -> Path:
+    """A megatron checkpoint as training writes it from a model folder without tokenizer files (the launcher's tiny
+    model): megapack.json records that folder, the shards' tokenizer file and their llama3 template."""
+    from megapack.data.render.templates import TemplateOptions, get_template
+
+    hf = make_hf_checkpoint(tmp_path / "hf", tied=False, seed=5, num_layers=2)
+    out = _convert("hf-to-megatron", "--hf-dir", str(hf), "--output-dir", str(tmp_path / "ckpt"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta_path = tmp_path / "ckpt" / "megapack.json"
+    options = {"train_on_prompt": False, "mask_history": False, "default_system": system}
+    template = {"name": "llama3", "identity": get_template("llama3").identity(TemplateOptions(**options)),
+                "options": options}
+    meta = json.loads(meta_path.read_text())
+    meta.update(hf_dir=str(hf), tokenizer_model=str(tokenizer_model), template=template, tokenizer_identity=LLAMA3_VOCAB)
+    meta_path.write_text(json.dumps(meta))
+    return tmp_path / "ckpt"
+
+
+@pytest.mark.slow
+def test_export_of_a_run_without_tokenizer_files_loads_in_transformers(tmp_path, llama3_tokenizer, llama3_tokenizer_path):
+    """The export writes a complete tokenizer (tokenizer.json built from the ranks file, the special tokens, the
+    trained template as jinja, generation eos ids); transformers loads it and renders the ids megapack trained on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from megapack.data.render.templates import TemplateOptions, get_template
+    from megapack.data.sources.conversation import Conversation, Message
+
+    ckpt = _trained_checkpoint(tmp_path, llama3_tokenizer_path, system="Be brief.")
+    out = _convert("megatron-to-hf", "--checkpoint-dir", str(ckpt), "--output-dir", str(tmp_path / "back"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    back = tmp_path / "back"
+    assert out.stdout.strip().splitlines()[-1].startswith(f"wrote Hugging Face checkpoint {back} with the tokenizer")
+    tok = AutoTokenizer.from_pretrained(back)
+    AutoModelForCausalLM.from_pretrained(back)
+    eot = llama3_tokenizer.token_id("<|eot_id|>")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|begin_of_text|>", "<|end_of_text|>",
+                                                            "<|finetune_right_pad_id|>")
+    assert GenerationConfig.from_pretrained(back).eos_token_id == [llama3_tokenizer.eos_id, eot]
+    template, options = get_template("llama3"), TemplateOptions(default_system="Be brief.")
+    chats = [[Message("user", "Hi there!")],
+             [Message("user", "Hi. 12345 ünï 😀"), Message("assistant", "Hello.\nHow can I help?"),
+              Message("user", "A joke, please.\n\n")]]
+    for messages in chats:
+        hf_messages = [{"role": m.role, "content": m.content} for m in messages]
+        ids = tok.apply_chat_template(hf_messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+        assert ids["input_ids"] == template.prompt_ids(Conversation(messages=messages), llama3_tokenizer, options)
+    assert tok("Hello world").input_ids == [llama3_tokenizer.bos_id] + llama3_tokenizer.encode("Hello world")
+
+
+def test_export_refuses_in_one_line_without_a_tokenizer(tmp_path, llama3_tokenizer_path, capsys):
+    """A model folder without tokenizer files and a shards' tokenizer file gone: refused before any weight is read."""
+    from megapack.cli import main
+
+    ckpt = _trained_checkpoint(tmp_path, tmp_path / "gone" / "tokenizer.model")
+    out = tmp_path / "back"
+    capsys.readouterr()  # the model writer's progress bar
+    assert main(["convert", "megatron-to-hf", "--checkpoint-dir", str(ckpt), "--output-dir", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {ckpt}: {tmp_path / 'hf'} holds no tokenizer file (tokenizer.json, tokenizer.model or "
+                   f"original/tokenizer.model); give --tokenizer-dir DIR (the tokenizer files to carry) or "
+                   f"--no-tokenizer (weights and config.json only)"), err
+    assert not out.exists()

@@ -31,9 +31,6 @@ CASES = {
     "steps": {"training": {"train_steps": 10}},
     "same": {},
 }
-# what an HF model directory may hold beside its weights: carried to every export of a run trained from it
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json", "original/tokenizer.model")
 
 
 def expected_lr(opt: dict, total: int, step: int) -> float:
@@ -167,10 +164,21 @@ def test_the_saved_config_and_checkpoint_say_what_ran(runs, name):
     assert meta["plan"]["resume_changes"] == _changes(name) and meta["plan"]["total_steps"] == _total(name)
 
 
+def _complete_tokenizer(out: Path, hf: Path) -> None:
+    """The model's tokenizer files carried, its special tokens kept, the trained llama3 template written as jinja
+    (not the model folder's own llama3.1 one), end-of-turn among the eos ids."""
+    from megapack.data.render.template_jinja import builtin_chat_template
+
+    for name in ("tokenizer.json", "original/tokenizer.model"):
+        assert (out / name).read_bytes() == (hf / name).read_bytes(), name
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == builtin_chat_template("llama3") and not (out / "chat_template.jinja").exists()
+    assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == "<|eot_id|>"
+    assert 128009 in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+
+
 def test_the_trainer_export_carries_the_tokenizer_files(runs):
-    export = runs["dir"] / "export"
-    for name in TOKENIZER_FILES:
-        assert (export / name).read_bytes() == (runs["hf"] / name).read_bytes(), name
+    _complete_tokenizer(runs["dir"] / "export", runs["hf"])
 
 
 def test_convert_of_a_training_checkpoint_carries_its_model_tokenizer_files(runs):
@@ -179,11 +187,10 @@ def test_convert_of_a_training_checkpoint_carries_its_model_tokenizer_files(runs
                            str(runs["dir"] / "ck_same" / "iter_0000006"), "--output-dir", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in TOKENIZER_FILES:
-        assert (out / name).read_bytes() == (runs["hf"] / name).read_bytes(), name
+    _complete_tokenizer(out, runs["hf"])
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     said = done.stdout.strip().splitlines()[-1]
-    assert said.startswith(f"wrote Hugging Face checkpoint {out} with the tokenizer files of {runs['hf'].resolve()}")
+    assert said.startswith(f"wrote Hugging Face checkpoint {out} with the tokenizer of {runs['hf'].resolve()}")
 
 
 def test_convert_refuses_in_one_line_when_the_tokenizer_source_is_not_there(runs, tmp_path, capsys):

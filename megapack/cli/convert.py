@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_hf.add_argument("--overwrite", action="store_true",
                        help="replace a non-empty --output-dir that holds a Hugging Face checkpoint (config.json)")
     to_hf.add_argument("--tokenizer-dir", default=None,
-                       help="copy tokenizer files from here (default: the checkpoint's tokenizer/ folder, else the "
-                            "model directory the run trained, as its megapack.json records)")
+                       help="take the tokenizer from here, a folder or a tokenizer file (default: the checkpoint's "
+                            "tokenizer/ folder, else the model directory the run trained, else the tokenizer file its "
+                            "shards were made with, as its megapack.json records)")
     to_hf.add_argument("--no-tokenizer", action="store_true",
                        help="write the weights and config.json only (no tokenizer files)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (e.g. 5GB, 500MB)")
@@ -72,10 +73,13 @@ def _config_hf_dir(path: Path) -> str | None:
 
 
 def tokenizer_source(ckpt_dir: Path, meta: dict, given: str | None, skip: bool) -> Path | None:
-    """Where megatron-to-hf copies the tokenizer files from: --tokenizer-dir, the checkpoint's tokenizer/ folder
+    """Where megatron-to-hf takes the tokenizer from: --tokenizer-dir, the checkpoint's tokenizer/ folder
     (hf-to-megatron), else the model directory the run trained (megapack.json `hf_dir`; older training checkpoints:
-    `model.hf_dir` of the config.yaml beside them). Refused in one line when that is unknown, gone, or holds another
+    `model.hf_dir` of the config.yaml beside them), or when that holds no tokenizer file the one the shards were made
+    with (megapack.json `tokenizer_model`). Refused in one line when that is unknown, gone, or holds another
     vocabulary than the checkpoint's."""
+    from megapack.data.render.vocab import vocab_identity
+    from megapack.model.hf_tokenizer import tokenizer_file
     from megapack.training.preflight.identity import same_tokenizer
     from megapack.training.preflight.identity import tokenizer_identity as trained_identity
 
@@ -94,7 +98,11 @@ def tokenizer_source(ckpt_dir: Path, meta: dict, given: str | None, skip: bool) 
         if not Path(recorded).is_dir():
             raise MegapackError(f"{ckpt_dir}: the run's model directory {recorded} (model.hf_dir) is not there; {hint}")
         source = Path(recorded)
-    found, trained = (tokenizer_identity(source) if source.is_dir() else None), trained_identity(meta)
+        shards_file = meta.get("tokenizer_model")  # a model folder without tokenizer files (the launcher's tiny one)
+        if tokenizer_file(source) is None and shards_file and Path(shards_file).is_file():
+            source = Path(shards_file)
+    found = tokenizer_identity(source) if source.is_dir() else vocab_identity(source) if source.is_file() else None
+    trained = trained_identity(meta)
     if same_tokenizer(found, trained) is False:
         raise MegapackError(f"{source}: its tokenizer ({found}) is not the one {ckpt_dir} was trained with "
                             f"({trained}); {hint}")
@@ -135,6 +143,13 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> bool:
     return True
 
 
+def _trained(ckpt_dir: Path, meta: dict) -> dict | None:
+    """The chat template record the checkpoint's run trained with (megapack.json, else its shards' meta.json)."""
+    from megapack.inference.source import ModelSource, trained_template
+
+    return trained_template(ModelSource("megatron", ckpt_dir, meta.get("hf_config") or {}, meta))
+
+
 def _dtype_flags(hf_config: dict) -> dict:
     dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
     return {"bf16": dtype == "bfloat16"}
@@ -148,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from megapack.model.checkpoint import load_model_checkpoint, read_metadata, save_model_checkpoint
     from megapack.model.config import load_hf_config
     from megapack.model.hf_export import copy_tokenizer_files, export_hf
+    from megapack.model.hf_tokenizer import prepare_tokenizer
     from megapack.model.hf_import import load_hf_weights
     from megapack.training.run.distributed import destroy_distributed, init_distributed
 
@@ -163,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         meta = read_metadata(ckpt_dir)
         hf_config = meta["hf_config"]
         tokenizer_dir = tokenizer_source(ckpt_dir, meta, args.tokenizer_dir, args.no_tokenizer)  # before the work
+        tokenizer = None if tokenizer_dir is None else prepare_tokenizer(tokenizer_dir, _trained(ckpt_dir, meta),
+                                                                         str(ckpt_dir))
     init_distributed(tp=args.tp, pp=args.pp)
     if args.direction == "megatron-to-hf" and replace:  # every check passed: the old export goes, on rank 0 only
         if dist.get_rank() == 0:
@@ -184,10 +202,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote torch_dist checkpoint {out}")
         else:
             load_model_checkpoint(model, ckpt_dir)
-            copied = export_hf(model, hf_config, args.output_dir, tokenizer_dir,
+            copied = export_hf(model, hf_config, args.output_dir, tokenizer,
                                max_shard_bytes=parse_size(args.max_shard_size))
             if dist.get_rank() == 0:
-                carried = f"with the tokenizer files of {tokenizer_dir}: {', '.join(copied)}" if tokenizer_dir \
+                template = "" if tokenizer is None or tokenizer.chat_template is not None else " (no chat template)"
+                carried = f"with the tokenizer of {tokenizer_dir}{template}: {', '.join(copied)}" if tokenizer \
                     else "without tokenizer files (--no-tokenizer)"
                 print(f"wrote Hugging Face checkpoint {args.output_dir} {carried}")
     finally:

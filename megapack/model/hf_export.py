@@ -1,4 +1,4 @@
-"""Export a TP/PP-sharded GPTModel to a Hugging Face directory: config.json, safetensors (+ index), tokenizer files."""
+"""Export a TP/PP-sharded GPTModel to a Hugging Face directory: config.json, safetensors (+ index), the tokenizer."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import torch
 from megapack.atomic import chmod_default
 from megapack.errors import MegapackError
 from megapack.model.config import head_dim, num_kv_heads
+from megapack.model.hf_tokenizer import TokenizerExport, write_tokenizer
 from megapack.model.weights_map import named_mappings
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -96,12 +97,13 @@ def _hf_config_out(hf_config: dict, dtype: torch.dtype) -> dict:
     return config
 
 
-def export_hf(model, hf_config: dict, output_dir: str | Path, tokenizer_dir: str | Path | None = None,
+def export_hf(model, hf_config: dict, output_dir: str | Path, tokenizer: TokenizerExport | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Gather TP/PP shards and write a transformers-loadable directory (all ranks call this; written atomically).
 
-    `model` is this rank's GPTModel or the list of its virtual-pipeline chunks. Returns the tokenizer files copied
-    from `tokenizer_dir` (on global rank 0; [] elsewhere)."""
+    `model` is this rank's GPTModel or the list of its virtual-pipeline chunks; `tokenizer` comes from
+    `hf_tokenizer.prepare_tokenizer` (None: weights and config.json only). Returns the tokenizer files written (on
+    global rank 0; [] elsewhere)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from safetensors.torch import save_file
@@ -148,8 +150,8 @@ def export_hf(model, hf_config: dict, output_dir: str | Path, tokenizer_dir: str
             full_map = {k: v for m, _ in maps for k, v in m.items()}
             index = {"metadata": {"total_size": sum(s for _, s in maps)}, "weight_map": dict(sorted(full_map.items()))}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if tokenizer_dir is not None:
-            copied = copy_tokenizer_files(tokenizer_dir, staging)
+        if tokenizer is not None:
+            copied = write_tokenizer(tokenizer, staging)
         if output_dir.exists():
             output_dir.rmdir()
         os.replace(staging, output_dir)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from megapack.atomic import write_text_atomic
 from megapack.errors import MegapackError
 from megapack.training.preflight.config import RunConfig
-from megapack.training.preflight.identity import data_identity, same_tokenizer, tokenizer_identity
+from megapack.training.preflight.identity import data_identity, export_tokenizer, same_tokenizer, tokenizer_identity
 
 # the shards' pad_id fills every padding position the trainer adds (padding arm, sequence-parallel row rounding)
 DEFAULT_PAD_ID = 0
@@ -253,6 +253,8 @@ def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | 
     warnings += check_token_range(sets, int(hf_config["vocab_size"]), config.model.hf_dir)
     shard_tok = tokenizer_identity(meta)
     _check_tokenizer(config, shard_tok, ckpt_meta)
+    if config.checkpoint.export_hf:  # the export at the end needs a complete tokenizer: refused now, not then
+        export_tokenizer(config.model.hf_dir, meta)
 
     train_packs = int(meta["splits"][config.data.train_split]["num_packs"]) \
         if config.data.train_split in meta.get("splits", {}) else int(meta.get("num_packs", 0))

@@ -303,7 +303,8 @@ class Trainer:
                 "data_identity": self.plan.data_identity, "plan": self.plan.summary(),
                 "optimizer": self.config.optimizer.model_dump(mode="json"),  # what runs (compared on resume)
                 "hf_dir": str(Path(self.config.model.hf_dir).resolve()),  # its tokenizer files, for conversions
-                "template": self.plan.shard_meta.get("template")}  # the chat template it learnt (megapack generate)
+                "template": self.plan.shard_meta.get("template"),
+                "tokenizer_model": self.plan.shard_meta.get("tokenizer_model")}  # exports without hf_dir tokenizer  # the chat template it learnt (megapack generate)
         state = {"totals": dict(self.metrics.totals)} | self.source.state_dict()
         p = self.parts
         self.saver.save(self.iteration, p.model, p.optimizer, p.scheduler, state, meta=meta)
@@ -318,8 +319,10 @@ class Trainer:
         if self.config.checkpoint.export_hf:
             from megapack.model.hf_export import export_hf
 
-            export_hf(self.parts.raw_model, self.plan.hf_config, self.config.checkpoint.export_hf,
-                      tokenizer_dir=self.config.model.hf_dir)
+            from megapack.training.preflight.identity import export_tokenizer
+
+            tokenizer = export_tokenizer(self.config.model.hf_dir, self.plan.shard_meta)  # checked at preflight
+            export_hf(self.parts.raw_model, self.plan.hf_config, self.config.checkpoint.export_hf, tokenizer)
 
     def close(self, keep_process_group: bool = False) -> None:
         """Finish outstanding checkpoint writes, close the metric sinks, tear down the process groups."""
