@@ -1,5 +1,4 @@
-"""The report's figures: one PNG per quantity, every run one line (the same colour in every figure), one legend;
-on the loss figures a dotted line where a run resumed from a checkpoint."""
+"""The report's figures: one PNG per quantity, every run one line (the same colour everywhere), resumes dotted."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -33,8 +32,7 @@ def _per_step(key: str, scale: float = 1.0) -> Callable[[Run], tuple[np.ndarray,
 
 
 def _resumes_at(key: str | None) -> Callable[[Run], np.ndarray]:
-    """Where a run resumed on an x-axis of steps (key None) or of a running total of `key` (step times,
-    conversations)."""
+    """Where a run resumed, on an axis of steps (key None) or of the running total of `key`."""
     def marks(run: Run) -> np.ndarray:
         steps = np.array(run.resumes, dtype=np.int64)
         return steps if key is None else run.at_steps(key, steps)

@@ -51,8 +51,7 @@ class Run:
         return np.cumsum(np.nan_to_num(self.values(key)) * np.maximum(gaps, 1))
 
     def at_steps(self, key: str, steps) -> np.ndarray:
-        """The running total of `key` (see `cumulative`) after each of `steps` (0 before the first step; steps between
-        logged ones interpolated)."""
+        """The running total of `key` (see `cumulative`) after each of `steps`, interpolated between logged steps."""
         return np.interp(np.asarray(steps, dtype=np.float64), np.concatenate([[0], self.steps()]),
                          np.concatenate([[0.0], self.cumulative(key)]))
 
@@ -78,9 +77,9 @@ def _read_json(path: Path) -> dict:
 
 
 def read_records(path: Path) -> tuple[list[dict], list[dict], list[int]]:
-    """(train, valid) records of a metrics.jsonl, each sorted by step, the last record of a step winning; and the
-    steps the run resumed after: `resume` records (the trainer writes one per resumed start), or, in files without
-    them, a train step logged again (or earlier) than the one before it: resumed after the step before it."""
+    """(train, valid) records of a metrics.jsonl by step (the last of a step wins) and the steps resumed after."""
+    # a resume is a `resume` record (the trainer writes one per resumed start) or, in older files, a train step
+    # logged again (or earlier than the one before it): resumed after the step before it
     found: dict[str, dict[int, dict]] = {"train": {}, "valid": {}}
     resumes: set[int] = set()
     last_step = None

@@ -12,8 +12,7 @@ from megapack.model.flops import model_flops
 from megapack.training.run.batch import STAT_KEYS
 
 class MetricsWriter:
-    """Appends one JSON object per step to metrics.jsonl and mirrors scalars to TensorBoard and, with
-    logging.wandb, to Weights & Biases (rank 0 only)."""
+    """Appends one JSON object per step to metrics.jsonl, mirrored to TensorBoard and W&B (rank 0 only)."""
 
     def __init__(self, directory: str | os.PathLike | None, tensorboard: bool = True, wandb: dict | None = None,
                  run_config: dict | None = None) -> None:
