@@ -37,11 +37,13 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "plot": ["matplotlib>=3.8"],
+        "wandb": ["wandb>=0.19,<0.32"],  # logging.wandb (tested with 0.31.0)
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
             "transformers>=4.45",
             "matplotlib>=3.8",
+            "wandb==0.31.0",  # tests/test_wandb.py (offline runs; the version the reader was checked with)
         ],
     },
     entry_points={"console_scripts": ["megapack=megapack.cli:main"]},

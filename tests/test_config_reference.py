@@ -30,9 +30,9 @@ def _sections() -> dict[str, type[BaseModel]]:
 
 
 def test_every_key_has_a_description():
-    from megapack.training.preflight.config import BlendMember
+    from megapack.training.preflight.config import BlendMember, WandbConfig
 
-    for name, model in [*_sections().items(), ("data.blend[]", BlendMember)]:
+    for name, model in [*_sections().items(), ("data.blend[]", BlendMember), ("logging.wandb", WandbConfig)]:
         assert model.__doc__ and model.__doc__.strip(), name
         for key, field in model.model_fields.items():
             assert field.description and len(field.description) > 8, f"{name}.{key} has no description"

@@ -63,7 +63,7 @@ def test_report_tables_and_figures_of_hand_written_runs(tmp_path, capsys):
     train = _two_runs(tmp_path)
     assert main(["report", str(train)]) == 0
     out_dir = tmp_path / "runs" / "report"  # default: beside the folder of runs
-    assert f"2 runs (padding, bfd), 7 figures: wrote {out_dir / 'report.md'}" in capsys.readouterr().out
+    assert f"2 runs (padding, bfd), 8 figures: wrote {out_dir / 'report.md'}" in capsys.readouterr().out
     text = (out_dir / "report.md").read_text()
     # padding: 4 steps of 4 s, 8 packs = 8 conversations of 1600 real tokens each; bfd: 2 steps of 3 s, 8 packs of
     # 20 conversations and 4000 tokens each (runs in packing order, not by name)
@@ -94,9 +94,10 @@ def test_report_tables_and_figures_of_hand_written_runs(tmp_path, capsys):
     assert last["loss_vs_time"] == [[16.0, 10.9], [6.0, 10.8]]
     assert last["loss_vs_conversations"] == [[32, 10.9], [40, 10.8]]
     assert last["padding_fraction"] == [[4, 50.0], [2, 0.0]]
-    assert last["trained_tokens_per_s"] == [[4, 350.0], [2, pytest.approx(3500 / 3)]]
+    assert last["tokens_per_s"] == [[4, 400.0], [2, pytest.approx(4000 / 3)]]  # real tokens, as the table
+    assert last["learning_rate"] == [[4, 1e-3], [2, 1e-3]]
     assert last["conversations_per_s"] == [[4, 2.0], [2, pytest.approx(20 / 3)]]
-    assert last["valid_loss"] == [[4, 10.95], [2, 10.85]]
+    assert last["valid_loss"] == [[32, 10.95], [40, 10.85]]  # against conversations seen
     assert figs["loss_vs_time"]["xlabel"] == "training time (s, sum of step times)"
     assert figs["padding_fraction"]["ylabel"] == "padding (% of the tokens computed)"
 
@@ -109,6 +110,7 @@ def test_logging_interval_resume_and_stale_figures(tmp_path):
         fh.write(json.dumps({"kind": "train", "step": 4, "loss": 10.65, "conversations": 10, "step_time_s": 2.0}) + "\n")
     run = load_run(run_dir)
     assert run.steps().tolist() == [2, 4, 5] and run.values("loss").tolist() == [10.9, 10.65, 10.6]
+    assert run.resumes == [3]  # step 4 logged again: resumed after step 3
     # logged every 2 steps: each record stands for the steps since the previous one
     assert run.cumulative("conversations").tolist() == [20, 40, 50]
     assert run.cumulative("step_time_s").tolist() == [4.0, 8.0, 10.0]
@@ -119,7 +121,7 @@ def test_logging_interval_resume_and_stale_figures(tmp_path):
         line + "\n" for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"valid"' not in line))
     report = write_report([run_dir], out)
     assert "valid_loss.png" not in {f["file"] for f in report.figures} and not (out / "valid_loss.png").exists()
-    assert "### Validation loss\n\nNo run logged a value for it." in report.path.read_text()
+    assert "### Validation loss against conversations seen\n\nNo run logged a value for it." in report.path.read_text()
 
 
 def test_runs_of_the_same_name_are_told_apart(tmp_path):
@@ -214,8 +216,8 @@ def test_demo_writes_a_report_of_its_runs(shrunk_demo, tmp_path):
         train = [m for m in metrics if m["kind"] == "train"]
         assert figs["loss_vs_step"]["lines"][i] == {"label": r["packing"], "points": r["total_steps"],
                                                     "last": [r["total_steps"], r["final_loss"]]}
-        assert figs["valid_loss"]["lines"][i]["last"] == [r["total_steps"], r["final_valid_loss"]]
         seen = sum(m["conversations"] for m in train)
+        assert figs["valid_loss"]["lines"][i]["last"] == [seen, r["final_valid_loss"]]
         assert figs["loss_vs_conversations"]["lines"][i]["last"] == [seen, r["final_loss"]]
         assert seen == round(r["conversations_per_s"] * r["total_training_time_s"])
         assert figs["loss_vs_time"]["lines"][i]["last"][0] == pytest.approx(r["total_training_time_s"], abs=1e-3)
@@ -258,3 +260,56 @@ def test_inspect_plot_shows_the_trainers_padding(shrunk_demo, tmp_path, capsys):
     # packed shards: pack fill against seq_length, and their numbers on the figure
     numbers = plot(ShardDataset(workdir / "shards" / "greedy"), tmp_path / "greedy.png")
     assert "padding_fraction" not in numbers and re.search(r"\d+ packs \(lower bound \d+\)", numbers["caption"])
+
+
+def _figure(stem: str):
+    return next(f for f in FIGURES if f.stem == stem)
+
+
+def test_learning_rate_figure_and_resume_marks(tmp_path):
+    lrs = {step: {"lr": 1e-3 * step} for step in range(1, 6)}
+    for name in ("recorded", "restarted"):
+        _write_run(tmp_path / name, "bfd", losses=[11.0, 10.9, 10.8, 10.7, 10.6], conversations=10, packs=4, real=400,
+                   total=400, target=300, step_time=2.0, valid={5: 10.5}, extra=lrs)
+    resumed = [{"kind": "train", "step": s, "loss": 10.0 - s / 10, "lr": 1e-3 * s, "conversations": 10,
+                "step_time_s": 2.0} for s in (4, 5)]
+    with open(tmp_path / "recorded" / "metrics.jsonl", "a") as fh:  # the trainer's resume record after step 3
+        fh.write(json.dumps({"kind": "resume", "step": 3, "checkpoint": "ck/iter_0000003"}) + "\n")
+        fh.writelines(json.dumps(r) + "\n" for r in resumed)
+    with open(tmp_path / "restarted" / "metrics.jsonl", "a") as fh:  # an older file: only the steps start again
+        fh.writelines(json.dumps(r | {"step": r["step"] - 1}) + "\n" for r in resumed)
+    recorded, restarted = load_run(tmp_path / "recorded"), load_run(tmp_path / "restarted")
+    assert recorded.resumes == [3] and restarted.resumes == [2]
+    assert load_run(tmp_path / "recorded").steps().tolist() == [1, 2, 3, 4, 5]
+    lr = _figure("learning_rate")
+    x, y = lr.series(recorded)
+    assert x.tolist() == [1, 2, 3, 4, 5] and y.tolist() == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3, 5e-3])
+    assert lr.ylabel == "learning rate" and lr.xlabel == "optimizer step"
+    # resume marks on the loss figures, at the resumed step's place on each x-axis
+    assert _figure("loss_vs_step").marks(recorded).tolist() == [3]
+    assert _figure("loss_vs_conversations").marks(recorded).tolist() == [30]
+    assert _figure("loss_vs_time").marks(recorded).tolist() == [6.0]
+    assert _figure("loss_vs_step").marks(restarted).tolist() == [2]
+    report = write_report([tmp_path / "recorded", tmp_path / "restarted"], tmp_path / "out")
+    figs = {f["file"][:-4]: f for f in report.figures}
+    assert figs["learning_rate"]["lines"][0]["last"] == [5, pytest.approx(5e-3)]
+    assert figs["loss_vs_step"]["resumes"] == [{"label": "recorded", "x": [3.0]}, {"label": "restarted", "x": [2.0]}]
+    assert "resumed" in report.path.read_text()
+
+
+def test_validation_against_conversations_and_throughput_in_real_tokens(tmp_path):
+    from megapack.report.runs import find_runs
+
+    runs = {run.name: run for run in find_runs([_two_runs(tmp_path)])}
+    valid = _figure("valid_loss")
+    assert valid.xlabel == "conversations seen"
+    # padding: 8 conversations a step, validated after steps 2 and 4; bfd: 20 a step, validated after step 2
+    assert valid.series(runs["padding"])[0].tolist() == [16, 32]
+    assert valid.series(runs["bfd"])[0].tolist() == [40]
+    throughput = _figure("tokens_per_s")
+    assert "real tokens" in throughput.ylabel
+    # the figure counts what the table's tokens/s counts: real (conversation) tokens, padding excluded
+    for name, run in runs.items():
+        x, y = throughput.series(run)
+        assert y.mean() == pytest.approx(run.summary["tokens_per_s"]), name
+    assert throughput.series(runs["padding"])[1].tolist() == [400.0] * 4

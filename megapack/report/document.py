@@ -77,6 +77,11 @@ def dataset_table(runs: list[Run]) -> list[str]:
     return markdown_table(["run", "dataset"] + metrics, rows)
 
 
+def _resumed(run: Run) -> str:
+    """`, resumed after step 3, 7` for a run that resumed from checkpoints; empty otherwise."""
+    return f", resumed after step {', '.join(map(str, run.resumes))}" if run.resumes else ""
+
+
 def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
@@ -86,11 +91,14 @@ def render(runs: list[Run], figures: list[dict]) -> str:
     lines = ["# Training report", ""]
     lines += [f"{_count(len(runs), 'run')}:", ""]
     lines += [f"- `{run.name}`: {run.path} ({run.packing} packing, {_count(len(run.train), 'logged step')}, "
-              f"{_count(len(run.valid), 'validation')})" for run in runs]
+              f"{_count(len(run.valid), 'validation')}{_resumed(run)})" for run in runs]
     lines += ["", "## Table 3 columns", ""] + summary_table(runs) + ["", NOTES, "", "## Figures", ""]
     lines += ["Every run is one line, in the same colour and marker in every figure. The time and conversation axes "
               "add up each logged step's `step_time_s` and `conversations` (with `logging.interval` > 1, each logged "
-              "step stands for the steps since the previous one).", ""]
+              "step stands for the steps since the previous one). A dotted vertical line on the loss figures marks "
+              "where a run resumed from a checkpoint. Throughput counts real tokens (conversation tokens, padding "
+              "excluded), as the table's tokens/s does; validation is plotted against conversations seen, since "
+              "padding and packed arms take different numbers of steps for the same data.", ""]
     drawn = {f["file"] for f in figures}
     for figure in FIGURES:
         if f"{figure.stem}.png" in drawn:

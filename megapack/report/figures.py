@@ -1,4 +1,4 @@
-"""The report's figures: one PNG per quantity, every run one line (the same colour in every figure), one legend."""
+"""The report's figures: one PNG per quantity, every run one line (the same colour everywhere), resumes dotted."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,26 +24,44 @@ class Figure:
     ylabel: str
     series: Callable[[Run], tuple[np.ndarray, np.ndarray]]
     kind: str = "train"
+    marks: Callable[[Run], np.ndarray] | None = None  # x positions of the run's resumes (a dotted line each)
 
 
 def _per_step(key: str, scale: float = 1.0) -> Callable[[Run], tuple[np.ndarray, np.ndarray]]:
     return lambda run: (run.steps(), run.values(key) * scale)
 
 
+def _resumes_at(key: str | None) -> Callable[[Run], np.ndarray]:
+    """Where a run resumed, on an axis of steps (key None) or of the running total of `key`."""
+    def marks(run: Run) -> np.ndarray:
+        steps = np.array(run.resumes, dtype=np.int64)
+        return steps if key is None else run.at_steps(key, steps)
+
+    return marks
+
+
+def _valid_vs_conversations(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """Validation losses against the conversations trained before each (steps differ between padding and packing)."""
+    return run.at_steps("conversations", run.steps("valid")), run.values("valid_loss", "valid")
+
+
 FIGURES = (
-    Figure("loss_vs_step", "Training loss against optimizer steps", "optimizer step", LOSS, _per_step("loss")),
+    Figure("loss_vs_step", "Training loss against optimizer steps", "optimizer step", LOSS, _per_step("loss"),
+           marks=_resumes_at(None)),
     Figure("loss_vs_time", "Training loss against training time", "training time (s, sum of step times)", LOSS,
-           lambda run: (run.cumulative("step_time_s"), run.values("loss"))),
+           lambda run: (run.cumulative("step_time_s"), run.values("loss")), marks=_resumes_at("step_time_s")),
     Figure("loss_vs_conversations", "Training loss against conversations seen", "conversations seen", LOSS,
-           lambda run: (run.cumulative("conversations"), run.values("loss"))),
-    Figure("trained_tokens_per_s", "Throughput: trained tokens per second", "optimizer step",
-           "trained tokens/s (loss targets per second)", _per_step("trained_tokens_per_s")),
+           lambda run: (run.cumulative("conversations"), run.values("loss")), marks=_resumes_at("conversations")),
+    Figure("learning_rate", "Learning rate", "optimizer step", "learning rate", _per_step("lr")),
+    # real tokens, as the table's tokens/s (summary.json tokens_per_s): padding excluded, prompts included
+    Figure("tokens_per_s", "Throughput: real tokens per second", "optimizer step",
+           "real tokens/s (conversation tokens, no padding)", _per_step("tokens_per_s")),
     Figure("conversations_per_s", "Throughput: conversations per second", "optimizer step", "conversations/s",
            _per_step("conversations_per_s")),
     Figure("padding_fraction", "Padding per step", "optimizer step", "padding (% of the tokens computed)",
            _per_step("padding_fraction", 100.0)),
-    Figure("valid_loss", "Validation loss", "optimizer step", "validation loss (cross-entropy, nats)",
-           lambda run: (run.steps("valid"), run.values("valid_loss", "valid")), kind="valid"),
+    Figure("valid_loss", "Validation loss against conversations seen", "conversations seen",
+           "validation loss (cross-entropy, nats)", _valid_vs_conversations, kind="valid"),
 )
 MARKERS_UP_TO = 40  # points per line drawn with markers (short runs, validation)
 # runs that train the same packs (greedy and bfd often do) draw the same line: shapes and dashes keep each visible
@@ -70,19 +88,28 @@ def draw(figure: Figure, runs: list[Run], out_dir: Path) -> dict | None:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    lines, resumes = [], []
     for i, run in enumerate(runs):
         x, y = figure.series(run)
         keep = np.isfinite(x) & np.isfinite(y)
         if not keep.any():
             continue
         marker = MARKERS[i % len(MARKERS)] if keep.sum() <= MARKERS_UP_TO or figure.kind == "valid" else None
-        ax.plot(x[keep], y[keep], color=f"C{i % 10}", linestyle=LINESTYLES[i % len(LINESTYLES)], linewidth=1.5,
-                marker=marker, markersize=7 - 1.2 * (i % 3), markerfacecolor="none", label=run.name)
-    lines = ax.get_lines()
+        lines += ax.plot(x[keep], y[keep], color=f"C{i % 10}", linestyle=LINESTYLES[i % len(LINESTYLES)],
+                         linewidth=1.5, marker=marker, markersize=7 - 1.2 * (i % 3), markerfacecolor="none",
+                         label=run.name)
+        marks = [float(m) for m in figure.marks(run)] if figure.marks is not None else []
+        for m in marks:  # where the run resumed from a checkpoint: a dotted line in the run's colour
+            ax.axvline(m, color=f"C{i % 10}", linestyle=":", linewidth=1.0, alpha=0.8, label="_nolegend_")
+        if marks:
+            resumes.append({"label": run.name, "x": marks})
     if not lines:
         plt.close(fig)
         return None
     ax.set(title=figure.title, xlabel=figure.xlabel, ylabel=figure.ylabel)
+    if resumes:
+        ax.text(0.99, 0.01, "dotted: resumed from a checkpoint", transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=8, alpha=0.8)
     if figure.xlabel == "optimizer step":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if figure.stem == "padding_fraction":
@@ -102,6 +129,7 @@ def draw(figure: Figure, runs: list[Run], out_dir: Path) -> dict | None:
         "legend": [t.get_text() for t in legend.get_texts()],
         "lines": [{"label": line.get_label(), "points": len(line.get_xdata()),
                    "last": [float(line.get_xdata()[-1]), float(line.get_ydata()[-1])]} for line in lines],
+        "resumes": resumes,
     }
 
 

@@ -25,6 +25,7 @@ class Run:
     summary: dict
     train: list[dict] = field(default_factory=list)
     valid: list[dict] = field(default_factory=list)
+    resumes: list[int] = field(default_factory=list)  # steps after which a process resumed from a checkpoint
 
     @property
     def packing(self) -> str:
@@ -49,6 +50,11 @@ class Run:
         gaps = np.diff(np.concatenate([[0], steps])) if len(steps) else steps
         return np.cumsum(np.nan_to_num(self.values(key)) * np.maximum(gaps, 1))
 
+    def at_steps(self, key: str, steps) -> np.ndarray:
+        """The running total of `key` (see `cumulative`) after each of `steps`, interpolated between logged steps."""
+        return np.interp(np.asarray(steps, dtype=np.float64), np.concatenate([[0], self.steps()]),
+                         np.concatenate([[0.0], self.cumulative(key)]))
+
 
 def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
@@ -70,9 +76,13 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def read_records(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train, valid) records of a metrics.jsonl, each sorted by step, the last record of a step winning."""
+def read_records(path: Path) -> tuple[list[dict], list[dict], list[int]]:
+    """(train, valid) records of a metrics.jsonl by step (the last of a step wins) and the steps resumed after."""
+    # a resume is a `resume` record (the trainer writes one per resumed start) or, in older files, a train step
+    # logged again (or earlier than the one before it): resumed after the step before it
     found: dict[str, dict[int, dict]] = {"train": {}, "valid": {}}
+    resumes: set[int] = set()
+    last_step = None
     try:
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -83,6 +93,9 @@ def read_records(path: Path) -> tuple[list[dict], list[dict]]:
                 except json.JSONDecodeError as exc:
                     raise MegapackError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
                 kind = rec.get("kind") if isinstance(rec, dict) else None
+                if kind == "resume" and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool):
+                    resumes.add(rec["step"])
+                    last_step = rec["step"]
                 if kind not in found:
                     continue  # records of other kinds (a later version's) are not ours to plot
                 if isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), int):
@@ -90,19 +103,25 @@ def read_records(path: Path) -> tuple[list[dict], list[dict]]:
                 need = "loss" if kind == "train" else "valid_loss"
                 if need not in rec:
                     raise MegapackError(f"{path}:{lineno}: a {kind} record without {need!r}")
+                if kind == "train":
+                    if last_step is not None and rec["step"] <= last_step:
+                        resumes.add(rec["step"] - 1)
+                    last_step = rec["step"]
                 found[kind][rec["step"]] = rec
     except FileNotFoundError:
         raise MegapackError(f"{path}: not found (not a run directory?)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MegapackError(f"{path}: unreadable ({exc})") from None
-    return tuple([found[k][s] for s in sorted(found[k])] for k in ("train", "valid"))
+    train, valid = ([found[k][s] for s in sorted(found[k])] for k in ("train", "valid"))
+    return train, valid, sorted(resumes)
 
 
 def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     """One run directory (metrics.jsonl + summary.json); MegapackError naming the file that is missing or broken."""
     path = Path(path)
-    train, valid = read_records(path / METRICS)
-    return Run(name=name or path.name, path=path, summary=_read_json(path / SUMMARY), train=train, valid=valid)
+    train, valid, resumes = read_records(path / METRICS)
+    return Run(name=name or path.name, path=path, summary=_read_json(path / SUMMARY), train=train, valid=valid,
+               resumes=resumes)
 
 
 def is_run_dir(path: Path) -> bool:

@@ -195,6 +195,17 @@ class CheckpointConfig(_Strict):
     export_hf: str | None = Field(None, description="write a Hugging Face folder (safetensors) here at the end")
 
 
+class WandbConfig(_Strict):
+    """Weights & Biases: rank 0 logs what metrics.jsonl holds and the resolved config (`pip install megapack[wandb]`)."""
+
+    project: str = Field(min_length=1, description="the W&B project the run is logged to")
+    entity: str | None = Field(None, description="the W&B team or user; default: your W&B default entity")
+    name: str | None = Field(None, description="the run's name in W&B; default: the logging directory's name")
+    mode: Literal["online", "offline", "disabled"] | None = Field(None, description=(
+        "online (needs `wandb login`), offline (files under WANDB_DIR, else the logging directory; `wandb sync` "
+        "uploads them) or disabled; default: WANDB_MODE, else online"))
+
+
 class LoggingConfig(_Strict):
     """Per-step metrics sinks."""
 
@@ -203,6 +214,8 @@ class LoggingConfig(_Strict):
     tensorboard: bool = Field(True, description="also write TensorBoard event files")
     peak_flops: float | None = Field(None, gt=0, description="per-device peak FLOP/s for MFU; default: the GPU's "
                                                              "bf16 peak by name")
+    wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases ({project, entity, name, "
+                                                        "mode}); null: off")
 
 
 class RunConfig(_Strict):

@@ -108,9 +108,19 @@ def check_writable_dir(key: str, value: str) -> None:
         raise MegapackError(f"{key}: {value}: {exc.strerror}") from None
 
 
+def check_wandb(config: RunConfig) -> None:
+    """logging.wandb needs the wandb package (the optional extra megapack[wandb])."""
+    import importlib.util
+
+    if config.logging.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise MegapackError("logging.wandb: the wandb package is not installed: pip install 'megapack[wandb]' "
+                            "(or set logging.wandb=null)")
+
+
 def check_outputs(config: RunConfig) -> list[str]:
     """Every directory the run writes can be written; returns the warning of a run that writes no checkpoints."""
     ck, logging = config.checkpoint, config.logging
+    check_wandb(config)
     outputs = {"checkpoint.dir": ck.dir, "logging.dir": logging.dir, "checkpoint.export_hf": ck.export_hf}
     for key, value in outputs.items():
         if value:

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from megapack.training.preflight.config import BlendMember, RunConfig
+from megapack.training.preflight.config import BlendMember, RunConfig, WandbConfig
 
 PAGE = "docs/config-reference.md"
 # keys without a default of their own that a run needs (one of a pair): the value --print-defaults shows instead
@@ -63,7 +63,8 @@ def _table(prefix: str, model: type[BaseModel]) -> list[str]:
 
 
 def reference_markdown() -> str:
-    """The whole page: one table per section (key, type, default, meaning) and one for data.blend's members."""
+    """The whole page: one table per section (key, type, default, meaning), one for data.blend's members, one for
+    logging.wandb's keys."""
     lines = ["# Config reference", "",
              "Every key of a run config (`megapack train --config run.yaml`), generated from the pydantic models in",
              "`megapack/training/preflight/config.py` by `python -m megapack.training.preflight.reference`. A run is",
@@ -74,6 +75,9 @@ def reference_markdown() -> str:
         if name == "data":
             lines += ["Each member of `data.blend` (`- {path: shards/a, weight: 0.7}`):", "",
                       *_table("data.blend[]", BlendMember), ""]
+        if name == "logging":
+            lines += ["`logging.wandb` (`{project: my-project, mode: offline}`):", "",
+                      *_table("logging.wandb", WandbConfig), ""]
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from megapack.quiet import quiet_warnings
 from megapack.training.preflight.config import OptimizerConfig, RunConfig
 from megapack.training.run.sources import open_source
-from megapack.training.preflight.plan import RunPlan, preflight, save_resolved_config
+from megapack.training.preflight.plan import RunPlan, preflight, resolved_config, save_resolved_config
 from megapack.training.run.signals import install_stop_handlers, received, reset_stop_signals
 
 class StopFlag:
@@ -127,7 +127,10 @@ class Trainer:
         try:
             self._start(stale)
         except BaseException:  # released now, not at process exit: a later run of this process may take it
-            release(self.locks)
+            try:  # the metric files and the W&B run are closed on this path too
+                getattr(self, "metrics", None) and self.metrics.close()
+            finally:
+                release(self.locks)
             raise
 
     def _start(self, stale: list[str]) -> None:
@@ -160,13 +163,15 @@ class Trainer:
         self.metrics = RunMetrics(log_dir, is_logger=self.env.rank == 0, interval=config.logging.interval,
                                   tensorboard=config.logging.tensorboard, total_steps=plan.total_steps,
                                   hf_config=plan.hf_config, peak_flops=plan.peak_flops,
-                                  world_size=plan.world_size, packing=plan.packing, totals=state.get("totals"))
+                                  world_size=plan.world_size, packing=plan.packing, totals=state.get("totals"),
+                                  run_config=None if self.finished else resolved_config(config, plan))
         for warning in [*plan.warnings, *stale]:
             self.metrics.log(f"warning: {warning}")
         if verified is not None:
             self.metrics.log(f"data.verify full: sha256 of {len(plan.checksums)} shard files ok "
                              f"({verified[0] / 1e9:.3f} GB hashed on rank 0 in {verified[1]:.2f} s)")
         if plan.resume_from is not None:
+            self.metrics.record_resume(self.iteration, str(plan.resume_from))  # written unless finished (no dir)
             self.metrics.log(f"resumed from {plan.resume_from} at step {self.iteration}"
                              + (" with the data position reset to the first pack" if plan.reset_data_position else ""))
             from megapack.training.run.optim import resume_note

@@ -12,14 +12,27 @@ from megapack.model.flops import model_flops
 from megapack.training.run.batch import STAT_KEYS
 
 class MetricsWriter:
-    """Appends one JSON object per step to metrics.jsonl and mirrors scalars to TensorBoard (rank 0 only)."""
+    """Appends one JSON object per step to metrics.jsonl, mirrored to TensorBoard and W&B (rank 0 only)."""
 
-    def __init__(self, directory: str | os.PathLike | None, tensorboard: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike | None, tensorboard: bool = True, wandb: dict | None = None,
+                 run_config: dict | None = None) -> None:
         self.directory = Path(directory) if directory else None
         self._jsonl = None
         self._tb = None
-        if self.directory is None:
-            return
+        self._wandb = None
+        if self.directory is not None:
+            self._open_files(tensorboard)
+        if wandb is not None:
+            from megapack.training.run.wandb_sink import WandbSink
+
+            try:
+                self._wandb = WandbSink(wandb, self.directory, run_config)
+            except BaseException:
+                self.close()
+                raise
+
+    def _open_files(self, tensorboard: bool) -> None:
+        """metrics.jsonl (appended to) and the TensorBoard writer."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.directory / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
@@ -34,20 +47,32 @@ class MetricsWriter:
         """Log one record (needs a `step` key)."""
         if self._jsonl is not None:
             self._jsonl.write(dumps_json(record) + "\n")
-        if self._tb is not None:
+        if self._tb is not None and record.get("kind", "train") in ("train", "valid"):
             prefix = "valid/" if record.get("kind") == "valid" else "train/"
             for key, value in record.items():
                 if key not in ("step", "kind") and isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(prefix + key, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(record)
+
+    def summarize(self, result: dict) -> None:
+        """The run's summary (summary.json's numbers) into the W&B run's summary, as `summary/<key>`."""
+        if self._wandb is not None:
+            self._wandb.summarize(result)
 
     def close(self) -> None:
-        """Flush and close the sinks."""
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Flush and close the sinks (each one, also when closing another fails)."""
+        try:
+            if self._wandb is not None:
+                sink, self._wandb = self._wandb, None
+                sink.close()
+        finally:
+            if self._jsonl is not None:
+                self._jsonl.close()
+                self._jsonl = None
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
 
 
 def summary(*, epochs: float, steps: int, train_time_s: float, packs: int, conversations: int, tokens: int,
@@ -134,15 +159,18 @@ class RunMetrics:
     """The run's metrics schedule and sinks: per-step records, running totals, validation, the final summary.
 
     Every rank keeps the totals (they go into checkpoints); only the logger rank prints and writes files.
+    `run_config` is the resolved config: W&B's run config, and its logging.wandb (when set) opens the W&B sink.
     """
 
     def __init__(self, directory: str | os.PathLike | None, *, is_logger: bool, interval: int, tensorboard: bool,
                  total_steps: int, hf_config: dict, peak_flops: float | None, world_size: int, packing: str,
-                 totals: dict | None = None) -> None:
+                 totals: dict | None = None, run_config: dict | None = None) -> None:
         self.directory = Path(directory) if directory else None
         self.is_logger, self.interval, self.total_steps = is_logger, interval, total_steps
         self.hf_config, self.peak_flops, self.world_size, self.packing = hf_config, peak_flops, world_size, packing
-        self.writer = MetricsWriter(self.directory if is_logger else None, tensorboard)
+        wandb = (run_config or {}).get("logging", {}).get("wandb")  # the resolved config's logging.wandb
+        self.writer = MetricsWriter(self.directory if is_logger else None, tensorboard,
+                                    wandb if is_logger else None, run_config)
         saved = dict(totals or {})
         if "target_tokens" in saved:  # checkpoints written before trained tokens had one name
             saved.setdefault("trained_tokens", saved.pop("target_tokens"))
@@ -217,6 +245,10 @@ class RunMetrics:
                  f"conv {rec['conversations']} tok/s {rec['tokens_per_s']:.0f} conv/s {rec['conversations_per_s']:.2f} "
                  f"packs/s {rec['packs_per_s']:.2f} pad {rec['padding_fraction']:.3f}{mfu} {self._clock(step)}")
 
+    def record_resume(self, step: int, source: str) -> None:
+        """Log that this process resumed after `step` from the checkpoint `source` (the report marks it)."""
+        self.writer.write({"kind": "resume", "step": step, "checkpoint": source})
+
     def record_validation(self, step: int, loss: float, fields: dict[str, float] | None = None) -> None:
         """Log a validation loss (and a source's extra fields: a blend's `dataset/<name>/valid_loss`)."""
         self.valid_loss = loss
@@ -239,6 +271,7 @@ class RunMetrics:
             print(format_table([result]), flush=True)
             if self.directory is not None:
                 write_json_atomic(self.directory / "summary.json", result)
+            self.writer.summarize(result)
         return result
 
     def close(self) -> None:
