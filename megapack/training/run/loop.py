@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from megapack.model.config import DEFAULT_LOSS_CHUNK_TOKENS
 from megapack.quiet import quiet_warnings
 from megapack.training.preflight.config import OptimizerConfig, RunConfig
 from megapack.training.run.sources import open_source
@@ -39,11 +40,9 @@ class StopFlag:
 
 @dataclass
 class ModelParts:
-    """This rank's model chunk (wrapped for DDP and precision), the bare GPTModel, optimizer and LR schedule.
-
-    With virtual pipeline stages (parallel.vpp > 1) `model` and `raw_model` are lists, one chunk per virtual stage
-    (megatron's convention; `megapack.model.builder.as_chunks` gives a list either way).
-    """
+    """This rank's model chunk (wrapped for DDP and precision), the bare GPTModel, optimizer and LR schedule. With
+    virtual pipeline stages (parallel.vpp > 1) `model` and `raw_model` are lists, one chunk per virtual stage
+    (megatron's convention; `megapack.model.builder.as_chunks` gives a list either way)."""
 
     model: object
     raw_model: object
@@ -55,14 +54,13 @@ def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerConfig, *, at
                               precision: str, row_length: int, total_steps: int, pp: int = 1,
                               sequence_parallel: bool = False, cross_sample_attention: bool = False,
                               recompute: str = "none", init_weights: Callable | None = None,
-                              vpp: int = 1, loss_chunk_tokens: int | None = None) -> ModelParts:
+                              vpp: int = 1, loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> ModelParts:
     """The GPTModel of this pipeline stage (initial weights from `init_weights`), DDP, distributed AdamW and the LR
     schedule; `row_length` is the longest THD row of a micro-batch. `vpp` > 1 builds one chunk per virtual stage
     (interleaved 1F1B), each with its own DDP, one optimizer over all of them."""
     from megatron.core.distributed import finalize_model_grads
 
     from megapack.model.builder import build_model
-    from megapack.model.config import DEFAULT_LOSS_CHUNK_TOKENS
     from megapack.training.run.optim import build_optimizer, build_scheduler, wrap_ddp
 
     bf16 = precision == "bf16"
@@ -78,8 +76,7 @@ def build_model_and_optimizer(hf_config: dict, optimizer: OptimizerConfig, *, at
     for stage in range(vpp) if vpp > 1 else [None]:
         raw = build_model(hf_config, attention_backend=attention_backend, cross_sample_attention=cross_sample_attention,
                           bf16=bf16, sequence_parallel=sequence_parallel, seq_length=row_length, recompute=recompute,
-                          calculate_per_token_loss=True, vp_stage=stage, **varlen,
-                          loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS if loss_chunk_tokens is None else loss_chunk_tokens)
+                          calculate_per_token_loss=True, vp_stage=stage, loss_chunk_tokens=loss_chunk_tokens, **varlen)
         if init_weights is not None:
             init_weights(raw)
         model = raw
@@ -308,8 +305,8 @@ class Trainer:
                 "data_identity": self.plan.data_identity, "plan": self.plan.summary(),
                 "optimizer": self.config.optimizer.model_dump(mode="json"),  # what runs (compared on resume)
                 "hf_dir": str(Path(self.config.model.hf_dir).resolve()),  # its tokenizer files, for conversions
-                "template": self.plan.shard_meta.get("template"),
-                "tokenizer_model": self.plan.shard_meta.get("tokenizer_model")}  # exports without hf_dir tokenizer  # the chat template it learnt (megapack generate)
+                "template": self.plan.shard_meta.get("template"),  # the chat template it learnt (megapack generate)
+                "tokenizer_model": self.plan.shard_meta.get("tokenizer_model")}  # exports when hf_dir has none
         state = {"totals": dict(self.metrics.totals)} | self.source.state_dict()
         p = self.parts
         self.saver.save(self.iteration, p.model, p.optimizer, p.scheduler, state, meta=meta)
@@ -323,7 +320,6 @@ class Trainer:
     def _export(self) -> None:
         if self.config.checkpoint.export_hf:
             from megapack.model.hf_export import export_hf
-
             from megapack.training.preflight.identity import export_tokenizer
 
             tokenizer = export_tokenizer(self.config.model.hf_dir, self.plan.shard_meta)  # checked at preflight
