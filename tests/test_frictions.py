@@ -136,3 +136,14 @@ def test_readme_launcher_paths_are_relative_to_the_checkout():
     assert "checkout's root" in guide.split("### 1. Data", 1)[0], "say the examples are written from the checkout"
     for block in re.findall(r"```bash\n(.*?)```", _readme(), re.S):
         assert "from any directory" not in block, block
+
+
+def test_readme_guide_walks_from_data_to_report():
+    """The guide goes data -> train -> resume -> export -> generate -> report, each step with its command (whose
+    flags tests/test_docs.py parses), in that order."""
+    guide = _readme().split("## Guide", 1)[1].split("\n## ", 1)[0]
+    steps = ["megapack preprocess --", "bash examples/train_torchrun.sh", "the same command resumes",
+             "convert_checkpoint.py megatron-to-hf", "megapack generate --checkpoint", "megapack report runs/"]
+    found = {step: guide.find(step) for step in steps}
+    assert all(at >= 0 for at in found.values()), found
+    assert list(found.values()) == sorted(found.values()), found

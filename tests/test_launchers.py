@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,32 @@ def test_launchers_say_how_to_get_megapack_when_there_is_none(tmp_path):
                          env=_bare_env(), capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and run.stderr.strip().startswith(f"error: no megapack on PATH and no {fake}/.venv")
     assert "examples/quickstart.sh" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("overrides,built", [
+    (["data.path=/elsewhere/shards", "model.hf_dir=/elsewhere/model"], []),
+    (["model.hf_dir=/elsewhere/model"], ["preprocess"]),
+    (["data.path=/elsewhere/shards"], ["runs/tiny-hf"]),
+])
+def test_tiny_launcher_builds_only_what_the_run_uses(tmp_path, overrides, built):
+    """With tiny_cpu.yaml, the launcher builds the tiny model and the demo shards only where the run still points at
+    them: an overridden `model.hf_dir` or `data.path` is not built in the current directory (a stub `megapack`
+    records the commands)."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')  # this venv's python
+    (stub / "python").chmod(0o755)
+    log = tmp_path / "calls.log"
+    (stub / "megapack").write_text(f'#!/usr/bin/env bash\necho "$1" >> {log}\n')
+    (stub / "megapack").chmod(0o755)
+    env = _bare_env() | {"PATH": f"{stub}:/usr/local/bin:/usr/bin:/bin", "NPROC": "2"}
+    run = subprocess.run(["bash", str(ROOT / "examples" / "train_torchrun.sh"), str(ROOT / "configs" / "tiny_cpu.yaml"),
+                          *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    calls = log.read_text().split()
+    assert calls[-2:] == ["train", "launch"], calls  # the check, then the launch
+    assert ("preprocess" in calls) == ("preprocess" in built), calls
+    assert (tmp_path / "runs" / "tiny-hf" / "config.json").is_file() == ("runs/tiny-hf" in built)
 
 
 def test_quickstart_from_another_directory_writes_there(tmp_path):
