@@ -1,4 +1,4 @@
-"""The config reference (docs/config-reference.md) and `megapack train --print-defaults` come from the pydantic models
+"""The config reference (megapack/training/CONFIG.md) and `megapack train --print-defaults` come from the pydantic models
 of megapack/training/preflight/config.py: every key has a type, a default and a description, the committed page is
 what the models generate, and the printed defaults load back as a config."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from megapack.training.preflight.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = ROOT / "docs" / "config-reference.md"
+PAGE = ROOT / "megapack" / "training" / "CONFIG.md"
 
 
 def _sections() -> dict[str, type[BaseModel]]:
@@ -41,9 +41,9 @@ def test_every_key_has_a_description():
 def test_reference_page_is_generated_from_the_models():
     from megapack.training.preflight.reference import reference_markdown
 
-    assert PAGE.is_file(), "docs/config-reference.md is missing: write reference_markdown() to it"
+    assert PAGE.is_file(), "megapack/training/CONFIG.md is missing: write reference_markdown() to it"
     assert PAGE.read_text(encoding="utf-8") == reference_markdown(), (
-        "docs/config-reference.md is stale: regenerate it with python -c \"from megapack.training.preflight."
+        "megapack/training/CONFIG.md is stale: regenerate it with python -c \"from megapack.training.preflight."
         "reference import write_reference; write_reference()\"")
     text = PAGE.read_text(encoding="utf-8")
     for section, model in _sections().items():

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as JSON (a line per config) and exit (no GPU)")
     parser.add_argument("--print-defaults", action="store_true",
                         help="print every config key at its default as YAML (with what each means) and exit; the "
-                             "reference: docs/config-reference.md")
+                             "reference: megapack/training/CONFIG.md")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --check: the number of processes the run will have (default: from the launcher)")
     parser.add_argument("--gpu-memory-gb", type=float, default=None,

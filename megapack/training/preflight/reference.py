@@ -1,4 +1,4 @@
-"""The config reference, generated from the pydantic models of config.py: a markdown page (docs/config-reference.md)
+"""The config reference, generated from the pydantic models of config.py: a markdown page (megapack/training/CONFIG.md)
 and the default YAML `megapack train --print-defaults` prints. Regenerate the page with
 `python -m megapack.training.preflight.reference` (tests/test_config_reference.py checks it is current)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pydantic.fields import FieldInfo
 
 from megapack.training.preflight.config import BlendMember, RunConfig, WandbConfig
 
-PAGE = "docs/config-reference.md"
+PAGE = "megapack/training/CONFIG.md"
 # keys without a default of their own that a run needs (one of a pair): the value --print-defaults shows instead
 EXAMPLES = {("data", "path"): "shards/alpaca-4k", ("training", "global_batch_size"): 64}
 REQUIRED_NOTE = {("data", "path"): "required: it or data.blend", ("data", "blend"): "instead of data.path",
