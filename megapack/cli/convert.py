@@ -60,18 +60,6 @@ def tokenizer_identity(hf_dir: Path) -> str | None:
     return None
 
 
-def _config_hf_dir(path: Path) -> str | None:
-    """`model.hf_dir` of a run's config.yaml (beside its checkpoints), or None."""
-    import yaml
-
-    try:
-        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
-        return None
-    model = saved.get("model") if isinstance(saved, dict) else None
-    return model.get("hf_dir") if isinstance(model, dict) else None
-
-
 def tokenizer_source(ckpt_dir: Path, meta: dict, given: str | None, skip: bool) -> Path | None:
     """Where megatron-to-hf takes the tokenizer from: --tokenizer-dir, the checkpoint's tokenizer/ folder
     (hf-to-megatron), else the model directory the run trained (megapack.json `hf_dir`; older training checkpoints:
@@ -82,6 +70,7 @@ def tokenizer_source(ckpt_dir: Path, meta: dict, given: str | None, skip: bool) 
     from megapack.model.hf_tokenizer import tokenizer_file
     from megapack.training.preflight.identity import same_tokenizer
     from megapack.training.preflight.identity import tokenizer_identity as trained_identity
+    from megapack.training.preflight.resume import trained_model_dir
 
     if skip:
         return None
@@ -91,7 +80,7 @@ def tokenizer_source(ckpt_dir: Path, meta: dict, given: str | None, skip: bool) 
     elif (ckpt_dir / TOKENIZER_SUBDIR).is_dir():
         source = ckpt_dir / TOKENIZER_SUBDIR
     else:
-        recorded = meta.get("hf_dir") or _config_hf_dir(ckpt_dir.parent / "config.yaml")
+        recorded = trained_model_dir(ckpt_dir, meta)
         if recorded is None:
             raise MegapackError(f"{ckpt_dir}: megapack.json does not say which model directory the run trained "
                                 f"(model.hf_dir); {hint}")

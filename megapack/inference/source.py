@@ -50,12 +50,13 @@ def resolve_model(path: str | Path) -> ModelSource:
     if not path.is_dir():
         raise MegapackError(f"--checkpoint {path}: no such directory (expected a megatron checkpoint folder, a run's "
                             f"checkpoints/ folder, or a Hugging Face folder)")
+    def iteration(folder: Path, meta: dict) -> int | None:
+        match = ITER_RE.match(folder.name)
+        return meta["iteration"] if meta.get("iteration") is not None else int(match.group(1)) if match else None
+
     if (path / METADATA_FILE).is_file():
         meta = read_metadata(path)
-        match = ITER_RE.match(path.name)
-        iteration = meta.get("iteration") if meta.get("iteration") is not None else (
-            int(match.group(1)) if match else None)
-        return ModelSource("megatron", path, meta["hf_config"], meta, iteration)
+        return ModelSource("megatron", path, meta["hf_config"], meta, iteration(path, meta))
     if _is_hf_folder(path):
         return ModelSource("hf", path, load_hf_config(path), {})
     found = resume_checkpoint(path, key="--checkpoint")
@@ -63,21 +64,7 @@ def resolve_model(path: str | Path) -> ModelSource:
         raise MegapackError(f"--checkpoint {path}: holds no megapack.json, no `latest`, no iter_XXXXXXX folder and no "
                             f"config.json + safetensors (expected a megatron checkpoint or a Hugging Face folder)")
     meta = read_metadata(found)
-    match = ITER_RE.match(found.name)
-    iteration = meta.get("iteration") if meta.get("iteration") is not None else (int(match.group(1)) if match else None)
-    return ModelSource("megatron", found, meta["hf_config"], meta, iteration, via_latest=True)
-
-
-def _run_config(source: ModelSource) -> dict:
-    """The config.yaml of the run beside a training checkpoint ({} when there is none or it is unreadable)."""
-    import yaml
-
-    path = source.path.parent / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
+    return ModelSource("megatron", found, meta["hf_config"], meta, iteration(found, meta), via_latest=True)
 
 
 def tokenizer_path(source: ModelSource, given: str | None) -> Path:
@@ -87,9 +74,11 @@ def tokenizer_path(source: ModelSource, given: str | None) -> Path:
         return Path(given)
     if source.kind == "hf":
         return source.path
+    from megapack.training.preflight.resume import trained_model_dir
+
     if (source.path / "tokenizer").is_dir():
         return source.path / "tokenizer"
-    recorded = source.meta.get("hf_dir") or (_run_config(source).get("model") or {}).get("hf_dir")
+    recorded = trained_model_dir(source.path, source.meta)
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
     where = f"its model folder {recorded} (model.hf_dir) is gone" if recorded else "it records no model folder"
@@ -100,10 +89,13 @@ def tokenizer_path(source: ModelSource, given: str | None) -> Path:
 def trained_template(source: ModelSource) -> dict | None:
     """The shards' template record ({"name", "identity", "options", ...}) the run trained with, if known: its
     megapack.json `template`, else the meta.json of the run's data.path (older checkpoints)."""
+    from megapack.training.preflight.resume import saved_run_config
+
     recorded = source.meta.get("template")
     if isinstance(recorded, dict) and recorded.get("name"):
         return recorded
-    data_path = (_run_config(source).get("data") or {}).get("path") if source.kind == "megatron" else None
+    data = saved_run_config(source.path).get("data") if source.kind == "megatron" else None
+    data_path = data.get("path") if isinstance(data, dict) else None
     meta_json = Path(data_path) / "meta.json" if isinstance(data_path, str) else None
     try:
         shard_meta = json.loads(meta_json.read_text(encoding="utf-8")) if meta_json and meta_json.is_file() else {}

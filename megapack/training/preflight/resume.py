@@ -150,3 +150,22 @@ def resume_changes(config: RunConfig, resume: Path, meta: dict, total_steps: int
         key = "training.train_steps" if config.training.train_steps is not None else "total_steps"
         changes[key] = [int(old_total), total_steps]
     return changes
+
+
+def saved_run_config(ckpt_dir: str | os.PathLike) -> dict:
+    """The config.yaml a run saved beside its checkpoint folders ({} when there is none or it is unreadable)."""
+    import yaml
+
+    path = Path(ckpt_dir).parent / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def trained_model_dir(ckpt_dir: str | os.PathLike, meta: dict) -> str | None:
+    """The model folder a training checkpoint's run started from: megapack.json `hf_dir`, else (older checkpoints)
+    `model.hf_dir` of the run's config.yaml; None when neither says."""
+    model = saved_run_config(ckpt_dir).get("model")
+    return meta.get("hf_dir") or (model.get("hf_dir") if isinstance(model, dict) else None)
