@@ -98,10 +98,13 @@ class DataConfig(_Strict):
 
 
 class ParallelConfig(_Strict):
-    """Model-parallel layout; the data-parallel size is world size / (tp * pp)."""
+    """Model-parallel layout; the data-parallel size is world size / (tp * cp * pp)."""
 
     tp: int = Field(1, ge=1, description="tensor-parallel size (divides the attention and key/value heads)")
     pp: int = Field(1, ge=1, description="pipeline-parallel size (divides the layers)")
+    cp: int = Field(1, ge=1, description=(
+        "context-parallel size: each pack's segments are cut into 2*cp chunks spread over cp ranks, which all-gather "
+        "keys and values"))
     sequence_parallel: bool = Field(False, description="megatron's sequence parallelism; needs tp > 1")
     vpp: int | None = Field(None, ge=1, description=(
         "virtual pipeline stages per pipeline rank (interleaved 1F1B); null: no interleaving. Needs pp > 1 and "

@@ -94,6 +94,8 @@ def world_size_from_env() -> int:
 def batch_layout(config: RunConfig, world_size: int, seq_length: int) -> tuple[int, int, int]:
     """(dp, global batch in packs, micro-batches per step) or a one-line error naming the key."""
     par, tr = config.parallel, config.training
+    if par.cp > 1:
+        raise MegapackError(f"parallel.cp: {par.cp} is not supported yet (context parallelism is being built); use 1")
     if world_size % (par.tp * par.pp):
         raise MegapackError(
             f"parallel.tp/parallel.pp: world size {world_size} is not divisible by tp*pp = {par.tp * par.pp}")
