@@ -42,7 +42,8 @@ def resolve_target(device: str, precision: str) -> Target:
     return Target(2 if bf16 else 4, flash_attention=device == "gpu", fused_swiglu=device == "gpu")
 
 
-def layer_activation_bytes(hf: dict, tokens: int, tp: int, sp: bool, recompute: str, target: Target) -> dict:
+def layer_activation_bytes(hf: dict, tokens: int, tp: int, sp: bool, recompute: str, target: Target,
+                           kv_tokens: int | None = None) -> dict:
     """Bytes one decoder layer keeps for backward for a THD row of `tokens` tokens, and the transient workspaces.
 
     s tokens, h hidden, a heads, g KV heads, d head dim, f FFN; '/t' on TP-split tensors, h/t_sp on the
@@ -56,30 +57,40 @@ def layer_activation_bytes(hf: dict, tokens: int, tp: int, sp: bool, recompute: 
     selective recompute (megatron's core_attn) keeps only the attention's inputs (q, k, v at the KV-head count)
     and recomputes the rest in backward; full recompute keeps only the layer's input sh/t_sp and rebuilds one
     layer at a time in backward.
+    Context parallelism: s is the rank's share of the row (row/cp) and attention keeps the keys and values of the
+    whole row, S = `kv_tokens` (all-gathered over the CP group): k and v count 2*S*g*d/t ('gathered_kv'; SDPA:
+    expanded to a heads), the SDPA mask s x S, and the backward's dK/dV of the row before they are reduce-scattered.
     """
     s, h, f = tokens, int(hf["hidden_size"]), int(hf["intermediate_size"])
     a = int(hf["num_attention_heads"])
     g = int(hf.get("num_key_value_heads") or a)
     d = int(hf.get("head_dim") or h // a)
+    kv = s if kv_tokens is None else kv_tokens
     b, t, t_sp = target.bytes_per_value, tp, (tp if sp and tp > 1 else 1)
     norms_and_inputs = (4 + 2) * s * h // t_sp * b
     rope = 4 * s * d * 4
     kv_heads = g if target.flash_attention else a
-    attn_inputs = s * (a + 2 * kv_heads) * d // t * b
-    attn_state = s * a * d // t * b + s * a // t * 4 + (0 if target.flash_attention else s * s * 4)
+    attn_inputs = s * a * d // t * b + 2 * kv * kv_heads * d // t * b
+    attn_state = s * a * d // t * b + s * a // t * 4 + (0 if target.flash_attention else s * kv * 4)
     mlp = (3 if target.fused_swiglu else 5) * s * f // t * b
     full_layer = norms_and_inputs + rope + attn_inputs + attn_state + mlp
     if recompute == "none":
         saved, recompute_workspace = full_layer, 0
     elif recompute == "selective":
         recompute_workspace = attn_inputs + attn_state  # one layer's attention, rebuilt in its backward
-        saved = norms_and_inputs + rope + s * (a + 2 * g) * d // t * b + s * a * d // t * b + mlp
+        saved = norms_and_inputs + rope + (s * a + 2 * kv * g) * d // t * b + s * a * d // t * b + mlp
     elif recompute == "full":
         saved, recompute_workspace = s * h // t_sp * b, full_layer
     else:
         raise MegapackError(f"training.recompute {recompute!r}: expected none, selective or full")
-    # gradient workspace of a layer's backward: the fc1-output gradient, the largest it allocates
-    return {"saved": saved, "recompute_workspace": recompute_workspace, "grad_workspace": 2 * s * f // t * b}
+    # gradient workspace of a layer's backward: the fc1-output gradient, the largest it allocates, or under CP the
+    # attention's dQ and the whole row's dK/dV when those are larger
+    grad_workspace = max(2 * s * f // t * b, (s * a + 2 * kv * g) * d // t * b)
+    # the gathered keys and values one layer keeps for its backward (full recompute: only the layer being rebuilt)
+    kept_heads = g if recompute == "selective" else kv_heads
+    gathered_kv = 2 * kv * kept_heads * d // t * b if kv != s and recompute != "full" else 0
+    return {"saved": saved, "recompute_workspace": recompute_workspace, "grad_workspace": grad_workspace,
+            "gathered_kv": gathered_kv}
 
 
 def microbatches_in_flight(pp: int, pp_rank: int, num_microbatches: int, vpp: int | None) -> float:
@@ -113,18 +124,20 @@ class RankMemory:
     microbatches_in_flight: float
     activation_bytes_per_microbatch: int
     logits_bytes: int
+    tokens: int  # of the row this rank holds: row / cp
+    gathered_kv_bytes: int  # of one micro-batch, all layers: the whole row's K/V kept for backward (CP > 1)
 
 
 @functools.lru_cache(maxsize=16)
-def _positions(hf_json: str, tp: int, pp: int, vpp: int | None, sp: bool, bf16: bool):
+def _positions(hf_json: str, tp: int, pp: int, vpp: int | None, sp: bool, bf16: bool, cp: int):
     from megapack.training.memory.meta_build import build_positions
 
-    return tuple(build_positions(json.loads(hf_json), tp, pp, vpp=vpp, sequence_parallel=sp, bf16=bf16))
+    return tuple(build_positions(json.loads(hf_json), tp, pp, vpp=vpp, sequence_parallel=sp, bf16=bf16, cp=cp))
 
 
-def positions(hf: dict, tp: int, pp: int, vpp: int | None = None, sp: bool = False, bf16: bool = True):
+def positions(hf: dict, tp: int, pp: int, vpp: int | None = None, sp: bool = False, bf16: bool = True, cp: int = 1):
     """Every position's `meta_build.Position` of a layout, cached per process (the grid's runs share layouts)."""
-    return _positions(json.dumps(hf, sort_keys=True), tp, pp, vpp, sp, bf16)
+    return _positions(json.dumps(hf, sort_keys=True), tp, pp, vpp, sp, bf16, cp)
 
 
 def vocab_padding_parameters(hf: dict, tp: int) -> int:
@@ -136,16 +149,21 @@ def vocab_padding_parameters(hf: dict, tp: int) -> int:
 
 
 def rank_memory(position, hf: dict, *, tp: int, pp: int, dp: int, vpp: int | None, sp: bool, tokens: int,
-                num_microbatches: int, recompute: str, target: Target, loss_chunk_tokens: int = 0) -> RankMemory:
-    """The bytes of one position (see the module docstring for what each term holds)."""
+                num_microbatches: int, recompute: str, target: Target, loss_chunk_tokens: int = 0,
+                cp: int = 1) -> RankMemory:
+    """The bytes of one position (see the module docstring for what each term holds); `tokens` is the whole row,
+    of which each of the `cp` context-parallel ranks holds tokens / cp."""
     from megapack.model.builder import padded_vocab_size
 
     b = target.bytes_per_value
-    buffer = position.buffer_numel(dp)
+    shards = dp * cp  # megatron's DDP and distributed optimizer work over the DP x CP group
+    buffer = position.buffer_numel(shards)
     weight = position.parameters * b
     grad = buffer * 4  # grad_reduce_in_fp32: fp32 main gradients for every local parameter
-    optimizer = -(-buffer // dp) * ((4 if b == 2 else 0) + 8)  # [fp32 master,] exp_avg, exp_avg_sq: DP shard
-    layer = layer_activation_bytes(hf, tokens, tp, sp, recompute, target)
+    optimizer = -(-buffer // shards) * ((4 if b == 2 else 0) + 8)  # [fp32 master,] exp_avg, exp_avg_sq: a shard
+    row = tokens
+    tokens = -(-row // cp)
+    layer = layer_activation_bytes(hf, tokens, tp, sp, recompute, target, kv_tokens=row if cp > 1 else None)
     layers = sum(position.chunk_layers)
     h_sp = tokens * int(hf["hidden_size"]) // (tp if sp and tp > 1 else 1) * b
     per_micro = layers * layer["saved"] + (h_sp if not position.last_stage else 3 * h_sp)  # stage output / final norm
@@ -177,7 +195,7 @@ def rank_memory(position, hf: dict, *, tp: int, pp: int, dp: int, vpp: int | Non
                       weight_bytes=weight, grad_bytes=grad, optimizer_bytes=optimizer, activation_bytes=activation,
                       total_bytes=weight + grad + optimizer + activation, layers=layers,
                       microbatches_in_flight=in_flight, activation_bytes_per_microbatch=per_micro,
-                      logits_bytes=logits)
+                      logits_bytes=logits, tokens=tokens, gathered_kv_bytes=layers * layer["gathered_kv"])
 
 
 def check_gpu_memory_gb(gpu_memory_gb: float) -> float:
@@ -196,25 +214,31 @@ def usable_bytes(gpu_memory_gb: float) -> int:
 def plan_memory(hf: dict, *, world_size: int, tp: int = 1, pp: int = 1, vpp: int | None = None,
                 sequence_parallel: bool = False, seq_length: int = 4096, micro_batch_size: int = 1,
                 num_microbatches: int = 1, recompute: str = "none", precision: str = "auto", device: str = "gpu",
-                gpu_memory_gb: float = 80.0, loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS) -> dict:
-    """The memory plan of a layout: per-position bytes, the limit and whether every position fits (a JSON dict)."""
-    if world_size % (tp * pp):
-        raise MegapackError(f"parallel.tp/parallel.pp: world size {world_size} is not divisible by tp*pp = {tp * pp}")
-    dp = world_size // (tp * pp)
+                gpu_memory_gb: float = 80.0, loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS, cp: int = 1,
+                row_tokens: int | None = None) -> dict:
+    """The memory plan of a layout: per-position bytes, the limit and whether every position fits (a JSON dict).
+    `row_tokens`: a micro-batch row's tokens (default seq_length x micro_batch_size; more with CP padding), of which
+    each of the `cp` context-parallel ranks holds row / cp."""
+    if world_size % (tp * cp * pp):
+        keys = "parallel.tp/parallel.cp/parallel.pp" if cp > 1 else "parallel.tp/parallel.pp"
+        raise MegapackError(f"{keys}: world size {world_size} is not divisible by "
+                            f"{'tp*cp*pp' if cp > 1 else 'tp*pp'} = {tp * cp * pp}")
+    dp = world_size // (tp * cp * pp)
     target = resolve_target(device, precision)
     sp = sequence_parallel and tp > 1
-    tokens = seq_length * micro_batch_size
-    found = positions(hf, tp, pp, vpp, sp, target.bytes_per_value == 2)
+    tokens = row_tokens or seq_length * micro_batch_size
+    found = positions(hf, tp, pp, vpp, sp, target.bytes_per_value == 2, cp)
     ranks = [rank_memory(p, hf, tp=tp, pp=pp, dp=dp, vpp=vpp, sp=sp, tokens=tokens, num_microbatches=num_microbatches,
-                         recompute=recompute, target=target, loss_chunk_tokens=loss_chunk_tokens) for p in found]
+                         recompute=recompute, target=target, loss_chunk_tokens=loss_chunk_tokens, cp=cp)
+             for p in found]
     padding = vocab_padding_parameters(hf, tp)
     limit = usable_bytes(gpu_memory_gb)
     worst = max(ranks, key=lambda r: r.total_bytes)
     return {
         "total_parameters": sum(p.unique_parameters for p in found) - padding,
         "vocab_padding_parameters": padding,
-        "world_size": world_size, "tp": tp, "pp": pp, "dp": dp, "vpp": vpp, "sequence_parallel": sp,
-        "seq_length": seq_length, "micro_batch_size": micro_batch_size, "num_microbatches": num_microbatches,
+        "world_size": world_size, "tp": tp, "cp": cp, "pp": pp, "dp": dp, "vpp": vpp, "sequence_parallel": sp,
+        "row_tokens": tokens, "tokens_per_rank": -(-tokens // cp), "seq_length": seq_length, "micro_batch_size": micro_batch_size, "num_microbatches": num_microbatches,
         "recompute": recompute, "loss_chunk_tokens": loss_chunk_tokens, "activation_bytes_per_value": target.bytes_per_value, "device": device,
         "gpu_memory_bytes": int(gpu_memory_gb * GIB), "limit_bytes": limit,
         "ranks": [asdict(r) for r in ranks],
@@ -227,15 +251,21 @@ def plan_config(config, world_size: int, gpu_memory_gb: float = 80.0, device: st
     """`plan_memory` for a RunConfig (its model's config.json, and the shards' meta.json when they exist already;
     no weights)."""
     from megapack.model.config import check_parallel_sizes, load_hf_config
-    from megapack.training.preflight.plan import batch_layout, planned_seq_length
+    from megapack.training.preflight.layout_rules import (context_parallel_rules, planned_batch_layout,
+                                                          shard_segments_per_pack)
+    from megapack.training.preflight.plan import planned_seq_length
 
     hf = load_hf_config(config.model.hf_dir)
     par, tr = config.parallel, config.training
     seq_length = planned_seq_length(config)
     check_parallel_sizes(hf, par.tp, par.pp, seq_length)
-    _dp, _gbs, num_micro = batch_layout(config, world_size, seq_length)
+    segments, pad_multiple = shard_segments_per_pack(config)
+    layout = context_parallel_rules(config, seq_length, world_size, pad_multiple)
+    _dp, _gbs, num_micro = planned_batch_layout(config, world_size, seq_length)
     return plan_memory(hf, world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp,
                        sequence_parallel=par.sequence_parallel, seq_length=seq_length,
                        micro_batch_size=tr.micro_batch_size, num_microbatches=num_micro, recompute=tr.recompute,
                        precision=tr.precision, device=device, gpu_memory_gb=gpu_memory_gb,
-                       loss_chunk_tokens=config.model.loss_chunk_tokens)
+                       loss_chunk_tokens=config.model.loss_chunk_tokens, cp=par.cp,
+                       row_tokens=layout.row_budget(seq_length * tr.micro_batch_size,
+                                                    segments * tr.micro_batch_size))

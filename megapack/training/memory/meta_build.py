@@ -67,8 +67,10 @@ def _skip_init(weight):
 
 
 def build_position(hf_config: dict, tp: int, pp: int, tp_rank: int, pp_rank: int, *, vpp: int | None = None,
-                   sequence_parallel: bool = False, bf16: bool = True, seq_length: int = 4096) -> Position:
-    """Build the model chunks of one position on meta under a fake process group of tp*pp ranks; count them."""
+                   sequence_parallel: bool = False, bf16: bool = True, seq_length: int = 4096, cp: int = 1,
+                   cp_rank: int = 0) -> Position:
+    """Build the model chunks of one position on meta under a fake process group of tp*cp*pp ranks (megatron's
+    context_parallel_size: CP ranks hold the same parameters, CP shards activations only); count them."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -84,14 +86,19 @@ def build_position(hf_config: dict, tp: int, pp: int, tp_rank: int, pp_rank: int
         from megapack.training.compat.cpu_compat import install_cpu_compat
 
         install_cpu_compat()  # megatron's RNG tracker and device arguments, as for a CPU run
-    rank = pp_rank * tp + tp_rank  # megatron's default order (tp-cp-ep-dp-pp): TP is the fastest-varying
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp * pp)
+    # megatron's default order (tp-cp-ep-dp-pp): TP is the fastest-varying, then CP; DP is 1 here
+    rank = (pp_rank * cp + cp_rank) * tp + tp_rank
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp * cp * pp)
     try:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     context_parallel_size=cp,
                                      virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
                                      create_gloo_process_groups=False)
-        if (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()) != (tp_rank, pp_rank):
-            raise MegapackError(f"rank {rank} is not position tp={tp_rank} pp={pp_rank} in megatron's order")
+        where = (ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank(),
+                 ps.get_pipeline_model_parallel_rank())
+        if where != (tp_rank, cp_rank, pp_rank):
+            raise MegapackError(f"rank {rank} is not position tp={tp_rank} cp={cp_rank} pp={pp_rank} in megatron's "
+                                f"order")
         model_parallel_cuda_manual_seed(0)
         stages = list(range(vpp)) if vpp and vpp > 1 else [None]
         extra = {"variable_seq_lengths": True, "moe_token_dispatcher_type": "alltoall"} if pp > 1 else {}
@@ -117,7 +124,8 @@ def build_position(hf_config: dict, tp: int, pp: int, tp_rank: int, pp_rank: int
 
 
 def build_positions(hf_config: dict, tp: int, pp: int, **kwargs) -> list[Position]:
-    """Every (TP rank, PP rank) position of the layout, built one after another (see `build_position`)."""
+    """Every (TP rank, PP rank) position of the layout (CP rank 0: every CP rank holds the same parameters), built
+    one after another (see `build_position`)."""
     from megapack.model.config import check_parallel_sizes
 
     check_parallel_sizes(hf_config, tp, pp)

@@ -15,8 +15,11 @@ def advice(plan: dict) -> str:
     worst = max(plan["ranks"], key=lambda r: r["total_bytes"])
     state = worst["weight_bytes"] + worst["grad_bytes"] + worst["optimizer_bytes"]
     levers = []
+    cp = plan.get("cp", 1)
+    more_cp = plan["world_size"] % (plan["tp"] * plan["pp"] * cp * 2) == 0 and plan["seq_length"] % (4 * cp) == 0
     act = ["training.recompute=selective" if plan["recompute"] == "none" and plan["device"] == "cpu" else None,
            "training.recompute=full" if plan["recompute"] != "full" else None,
+           f"parallel.cp={cp * 2}" if more_cp else None,
            f"training.micro_batch_size={plan['micro_batch_size'] // 2}" if plan["micro_batch_size"] > 1 else None,
            "parallel.sequence_parallel=true" if plan["tp"] > 1 and not plan["sequence_parallel"] else None]
     model = [f"parallel.tp={plan['tp'] * 2}" if plan["tp"] < 8 else None, f"parallel.pp={plan['pp'] * 2}",
@@ -42,21 +45,26 @@ def verdict(plan: dict) -> str:
 def format_plan(plan: dict) -> str:
     """A readable table (GiB per position) with the layout above it and the verdict as its last line."""
     head = (f"{plan['total_parameters']:,} parameters (+{plan['vocab_padding_parameters']:,} vocabulary padding); "
-            f"world {plan['world_size']} = TP {plan['tp']} x PP {plan['pp']}"
+            f"world {plan['world_size']} = TP {plan['tp']} x CP {plan['cp']} x PP {plan['pp']}"
             + (f" (VPP {plan['vpp']})" if plan["vpp"] else "") + f" x DP {plan['dp']}; "
-            f"{plan['micro_batch_size']} x {plan['seq_length']} tokens per micro-batch, {plan['num_microbatches']} "
+            f"{plan['micro_batch_size']} x {plan['seq_length']} tokens per micro-batch"
+            + (f" (rows up to {plan['row_tokens']:,} with CP padding, {plan['tokens_per_rank']:,} per CP rank)"
+               if plan["cp"] > 1 else "") + f", {plan['num_microbatches']} "
             f"micro-batches per step; recompute {plan['recompute']}; "
             f"{'bf16' if plan['activation_bytes_per_value'] == 2 else 'fp32'}, {plan['device']}")
-    rows = [[str(r["tp_rank"]), str(r["pp_rank"]), f"{r['parameters']:,}", str(r["layers"]), _gib(r["weight_bytes"]),
-             _gib(r["grad_bytes"]), _gib(r["optimizer_bytes"]), f"{r['microbatches_in_flight']:g}",
-             _gib(r["activation_bytes"]), _gib(r["total_bytes"])] for r in plan["ranks"]]
-    header = ["tp", "pp", "parameters", "layers", "weights GiB", "grads GiB", "optimizer GiB", "in flight",
-              "activations GiB", "total GiB"]
+    cp_ranks = "0" if plan["cp"] == 1 else f"0-{plan['cp'] - 1}"  # every CP rank of a position needs the same
+    rows = [[str(r["tp_rank"]), cp_ranks, str(r["pp_rank"]), f"{r['parameters']:,}", str(r["layers"]),
+             _gib(r["weight_bytes"]), _gib(r["grad_bytes"]), _gib(r["optimizer_bytes"]),
+             f"{r['microbatches_in_flight']:g}", _gib(r["gathered_kv_bytes"]), _gib(r["activation_bytes"]),
+             _gib(r["total_bytes"])] for r in plan["ranks"]]
+    header = ["tp", "cp", "pp", "parameters", "layers", "weights GiB", "grads GiB", "optimizer GiB", "in flight",
+              "K/V GiB", "activations GiB", "total GiB"]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(header)]
     table = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [header, *rows]]
     footnote = ("in flight: micro-batches whose activations the rank holds at once in the 1F1B schedule (pp - pp "
                 "rank; interleaved with parallel.vpp: counted in chunks of 1/vpp of the stage); activations = in "
-                "flight x one micro-batch's saved tensors + the largest transient")
+                "flight x one micro-batch's saved tensors + the largest transient; K/V: of those saved tensors, one "
+                "micro-batch's keys and values of the whole row, all-gathered over the CP group (parallel.cp)")
     return "\n".join([head, *table, footnote, verdict(plan)])
 
 

@@ -216,6 +216,7 @@ def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | 
     from megapack.model.spec import resolve_attention_backend
     from megapack.model.checkpoint import read_metadata as read_checkpoint_meta
     from megapack.training.preflight.inputs import check_outputs, check_token_range, shard_sets, verify_shards
+    from megapack.training.preflight.layout_rules import context_parallel_rules
     from megapack.training.preflight.resume import check_resume_layout, checkpoint_problem, resume_changes
     from megapack.model.flops import device_peak_flops
 
@@ -246,6 +247,7 @@ def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | 
             raise MegapackError(f"model.megatron_checkpoint: {config.model.megatron_checkpoint} is incomplete "
                                 f"({problem})")
     seq = shard_seq_length(config, meta)
+    context_parallel_rules(config, seq, world_size, meta.get("pad_to_multiple"))  # one line naming parallel.cp
     dp, gbs, num_micro = batch_layout(config, world_size, seq)
     if par.sequence_parallel and par.tp == 1:
         raise MegapackError("parallel.sequence_parallel: needs parallel.tp > 1")
