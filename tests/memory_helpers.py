@@ -110,6 +110,22 @@ def cli_runs(spec: dict) -> dict:
     return runs
 
 
+def context_parallel_plans() -> dict:
+    """LLaMA-3.1-8B at 128K tokens on 32 GPUs at CP 1, 4 and 8 (TP1 and TP2 with SP, no recompute), and the
+    parameters of a CP rank > 0 against CP 1's (CP shards activations, never parameters)."""
+    from megapack.model.config import load_hf_config
+    from megapack.training.memory.estimate import plan_memory
+    from megapack.training.memory.meta_build import build_position
+
+    hf = load_hf_config(ROOT / "configs/models/Meta-Llama-3.1-8B")
+    plans = {f"tp{tp}/cp{cp}": plan_memory(hf, world_size=32, tp=tp, cp=cp, sequence_parallel=tp > 1,
+                                           seq_length=131072, num_microbatches=4)
+             for tp in (1, 2) for cp in (1, 4, 8)}
+    cp1, cp4 = build_position(hf, 2, 2, 1, 1), build_position(hf, 2, 2, 1, 1, cp=4, cp_rank=3)
+    return {"plans": plans, "same_parameters": list(cp1.param_numels) == list(cp4.param_numels),
+            "parameters": [cp1.parameters, cp4.parameters]}
+
+
 def _live_bytes() -> int:
     """Bytes of every distinct CPU tensor storage alive (the state before a step: weights, grads, Adam moments)."""
     import torch
@@ -205,8 +221,8 @@ def main(spec_path: str, out_path: str) -> None:
     quiet_warnings()
     spec = json.loads(Path(spec_path).read_text())
     out, seconds = {}, {}
-    for part, fn in (("parameters", parameter_sums), ("schedule", schedule_in_flight), ("grid", grid_plans), ("cli", lambda: cli_runs(spec)),
-                     ("measured", measure_steps)):
+    for part, fn in (("parameters", parameter_sums), ("schedule", schedule_in_flight), ("grid", grid_plans),
+                     ("context", context_parallel_plans), ("cli", lambda: cli_runs(spec)), ("measured", measure_steps)):
         if part in spec["parts"]:
             t0 = time.perf_counter()
             out[part] = fn()
