@@ -8,16 +8,22 @@ from pathlib import Path
 import pytest
 
 from megapack.training.preflight.config import load_config
-from megapack.training.preflight.plan import batch_layout, planned_seq_length
+from megapack.training.memory.estimate import planned_batch_layout
+from megapack.training.preflight.layout_rules import context_parallel_rules
+from megapack.training.preflight.plan import planned_seq_length
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SCRIPTS = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in (".sh", ".sbatch"))
 # world size each config is written for (its header comment): tiny_cpu 2 CPU processes, 8B one 8-GPU node,
-# 70B four 8-GPU nodes
-WORLD_SIZE = {"tiny_cpu.yaml": 2, "llama3_8b_packed_sft.yaml": 8, "llama3_70b_packed_sft.yaml": 32}
+# 70B and the long-context 8B four 8-GPU nodes
+WORLD_SIZE = {"tiny_cpu.yaml": 2, "llama3_8b_packed_sft.yaml": 8, "llama3_70b_packed_sft.yaml": 32,
+              "llama31_8b_long_32k.yaml": 32, "llama31_8b_long_128k.yaml": 32}
 # LLaMA-3 architectures (Meta's config.json): layers, attention heads, key/value heads
-ARCH = {"llama3_8b_packed_sft.yaml": (32, 32, 8), "llama3_70b_packed_sft.yaml": (80, 64, 8)}
+ARCH = {"llama3_8b_packed_sft.yaml": (32, 32, 8), "llama3_70b_packed_sft.yaml": (80, 64, 8),
+        "llama31_8b_long_32k.yaml": (32, 32, 8), "llama31_8b_long_128k.yaml": (32, 32, 8)}
+# the long-context configs' seq_length (context parallelism, parallel.cp)
+LONG = {"llama31_8b_long_32k.yaml": 32768, "llama31_8b_long_128k.yaml": 131072}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -30,7 +36,8 @@ def test_config_fits_its_layout(path):
         seq_length = int(re.search(r"--seq-length (\d+)", launcher).group(1))
     else:
         seq_length = planned_seq_length(config)
-    _dp, _gbs, num_microbatches = batch_layout(config, WORLD_SIZE[path.name], seq_length)
+    context_parallel_rules(config, seq_length, WORLD_SIZE[path.name])
+    _dp, _gbs, num_microbatches = planned_batch_layout(config, WORLD_SIZE[path.name], seq_length)
     assert num_microbatches >= 1
     if path.name in ARCH:  # the 8B / 70B GPU configs
         layers, heads, kv_heads = ARCH[path.name]
@@ -38,7 +45,8 @@ def test_config_fits_its_layout(path):
         assert par.tp <= 8 and 8 % par.tp == 0, "tensor parallel stays inside one 8-GPU node"
         assert heads % par.tp == 0 and kv_heads % par.tp == 0 and layers % par.pp == 0
         assert par.sequence_parallel == (par.tp > 1)
-        assert config.data.seq_length in (4096, 8192)
+        assert config.data.seq_length == LONG.get(path.name, config.data.seq_length) in (4096, 8192, *LONG.values())
+        assert (config.parallel.cp > 1) == (path.name in LONG)
         assert config.training.precision in ("auto", "bf16")
         if par.pp > 1:  # enough micro-batches to fill the pipeline
             assert num_microbatches >= par.pp

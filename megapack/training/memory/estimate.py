@@ -6,6 +6,9 @@ fp32 main-gradient buffer, fp32 master weights and both Adam moments sharded ove
 fp32 runs: the weights are the master copy). Activations are what autograd saves for one packed THD micro-batch
 (`seq_length x micro_batch_size` tokens in one row), counted tensor by tensor in `layer_activation_bytes`, times the
 micro-batches in flight of the 1F1B schedule, plus the loss's logits on the last stage and a backward workspace.
+Context parallelism (`parallel.cp`): a rank holds row / cp tokens (the row CP-padded,
+`megapack.training.preflight.layout_rules`) plus the keys and values of the whole row, all-gathered over the CP group
+for its attention; the distributed optimizer shards over DP x CP; parameters are not sharded by CP.
 `tests/test_memory_plan.py` checks the sum against a measured CPU training step.
 """
 from __future__ import annotations
@@ -14,9 +17,13 @@ import functools
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from megapack.errors import MegapackError
 from megapack.model.config import DEFAULT_LOSS_CHUNK_TOKENS
+
+if TYPE_CHECKING:
+    from megapack.training.preflight.config import RunConfig
 
 GIB = 2**30
 # Not available to tensors: the CUDA context and NCCL's buffers (~1 GiB together on H100/H200), and the caching
@@ -247,12 +254,23 @@ def plan_memory(hf: dict, *, world_size: int, tp: int = 1, pp: int = 1, vpp: int
     }
 
 
+def planned_batch_layout(config: RunConfig, world_size: int, seq_length: int) -> tuple[int, int, int]:
+    """`batch_layout` (dp, global batch in packs, micro-batches per step) with dp = world / (tp*cp*pp), for the
+    planner; until `batch_layout` takes parallel.cp itself (branch `cp`), it is asked for world / cp at CP 1."""
+    from megapack.training.preflight.plan import batch_layout
+
+    cp = config.parallel.cp
+    if cp == 1:
+        return batch_layout(config, world_size, seq_length)
+    no_cp = config.model_copy(update={"parallel": config.parallel.model_copy(update={"cp": 1})})
+    return batch_layout(no_cp, world_size // cp, seq_length)
+
+
 def plan_config(config, world_size: int, gpu_memory_gb: float = 80.0, device: str = "gpu") -> dict:
     """`plan_memory` for a RunConfig (its model's config.json, and the shards' meta.json when they exist already;
     no weights)."""
     from megapack.model.config import check_parallel_sizes, load_hf_config
-    from megapack.training.preflight.layout_rules import (context_parallel_rules, planned_batch_layout,
-                                                          shard_segments_per_pack)
+    from megapack.training.preflight.layout_rules import context_parallel_rules, shard_segments_per_pack
     from megapack.training.preflight.plan import planned_seq_length
 
     hf = load_hf_config(config.model.hf_dir)

@@ -84,14 +84,3 @@ def shard_segments_per_pack(config: RunConfig) -> tuple[int, int | None]:
     per_pack = math.ceil(segments / packs) if packs and segments else 1
     return per_pack, meta.get("pad_to_multiple")
 
-
-def planned_batch_layout(config: RunConfig, world_size: int, seq_length: int) -> tuple[int, int, int]:
-    """`batch_layout` (dp, global batch in packs, micro-batches per step) with dp = world / (tp*cp*pp), for the
-    planner; until `batch_layout` takes parallel.cp itself (branch `cp`), it is asked for world / cp at CP 1."""
-    from megapack.training.preflight.plan import batch_layout
-
-    cp = config.parallel.cp
-    if cp == 1:
-        return batch_layout(config, world_size, seq_length)
-    no_cp = config.model_copy(update={"parallel": config.parallel.model_copy(update={"cp": 1})})
-    return batch_layout(no_cp, world_size // cp, seq_length)
