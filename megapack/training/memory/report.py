@@ -16,7 +16,9 @@ def advice(plan: dict) -> str:
     state = worst["weight_bytes"] + worst["grad_bytes"] + worst["optimizer_bytes"]
     levers = []
     cp = plan.get("cp", 1)
-    more_cp = plan["world_size"] % (plan["tp"] * plan["pp"] * cp * 2) == 0 and plan["seq_length"] % (4 * cp) == 0
+    # long rows (16K tokens and more): context parallelism divides the activations, when the world allows it
+    more_cp = (plan["seq_length"] >= 16384 and plan["seq_length"] % (4 * cp) == 0
+               and plan["world_size"] % (plan["tp"] * plan["pp"] * cp * 2) == 0)
     act = ["training.recompute=selective" if plan["recompute"] == "none" and plan["device"] == "cpu" else None,
            "training.recompute=full" if plan["recompute"] != "full" else None,
            f"parallel.cp={cp * 2}" if more_cp else None,
