@@ -126,7 +126,8 @@ def test_the_128k_example_fits_80gb(results):
         assert plan["worst"]["total_bytes"] < plan["limit_bytes"] == int(80 * 2**30 * 0.9 - 2**30)
     selective = cli["plan_128k_selective"]
     assert selective["rc"] == 2
-    assert selective["stdout"].strip().splitlines()[-1].startswith("does not fit: rank position tp=0 pp=0")
+    last = selective["stdout"].strip().splitlines()[-1]
+    assert last.startswith("does not fit: rank position tp=0 pp=0") and "training.recompute=full, parallel.cp=16" in last
 
 
 def test_row_budget_adds_cp_padding_per_segment(results):
