@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.multiprocess  # one child interpreter
-
 ROOT = Path(__file__).resolve().parents[1]
 HF = ROOT / "configs/models/Meta-Llama-3.1-8B"
 LONG_128K = ROOT / "configs/llama31_8b_long_128k.yaml"
