@@ -15,7 +15,7 @@ def advice(plan: dict) -> str:
     worst = max(plan["ranks"], key=lambda r: r["total_bytes"])
     state = worst["weight_bytes"] + worst["grad_bytes"] + worst["optimizer_bytes"]
     levers = []
-    cp = plan.get("cp", 1)
+    cp = plan["cp"]
     # long rows (16K tokens and more): context parallelism divides the activations, when the world allows it
     more_cp = (plan["seq_length"] >= 16384 and plan["seq_length"] % (4 * cp) == 0
                and plan["world_size"] % (plan["tp"] * plan["pp"] * cp * 2) == 0)
