@@ -59,11 +59,13 @@ def test_run_settings_print_as_an_aligned_block():
 def test_plan_explains_its_in_flight_column(monkeypatch):
     from megapack.training.memory.report import format_plan
 
-    plan = {"total_parameters": 10, "vocab_padding_parameters": 0, "world_size": 1, "tp": 1, "pp": 1, "vpp": None,
-            "dp": 1, "micro_batch_size": 1, "seq_length": 8, "num_microbatches": 1, "recompute": "none",
-            "activation_bytes_per_value": 4, "device": "cpu", "fits": True, "worst": None,
+    plan = {"total_parameters": 10, "vocab_padding_parameters": 0, "world_size": 1, "tp": 1, "cp": 1, "pp": 1,
+            "vpp": None, "dp": 1, "micro_batch_size": 1, "seq_length": 8, "row_tokens": 8, "tokens_per_rank": 8,
+            "num_microbatches": 1, "recompute": "none", "activation_bytes_per_value": 4, "device": "cpu", "fits": True,
+            "worst": None,
             "ranks": [{"tp_rank": 0, "pp_rank": 0, "parameters": 10, "layers": 1, "weight_bytes": 1, "grad_bytes": 1,
-                       "optimizer_bytes": 1, "microbatches_in_flight": 1, "activation_bytes": 1, "total_bytes": 4}]}
+                       "optimizer_bytes": 1, "microbatches_in_flight": 1, "gathered_kv_bytes": 0,
+                       "activation_bytes": 1, "total_bytes": 4}]}
     import megapack.training.memory.report as report
 
     monkeypatch.setattr(report, "verdict", lambda plan: "fits")  # the verdict's inputs are not this test's subject
