@@ -23,6 +23,8 @@ import numpy as np
 
 BALANCES = ("none", "packs", "segments")
 LARGE = 32  # a segment longer than seq_length / LARGE is placed for balance, a shorter one to fill rows
+SET_ITEMS = 4  # the heaviest bin's costliest segments offered for sets of shorter ones
+SET_ROW_ITEMS = 48  # a row's segments (the first ones) a set is drawn from
 
 
 @dataclass(frozen=True)
@@ -214,19 +216,21 @@ def _construct(cost: np.ndarray, size: np.ndarray, seq_length: int, dp: int, mic
 
 def _improve(cost: np.ndarray, size: np.ndarray, row: np.ndarray, free: np.ndarray, bin_of_row: np.ndarray,
              candidates: int = 4, max_rounds: int | None = None) -> None:
-    """Local search in place: lower the heaviest bin (a group of rows) by moving one of its items to a row of one of
-    the `candidates` lightest bins where it fits, or swapping it with an item there, choosing the transfer that
-    leaves the lower max of the two; stop when no transfer lowers it. `row` and `free` (room per row) are updated."""
+    """Local search in place: lower the heaviest bin (a group of rows) by a transfer with a lighter bin: move one of
+    its items to a row there where it fits, swap it with an item there, or trade one of its costliest items for a
+    set of shorter items of one row there that fill its place (`_subset_sum`); the transfer leaving the lowest max
+    of the two wins, among the `candidates` lightest bins (or the first lighter one offering any). Stops when no
+    transfer lowers the heaviest bin. `row` and `free` (room per row) are updated."""
     bins = int(bin_of_row.max()) + 1
     total = np.bincount(bin_of_row[row], weights=cost, minlength=bins)
     for _ in range(max_rounds or 2 * len(cost) + 16):
         heavy = int(np.argmax(total))
         xs = np.flatnonzero(bin_of_row[row] == heavy)
         best = (total[heavy] * (1 - 1e-12), None)
-        for light in np.argsort(total, kind="stable")[:candidates]:
+        for n, light in enumerate(np.argsort(total, kind="stable")):
             light = int(light)
-            if light == heavy:
-                break
+            if light == heavy or (n >= candidates and best[1] is not None):
+                break  # the `candidates` lightest bins, then the next ones until one offers a transfer
             rows_l = np.flatnonzero(bin_of_row == light)
             ys = np.flatnonzero(bin_of_row[row] == light)
             # moves: x into the row of `light` with the least room that holds it
@@ -246,15 +250,55 @@ def _improve(cost: np.ndarray, size: np.ndarray, row: np.ndarray, free: np.ndarr
                 if score.min() < best[0]:
                     a, b = np.unravel_index(int(np.argmin(score)), score.shape)
                     best = (float(score[a, b]), ("swap", xs[a], ys[b]))
+            for x in xs[np.argsort(-cost[xs], kind="stable")[:SET_ITEMS]]:
+                # one of heavy's costliest segments for shorter ones of a row of `light` that take its room exactly:
+                # with rows full to the token, this is what moves the quadratic part
+                for r in rows_l:
+                    ys_r = ys[(row[ys] == r) & (size[ys] < size[x])][:SET_ROW_ITEMS]
+                    taken = _subset_sum(size[ys_r], int(size[x] - free[r]), int(size[x] + free[row[x]]))
+                    if taken is None:
+                        continue
+                    d = cost[x] - cost[ys_r[taken]].sum()
+                    score = max(total[heavy] - d, total[light] + d)
+                    if d > 0 and score < best[0]:
+                        best = (float(score), ("set", x, ys_r[taken]))
         if best[1] is None:
             return
         kind, x, other = best[1]
         if kind == "move":
             _place(x, other, cost, size, row, free, total, bin_of_row)
-        else:
+        elif kind == "swap":
             rx, ry = row[x], row[other]
             _place(x, ry, cost, size, row, free, total, bin_of_row)
             _place(other, rx, cost, size, row, free, total, bin_of_row)
+        else:  # x for a set of items of one row
+            rx, ry = row[x], row[other[0]]
+            _place(x, ry, cost, size, row, free, total, bin_of_row)
+            for y in other:
+                _place(y, rx, cost, size, row, free, total, bin_of_row)
+
+
+def _subset_sum(sizes: np.ndarray, low: int, high: int) -> np.ndarray | None:
+    """Indices of items whose sizes sum to a value in [low, high] (the largest such sum), or None (subset-sum
+    table over the sums up to high)."""
+    low = max(low, 1)
+    if high < low or not len(sizes):
+        return None
+    reach = np.zeros((len(sizes) + 1, high + 1), bool)
+    reach[0, 0] = True
+    for i, s in enumerate(sizes.tolist()):
+        reach[i + 1] = reach[i]
+        if s <= high:
+            reach[i + 1, s:] |= reach[i, :high + 1 - s]
+    hits = np.flatnonzero(reach[-1, low:])
+    if not len(hits):
+        return None
+    target, taken = low + int(hits[-1]), []
+    for i in range(len(sizes), 0, -1):  # walk back: item i-1 was taken when the sum is not reachable without it
+        if not reach[i - 1, target]:
+            taken.append(i - 1)
+            target -= int(sizes[i - 1])
+    return np.asarray(taken[::-1], np.int64)
 
 
 def _place(i: int, target: int, cost: np.ndarray, size: np.ndarray, row: np.ndarray, free: np.ndarray,
