@@ -34,7 +34,8 @@ def measure(real: list, padded: list, cost: CostModel, seq_length: int, dp: int,
             seed: int) -> dict[str, list[float]]:
     """max/mean per step of each layout over `steps` random global batches of `gbs` packs."""
     rng = np.random.default_rng(seed)
-    out: dict[str, list[float]] = {"random": [], "packs": [], "segments": [], "segments_slot": [], "seconds": []}
+    out: dict[str, list[float]] = {"random": [], "packs": [], "segments": [], "packs_slot": [], "segments_slot": [],
+                                   "seconds": []}
     micro = gbs // dp
     for _ in range(steps):
         batch = rng.choice(len(real), gbs, replace=False)
@@ -47,6 +48,7 @@ def measure(real: list, padded: list, cost: CostModel, seq_length: int, dp: int,
         out["seconds"].append(time.perf_counter() - t)
         out["segments"].append(layout.imbalance())
         out["segments_slot"].append(layout.slot_imbalance())
+        out["packs_slot"].append(balance_packs(costs, dp, micro, 1).slot_imbalance())
     return out
 
 
@@ -62,9 +64,9 @@ def main() -> None:
     cost = CostModel.of_model(hf)
     print(f"8B cost per segment of s tokens: {cost.linear:.4g}*s + {cost.quadratic:.4g}*s^2; global batch "
           f"{args.global_batch} packs, mbs 1; {args.steps} random global batches per cell; mean (worst) max/mean")
-    print("| mix | rows | DP | packs/rank | random | packs | segments | segments, worst slot | segments: "
-          "s/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mix | rows | DP | packs/rank | random | packs | segments | worst slot: packs | "
+          "worst slot: segments | segments: s/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mix, (median, cap) in MIXES.items():
         rng = np.random.default_rng(args.seed)
         lengths = np.clip(np.exp(rng.normal(np.log(median), 1.0, args.n)), 8, cap).astype(np.int64)
@@ -74,7 +76,7 @@ def main() -> None:
                 m = measure(real, padded, cost, seq_length, dp, args.global_batch, args.steps, args.seed)
                 cell = {k: f"{np.mean(v):.4f} ({np.max(v):.4f})" for k, v in m.items() if k != "seconds"}
                 print(f"| {mix} | {seq_length // 1024}K | {dp} | {args.global_batch // dp} | {cell['random']} | "
-                      f"{cell['packs']} | {cell['segments']} | {cell['segments_slot']} | "
+                      f"{cell['packs']} | {cell['segments']} | {cell['packs_slot']} | {cell['segments_slot']} | "
                       f"{np.mean(m['seconds']):.3f} |", flush=True)
 
 

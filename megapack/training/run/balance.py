@@ -126,14 +126,25 @@ def _heaviest_first(contents: list, micro_cost: np.ndarray) -> tuple[list, np.nd
 
 
 def balance_packs(pack_costs: Sequence[float], dp: int, micro_batches: int, mbs: int) -> Layout:
-    """Whole packs to ranks and micro-batches by cost (LPT, mbs packs per micro-batch)."""
+    """Whole packs to ranks and micro-batches by cost: LPT into dp*micro_batches micro-batches of mbs packs, then
+    slot by slot (heaviest micro-batches first, dp of them per slot) each to the rank with the lowest total so far,
+    so every slot holds micro-batches of similar cost and the ranks' totals even out."""
     costs = np.asarray(pack_costs, np.float64)
     if len(costs) != dp * micro_batches * mbs:
         raise ValueError(f"{len(costs)} packs for {dp} ranks x {micro_batches} micro-batches x {mbs}")
-    placed = _lpt(costs, np.ones(len(costs), np.int64), 1, dp, micro_batches, mbs)
+    placed = _lpt(costs, np.ones(len(costs), np.int64), 1, dp * micro_batches, 1, mbs)
     assert placed is not None  # one pack per row, as many rows as packs
-    contents, micro_cost = _heaviest_first(*placed)
-    return Layout([[[row[0] for row in micro] for micro in rank] for rank in contents], micro_cost)
+    contents, bin_cost = placed[0], placed[1][:, 0]
+    order = np.lexsort((np.arange(len(bin_cost)), -bin_cost))
+    rows: list = [[None] * micro_batches for _ in range(dp)]
+    micro_cost, rank_total = np.zeros((dp, micro_batches)), np.zeros(dp)
+    for k in range(micro_batches):
+        ranks = np.lexsort((np.arange(dp), rank_total))
+        for r, b in zip(ranks, order[k * dp:(k + 1) * dp]):
+            rows[r][k] = [row[0] for row in contents[b][0]]
+            micro_cost[r, k] = bin_cost[b]
+            rank_total[r] += bin_cost[b]
+    return Layout(rows, micro_cost)
 
 
 def balance_segments(real_lengths: Sequence[np.ndarray], padded_lengths: Sequence[np.ndarray], cost: CostModel,
