@@ -141,3 +141,16 @@ def test_sampler_trains_the_same_global_batches_at_any_dp_and_after_resume(mode)
 def test_max_over_mean():
     assert max_over_mean(np.array([1.0, 3.0])) == 1.5 and max_over_mean(np.zeros(3)) == 1.0
     assert Piece(1, 2) == Piece(1, 2)
+
+
+def test_report_shows_the_rank_balance(tmp_path):
+    from pathlib import Path
+
+    from megapack.report.document import balance_lines
+    from megapack.report.runs import Run
+
+    runs = [Run("bfd", Path("."), {}, train=[{"step": 1, "dp_cost_max_mean": 1.02}, {"step": 2,
+                                                                                    "dp_cost_max_mean": 1.04}]),
+            Run("old", Path("."), {}, train=[{"step": 1, "loss": 2.0}])]
+    assert balance_lines(runs) == ["- `bfd`: 1.0300 on average, 1.0400 at worst over 2 logged steps",
+                                   "- `old`: not logged"]
