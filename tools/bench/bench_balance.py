@@ -89,7 +89,8 @@ def main() -> None:
                 m = measure(real, padded, cost, seq_length, dp, args.global_batch, args.steps, args.seed)
                 cell = {k: f"{np.mean(v):.4f} ({np.max(v):.4f})" for k, v in m.items() if k != "seconds"}
                 print(f"| {mix} | {seq_length // 1024}K | {dp} | {args.global_batch // dp} | {cell['random']} | "
-                      f"{cell['packs']} | {cell['segments']} | {cell['bound']} | {cell['packs_slot']} | {cell['segments_slot']} | "
+                      f"{cell['packs']} | {cell['segments']} | {cell['bound']} | {cell['packs_slot']} | "
+                      f"{cell['segments_slot']} | "
                       f"{np.mean(m['seconds']):.3f} |", flush=True)
 
 

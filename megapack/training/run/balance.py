@@ -6,13 +6,14 @@ over its segments. Every layout here is a pure function of the global batch (its
 layout sizes (DP ranks D, micro-batches per rank M, packs per micro-batch m): every rank computes the same one, a
 resumed run the same one again, and the global batch itself (which packs a step trains) never depends on it.
 
-The assignment is LPT (longest processing time first) under the rows' capacity: items (packs, or segments) in
-decreasing cost go to the lightest DP rank that has room, inside it to its lightest micro-batch with room, inside that
-to the fullest row it fits (best fit). So rank totals are balanced first and the micro-batches of a rank second (a
-pipeline stalls on an uneven micro-batch); each rank's micro-batches are then ordered heaviest first, so micro-batch
-slot k holds every rank's k-th heaviest (slots balanced across ranks for pipeline parallelism). verl's
-`seqlen_balancing` (Karmarkar-Karp over DP ranks) and Megatron-LM's hybrid-CP scheduler were the references; both
-leave pipeline parallelism out.
+`packs`: LPT (costliest first, to the lightest) into the D*M micro-batches, dealt slot by slot (the D heaviest left,
+one to each rank, the heaviest to the rank with the lowest total), so rank totals even out and every micro-batch slot
+holds micro-batches of similar cost (a pipeline stage waits on the slowest one). `segments`: rows built afresh by cost
+(long segments to the lightest rank, short ones best fit) when they all fit, else the shards' own rows as `packs`
+lays them out; then a local search moves, swaps and trades segments between the heaviest rank and lighter ones, and
+between the micro-batches of each rank; each rank's micro-batches run heaviest first. verl's `seqlen_balancing`
+(Karmarkar-Karp over DP ranks) and Megatron-LM's hybrid-CP scheduler were the references; both leave pipeline
+parallelism out.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BALANCES = ("none", "packs", "segments")
 LARGE = 32  # a segment longer than seq_length / LARGE is placed for balance, a shorter one to fill rows
 SET_ITEMS = 4  # the heaviest bin's costliest segments offered for sets of shorter ones
 SET_ROW_ITEMS = 48  # a row's segments (the first ones) a set is drawn from
@@ -152,10 +152,10 @@ def balance_segments(real_lengths: Sequence[np.ndarray], padded_lengths: Sequenc
     """The global batch's segments re-packed by cost into dp*micro_batches*mbs rows of at most seq_length tokens
     (padded lengths), mbs rows per micro-batch.
 
-    Starts from the whole packs balanced by `balance_packs` (a feasible packing: the shards' own rows), then moves
-    and swaps single segments between rows of the heaviest rank and the lightest ones while that lowers the heavier
-    of the two and every row keeps within seq_length (`_improve`); then, inside each rank, between its micro-batches
-    (pipeline slots; rank totals unchanged), and orders each rank's micro-batches heaviest first.
+    Starts from rows built by cost (`_construct`) or, when those leave a segment without room, from the whole packs
+    balanced by `balance_packs` (the shards' own rows always fit); then lowers the heaviest rank by transfers with
+    lighter ones while every row keeps within seq_length (`_improve`); then the same between the micro-batches of each
+    rank (pipeline slots; the rank's total unchanged), and orders each rank's micro-batches heaviest first.
     """
     if len(real_lengths) != dp * micro_batches * mbs:
         raise ValueError(f"{len(real_lengths)} packs for {dp} ranks x {micro_batches} micro-batches x {mbs}")
