@@ -154,3 +154,27 @@ def test_report_shows_the_rank_balance(tmp_path):
             Run("old", Path("."), {}, train=[{"step": 1, "loss": 2.0}])]
     assert balance_lines(runs) == ["- `bfd`: 1.0300 on average, 1.0400 at worst over 2 logged steps",
                                    "- `old`: not logged"]
+
+
+@pytest.mark.parametrize("balance,packing,extra,refused", [
+    ("packs", "padding", {}, "padding arm"),
+    ("segments", "random", {}, "random packing"),
+    ("segments", "bfd", {"model": {"cross_sample_attention": True}}, "cross_sample_attention"),
+    ("segments", "bfd", {"data": {"path": None, "blend": [{"path": "a", "weight": 1}]}}, "data.blend"),
+    ("packs", "random", {}, None), ("segments", "greedy", {}, None), ("none", "padding", {}, None),
+])
+def test_preflight_refuses_balances_it_cannot_keep(balance, packing, extra, refused):
+    from megapack.errors import MegapackError
+    from megapack.training.preflight.config import load_config
+    from megapack.training.preflight.plan import _check_balance
+
+    raw = {"model": {"hf_dir": "hf"}, "data": {"path": "shards"},
+           "training": {"global_batch_size": 8, "balance": balance}}
+    for section, values in extra.items():
+        raw[section].update(values)
+    config = load_config(None, raw=raw)
+    if refused is None:
+        _check_balance(config, packing)
+        return
+    with pytest.raises(MegapackError, match=f"^training.balance: .*{refused}"):
+        _check_balance(config, packing)
