@@ -27,12 +27,11 @@ def device_peak_flops(device_name: str | None) -> float | None:
     return None
 
 
-def model_flops(hf_config: dict, tokens: int, seq_sq_sum: int) -> float:
-    """Model FLOPs of training (forward + backward = 3x forward) on `tokens` real tokens in segments whose squared
-    lengths sum to `seq_sq_sum`.
+def flop_coefficients(hf_config: dict) -> tuple[float, float]:
+    """(a, b) of a training step's model FLOPs a*tokens + b*sum(s^2) over segments of s real tokens (forward +
+    backward = 3x forward): `a` the per-token matmuls, `b` causal attention.
 
-    Only real tokens count (padding is computed but is not model work, so padding shows up as lower MFU); causal
-    attention counts s^2/2 score entries per segment of length s, for QK^T and for AV, at 2 FLOPs per multiply-add.
+    Causal attention counts s^2/2 score entries per segment, for QK^T and for AV, at 2 FLOPs per multiply-add.
     """
     from megapack.model.config import head_dim, num_kv_heads
 
@@ -44,5 +43,14 @@ def model_flops(hf_config: dict, tokens: int, seq_sq_sum: int) -> float:
     vocab = hf_config["vocab_size"]
     per_layer = h * heads * d + 2 * h * kv_heads * d + heads * d * h + 3 * h * ffn
     matmul_params = layers * per_layer + h * vocab
-    forward = 2.0 * tokens * matmul_params + 2.0 * layers * heads * d * float(seq_sq_sum)
-    return 3.0 * forward
+    return 3.0 * 2.0 * matmul_params, 3.0 * 2.0 * layers * heads * d
+
+
+def model_flops(hf_config: dict, tokens: int, seq_sq_sum: int) -> float:
+    """Model FLOPs of training (forward + backward = 3x forward) on `tokens` real tokens in segments whose squared
+    lengths sum to `seq_sq_sum` (coefficients: `flop_coefficients`).
+
+    Only real tokens count (padding is computed but is not model work, so padding shows up as lower MFU).
+    """
+    a, b = flop_coefficients(hf_config)
+    return a * tokens + b * float(seq_sq_sum)

@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from megapack.atomic import write_text_atomic
 from megapack.errors import MegapackError
 from megapack.report.figures import FIGURES, draw_all
@@ -77,6 +79,20 @@ def dataset_table(runs: list[Run]) -> list[str]:
     return markdown_table(["run", "dataset"] + metrics, rows)
 
 
+BALANCE_KEY = "dp_cost_max_mean"  # metrics.jsonl: max/mean of the DP ranks' attention-aware cost of a step
+
+
+def balance_lines(runs: list[Run]) -> list[str]:
+    """One line per run: the mean and worst per-step max/mean cost across DP ranks (`training.balance`)."""
+    lines = []
+    for run in runs:
+        values = run.values(BALANCE_KEY)
+        values = values[~np.isnan(values)]
+        lines.append(f"- `{run.name}`: " + (f"{values.mean():.4f} on average, {values.max():.4f} at worst over "
+                                            f"{_count(len(values), 'logged step')}" if len(values) else "not logged"))
+    return lines
+
+
 def _resumed(run: Run) -> str:
     """`, resumed after step 3, 7` for a run that resumed from checkpoints; empty otherwise."""
     return f", resumed after step {', '.join(map(str, run.resumes))}" if run.resumes else ""
@@ -92,7 +108,10 @@ def render(runs: list[Run], figures: list[dict]) -> str:
     lines += [f"{_count(len(runs), 'run')}:", ""]
     lines += [f"- `{run.name}`: {run.path} ({run.packing} packing, {_count(len(run.train), 'logged step')}, "
               f"{_count(len(run.valid), 'validation')}{_resumed(run)})" for run in runs]
-    lines += ["", "## Table 3 columns", ""] + summary_table(runs) + ["", NOTES, "", "## Figures", ""]
+    lines += ["", "## Table 3 columns", ""] + summary_table(runs) + ["", NOTES, ""]
+    lines += ["## Rank balance", "", "Per step, the most loaded DP rank's cost against the mean (a*tokens + b*sum of "
+              "squared segment lengths, the model's FLOPs; 1.0 is even; `training.balance`):", ""]
+    lines += balance_lines(runs) + ["", "## Figures", ""]
     lines += ["Every run is one line, in the same colour and marker in every figure. The time and conversation axes "
               "add up each logged step's `step_time_s` and `conversations` (with `logging.interval` > 1, each logged "
               "step stands for the steps since the previous one). A dotted vertical line on the loss figures marks "

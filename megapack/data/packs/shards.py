@@ -244,6 +244,13 @@ class ShardDataset:
             out.append(cum[doc[1:]] - cum[doc[:-1]])
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
+    def segment_lengths(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(real, padded) lengths of pack i's segments, from the index files only (no tokens read)."""
+        k = int(np.searchsorted(self._cum, i, side="right")) - 1
+        shard, j = self._shard(k), i - int(self._cum[k])
+        a, b = int(shard.tokens.doc_index[j]), int(shard.tokens.doc_index[j + 1])
+        return shard.real_lengths[a:b].astype(np.int64), np.asarray(shard.tokens.padded_lengths[a:b], np.int64)
+
     def __getitem__(self, i: int) -> Pack:
         n = len(self)
         if i < 0:

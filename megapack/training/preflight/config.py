@@ -165,6 +165,11 @@ class TrainingConfig(_Strict):
         "the step's update and go on"))
     max_nonfinite_skips: int = Field(3, ge=1, description="with on_nonfinite skip: stop after this many "
                                                           "consecutive skipped steps")
+    balance: Literal["none", "packs", "segments"] = Field("none", description=(
+        "which DP rank and micro-batch trains which pack of a global batch: none (in order); packs (whole packs by "
+        "attention cost, a*len + b*len^2 per segment); segments (the global batch's segments re-packed by cost into "
+        "the ranks' rows; not with padding or random shards, data.blend or cross_sample_attention). The global "
+        "batch and the losses stay the same; metrics.jsonl logs dp_cost_max_mean either way"))
     eval_interval: int | None = Field(None, ge=1, description="steps between validations (also run at the end)")
     eval_max_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per DP rank")
 

@@ -183,6 +183,23 @@ def _check_virtual_stages(config: RunConfig, hf_config: dict, num_microbatches: 
                             f"multiple of parallel.pp {par.pp}")
 
 
+def _check_balance(config: RunConfig, packing: str) -> None:
+    """training.balance: the padding arm keeps its micro-batches (their padding is the arm); re-packing segments
+    needs whole conversations in isolated segments of one shard directory."""
+    balance = config.training.balance
+    if balance != "none" and packing == "padding":
+        raise MegapackError(f"training.balance: {balance} would regroup the padding arm's conversations, whose "
+                            f"micro-batch padding is what the arm measures; use none with padding shards")
+    if balance != "segments":
+        return
+    for problem, present in (("random packing cuts rows to the token (nothing can move)", packing == "random"),
+                             ("data.blend tags whole packs with their member", bool(config.data.blend)),
+                             ("model.cross_sample_attention lets a pack's conversations see each other",
+                              config.model.cross_sample_attention)):
+        if present:
+            raise MegapackError(f"training.balance: segments is not available here: {problem}; use packs")
+
+
 def _total_steps(config: RunConfig, train_packs: int, global_batch_size: int) -> int:
     if config.training.train_steps is not None:
         return config.training.train_steps
@@ -254,6 +271,7 @@ def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | 
     hf_config = load_hf_config(config.model.hf_dir)
     check_parallel_sizes(hf_config, par.tp, par.pp, seq)
     _check_virtual_stages(config, hf_config, num_micro, meta.get("packing") == "padding", seq)
+    _check_balance(config, str(meta.get("packing")))
     warnings += check_token_range(sets, int(hf_config["vocab_size"]), config.model.hf_dir)
     shard_tok = tokenizer_identity(meta)
     _check_tokenizer(config, shard_tok, ckpt_meta)

@@ -32,8 +32,8 @@ from megapack.errors import MegapackError
 from megapack.training.preflight.config import RunConfig
 from megapack.training.preflight.plan import RunPlan
 from megapack.training.run.batch import Batch
-from megapack.training.run.sampler import BatchFeed, TrainSampler, validation_batches
-from megapack.training.run.source import Evaluate, Validation
+from megapack.training.run.sampler import Balancing, BatchFeed, TrainSampler, validation_batches
+from megapack.training.run.source import Evaluate, Validation, balancing
 
 
 class BlendSchedule:
@@ -80,19 +80,21 @@ class BlendSampler(TrainSampler):
     """TrainSampler over the blend's global sequence: pack "indices" are (member, pack) pairs."""
 
     def __init__(self, schedule: BlendSchedule, names: Sequence[str], global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, consumed_packs: int = 0) -> None:
+                 dp_rank: int, dp_size: int, seed: int, consumed_packs: int = 0,
+                 balancing: Balancing | None = None) -> None:
         super().__init__(sum(len(x) for x in schedule.lengths), global_batch_size, micro_batch_size, dp_rank,
-                         dp_size, seed, consumed_packs)
+                         dp_size, seed, consumed_packs, balancing)
         self.schedule, self.names = schedule, list(names)
         self.step_packs: list[tuple[int, int]] = []  # the whole global batch of the last step (every rank alike)
 
     def next_step(self) -> list[list[tuple[int, int]]]:
         """This DP rank's micro-batches of (member, pack) for the next step; advances every member's position."""
         self.step_packs = [self.schedule.next() for _ in range(self.gbs)]
+        self._step_start = self.consumed_packs
         return super().next_step()
 
     def _pack(self, k: int) -> tuple[int, int]:
-        return self.step_packs[k - self.consumed_packs]
+        return self.step_packs[k - self._step_start]
 
     def state_dict(self) -> dict:
         """The data position of every member (goes into the checkpoint next to consumed_packs)."""
@@ -132,7 +134,8 @@ class BlendSource:
             self.log("data.blend: the weights differ from the checkpoint's; every member continues where it was, "
                      "the shares count from here")
         return BlendSampler(schedule, self.names, self.plan.global_batch_size, self.plan.micro_batch_size,
-                            self.dp_rank, self.plan.dp, self.config.training.seed, consumed_packs)
+                            self.dp_rank, self.plan.dp, self.config.training.seed, consumed_packs,
+                            balancing(self.config, self.plan, lambda key: self.trains[key[0]].segment_lengths(key[1])))
 
     def describe(self) -> str:
         """The members and their weights."""
@@ -188,7 +191,7 @@ class BlendSource:
                 total += item["member loss"].to(torch.float64)
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # only the last stage is non-zero
         dist.all_reduce(total, group=ps.get_data_parallel_group())
-        fields: dict = {}
+        fields: dict = self.sampler.report()
         for name, (s, w, trained, tokens) in zip(self.names, total.tolist()):
             loss = s / w if w > 0 else None
             self.last_loss[name] = loss if loss is not None else self.last_loss.get(name)

@@ -2,28 +2,52 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from megapack import seeds
+from megapack.training.run.balance import (CostModel, Layout, balance_packs, balance_segments, default_layout,
+                                           repacked_row)
 from megapack.training.run.batch import Batch, build_batch
+
+
+@dataclass(frozen=True)
+class Balancing:
+    """How a global batch is laid out on the ranks (`training.balance`): the mode, the cost model, the rows' length
+    and `lengths(key)` -> (real, padded) segment lengths of a pack (index files only)."""
+
+    mode: str
+    cost: CostModel
+    seq_length: int
+    lengths: Callable[[Any], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class RowOf:
+    """A re-packed row: segments of the global batch's packs, as (pack key, segment index) pairs."""
+
+    pieces: tuple[tuple[Any, int], ...]
 
 
 class TrainSampler:
     """Global-batch sampler over an endless sequence of shuffled epochs; its position is `consumed_packs`.
 
-    The j-th pack of a global batch goes to micro-batch j // (mbs*dp) of DP rank (j % (mbs*dp)) // mbs, so a step
-    trains the same packs whatever the DP size (and resuming at another DP size continues the same stream).
+    Without balancing the j-th pack of a global batch goes to micro-batch j // (mbs*dp) of DP rank
+    (j % (mbs*dp)) // mbs; with it (`Balancing`) the same global batch is laid out by cost
+    (megapack.training.run.balance). Either way a step trains the same packs whatever the DP size (and resuming at
+    another DP size continues the same stream); the layout is a pure function of the global batch.
     """
 
     def __init__(self, num_packs: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int, consumed_packs: int = 0) -> None:
+                 seed: int, consumed_packs: int = 0, balancing: Balancing | None = None) -> None:
         if num_packs <= 0:
             raise ValueError("empty dataset")
         self.n, self.gbs, self.mbs = num_packs, global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.consumed_packs = consumed_packs
+        self.balancing, self.last_layout = balancing, None
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
 
     def _pack(self, k: int) -> Any:
@@ -33,14 +57,45 @@ class TrainSampler:
         return int(self._order[pos])
 
     def next_step(self) -> list[list[Any]]:
-        """This DP rank's micro-batches (lists of pack indices) for the next step; advances the position."""
-        start, per_mb = self.consumed_packs, self.mbs * self.dp_size
-        out = []
-        for m in range(self.gbs // per_mb):
-            base = start + m * per_mb + self.dp_rank * self.mbs
-            out.append([self._pack(base + k) for k in range(self.mbs)])
+        """This DP rank's micro-batches for the next step (lists of pack keys, or of `RowOf` re-packed rows);
+        advances the position."""
+        keys = [self._pack(self.consumed_packs + j) for j in range(self.gbs)]
         self.consumed_packs += self.gbs
-        return out
+        self.last_layout = layout = self.layout(keys)
+        return [[RowOf(tuple((keys[p.pack], p.segment) for p in row)) if layout.repacked else keys[row]
+                 for row in micro] for micro in layout.rows[self.dp_rank]]
+
+    def layout(self, keys: Sequence[Any]) -> Layout:
+        """The global batch of these pack keys on every DP rank (every rank computes the same one)."""
+        micro_batches = self.gbs // (self.mbs * self.dp_size)
+        b = self.balancing
+        if b is None:
+            return default_layout(np.zeros(len(keys)), self.dp_size, micro_batches, self.mbs)
+        lengths = [b.lengths(k) for k in keys]
+        costs = [b.cost.pack(real) for real, _ in lengths]
+        if b.mode == "segments":
+            return balance_segments([r for r, _ in lengths], [p for _, p in lengths], b.cost, b.seq_length,
+                                    self.dp_size, micro_batches, self.mbs)
+        if b.mode == "packs":
+            return balance_packs(costs, self.dp_size, micro_batches, self.mbs)
+        return default_layout(costs, self.dp_size, micro_batches, self.mbs)
+
+    def reader(self, read: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """`read` (a pack key -> its pack) extended to re-packed rows (each pack read once per call of reader)."""
+        cache: dict = {}
+
+        def pack(key):
+            if key not in cache:
+                cache[key] = read(key)
+            return cache[key]
+
+        return lambda item: repacked_row([(pack(k), s) for k, s in item.pieces]) if isinstance(item, RowOf) \
+            else read(item)
+
+    def report(self) -> dict:
+        """The last step's balance: max/mean of the DP ranks' costs (`dp_cost_max_mean`)."""
+        return {} if self.last_layout is None or self.balancing is None else \
+            {"dp_cost_max_mean": self.last_layout.imbalance()}
 
     @property
     def epoch(self) -> float:

@@ -14,7 +14,8 @@ from megapack.errors import MegapackError
 from megapack.training.preflight.config import RunConfig
 from megapack.training.preflight.plan import RunPlan
 from megapack.training.run.batch import Batch
-from megapack.training.run.sampler import BatchFeed, TrainSampler, validation_batches
+from megapack.training.run.balance import CostModel
+from megapack.training.run.sampler import Balancing, BatchFeed, TrainSampler, validation_batches
 
 # evaluate(micro-batches, count) -> the loss over them (the model side of validation; see run.step.evaluate)
 Evaluate = Callable[[Iterator[Batch], int], float]
@@ -70,6 +71,11 @@ def batch_feed(plan: RunPlan, config: RunConfig, device) -> BatchFeed:
                      is_tp_src=ps.get_tensor_model_parallel_rank() == 0, device=device)
 
 
+def balancing(config: RunConfig, plan: RunPlan, lengths: Callable) -> Balancing:
+    """training.balance with the model's cost and the shards' segment lengths (`lengths(key)` -> (real, padded))."""
+    return Balancing(config.training.balance, CostModel.of_model(plan.hf_config), plan.seq_length, lengths)
+
+
 class ShardSource:
     """One shard directory: its train split in shuffled epochs, its (or data.valid_path's) validation split."""
 
@@ -87,7 +93,8 @@ class ShardSource:
                 log(f"no validation: {exc}")
         self.micro_batch_size, self.eval_max_batches = plan.micro_batch_size, config.training.eval_max_batches
         self.sampler = TrainSampler(len(self.train), plan.global_batch_size, plan.micro_batch_size, dp_rank, plan.dp,
-                                    config.training.seed)
+                                    config.training.seed,
+                                    balancing=balancing(config, plan, self.train.segment_lengths))
 
     def describe(self) -> str:
         """The shard directory."""
@@ -101,7 +108,7 @@ class ShardSource:
     def next_step(self) -> tuple[Iterator[Batch], int]:
         """The next step's micro-batches of this rank."""
         index_lists = self.sampler.next_step()
-        return self.feed.batches(self.train.__getitem__, index_lists), len(index_lists)
+        return self.feed.batches(self.sampler.reader(self.train.__getitem__), index_lists), len(index_lists)
 
     def validate(self, evaluate: Evaluate) -> Validation | None:
         """The loss over the validation split (strided over DP ranks, unshuffled)."""
@@ -116,8 +123,8 @@ class ShardSource:
         return {}
 
     def step_report(self, outputs: list, device) -> dict:
-        """Nothing beyond the step's counters."""
-        return {}
+        """The step's balance across DP ranks (the sampler's layout, the same on every rank)."""
+        return self.sampler.report()
 
     def summary(self) -> dict:
         """Nothing beyond the run's totals."""
