@@ -34,7 +34,9 @@ class Batch:
 
     Segment k occupies tokens[cu_seqlens_padded[k]:cu_seqlens_padded[k+1]] and its first
     cu_seqlens[k+1] - cu_seqlens[k] tokens are real (Transformer Engine's THD convention). Arrays are numpy on the
-    host, torch tensors after `to` / `broadcast` (per-token fields shaped [1, t], as the model takes them).
+    host, torch tensors after `to` / `broadcast` (per-token fields shaped [1, t], as the model takes them). A
+    context-parallel rank's share (`context_parallel_share`) holds its own tokens in the per-token fields and the
+    whole row's boundaries, as Transformer Engine and megatron's THD RoPE expect under CP.
     """
 
     tokens: Any = _per_token("int64")
