@@ -13,6 +13,7 @@ import inspect
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from megatron.core.transformer.module import MegatronModule
 
@@ -76,6 +77,34 @@ def torch_varlen_available() -> bool:
     return cuda_kernel_available("torch.nn.attention.varlen", "varlen_attn")
 
 
+def cp_attention_inputs(params, group, local_tokens: int, backend: str, device: torch.device):
+    """What CP attention needs from a micro-batch's PackedSeqParams (the whole row's padded cu_seqlens), computed
+    once per micro-batch and kept on it: the `[local, gathered]` mask (sdpa), or (cu_q, cu_k, key index, max_q,
+    max_k) over the local chunks and their key prefixes (varlen kernels)."""
+    import torch.distributed as dist
+
+    from megapack.model.context_parallel import CPLayout
+
+    key = ("_megapack_cp", backend == "sdpa", dist.get_rank(group), dist.get_world_size(group))
+    cached = getattr(params, "_megapack_cp_inputs", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    cu_padded = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+    cu = cu_padded.detach().cpu().numpy()
+    layout = CPLayout.of(cu, key[2], key[3])
+    if len(layout.local) != local_tokens:
+        raise MegapackError(f"parallel.cp: this rank holds {local_tokens} tokens but the row's cu_seqlens_padded "
+                            f"give it {len(layout.local)} (pass the whole row's padded boundaries)")
+    if backend == "sdpa":
+        inputs = torch.from_numpy(layout.mask(cu)).to(device)
+    else:
+        cu_q, cu_k, index = layout.chunk_prefixes(cu)
+        inputs = (torch.from_numpy(cu_q).to(device, torch.int32), torch.from_numpy(cu_k).to(device, torch.int32),
+                  torch.from_numpy(index).to(device), int(np.diff(cu_q).max()), int(np.diff(cu_k).max()))
+    params._megapack_cp_inputs = (key, inputs)
+    return inputs
+
+
 class PackedCoreAttention(MegatronModule):
     """Causal core attention that keeps packed sequences apart (or not, for the cross-sample ablation)."""
 
@@ -95,8 +124,13 @@ class PackedCoreAttention(MegatronModule):
         super().__init__(config=config)
         if backend not in BACKENDS:
             raise MegapackError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-        if config.context_parallel_size != 1:
-            raise MegapackError("context parallelism needs the Transformer Engine backend (attention_backend='te')")
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            if cross_sample_attention:
+                raise MegapackError("model.cross_sample_attention is not available with parallel.cp > 1")
+            from megatron.core import parallel_state
+
+            self.cp_group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
         self.backend = backend
         self.cross_sample_attention = cross_sample_attention
         self.layer_number = max(1, layer_number)
@@ -124,7 +158,28 @@ class PackedCoreAttention(MegatronModule):
             return self._packed(query, key, value, packed_seq_params)
         return self._padded(query, key, value, attention_mask)
 
+    def _varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                max_q: int, max_k: int) -> torch.Tensor:
+        """flash-attn or torch varlen over `[t, h, d]`; causal aligned to each key sequence's end (bottom right)."""
+        if self.backend == "flash":
+            from flash_attn import flash_attn_varlen_func
+
+            return flash_attn_varlen_func(
+                q, k, v, cu_q.int(), cu_k.int(), int(max_q), int(max_k),
+                dropout_p=0.0, softmax_scale=self.softmax_scale, causal=True,
+            )
+        from torch.nn.attention.varlen import varlen_attn
+
+        if "enable_gqa" not in self._varlen_kwargs and k.shape[1] != q.shape[1]:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(
+            q, k, v, cu_q.int(), cu_k.int(), int(max_q), int(max_k), scale=self.softmax_scale, **self._varlen_kwargs,
+        )
+
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params) -> torch.Tensor:
+        if self.cp_group is not None:
+            return self._packed_cp(q, k, v, params)
         total = q.shape[0]
         # segments are laid out at their padded offsets; padding sits after each segment's real tokens, so causal
         # attention over the padded segment leaves the real tokens exact
@@ -137,26 +192,25 @@ class PackedCoreAttention(MegatronModule):
         elif int(cu_q[-1]) != total:
             raise MegapackError(f"packed attention: cu_seqlens end at {int(cu_q[-1])} but the row holds {total} "
                                 f"tokens (pass cu_seqlens_q_padded covering the whole row)")
-        if self.backend == "flash":
-            from flash_attn import flash_attn_varlen_func
-
-            return flash_attn_varlen_func(
-                q, k, v, cu_q.int(), cu_k.int(), int(max_q), int(max_k),
-                dropout_p=0.0, softmax_scale=self.softmax_scale, causal=True,
-            )
-        if self.backend == "torch_varlen":
-            from torch.nn.attention.varlen import varlen_attn
-
-            if "enable_gqa" not in self._varlen_kwargs and k.shape[1] != q.shape[1]:
-                groups = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            return varlen_attn(
-                q, k, v, cu_q.int(), cu_k.int(), int(max_q), int(max_k), scale=self.softmax_scale,
-                **self._varlen_kwargs,
-            )
+        if self.backend != "sdpa":
+            return self._varlen(q, k, v, cu_q, cu_k, max_q, max_k)
         allowed = block_causal_mask(None if self.cross_sample_attention else cu_q, total, q.device)
         q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
         out = _sdpa(q, k, v, allowed, self.softmax_scale)
+        return out[0].transpose(0, 1).contiguous()
+
+    def _packed_cp(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params) -> torch.Tensor:
+        """This CP rank's queries against the keys and values all-gathered over the CP group
+        (megapack.model.context_parallel): an explicit mask (sdpa) or per-chunk cu_seqlens (flash, torch_varlen)."""
+        from megapack.model.context_parallel import gather_context_parallel
+
+        inputs = cp_attention_inputs(params, self.cp_group, q.shape[0], self.backend, q.device)
+        k, v = gather_context_parallel(k, self.cp_group), gather_context_parallel(v, self.cp_group)
+        if self.backend != "sdpa":
+            cu_q, cu_k, index, max_q, max_k = inputs
+            return self._varlen(q, k[index], v[index], cu_q, cu_k, max_q, max_k)
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
+        out = _sdpa(q, k, v, inputs, self.softmax_scale)
         return out[0].transpose(0, 1).contiguous()
 
     def _padded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None):

@@ -111,6 +111,7 @@ def build_model(
         raise MegapackError("build_model needs megatron's parallel state: call init_distributed() first")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    config_kwargs.setdefault("context_parallel_size", parallel_state.get_context_parallel_world_size())
     if attention_backend not in CONCRETE_BACKENDS:  # `auto` is resolved once, by the run plan
         raise MegapackError(f"attention_backend {attention_backend!r}: build_model takes a resolved backend "
                             f"({', '.join(CONCRETE_BACKENDS)}); see megapack.model.spec.resolve_attention_backend")

@@ -22,11 +22,17 @@ HALF_PRECISION_BACKENDS = ("flash", "torch_varlen")
 
 
 def resolve_attention_backend(attention_backend: str = "auto", cross_sample_attention: bool = False,
-                              bf16: bool = True) -> str:
+                              bf16: bool = True, cp: int = 1) -> str:
     """The concrete backend ('te', 'flash', 'torch_varlen' or 'sdpa'); `auto` picks the fastest available for the
-    precision (`bf16` False: an fp32 model, which the half-precision kernels cannot run)."""
+    precision (`bf16` False: an fp32 model, which the half-precision kernels cannot run). With context parallelism
+    (`cp` > 1) megapack's own all-gather attention runs: `te` is refused and `auto` skips it."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise MegapackError(f"attention_backend {attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    if cp > 1 and cross_sample_attention:
+        raise MegapackError(f"parallel.cp: {cp} does not work with model.cross_sample_attention; use parallel.cp 1")
+    if cp > 1 and attention_backend == "te":
+        raise MegapackError(f"parallel.cp: {cp} with model.attention_backend 'te' is not supported; use flash, "
+                            f"torch_varlen or sdpa (megapack's all-gather context parallelism), or auto")
     checks = {
         "te": (te_available, "needs transformer_engine and a CUDA GPU (pip install 'megapack[gpu]')"),
         "flash": (flash_available, "needs flash-attn and a CUDA GPU (pip install flash-attn)"),
@@ -34,7 +40,8 @@ def resolve_attention_backend(attention_backend: str = "auto", cross_sample_atte
         "sdpa": (lambda: True, ""),
     }
     if attention_backend == "auto":
-        order = ("flash", "torch_varlen", "sdpa") if cross_sample_attention else ("te", "flash", "torch_varlen", "sdpa")
+        order = ("flash", "torch_varlen", "sdpa") if cross_sample_attention or cp > 1 \
+            else ("te", "flash", "torch_varlen", "sdpa")
         return next(name for name in order if checks[name][0]() and (bf16 or name not in HALF_PRECISION_BACKENDS))
     if attention_backend == "te" and cross_sample_attention:
         raise MegapackError("cross_sample_attention is not available with attention_backend 'te'; use flash or sdpa")

@@ -33,6 +33,7 @@ class RunPlan(BaseModel):
     tp: int
     pp: int
     dp: int
+    cp: int = 1  # context parallel: each row's segments padded to 2*cp and spread over cp ranks (CONTEXT_PARALLEL.md)
     micro_batch_size: int  # packs (padding arm: conversations) per micro-batch, on every DP rank
     global_batch_size: int  # packs per optimizer step
     num_microbatches: int  # micro-batches per step on each DP rank
@@ -41,7 +42,7 @@ class RunPlan(BaseModel):
     packing: str
     padded: bool  # the padding arm: one conversation per pack, padded to the longest of the micro-batch
     pad_id: int
-    row_multiple: int  # THD rows are padded to a multiple of this (TP with sequence parallelism)
+    row_multiple: int  # THD rows are padded to a multiple of this (TP with sequence parallelism, times 2*cp)
     precision: Literal["bf16", "fp32"]
     attention_backend: str
     async_save: bool
@@ -94,12 +95,10 @@ def world_size_from_env() -> int:
 def batch_layout(config: RunConfig, world_size: int, seq_length: int) -> tuple[int, int, int]:
     """(dp, global batch in packs, micro-batches per step) or a one-line error naming the key."""
     par, tr = config.parallel, config.training
-    if par.cp > 1:
-        raise MegapackError(f"parallel.cp: {par.cp} is not supported yet (context parallelism is being built); use 1")
-    if world_size % (par.tp * par.pp):
-        raise MegapackError(
-            f"parallel.tp/parallel.pp: world size {world_size} is not divisible by tp*pp = {par.tp * par.pp}")
-    dp = world_size // (par.tp * par.pp)
+    if world_size % (par.tp * par.cp * par.pp):
+        raise MegapackError(f"parallel.tp/parallel.cp/parallel.pp: world size {world_size} is not divisible by "
+                            f"tp*cp*pp = {par.tp * par.cp * par.pp}")
+    dp = world_size // (par.tp * par.cp * par.pp)
     if tr.global_batch_tokens is not None:
         if tr.global_batch_tokens % seq_length:
             raise MegapackError(f"training.global_batch_tokens: {tr.global_batch_tokens} is not a multiple of "
@@ -167,6 +166,9 @@ def _check_virtual_stages(config: RunConfig, hf_config: dict, num_microbatches: 
     par, vpp = config.parallel, config.parallel.vpp or 1
     if vpp == 1:
         return
+    if par.cp > 1:
+        raise MegapackError(f"parallel.vpp: interleaving sends fixed-size rows, which context parallelism's padding "
+                            f"(parallel.cp {par.cp}) does not keep; use parallel.vpp null with parallel.cp > 1")
     if padded and seq % PADDED_ARM_MULTIPLE:
         raise MegapackError(f"parallel.vpp: padding shards are padded to multiples of {PADDED_ARM_MULTIPLE}, which "
                             f"the shards' seq_length {seq} is not; rows would outgrow the fixed size interleaving sends")
@@ -287,16 +289,17 @@ def preflight(config: RunConfig, world_size: int | None = None, *, cuda: bool | 
     device_name = torch.cuda.get_device_name() if cuda and torch.cuda.is_available() else None
     total_steps = _total_steps(config, train_packs, gbs)
     return RunPlan(
-        world_size=world_size, tp=par.tp, pp=par.pp, dp=dp, micro_batch_size=tr.micro_batch_size,
+        world_size=world_size, tp=par.tp, pp=par.pp, dp=dp, cp=par.cp, micro_batch_size=tr.micro_batch_size,
         global_batch_size=gbs, num_microbatches=num_micro, seq_length=seq, row_length=seq * tr.micro_batch_size,
         packing=str(meta.get("packing", "unknown")), padded=meta.get("packing") == "padding",
         pad_id=int(meta.get("pad_id", DEFAULT_PAD_ID)),
         # interleaved pipelines send fixed-size rows (see loop.build_model_and_optimizer): pad each to the longest
         row_multiple=seq * tr.micro_batch_size if (par.vpp or 1) > 1
-        else par.tp if par.sequence_parallel else 1,
+        else (par.tp if par.sequence_parallel else 1) * (2 * par.cp if par.cp > 1 else 1),
         precision=precision,
         attention_backend=resolve_attention_backend(config.model.attention_backend,
-                                                    config.model.cross_sample_attention, precision == "bf16"),
+                                                    config.model.cross_sample_attention, precision == "bf16",
+                                                    par.cp),
         async_save=bool(async_save), peak_flops=config.logging.peak_flops or device_peak_flops(device_name),
         total_steps=total_steps, train_packs=train_packs,
         tokenizer_identity=shard_tok, data_identity=identity, blend=blend,

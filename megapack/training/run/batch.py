@@ -34,7 +34,9 @@ class Batch:
 
     Segment k occupies tokens[cu_seqlens_padded[k]:cu_seqlens_padded[k+1]] and its first
     cu_seqlens[k+1] - cu_seqlens[k] tokens are real (Transformer Engine's THD convention). Arrays are numpy on the
-    host, torch tensors after `to` / `broadcast` (per-token fields shaped [1, t], as the model takes them).
+    host, torch tensors after `to` / `broadcast` (per-token fields shaped [1, t], as the model takes them). A
+    context-parallel rank's share (`context_parallel_share`) holds its own tokens in the per-token fields and the
+    whole row's boundaries, as Transformer Engine and megatron's THD RoPE expect under CP.
     """
 
     tokens: Any = _per_token("int64")
@@ -118,17 +120,18 @@ def _cumulative(lengths: Sequence[int]) -> np.ndarray:
 
 def build_batch(
     packs: Sequence, *, padded: bool = False, pad_multiple: int = PADDED_ARM_MULTIPLE, reduction: str = "token",
-    pad_id: int = 0, row_multiple: int = 1, members: Sequence[int] | None = None,
+    pad_id: int = 0, row_multiple: int = 1, members: Sequence[int] | None = None, segment_multiple: int = 1,
 ) -> Batch:
     """Concatenate packs into one THD row; `padded` pads each pack (one conversation) to the longest, rounded up.
 
     Real and padded segment lengths come from the shards (format v2) and are summed once into `cu_seqlens` and
-    `cu_seqlens_padded`. `row_multiple` pads the row's total length to a multiple with one extra segment of padding
-    (sequence parallelism splits the row over TP ranks). Targets are shifted within each segment: position i
-    predicts token i+1 of the same segment and is trained when that token's loss mask is 1; the last position of
-    every segment has no target. `members` (a blend) gives each pack's member.
+    `cu_seqlens_padded`; `segment_multiple` pads every segment further, to a multiple (2*cp: context parallelism
+    cuts each segment into 2*cp chunks). `row_multiple` pads the row's total length to a multiple with one extra
+    segment of padding (sequence parallelism splits the row over TP ranks). Targets are shifted within each segment:
+    position i predicts token i+1 of the same segment and is trained when that token's loss mask is 1; the last
+    position of every segment has no target. `members` (a blend) gives each pack's member.
     """
-    token_parts, mask_parts, real_lengths, padded_lengths = [], [], [], []
+    token_parts, mask_parts, real_lengths, padded_lengths, seg_pack = [], [], [], [], []
     if padded:
         # one conversation per pack: each becomes one segment padded to the micro-batch's longest, rounded up
         lengths = [int(p.real_lengths.sum()) for p in packs]
@@ -141,20 +144,25 @@ def build_batch(
             mask_parts.append(m)
             real_lengths.append(n)
             padded_lengths.append(row)
+        seg_pack = list(range(len(packs)))
     else:
-        for p in packs:
+        for i, p in enumerate(packs):
             token_parts.append(np.asarray(p.tokens, np.int64))
             mask_parts.append(np.asarray(p.loss_mask, np.uint8))
             real_lengths.extend(p.real_lengths.tolist())
             padded_lengths.extend(p.padded_lengths.tolist())
+            seg_pack.extend([i] * len(p.padded_lengths))
+    tokens, loss_mask = np.concatenate(token_parts), np.concatenate(mask_parts)
+    if segment_multiple > 1:
+        tokens, loss_mask, padded_lengths = _pad_segments(tokens, loss_mask, padded_lengths, segment_multiple, pad_id)
     extra = -sum(padded_lengths) % row_multiple
     if extra:
-        token_parts.append(np.full(extra, pad_id, np.int64))
-        mask_parts.append(np.zeros(extra, np.uint8))
+        tokens = np.concatenate([tokens, np.full(extra, pad_id, np.int64)])
+        loss_mask = np.concatenate([loss_mask, np.zeros(extra, np.uint8)])
         real_lengths.append(0)
         padded_lengths.append(extra)
+        seg_pack.append(len(packs))
 
-    tokens, loss_mask = np.concatenate(token_parts), np.concatenate(mask_parts)
     cu_seqlens, cu_padded = _cumulative(real_lengths), _cumulative(padded_lengths)
     real, width = np.asarray(real_lengths, np.int64), np.asarray(padded_lengths, np.int64)
     segment = np.repeat(np.arange(len(width)), width)
@@ -176,9 +184,8 @@ def build_batch(
 
     member = None
     if members is not None:  # the blend member of each pack, on its real tokens (per-member loss and tokens)
-        of_pack = np.repeat(np.asarray([*members, -1], np.int64)[:len(token_parts)],
-                            [len(part) for part in token_parts])
-        member = np.where(positions < real[segment], of_pack, -1)
+        of_segment = np.asarray([*members, -1], np.int64)[np.asarray(seg_pack, np.int64)]
+        member = np.where(positions < real[segment], of_segment[segment], -1)
     # a segment that carries on a conversation cut at the end of the previous pack (`random`) is not a new one
     continued = 0 if padded else sum(int(p.continues) for p in packs)
     stats = {
@@ -193,3 +200,35 @@ def build_batch(
     return Batch(tokens=tokens, positions=positions, targets=targets, loss_weight=loss_weight,
                  cu_seqlens=cu_seqlens.astype(np.int32), cu_seqlens_padded=cu_padded.astype(np.int32),
                  max_seqlen=int(width.max()), loss_denominator=denominator, stats=stats, member=member)
+
+
+def _pad_segments(tokens: np.ndarray, loss_mask: np.ndarray, widths: Sequence[int], multiple: int,
+                  pad_id: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The row with every segment's padding extended to a multiple of `multiple` (pad_id, loss mask 0)."""
+    old = np.asarray(widths, np.int64)
+    new = -(-old // multiple) * multiple
+    if (new == old).all():
+        return tokens, loss_mask, list(widths)
+    starts = np.repeat(_cumulative(new)[:-1] - _cumulative(old)[:-1], old) + np.arange(int(old.sum()))
+    out_tokens, out_mask = np.full(int(new.sum()), pad_id, np.int64), np.zeros(int(new.sum()), np.uint8)
+    out_tokens[starts], out_mask[starts] = tokens, loss_mask
+    return out_tokens, out_mask, new.tolist()
+
+
+def context_parallel_share(batch: Batch, rank: int, size: int) -> Batch:
+    """CP rank `rank`'s share of a host batch: chunks rank and 2*size-1-rank of every segment
+    (megapack.model.context_parallel); per-token fields sliced, boundaries and max_seqlen those of the whole row.
+
+    The loss denominator (the micro-batch's trained tokens or conversations) is carried by CP rank 0 alone, so the
+    sum over DP x CP counts each once; the counters (`stats`) stay whole on every CP rank, for metrics summed over
+    DP only.
+    """
+    if size == 1:
+        return batch
+    from megapack.model.context_parallel import cp_row_index
+
+    index = cp_row_index(batch.cu_seqlens_padded, rank, size)
+    sliced = {f.name: np.asarray(getattr(batch, f.name))[index] for f in _array_fields()
+              if f.metadata["kind"] == "token" and getattr(batch, f.name) is not None}
+    return replace(batch, **sliced, loss_denominator=batch.loss_denominator if rank == 0 else 0,
+                   stats=dict(batch.stats))

@@ -190,7 +190,7 @@ class BlendSource:
             if "member loss" in item:
                 total += item["member loss"].to(torch.float64)
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # only the last stage is non-zero
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))  # per-token sums
         fields: dict = self.sampler.report()
         for name, (s, w, trained, tokens) in zip(self.names, total.tolist()):
             loss = s / w if w > 0 else None

@@ -185,7 +185,9 @@ class CheckpointSaver:
                     optimizer_sharding=self.sharding,
                     saved_with={"tp": ps.get_tensor_model_parallel_world_size(),
                                 "pp": ps.get_pipeline_model_parallel_world_size(),
-                                "dp": ps.get_data_parallel_world_size(), **({"vpp": _vpp()} if _vpp() > 1 else {})})
+                                "dp": ps.get_data_parallel_world_size(), **({"vpp": _vpp()} if _vpp() > 1 else {}),
+                                **({"cp": ps.get_context_parallel_world_size()}
+                                   if ps.get_context_parallel_world_size() > 1 else {})})
 
         def publish() -> None:
             self._pending.append(_publish(self.root, iteration, self.keep_last, info))

@@ -28,6 +28,7 @@ class DistEnv:
     pp: int
     dp: int
     device: torch.device
+    cp: int = 1
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -94,17 +95,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, vpp: int = 1) -> DistEnv:
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, vpp: int = 1,
+                     cp: int = 1) -> DistEnv:
     """Initialise torch.distributed (nccl with CUDA, gloo + CPU patches without) and megatron's parallel_state
-    (`vpp` > 1: that many virtual pipeline stages, i.e. model chunks, per pipeline rank)."""
+    (`vpp` > 1: that many virtual pipeline stages, i.e. model chunks, per pipeline rank; `cp`: context-parallel
+    size, world = tp * cp * pp * dp)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     rank, world, local = _rank_from_environment()
-    if tp < 1 or pp < 1 or world % (tp * pp) != 0:
+    if tp < 1 or pp < 1 or cp < 1 or world % (tp * cp * pp) != 0:
         raise MegapackError(
-            f"world size {world} is not divisible by tensor parallel {tp} x pipeline parallel {pp}"
+            f"world size {world} is not divisible by tensor parallel {tp} x context parallel {cp} x pipeline "
+            f"parallel {pp}"
         )
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -127,11 +131,13 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
     )
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)
-    return DistEnv(rank=rank, world_size=world, local_rank=local, tp=tp, pp=pp, dp=world // (tp * pp), device=device)
+    return DistEnv(rank=rank, world_size=world, local_rank=local, tp=tp, pp=pp, dp=world // (tp * cp * pp),
+                   device=device, cp=cp)
 
 
 def destroy_distributed() -> None:

@@ -119,7 +119,8 @@ class Trainer:
         quiet_warnings()
         self.config = config
         self.plan = plan = plan or preflight(config)
-        self.env = init_distributed(tp=plan.tp, pp=plan.pp, seed=config.training.seed, vpp=config.parallel.vpp or 1)
+        self.env = init_distributed(tp=plan.tp, pp=plan.pp, seed=config.training.seed, vpp=config.parallel.vpp or 1,
+                                    cp=plan.cp)
         self.locks, stale = lock_run_dirs(config, self.env.rank)  # one run per directory (megapack.dirlock)
         try:
             self._start(stale)

@@ -10,7 +10,7 @@ import numpy as np
 from megapack import seeds
 from megapack.training.run.balance import (CostModel, Layout, balance_packs, balance_segments, default_layout,
                                            repacked_row)
-from megapack.training.run.batch import Batch, build_batch
+from megapack.training.run.batch import Batch, build_batch, context_parallel_share
 
 
 @dataclass(frozen=True)
@@ -120,17 +120,21 @@ def validation_batches(num_packs: int, micro_batch_size: int, dp_rank: int, dp_s
 
 class BatchFeed:
     """Builds the micro-batches of given pack indices on the TP source rank and broadcasts them to its TP group
-    (only that rank reads shards)."""
+    (only that rank reads shards). With context parallelism every CP rank's TP source reads the same packs, builds
+    the whole row and keeps its own share (`cp_rank` of `cp_size`)."""
 
     def __init__(self, *, padded: bool, reduction: str, pad_id: int, row_multiple: int, tp_src: int, tp_group,
-                 is_tp_src: bool, device) -> None:
+                 is_tp_src: bool, device, cp_rank: int = 0, cp_size: int = 1) -> None:
         self.padded, self.reduction, self.pad_id, self.row_multiple = padded, reduction, pad_id, row_multiple
         self.tp_src, self.tp_group, self.is_tp_src, self.device = tp_src, tp_group, is_tp_src, device
+        self.cp_rank, self.cp_size = cp_rank, cp_size
 
     def build(self, packs: Sequence, members: Sequence[int] | None = None) -> Batch:
-        """The host batch of these packs, laid out as this run lays out every micro-batch."""
-        return build_batch(packs, padded=self.padded, reduction=self.reduction, pad_id=self.pad_id,
-                           row_multiple=self.row_multiple, members=members)
+        """This rank's host batch of these packs, laid out as this run lays out every micro-batch."""
+        batch = build_batch(packs, padded=self.padded, reduction=self.reduction, pad_id=self.pad_id,
+                            row_multiple=self.row_multiple, members=members,
+                            segment_multiple=2 * self.cp_size if self.cp_size > 1 else 1)
+        return context_parallel_share(batch, self.cp_rank, self.cp_size)
 
     def batches(self, read: Callable[[Any], Any], index_lists: Sequence[list | None],
                 members: Callable[[list], Sequence[int]] | None = None) -> Iterator[Batch]:

@@ -68,7 +68,8 @@ def batch_feed(plan: RunPlan, config: RunConfig, device) -> BatchFeed:
     return BatchFeed(padded=plan.padded, reduction=config.training.loss_reduction, pad_id=plan.pad_id,
                      row_multiple=plan.row_multiple, tp_src=ps.get_tensor_model_parallel_src_rank(),
                      tp_group=ps.get_tensor_model_parallel_group(),
-                     is_tp_src=ps.get_tensor_model_parallel_rank() == 0, device=device)
+                     is_tp_src=ps.get_tensor_model_parallel_rank() == 0, device=device,
+                     cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size())
 
 
 def balancing(config: RunConfig, plan: RunPlan, lengths: Callable) -> Balancing:

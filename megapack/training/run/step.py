@@ -49,7 +49,8 @@ def loss_func(batch: Batch, losses, *, report: LossReport = no_report):
 
 
 def reduce_loss(outputs: list, device) -> float:
-    """Token-weighted loss over all micro-batches, pipeline stages and DP ranks (same value on every rank)."""
+    """Token-weighted loss over all micro-batches, pipeline stages and DP x CP ranks (same value on every rank; CP
+    ranks hold parts of each loss sum, and only CP rank 0 its denominator)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -58,12 +59,13 @@ def reduce_loss(outputs: list, device) -> float:
     for item in outputs:
         total += item["lm loss"].to(torch.float64)
     dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())  # only the last stage is non-zero
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return float(total[0]) / max(float(total[1]), 1.0)
 
 
 def reduce_stats(stats: list[dict], device) -> dict[str, int]:
-    """Per-step counters (tokens, conversations, packs...) summed over micro-batches and DP ranks."""
+    """Per-step counters (tokens, conversations, packs...) summed over micro-batches and DP ranks (every CP rank
+    holds its micro-batches' whole counts: not summed over CP)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
