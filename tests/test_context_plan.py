@@ -139,7 +139,7 @@ def test_row_budget_adds_cp_padding_per_segment(results):
 
 def test_rules_fail_in_one_line_naming_parallel_cp(results):
     """World size not divisible by tp*cp*pp, seq_length not a multiple of 2*cp(*tp with SP), and interleaved pipelines
-    with segments that need CP padding: one `error: parallel.cp: ...` line, in `megapack plan` and `train --check`;
+    (refused with CP): one `error: parallel.cp: ...` line, in `megapack plan` and `train --check`;
     heads not divisible by TP still name parallel.tp."""
     cli = results["cli"]
     expected = {
@@ -147,11 +147,10 @@ def test_rules_fail_in_one_line_naming_parallel_cp(results):
         "check_bad_world": "error: parallel.cp: world size 24 is not divisible by tp*cp*pp = 2*8*1 = 16",
         "plan_bad_seq": "error: parallel.cp: seq_length 131072 is not a multiple of 2*cp*tp = 2*3*2 = 12",
         "check_bad_seq": "error: parallel.cp: seq_length 4096 is not a multiple of 2*cp = 2*3 = 6",
-        "check_bad_vpp": "error: parallel.cp: with parallel.vpp rows keep a fixed size",
+        "check_bad_vpp": "error: parallel.cp: 8 with parallel.vpp 2 is not supported",
         "check_bad_tp": "error: parallel.tp: 16 must divide num_attention_heads (32)",
     }
     for key, start in expected.items():
         run = cli[key]
         line = run["stderr"].strip()
         assert run["rc"] == 1 and "\n" not in line and line.startswith(start), (key, run)
-    assert "--pad-to-multiple a multiple of 2*cp*tp = 2*8*2 = 32 (they have 1)" in cli["check_bad_vpp"]["stderr"]

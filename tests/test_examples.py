@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from megapack.training.preflight.config import load_config
-from megapack.training.memory.estimate import planned_batch_layout
 from megapack.training.preflight.layout_rules import context_parallel_rules
-from megapack.training.preflight.plan import planned_seq_length
+from megapack.training.preflight.plan import batch_layout, planned_seq_length
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -37,7 +36,7 @@ def test_config_fits_its_layout(path):
     else:
         seq_length = planned_seq_length(config)
     context_parallel_rules(config, seq_length, WORLD_SIZE[path.name])
-    _dp, _gbs, num_microbatches = planned_batch_layout(config, WORLD_SIZE[path.name], seq_length)
+    _dp, _gbs, num_microbatches = batch_layout(config, WORLD_SIZE[path.name], seq_length)
     assert num_microbatches >= 1
     if path.name in ARCH:  # the 8B / 70B GPU configs
         layers, heads, kv_heads = ARCH[path.name]

@@ -110,12 +110,11 @@ def test_batch_layout_and_plan_checks(tmp_path, monkeypatch):
     assert preflight(cfg("training.train_steps=null", "training.epochs=2", raw=raw), 1, cuda=False).total_steps == 5
     cases = [
         (cfg("parallel.tp=2", "parallel.pp=2", raw=raw), 6, "parallel.tp/parallel.cp/parallel.pp: world size 6"),
-        (cfg("parallel.cp=4", raw=raw), 6, "parallel.tp/parallel.cp/parallel.pp: world size 6 is not divisible by "
-                                           "tp*cp*pp = 4"),
+        (cfg("parallel.cp=4", raw=raw), 6, "parallel.cp: world size 6 is not divisible by tp*cp*pp = 1*4*1 = 4"),
         (cfg("parallel.cp=2", "model.attention_backend=te", raw=raw), 2,
          "parallel.cp: 2 with model.attention_backend 'te' is not supported"),
         (cfg("parallel.cp=2", "parallel.pp=2", "parallel.vpp=2", raw=raw), 4,
-         "parallel.vpp: interleaving sends fixed-size rows, which context parallelism's padding (parallel.cp 2)"),
+         "parallel.cp: 2 with parallel.vpp 2 is not supported"),
         (cfg("training.micro_batch_size=3", raw=raw), 2, "training.global_batch_size: 8 is not divisible"),
         (cfg("data.seq_length=128", raw=raw), 1, "data.seq_length: run uses 128 but shards"),  # a stale guard
         (cfg("data.pad_to_multiple=16", raw=raw), 1, "data.pad_to_multiple: run uses 16"),

@@ -254,24 +254,12 @@ def plan_memory(hf: dict, *, world_size: int, tp: int = 1, pp: int = 1, vpp: int
     }
 
 
-def planned_batch_layout(config: RunConfig, world_size: int, seq_length: int) -> tuple[int, int, int]:
-    """`batch_layout` (dp, global batch in packs, micro-batches per step) with dp = world / (tp*cp*pp), for the
-    planner; until `batch_layout` takes parallel.cp itself (branch `cp`), it is asked for world / cp at CP 1."""
-    from megapack.training.preflight.plan import batch_layout
-
-    cp = config.parallel.cp
-    if cp == 1:
-        return batch_layout(config, world_size, seq_length)
-    no_cp = config.model_copy(update={"parallel": config.parallel.model_copy(update={"cp": 1})})
-    return batch_layout(no_cp, world_size // cp, seq_length)
-
-
 def plan_config(config, world_size: int, gpu_memory_gb: float = 80.0, device: str = "gpu") -> dict:
     """`plan_memory` for a RunConfig (its model's config.json, and the shards' meta.json when they exist already;
     no weights)."""
     from megapack.model.config import check_parallel_sizes, load_hf_config
     from megapack.training.preflight.layout_rules import context_parallel_rules, shard_segments_per_pack
-    from megapack.training.preflight.plan import planned_seq_length
+    from megapack.training.preflight.plan import batch_layout, planned_seq_length
 
     hf = load_hf_config(config.model.hf_dir)
     par, tr = config.parallel, config.training
@@ -279,7 +267,7 @@ def plan_config(config, world_size: int, gpu_memory_gb: float = 80.0, device: st
     check_parallel_sizes(hf, par.tp, par.pp, seq_length)
     segments, pad_multiple = shard_segments_per_pack(config)
     layout = context_parallel_rules(config, seq_length, world_size, pad_multiple)
-    _dp, _gbs, num_micro = planned_batch_layout(config, world_size, seq_length)
+    _dp, _gbs, num_micro = batch_layout(config, world_size, seq_length)
     return plan_memory(hf, world_size=world_size, tp=par.tp, pp=par.pp, vpp=par.vpp,
                        sequence_parallel=par.sequence_parallel, seq_length=seq_length,
                        micro_batch_size=tr.micro_batch_size, num_microbatches=num_micro, recompute=tr.recompute,

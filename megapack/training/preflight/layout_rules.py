@@ -5,7 +5,7 @@ With CP each segment of a pack is padded to a multiple of 2*cp (2*cp*tp with seq
 keys and values of the whole row. A row may therefore outgrow `seq_length` by the CP padding; its budget is
 `seq_length + multiple * segments` (less than `multiple` tokens per segment; nothing when the shards were packed with
 `--pad-to-multiple` a multiple of it). The rules: world size divisible by tp*cp*pp, `seq_length` by the chunk
-multiple, and, with interleaved pipelines (fixed-size rows), segments that need no CP padding. Heads and KV heads by
+multiple, and no interleaved pipelines (their stages send fixed-size rows, which CP padding does not keep). Heads and KV heads by
 TP are `megapack.model.config.check_parallel_sizes`' rule (CP gathers whole K/V heads: it adds none).
 """
 from __future__ import annotations
@@ -62,10 +62,9 @@ def context_parallel_rules(config: RunConfig, seq_length: int, world_size: int,
         raise MegapackError(f"parallel.cp: seq_length {seq_length} is not a multiple of {what} = {multiple} (each "
                             f"row is cut into 2*cp chunks{', each split over tp' if sp else ''}); choose a cp or "
                             f"seq_length for which it is")
-    if (par.vpp or 1) > 1 and shard_multiple % multiple:
-        raise MegapackError(f"parallel.cp: with parallel.vpp rows keep a fixed size, so segments cannot grow by CP "
-                            f"padding: make the shards with --pad-to-multiple a multiple of {what} = {multiple} (they "
-                            f"have {shard_multiple})")
+    if (par.vpp or 1) > 1:
+        raise MegapackError(f"parallel.cp: {cp} with parallel.vpp {par.vpp} is not supported: interleaved pipelines "
+                            f"send fixed-size rows, which CP padding does not keep; use parallel.vpp null")
     return ContextLayout(cp=cp, multiple=multiple, dp=world_size // (tp * cp * pp), pad_to_multiple=shard_multiple)
 
 

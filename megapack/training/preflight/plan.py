@@ -166,9 +166,6 @@ def _check_virtual_stages(config: RunConfig, hf_config: dict, num_microbatches: 
     par, vpp = config.parallel, config.parallel.vpp or 1
     if vpp == 1:
         return
-    if par.cp > 1:
-        raise MegapackError(f"parallel.vpp: interleaving sends fixed-size rows, which context parallelism's padding "
-                            f"(parallel.cp {par.cp}) does not keep; use parallel.vpp null with parallel.cp > 1")
     if padded and seq % PADDED_ARM_MULTIPLE:
         raise MegapackError(f"parallel.vpp: padding shards are padded to multiples of {PADDED_ARM_MULTIPLE}, which "
                             f"the shards' seq_length {seq} is not; rows would outgrow the fixed size interleaving sends")
