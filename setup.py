@@ -33,6 +33,7 @@ setup(
         "ijson>=3.2",
         "pyarrow>=14",
         "tensorboard>=2.15",
+        "gguf>=0.17,<1",  # the real model asset (SmolLM2 ships as GGUF): read and dequantized with numpy only
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
@@ -42,6 +43,7 @@ setup(
             "pytest>=8",
             "hypothesis>=6.100",
             "transformers>=4.45",
+            "accelerate>=1.0",  # transformers' GGUF loader, the reference of tests/test_smollm2.py
             "matplotlib>=3.8",
             "wandb==0.31.0",  # tests/test_wandb.py (offline runs; the version the reader was checked with)
         ],

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "inspect": ("inspect", "show statistics of a shard directory, verify it, print a pack"),
     "report": ("report", "compare finished runs: Table 3 columns and loss/throughput/padding figures in report.md"),
     "demo": ("demo", "run the quickstart's main job on embedded defaults"),
+    "assets": ("assets", "list or fetch the pinned reference assets: tokenizers, demo data, the real SmolLM2 model"),
 }
 
 
