@@ -118,10 +118,8 @@ def versions() -> dict[str, str]:
     """Versions of what decides the scores."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from megapack import __version__
-
-    found = {"megapack": __version__}
-    for dist in ("lm_eval", "transformers", "torch", "datasets", "vllm"):
+    found = {}
+    for dist in ("megapack", "lm_eval", "transformers", "torch", "datasets", "vllm"):
         try:
             found[dist] = version(dist)
         except PackageNotFoundError:
