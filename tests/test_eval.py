@@ -27,7 +27,7 @@ def _env() -> dict:
 def megapack_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m megapack eval ARGS` in its own process (the offline switches set before anything imports)."""
     return subprocess.run([sys.executable, "-m", "megapack", "eval", *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def smol_eval(smollm2_dir, tmp_path_factory) -> tuple[dict, dict]:
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
            f"pretrained={smollm2_dir},dtype=float32", "--device", "cpu", "--include_path", str(include), "--tasks",
            LOCAL_TASKS, "--limit", LIMIT, "--batch_size", "1", "--output_path", str(work / "direct")]
-    direct = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=600)
+    direct = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=900)
     assert direct.returncode == 0, direct.stderr[-3000:]
     (theirs_file,) = (work / "direct").rglob("results_*.json")
     return ours, json.loads(theirs_file.read_text())
@@ -107,7 +107,7 @@ def test_megatron_run_checkpoint_is_exported_and_lands_in_the_run(smollm2_dir, s
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "megapack", "convert", "hf-to-megatron", "--hf-dir",
                            str(smollm2_dir), "--output-dir", str(run_dir / "iter_0000003")], env=_env(),
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir / "latest").write_text("iter_0000003")
     (run_dir / "summary.json").write_text("{}")
