@@ -48,7 +48,7 @@ ASSETS: dict[str, Asset] = {
 }
 
 
-_MANIFEST = ".megapack-asset.json"  # written inside directory assets; its presence marks a complete directory
+MANIFEST = ".megapack-asset.json"  # written inside directory assets; its presence marks a complete directory
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -69,7 +69,7 @@ def fetch(name: str, cache_dir: Path | None = None) -> Path:
     if _cached(target, asset):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{name}.lock"):
+    with locked(root / f".{name}.lock"):
         if _cached(target, asset):  # another process finished it while we waited
             return target
         with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=root) as tmp:
@@ -90,7 +90,7 @@ def _target_path(root: Path, name: str, asset: Asset) -> Path:
 
 def _cached(target: Path, asset: Asset) -> bool:
     if asset.member.endswith("/"):
-        return (target / _MANIFEST).is_file()
+        return (target / MANIFEST).is_file()
     if not target.is_file():
         return False
     expected = asset.member_sha256.get(target.name)
@@ -134,7 +134,7 @@ def _extract(archive: Path, asset: Asset, staged: Path) -> None:
         _check_sha(path, expected, f"{asset.dist} member {rel}")
     if is_dir:
         files = {p.relative_to(staged).as_posix(): file_sha256(p) for p in sorted(staged.rglob("*")) if p.is_file()}
-        (staged / _MANIFEST).write_text(json.dumps({"dist": asset.dist, "files": files}, indent=1) + "\n")
+        (staged / MANIFEST).write_text(json.dumps({"dist": asset.dist, "files": files}, indent=1) + "\n")
 
 
 def _members(archive: Path, member: str) -> Iterator[tuple[str, Callable[[], bytes]]]:
@@ -163,7 +163,7 @@ def _members(archive: Path, member: str) -> Iterator[tuple[str, Callable[[], byt
 def _install(staged: Path, target: Path) -> None:
     """Move staged content to `target` with a rename, so readers never see a partial asset."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if (staged / _MANIFEST).is_file():
+    if (staged / MANIFEST).is_file():
         if target.exists():  # an old or incomplete copy (no manifest): replace it
             shutil.rmtree(target)
         os.replace(staged, target)
@@ -179,7 +179,7 @@ def _check_sha(path: Path, expected: str, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive advisory lock, so concurrent test processes download each asset once."""
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

@@ -50,6 +50,16 @@ def llamafactory_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF folder (fp32 safetensors, tokenizer.json, chat_template.jinja): the suite's
+    real pretrained model, converted once per machine from its GGUF asset (megapack.model.gguf_import)."""
+    from megapack.model.gguf_import import HF_MODELS, fetch_hf_model
+
+    _fetch_or_skip(HF_MODELS["smollm2-135m-instruct"].gguf_asset)
+    return fetch_hf_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
 def shrunk_demo(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir) -> tuple[Path, str]:
     """`megapack demo` shrunk (24 conversations, two arms, the quickstart's 2 processes in one launch): its workdir
     and what it printed. test_demo checks the training, test_report the report and the padding numbers."""

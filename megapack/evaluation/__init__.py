@@ -1,0 +1,1 @@
+"""`megapack eval`: EleutherAI's lm-evaluation-harness on an HF folder or a megapack checkpoint, offline."""
