@@ -178,3 +178,17 @@ def test_preflight_refuses_balances_it_cannot_keep(balance, packing, extra, refu
         return
     with pytest.raises(MegapackError, match=f"^training.balance: .*{refused}"):
         _check_balance(config, packing)
+
+
+def test_floor_counts_the_rank_that_must_hold_two_long_segments():
+    from megapack.training.run.balance_floor import lower_bound
+
+    # 2 ranks x 2 rows of 100: three full-row segments, one row of ten 10s; some rank holds two 100s (pigeonhole):
+    # 2 * 10100 over a mean of (3 * 10100 + 10 * 110) / 2 = 15700; the costliest segment alone says 10100 / 15700
+    real = [np.array([100]), np.array([100]), np.array([100]), np.full(10, 10)]
+    floor = lower_bound(real, real, QUADRATIC, 100, dp=2, rows_per_rank=2)
+    assert floor == pytest.approx(20200 / 15700)
+    layout = balance_segments(real, real, QUADRATIC, 100, dp=2, micro_batches=2, mbs=1)
+    assert layout.imbalance() == pytest.approx(floor)  # no layout of whole segments does better: this one is optimal
+    assert lower_bound([np.array([50, 50]), np.array([25] * 4)], [np.array([50, 50]), np.array([25] * 4)], QUADRATIC,
+                       100, dp=2, rows_per_rank=1) == 1.0  # the trade test's case: 1.0 reached

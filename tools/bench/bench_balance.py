@@ -6,7 +6,8 @@ and re-packed by segments (`segments`), at DP 8 / 32 / 64 for 4K and 32K rows, o
 - long: a long-document mix (lognormal, log-mean ln 4000, sigma 1, clipped to [8, 32768]).
 
 Prints a Markdown table: the mean over the steps and the worst step of each; `floor` is a lower bound for any
-layout of whole segments (`lower_bound`); the worst slot is the worst micro-batch slot's max/mean across ranks
+layout of whole segments (`balance_floor.lower_bound`: pigeonhole over the costliest segments, plus the
+tokens the other ranks have no room for); the worst slot is the worst micro-batch slot's max/mean across ranks
 (pipeline parallelism). Not a test.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from megapack.data.packs.packing import assign_packs
 from megapack.training.run.balance import CostModel, balance_packs, balance_segments, default_layout
+from megapack.training.run.balance_floor import lower_bound
 
 ROOT = Path(__file__).resolve().parents[2]
 MIXES = {"bench": (700.0, 16384), "long": (4000.0, 32768)}
@@ -30,16 +32,6 @@ def packs_of(lengths: np.ndarray, seq_length: int) -> tuple[list[np.ndarray], li
     a = assign_packs(lengths, seq_length, "bfd", seed=1)
     cuts = a.pack_offsets[1:-1]
     return np.split(a.real_lengths, cuts), np.split(a.padded_lengths, cuts)
-
-
-def lower_bound(real: list, padded: list, cost: CostModel, seq_length: int, dp: int, rows_per_rank: int) -> float:
-    """A floor under max/mean for any layout of whole segments: the rank holding the costliest segment also holds
-    the tokens the other ranks' rows have no room for (bench lengths are unpadded: real = padded)."""
-    lengths = np.concatenate(real)
-    x = int(np.argmax(lengths))
-    others = int(np.concatenate(padded).sum()) - (dp - 1) * rows_per_rank * seq_length - int(lengths[x])
-    mean = cost.pack(lengths) / dp
-    return max(1.0, (cost.pack(lengths[x:x + 1]) + cost.linear * max(others, 0)) / mean)
 
 
 def measure(real: list, padded: list, cost: CostModel, seq_length: int, dp: int, gbs: int, steps: int,
