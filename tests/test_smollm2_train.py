@@ -1,7 +1,7 @@
 """The validation loss megapack reports is the loss a user computes with transformers on the same validation
 conversations and loss masks: a real `megapack train` of SmolLM2-135M-Instruct (shards made with its own tokenizer
-folder and `--template hf`), one step at a vanishing learning rate, 2 processes, token and sample reduction; the
-reference is LlamaForCausalLM on the token ids and masks read back from the shards, one conversation at a time."""
+folder and `--template hf`) with `training.eval_at_start` (the validation before the first step), 2 processes, token
+and sample reduction; the reference is LlamaForCausalLM on the token ids and masks read back from the shards, one conversation at a time."""
 from __future__ import annotations
 
 import json
@@ -51,8 +51,9 @@ def runs(smollm2_dir, llamafactory_data_dir, tmp_path_factory):
                  "--template", "hf", "--seq-length", "512", "--packing", "greedy", "--val-fraction", "0.25",
                  "--seed", "1", "--output-dir", str(shards), "--no-progress", "--workers", "1"]) == 0
     jobs = [{"config": base_config(smollm2_dir, shards, w / reduction,
-                                   optimizer={"lr": 1e-12, "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 0.0},
-                                   training={"train_steps": 1, "global_batch_size": 2, "loss_reduction": reduction})}
+                                   optimizer={"lr": 1e-4, "warmup_steps": 0},
+                                   training={"train_steps": 1, "global_batch_size": 2, "loss_reduction": reduction,
+                                             "eval_at_start": True})}
             for reduction in ("token", "sample")]
     launch(2, jobs, w, "smol", timeout=900)
     return w, shards
@@ -66,8 +67,8 @@ def test_validation_loss_equals_transformers_on_the_same_conversations(runs, smo
     assert len(convs) >= 5 and sum(n for _, n in convs) > 200
     token = sum(s for s, _ in convs) / sum(n for _, n in convs)  # every trained token weighs the same
     sample = float(np.mean([s / n for s, n in convs if n]))  # every conversation weighs the same
-    got_token = losses(w / "token", kind="valid", key="valid_loss")[1]
-    got_sample = losses(w / "sample", kind="valid", key="valid_loss")[1]
+    got_token = losses(w / "token", kind="valid", key="valid_loss")[0]  # before the first step
+    got_sample = losses(w / "sample", kind="valid", key="valid_loss")[0]
     assert abs(got_token - token) / token <= REL_TOL, (got_token, token)
     assert abs(got_sample - sample) / sample <= REL_TOL, (got_sample, sample)
     assert 0.5 < token < 4  # a pretrained instruct model on alpaca answers, not a random one (~10.8)

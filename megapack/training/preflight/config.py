@@ -171,6 +171,9 @@ class TrainingConfig(_Strict):
         "the ranks' rows; not with padding or random shards, data.blend or cross_sample_attention). The global "
         "batch and the losses stay the same; metrics.jsonl logs dp_cost_max_mean either way"))
     eval_interval: int | None = Field(None, ge=1, description="steps between validations (also run at the end)")
+    eval_at_start: bool = Field(False, description=(
+        "also validate before the first step (step 0 in metrics.jsonl: the starting model's validation loss, the "
+        "baseline a fine-tuning curve is read against); not on a resumed run"))
     eval_max_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per DP rank")
 
     @model_validator(mode="after")

@@ -194,10 +194,8 @@ class Trainer:
         return self.plan.resume_step >= self.plan.total_steps
 
     def run(self, keep_process_group: bool = False) -> dict:
-        """Train to plan.total_steps (or until SIGTERM/SIGUSR1); returns the run summary.
-
-        keep_process_group leaves torch.distributed up (several runs in one launch, e.g. tests).
-        """
+        """Train to plan.total_steps (or until SIGTERM/SIGUSR1); returns the run summary. keep_process_group leaves
+        torch.distributed up (several runs in one launch, e.g. tests)."""
         plan, metrics, stop = self.plan, self.metrics, StopFlag()
         if self.finished:  # a finished run is never rewritten by a process that trains nothing
             metrics.log(f"{plan.resume_from}: the run already finished at step {plan.resume_step} of "
@@ -209,6 +207,8 @@ class Trainer:
         metrics.log(f"training {plan.total_steps} steps on {self.source.describe()}:\n"
                     f"{format_settings(plan.summary())}")
         metrics.start(self.iteration)
+        if self.config.training.eval_at_start and self.iteration == 0:
+            self.validate()
         interrupted = False
         try:
             while self.iteration < plan.total_steps:
