@@ -22,7 +22,9 @@ pytestmark = pytest.mark.multiprocess
 SMOL_SEQ, SMOL_STEPS, LONG_SEQ = 512, 2, 8192
 # measured 2026-12-03: SmolLM2's CP 2 differs from CP 1 by <= 7.1e-8 relative on losses and <= 2.5e-7 on gradient
 # norms (summation order over DP x CP); the demo model's 8K rows give identical numbers (difference 0)
-RTOL, RTOL_LONG = 1e-5, 1e-6
+# K/V not gathered (each rank's own keys in every slot): SmolLM2's loss 1.64 -> 3.20; the 8K rows' loss moves only
+# 5.1e-7 (hence 2e-7 there) and their gradient norm 3.5%
+RTOL, RTOL_LONG = 1e-5, 2e-7
 OPTIMIZER = {"lr": 1e-4, "warmup_steps": 0, "decay_style": "constant"}
 
 
@@ -91,7 +93,7 @@ def test_smollm2_cp2_reproduces_cp1(real_runs):
 
 
 def test_demo_model_8k_rows_cp2_reproduces_cp1(real_runs):
-    """8,192-token rows of the demo model: CP 2 equals CP 1 (rtol 1e-6), while letting the packed conversations see
+    """8,192-token rows of the demo model: CP 2 equals CP 1 (rtol 2e-7), while letting the packed conversations see
     each other changes the loss and gradient norm by far more (attention is not uniform enough to hide a mistake)."""
     cp1, cp2, cross = (real_runs / n for n in ("long_cp1", "long_cp2", "long_cross"))
     steps = _packs(real_runs, "long_cp1")
