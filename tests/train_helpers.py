@@ -181,6 +181,20 @@ def _log_packs(sampler, path: Path, write: bool) -> None:
     sampler.next_step = next_step
 
 
+def _log_rank_packs(sampler, path: Path, rank: int) -> None:
+    """Wrap a TrainSampler's next_step: append this rank's micro-batches (pack keys) of each step as a JSON line to
+    `path`.rank<R>."""
+    inner = sampler.next_step
+
+    def next_step():
+        out = inner()
+        with open(f"{path}.rank{rank}", "a") as fh:
+            fh.write(json.dumps(out) + "\n")
+        return out
+
+    sampler.next_step = next_step
+
+
 def measure_activations(trainer, path: str) -> Callable[[], None]:
     """Record, per training step, the peak activation bytes saved for backward inside the decoder (its layers and
     their core attention, whose recomputation in backward counts too) into `path`.rank<R>.json."""
@@ -282,6 +296,8 @@ def _run_jobs(spec_path: str) -> None:
             _dump_optimizer(trainer.parts.optimizer, Path(job["optimizer_dump"]))
         if job.get("pack_log"):  # rank 0 appends each step's global batch of (member, pack) as a JSON line
             _log_packs(trainer.source.sampler, Path(job["pack_log"]), dist.get_rank() == 0)
+        if job.get("rank_pack_log"):  # each rank appends the pack keys it trains per step (a plain TrainSampler)
+            _log_rank_packs(trainer.source.sampler, Path(job["rank_pack_log"]), dist.get_rank())
         if job.get("validate_only"):  # one validation pass with the initial weights, written to the run's metrics
             trainer.validate()
             trainer.close(keep_process_group=True)
