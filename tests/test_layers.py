@@ -25,7 +25,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (8, "training.memory", ("megapack.training.memory",)),
     (9, "report", ("megapack.report",)),
     (9, "inference", ("megapack.inference",)),
-    (10, "demo", ("megapack.demo",)),
+    (10, "demo", ("megapack.demo", "megapack.demo_quality")),
     (11, "cli", ("megapack.cli",)),
 ]
 TOP = ("megapack", "megapack.__main__")  # the package itself and `python -m megapack`: above every layer
