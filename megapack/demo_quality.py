@@ -163,8 +163,21 @@ def evaluate_model(cfg: QualityConfig, model_dir: Path, out_dir: Path) -> dict[s
 
     limit = float(cfg.eval_limit) if cfg.eval_limit else None
     settings = EvalSettings(tasks=list(TASKS), limit=limit, batch_size=str(cfg.eval_batch_size))
-    record, _ = evaluate(model_dir, settings, out_dir)
+    record = _earlier(out_dir / "eval.json", model_dir, settings)
+    if record is None:
+        record, _ = evaluate(model_dir, settings, out_dir)
     return {task: record["scores"][task]["value"] for task in TASKS if task in record["scores"]}
+
+
+def _earlier(path: Path, model_dir: Path, settings) -> dict | None:
+    """An eval.json written after the model's weights, of the same model and settings (a rerun skips it)."""
+    weights = model_dir / "model.safetensors"
+    if not path.is_file() or not weights.is_file() or path.stat().st_mtime < weights.stat().st_mtime:
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    same = record.get("model", {}).get("path") == str(model_dir.resolve()) and all(
+        record.get("settings", {}).get(k) == getattr(settings, k) for k in ("tasks", "limit", "batch_size"))
+    return record if same else None
 
 
 @dataclass
@@ -248,17 +261,18 @@ def render(cfg: QualityConfig, outcome: Outcome, metas: dict[str, dict], figures
 
 
 def run_quality(cfg: QualityConfig) -> Outcome | None:
-    """Fetch, generate and preprocess; evaluate the base model; train every arm in one launch; evaluate each arm;
-    write quality.json and report/miniature.md (with the report's figures when matplotlib is installed)."""
-    import importlib.util
+    """Fetch, generate and preprocess; evaluate the base model; train and evaluate each arm in turn (quality.json and
+    report/miniature.md rewritten after each, the figures at the end); returns what was measured."""
     import os
 
-    from megapack.atomic import write_json_atomic, write_text_atomic
     from megapack.demo import launch, write_run_config
     from megapack.model.gguf_import import fetch_hf_model
 
     if cfg.model not in MODELS:
         raise MegapackError(f"--model {cfg.model}: expected tiny or one of {', '.join(MODELS)}")
+    unknown = [p for p in cfg.packings if p not in PACKINGS]
+    if unknown or not cfg.packings:
+        raise MegapackError(f"--packings {','.join(cfg.packings)}: expected a comma list of {', '.join(PACKINGS)}")
     load0, clock, seconds = os.getloadavg()[0], time.monotonic(), {}
     workdir = Path(cfg.workdir)
     hf_dir = fetch_hf_model(MODELS[cfg.model])
@@ -273,32 +287,42 @@ def run_quality(cfg: QualityConfig) -> Outcome | None:
     base = evaluate_model(cfg, hf_dir, workdir / "eval" / "base")
     print(f"base model: {base}", flush=True)
     seconds["base eval"] = time.monotonic() - clock
-    clock = time.monotonic()
-    arms = arms_of(cfg)
-    paths = []
-    for arm in arms:
+    arms, summaries, scores = arms_of(cfg), {}, {}
+    seconds["training"] = seconds["arm evals"] = 0.0
+    for arm in arms:  # one launch per arm: a 135M model's optimizer state per arm would add up in one process
+        clock = time.monotonic()
         packs = metas[arm.packing]["splits"]["train"]["num_packs"]
-        paths.append(write_run_config(train_config(cfg, workdir, hf_dir, arm,
-                                                   math.ceil(packs * cfg.epochs / cfg.global_batch_size))))
-    log = workdir / "train" / "train.log"
-    print(f"training {', '.join(a.name for a in arms)} on {cfg.nproc} processes, log {log}", flush=True)
-    summaries = dict(zip([a.name for a in arms], launch(paths, cfg.nproc, log)))
-    seconds["training"] = time.monotonic() - clock
-    clock, scores = time.monotonic(), {}
-    for arm in arms:
+        path = write_run_config(train_config(cfg, workdir, hf_dir, arm,
+                                             math.ceil(packs * cfg.epochs / cfg.global_batch_size)))
+        print(f"training {arm.name} on {cfg.nproc} processes, log {path.parent / 'train.log'}", flush=True)
+        summaries[arm.name] = launch([path], cfg.nproc, path.parent / "train.log")[0]
+        seconds["training"] += time.monotonic() - clock
+        clock = time.monotonic()
         scores[arm.name] = evaluate_model(cfg, workdir / "train" / arm.name / "hf", workdir / "eval" / arm.name)
         print(f"{arm.name}: {scores[arm.name]}", flush=True)
-    seconds["arm evals"] = time.monotonic() - clock
-    outcome = Outcome(base, summaries, scores, seconds, (load0, os.getloadavg()[0]))
-    write_json_atomic(workdir / "quality.json", {"base": base, "runs": summaries, "scores": scores,
-                                                 "seconds": seconds, "load": list(outcome.load)})
-    figures: list[dict] = []
-    if importlib.util.find_spec("matplotlib") is not None:
-        from megapack.report.document import write_report
-
-        figures = write_report([workdir / "train" / a.name for a in arms], workdir / "report").figures
-    report = workdir / "report" / "miniature.md"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(report, render(cfg, outcome, metas, figures))
+        seconds["arm evals"] += time.monotonic() - clock
+        outcome = Outcome(base, summaries, scores, seconds, (load0, os.getloadavg()[0]))
+        report = write_outcome(cfg, outcome, metas, figures=arm == arms[-1])  # the arms so far, figures at the end
     print("\n" + quality_table(outcome) + "\n\n" + time_table(outcome) + f"\n\nreport: {report}", flush=True)
     return outcome
+
+
+def write_outcome(cfg: QualityConfig, outcome: Outcome, metas: dict[str, dict], figures: bool) -> Path:
+    """Write quality.json and report/miniature.md (with the report's figures when asked and matplotlib is there)."""
+    import importlib.util
+
+    from megapack.atomic import write_json_atomic, write_text_atomic
+
+    workdir = Path(cfg.workdir)
+    write_json_atomic(workdir / "quality.json", {"base": outcome.base, "runs": outcome.summaries,
+                                                 "scores": outcome.scores, "seconds": outcome.seconds,
+                                                 "load": list(outcome.load)})
+    drawn: list[dict] = []
+    if figures and importlib.util.find_spec("matplotlib") is not None:
+        from megapack.report.document import write_report
+
+        drawn = write_report([workdir / "train" / name for name in outcome.summaries], workdir / "report").figures
+    report = workdir / "report" / "miniature.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(report, render(cfg, outcome, metas, drawn))
+    return report

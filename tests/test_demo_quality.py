@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from megapack import demo_quality
-from megapack.data.packs.packing import PACKINGS
-
-ARMS = [*PACKINGS, demo_quality.CONTAMINATED]
+ARMS = ["padding", "bfd", demo_quality.CONTAMINATED]  # a packed arm and the contaminated one beside padding
 
 
 def test_generated_chats_never_hold_a_task_question():
@@ -46,7 +44,7 @@ def miniature(tmp_path_factory, smollm2_dir, llamafactory_data_dir) -> tuple[Pat
     with contextlib.redirect_stdout(printed):
         assert main(["demo", "--model", "smollm2", "--workdir", str(workdir), "--num-samples", "2",
                      "--arithmetic", "40", "--valid-arithmetic", "4", "--seq-length", "256", "--lr", "1e-3",
-                     "--eval-limit", "4"]) == 0
+                     "--eval-limit", "4", "--packings", "padding,bfd"]) == 0
     return workdir, printed.getvalue()
 
 
