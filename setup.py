@@ -14,7 +14,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["megapack", "megapack.*"]),
-    package_data={"megapack": ["data/packs/FORMAT.md", "assets.json"]},
+    package_data={"megapack": ["data/packs/FORMAT.md", "assets.json", "evaluation/README.md", "evaluation/tasks/*.yaml",
+                               "evaluation/tasks/*.jsonl"]},
     license="Apache-2.0",
     install_requires=[
         # torch is installed first, explicitly (torch==2.13.0 CPU here); a bare requirement would pull a CUDA build.
@@ -39,6 +40,10 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "plot": ["matplotlib>=3.8"],
         "wandb": ["wandb>=0.19,<0.32"],  # logging.wandb (tested with 0.31.0)
+        # `megapack eval`: lm-eval pinned (its task YAMLs and results format are versioned with it); ifeval and math
+        # are the extras the paper suite's ifeval and minerva_math import; the hf backend needs transformers and
+        # accelerate (lm-eval's [hf] extra would add peft, which megapack never loads). vllm: install on GPU nodes.
+        "eval": ["lm-eval[ifeval,math]==0.4.13", "transformers>=4.45", "accelerate>=0.26"],
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",

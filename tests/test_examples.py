@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import os
 import subprocess
 from pathlib import Path
 
@@ -50,3 +51,22 @@ def test_config_fits_its_layout(path):
 def test_example_script_is_valid_bash(path):
     result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_eval_sbatch_maps_array_tasks_to_the_paper_runs(tmp_path):
+    """examples/eval.sbatch: task i evaluates the i-th configs/paper run (name order) at its checkpoint.dir; an index
+    past the grid is one line."""
+    import yaml
+
+    configs = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+    script = str(ROOT / "examples" / "eval.sbatch")
+    for task in (0, 7, len(configs) - 1):
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "EVAL_DRY_RUN": "1", "SLURM_SUBMIT_DIR": str(ROOT)}
+        out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, check=True).stdout.split()
+        run_dir = yaml.safe_load(configs[task].read_text())["checkpoint"]["dir"]
+        assert out[:3] == ["megapack", "eval", run_dir], out
+        assert out[3:6] == ["--suite", "paper", "--allow-code-eval"] and out[-1] == f"eval/paper/{configs[task].stem}"
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(len(configs)), "EVAL_DRY_RUN": "1", "SLURM_SUBMIT_DIR": str(ROOT)}
+    bad = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        f"error: array index {len(configs)}: configs/paper holds {len(configs)} runs (use --array=0-{len(configs) - 1})"]

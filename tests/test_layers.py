@@ -25,6 +25,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (8, "training.memory", ("megapack.training.memory",)),
     (9, "report", ("megapack.report",)),
     (9, "inference", ("megapack.inference",)),
+    (9, "evaluation", ("megapack.evaluation",)),
     (10, "demo", ("megapack.demo", "megapack.demo_quality")),
     (11, "cli", ("megapack.cli",)),
 ]

@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "generate": ("generate", "answer a prompt or a chat with a trained checkpoint (megatron or HF; greedy or sampled)"),
     "eval": ("eval", "benchmark a checkpoint or HF folder with lm-eval, offline (--suite paper, --tasks, local tasks)"),
     "inspect": ("inspect", "show statistics of a shard directory, verify it, print a pack"),
-    "report": ("report", "compare finished runs: Table 3 columns and loss/throughput/padding figures in report.md"),
+    "report": ("report", "compare finished runs: Table 3 (and Table 1 with eval results) and figures in report.md"),
     "demo": ("demo", "run the quickstart's main job on embedded defaults"),
     "assets": ("assets", "list or fetch the pinned reference assets: tokenizers, demo data, the real SmolLM2 model"),
 }

@@ -11,13 +11,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR",
                         help="where report.md and the figures go (default: report/ beside the first RUN_DIR, "
                              "e.g. runs/demo/report for runs/demo/train)")
+    parser.add_argument("--baseline", metavar="RUN", default=None,
+                        help="with eval results (`megapack eval` on the runs): the run whose scores the others are "
+                             "compared with, by its name in the report (e.g. padding)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print where it is."""
     from megapack.report.document import write_report
 
-    report = write_report(args.runs, args.output)
+    report = write_report(args.runs, args.output, args.baseline)
     print(f"{len(report.runs)} runs ({', '.join(r.name for r in report.runs)}), {len(report.figures)} figures: "
           f"wrote {report.path}")
     return 0

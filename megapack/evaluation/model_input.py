@@ -32,15 +32,10 @@ class ModelInput:
         return f"megatron checkpoint {self.checkpoint}{it}"
 
 
-def is_hf_folder(path: Path) -> bool:
-    """A Hugging Face model folder: config.json and safetensors (one file or an index)."""
-    return (path / "config.json").is_file() and ((path / "model.safetensors").is_file()
-                                                 or (path / "model.safetensors.index.json").is_file())
-
-
 def resolve_input(path: str | Path) -> ModelInput:
     """The model at `path`, refused in one line when it is neither an HF folder nor a megapack checkpoint."""
     from megapack.model.checkpoint import METADATA_FILE, read_metadata
+    from megapack.model.hf_import import is_hf_folder
     from megapack.training.preflight.resume import ITER_RE, resume_checkpoint
 
     path = Path(path)

@@ -118,10 +118,8 @@ def versions() -> dict[str, str]:
     """Versions of what decides the scores."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from megapack import __version__
-
-    found = {"megapack": __version__}
-    for dist in ("lm_eval", "transformers", "torch", "datasets", "vllm"):
+    found = {}
+    for dist in ("megapack", "lm_eval", "transformers", "torch", "datasets", "vllm"):
         try:
             found[dist] = version(dist)
         except PackageNotFoundError:
@@ -133,7 +131,11 @@ def label(settings: EvalSettings) -> str:
     """A folder name for this evaluation under a run's eval/: the suite, else the task names."""
     name = settings.suite or "+".join(sorted(settings.tasks))
     name = re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
-    return name if len(name) <= 80 else name[:64] + "-" + str(abs(hash(name)) % 10**8)
+    if len(name) <= 80:
+        return name
+    import hashlib
+
+    return name[:64] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
 
 
 def evaluate(model_path: str | Path, settings: EvalSettings, out_dir: Path | None) -> tuple[dict, list[Path]]:

@@ -156,8 +156,7 @@ def missing_data(manager, names: list[str]) -> list[str]:
             lines.append(f"task {name}: data file {', '.join(local)} not found")
             continue
         hub = [n for n in needs if n.path not in LOCAL_BUILDERS and not _cached(n)]
-        metric = name == "humaneval" or any(n.task == "humaneval" for n in needs)
-        metric = metric and not _code_eval_cached()
+        metric = any(n.task == "humaneval" for n in needs) and not _code_eval_cached()
         if not hub and not metric:
             continue
         what, commands = [], []

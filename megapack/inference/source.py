@@ -35,15 +35,11 @@ class ModelSource:
         return f"megatron checkpoint {self.path} (iteration {self.iteration}{how})"
 
 
-def _is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and ((path / "model.safetensors").is_file()
-                                                 or (path / "model.safetensors.index.json").is_file())
-
-
 def resolve_model(path: str | Path) -> ModelSource:
     """The model at `path`: an HF folder, a megatron checkpoint folder, or a run's checkpoints/ folder (`latest`)."""
     from megapack.model.checkpoint import METADATA_FILE, read_metadata
     from megapack.model.config import load_hf_config
+    from megapack.model.hf_import import is_hf_folder
     from megapack.training.preflight.resume import ITER_RE, resume_checkpoint
 
     path = Path(path)
@@ -57,7 +53,7 @@ def resolve_model(path: str | Path) -> ModelSource:
     if (path / METADATA_FILE).is_file():
         meta = read_metadata(path)
         return ModelSource("megatron", path, meta["hf_config"], meta, iteration(path, meta))
-    if _is_hf_folder(path):
+    if is_hf_folder(path):
         return ModelSource("hf", path, load_hf_config(path), {})
     found = resume_checkpoint(path, key="--checkpoint")
     if found is None:

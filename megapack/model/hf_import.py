@@ -12,6 +12,12 @@ from megapack.model.config import head_dim, num_kv_heads
 from megapack.model.weights_map import expected_shape, named_mappings
 
 
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face model folder: config.json and safetensors weights (one file or a sharded index)."""
+    return (path / "config.json").is_file() and ((path / "model.safetensors").is_file()
+                                                 or (path / "model.safetensors.index.json").is_file())
+
+
 class SafetensorsReader:
     """Slice-level reads from a single `model.safetensors` or a sharded `model.safetensors.index.json` checkpoint."""
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from megapack.atomic import write_text_atomic
 from megapack.errors import MegapackError
+from megapack.report.evals import quality_table
 from megapack.report.figures import FIGURES, draw_all
 from megapack.report.runs import Run, dataset_numbers, find_runs
 from megapack.training.run.metrics import TABLE_COLUMNS
@@ -86,13 +87,21 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
 
-def render(runs: list[Run], figures: list[dict]) -> str:
+QUALITY_NOTE = ("Scores in % from each run's `megapack eval` results (its eval/*/eval.json: one headline metric per "
+                "task); in brackets the difference from the baseline run in points, as the study's Table 1 reports.")
+
+
+def render(runs: list[Run], figures: list[dict], baseline: str | None = None) -> str:
     """The report's Markdown text."""
     lines = ["# Training report", ""]
     lines += [f"{_count(len(runs), 'run')}:", ""]
     lines += [f"- `{run.name}`: {run.path} ({run.packing} packing, {_count(len(run.train), 'logged step')}, "
               f"{_count(len(run.valid), 'validation')}{_resumed(run)})" for run in runs]
-    lines += ["", "## Table 3 columns", ""] + summary_table(runs) + ["", NOTES, "", "## Figures", ""]
+    lines += ["", "## Table 3 columns", ""] + summary_table(runs) + ["", NOTES, ""]
+    quality = quality_table(runs, baseline)
+    if quality:
+        lines += ["## Table 1 columns: benchmark scores", ""] + quality + ["", QUALITY_NOTE, ""]
+    lines += ["## Figures", ""]
     lines += ["Every run is one line, in the same colour and marker in every figure. The time and conversation axes "
               "add up each logged step's `step_time_s` and `conversations` (with `logging.interval` > 1, each logged "
               "step stands for the steps since the previous one). A dotted vertical line on the loss figures marks "
@@ -111,11 +120,14 @@ def render(runs: list[Run], figures: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(paths: list[str | os.PathLike], output: str | os.PathLike | None = None) -> Report:
-    """Read the runs, draw the figures into `output` (default: `default_output`) and write report.md there."""
+def write_report(paths: list[str | os.PathLike], output: str | os.PathLike | None = None,
+                 baseline: str | None = None) -> Report:
+    """Read the runs, draw the figures into `output` (default: `default_output`) and write report.md there (with
+    the runs' benchmark scores against `baseline`, a run's name, when they have eval results)."""
     if not paths:
         raise MegapackError("no run directory given")
     runs = find_runs(list(paths))
+    quality_table(runs, baseline)  # a wrong --baseline is refused before anything is drawn
     out_dir = Path(output) if output is not None else default_output(list(paths))
     if out_dir.exists() and not out_dir.is_dir():
         raise MegapackError(f"{out_dir}: exists and is not a directory")
@@ -126,7 +138,7 @@ def write_report(paths: list[str | os.PathLike], output: str | os.PathLike | Non
     figures = draw_all(runs, out_dir)
     path = out_dir / REPORT_NAME
     try:
-        write_text_atomic(path, render(runs, figures))
+        write_text_atomic(path, render(runs, figures, baseline))
     except OSError as exc:
         raise MegapackError(f"{path}: cannot write ({exc.strerror or exc})") from None
     return Report(path=path, runs=runs, figures=figures)
