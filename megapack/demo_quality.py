@@ -298,7 +298,8 @@ def run_quality(cfg: QualityConfig) -> Outcome | None:
         summaries[arm.name] = launch([path], cfg.nproc, path.parent / "train.log")[0]
         seconds["training"] += time.monotonic() - clock
         clock = time.monotonic()
-        scores[arm.name] = evaluate_model(cfg, workdir / "train" / arm.name / "hf", workdir / "eval" / arm.name)
+        run_dir = workdir / "train" / arm.name  # its eval/ is where `megapack report` finds Table 1's scores
+        scores[arm.name] = evaluate_model(cfg, run_dir / "hf", run_dir / "eval" / "local_tasks")
         print(f"{arm.name}: {scores[arm.name]}", flush=True)
         seconds["arm evals"] += time.monotonic() - clock
         outcome = Outcome(base, summaries, scores, seconds, (load0, os.getloadavg()[0]))
@@ -321,7 +322,8 @@ def write_outcome(cfg: QualityConfig, outcome: Outcome, metas: dict[str, dict], 
     if figures and importlib.util.find_spec("matplotlib") is not None:
         from megapack.report.document import write_report
 
-        drawn = write_report([workdir / "train" / name for name in outcome.summaries], workdir / "report").figures
+        drawn = write_report([workdir / "train" / name for name in outcome.summaries], workdir / "report",
+                             baseline="padding" if "padding" in outcome.summaries else None).figures
     report = workdir / "report" / "miniature.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(report, render(cfg, outcome, metas, drawn))

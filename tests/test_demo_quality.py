@@ -43,7 +43,7 @@ def miniature(tmp_path_factory, smollm2_dir, llamafactory_data_dir) -> tuple[Pat
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(["demo", "--model", "smollm2", "--workdir", str(workdir), "--num-samples", "2",
-                     "--arithmetic", "40", "--valid-arithmetic", "4", "--seq-length", "256", "--lr", "1e-3",
+                     "--arithmetic", "40", "--valid-arithmetic", "4", "--seq-length", "256",
                      "--eval-limit", "4", "--packings", "padding,bfd"]) == 0
     return workdir, printed.getvalue()
 
@@ -59,7 +59,7 @@ def test_miniature_reports_every_arm(miniature, smollm2_dir):
     for arm in ARMS:
         assert math.isfinite(runs[arm]["final_valid_loss"]) and 0 < runs[arm]["final_valid_loss"] < 5
         # each arm was scored on its own exported model, with the same settings as the base model
-        record = json.loads((workdir / "eval" / arm / "eval.json").read_text())
+        record = json.loads((workdir / "train" / arm / "eval" / "local_tasks" / "eval.json").read_text())
         assert record["model"]["path"] == str((workdir / "train" / arm / "hf").resolve())
         assert record["settings"]["limit"] == 4.0 and record["lm_eval"]["n-samples"]
     # same conversations in every arm: the packed arms took fewer steps than padding
@@ -73,3 +73,8 @@ def test_miniature_reports_every_arm(miniature, smollm2_dir):
     for arm in ARMS:
         assert f"| {arm} | {runs[arm]['final_valid_loss']:.4f} |" in report
     assert f"| {quality['base']['megapack_arithmetic']:.3f} |" in report and "report: " in out
+    # `megapack report` finds the same scores in the runs' eval/ folders: its Table 1 against the padding arm
+    runs_report = (workdir / "report" / "report.md").read_text()
+    assert "padding (baseline)" in runs_report
+    score = quality["scores"]["bfd"]["megapack_arithmetic"] - quality["scores"]["padding"]["megapack_arithmetic"]
+    assert f"({100 * score:+.1f})" in runs_report
