@@ -166,13 +166,14 @@ def test_the_saved_config_and_checkpoint_say_what_ran(runs, name):
 
 def _complete_tokenizer(out: Path, hf: Path) -> None:
     """The model's tokenizer files carried, its special tokens kept, the trained llama3 template written as jinja
-    (not the model folder's own llama3.1 one), end-of-turn among the eos ids."""
+    (in chat_template.jinja too, replacing the model folder's own llama3.1 one), end-of-turn among the eos ids."""
     from megapack.data.render.template_jinja import builtin_chat_template
 
     for name in ("tokenizer.json", "original/tokenizer.model"):
         assert (out / name).read_bytes() == (hf / name).read_bytes(), name
     config = json.loads((out / "tokenizer_config.json").read_text())
-    assert config["chat_template"] == builtin_chat_template("llama3") and not (out / "chat_template.jinja").exists()
+    assert config["chat_template"] == builtin_chat_template("llama3")
+    assert (out / "chat_template.jinja").read_text() == builtin_chat_template("llama3")  # what transformers 5 reads
     assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == "<|eot_id|>"
     assert 128009 in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
 

@@ -17,7 +17,7 @@ from megapack.model.weights_map import named_mappings
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 TOKENIZER_FILES = (  # what a model directory holds beside the weights that its exports carry
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
-    "generation_config.json", "original/tokenizer.model",
+    "generation_config.json", "original/tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
 )
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

@@ -17,6 +17,7 @@ from megapack.errors import MegapackError
 HINT = "give --tokenizer-dir DIR (the tokenizer files to carry) or --no-tokenizer (weights and config.json only)"
 _FILES = ("tokenizer.json", "original/tokenizer.model", "tokenizer.model")
 _DROPPED = ("chat_template", "added_tokens_decoder", "tokenizer_file", "name_or_path")
+_CARRIED = ("vocab.json", "merges.txt", "added_tokens.json")  # copied from the source folder when there
 
 
 @dataclass(frozen=True)
@@ -143,15 +144,23 @@ def write_tokenizer(export: TokenizerExport, out_dir: str | Path) -> list[str]:
             (out / "original").mkdir(exist_ok=True)
             shutil.copyfile(export.folder / "original" / "tokenizer.model", out / "original" / "tokenizer.model")
             written.append("original/tokenizer.model")
+    for rel in _CARRIED:  # the folder's other tokenizer files travel unchanged (slow tokenizers' vocab and merges)
+        if export.folder is not None and (export.folder / rel).is_file() and rel not in written:
+            shutil.copyfile(export.folder / rel, out / rel)
+            written.append(rel)
     config = {k: v for k, v in (_json(export.folder / "tokenizer_config.json") if export.folder else {}).items()
               if k not in _DROPPED}
     config.setdefault("tokenizer_class", "LlamaTokenizer" if export.kind == "sentencepiece"
                       else "PreTrainedTokenizerFast")
     config.update(export.specials)
     if export.chat_template is not None:
-        config["chat_template"] = export.chat_template
+        config["chat_template"] = export.chat_template  # for transformers before 4.50, which reads only this
+    if isinstance(export.chat_template, str):  # where transformers 5 saves and looks for it first
+        (out / "chat_template.jinja").write_text(export.chat_template, encoding="utf-8")
+        written.append("chat_template.jinja")
     _dump(out / "tokenizer_config.json", config)
-    _dump(out / "special_tokens_map.json", dict(export.specials))
+    special_map = _json(export.folder / "special_tokens_map.json") if export.folder else {}
+    _dump(out / "special_tokens_map.json", {**special_map, **export.specials})  # additional_special_tokens kept
     generation = _json(export.folder / "generation_config.json") if export.folder else {}
     old = generation.get("eos_token_id")
     old = old if isinstance(old, list) else [old] if isinstance(old, int) else []
