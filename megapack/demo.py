@@ -1,4 +1,5 @@
-"""The quickstart's main job: real tokenizer and demo data, a tiny LLaMA-3-architecture model, four packings, Table 3."""
+"""The quickstart's main job: real tokenizer and demo data, a tiny LLaMA-3-architecture model, four packings,
+Table 3 (`megapack.demo_quality`: the same on real weights, with Table 1)."""
 from __future__ import annotations
 
 import importlib.util
@@ -102,19 +103,27 @@ def train_config(cfg: DemoConfig, workdir: Path, hf_dir: Path, packing: str) -> 
 def train_all(cfg: DemoConfig, workdir: Path, hf_dir: Path) -> list[dict]:
     """Train every arm in one torchrun launch on nproc CPU processes (one process start and import for all);
     returns their summary.json files."""
-    paths = []
-    for packing in cfg.packings:
-        config = train_config(cfg, workdir, hf_dir, packing)
-        run_dir = Path(config["logging"]["dir"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").unlink(missing_ok=True)
-        paths.append(run_dir / "config.yaml")
-        paths[-1].write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}",
+    paths = [write_run_config(train_config(cfg, workdir, hf_dir, packing)) for packing in cfg.packings]
+    return launch(paths, cfg.nproc, workdir / "train" / "train.log")
+
+
+def write_run_config(config: dict) -> Path:
+    """Write a run config as <logging.dir>/config.yaml (an old summary.json there removed); returns its path."""
+    run_dir = Path(config["logging"]["dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def launch(paths: list[Path], nproc: int, log: Path) -> list[dict]:
+    """`megapack train` on the run configs at `paths`, one after another in one torchrun launch of nproc CPU
+    processes, the log to `log` (rank 0's run and step lines also to the terminal); returns their summary.json."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={_free_port()}", "-m", "megapack", "train"]
     for path in paths:
         cmd += ["--config", str(path)]
-    log = workdir / "train" / "train.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))

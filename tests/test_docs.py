@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # every page checked here; README.md links to each of the others
 PAGES = ("README.md", "ARCHITECTURE.md", "tests/README.md", "tools/README.md", "configs/paper/README.md",
          "examples/README.md", "megapack/data/README.md", "megapack/training/README.md", "megapack/training/CONFIG.md",
-         "megapack/evaluation/README.md")
+         "megapack/evaluation/README.md", "megapack/MINIATURE.md")
 README_MAX_LINES = 350  # the README is what a user needs to start; evidence and details live on the other pages
 # Paths and names the pages use that a branch not yet merged creates (notes/plan.md's layout and vocabulary). The
 # lead empties these after merging: a pending path or name that exists fails test_pending_is_still_pending.
