@@ -125,9 +125,12 @@ def test_license_and_changelog():
 
 def test_readme_says_where_the_tokenizer_lives():
     """The quickstart's LLaMA-3 tokenizer: where it lives and a command that prints its path (a real asset name)."""
-    assets = json.loads((ROOT / "megapack" / "assets.json").read_text())
-    names = re.findall(r"fetch\('([\w-]+)'\)", _readme())
-    assert "llama3-tokenizer" in names and set(names) <= set(assets), names
+    from megapack.assets import ASSETS
+    from megapack.model.gguf_import import HF_MODELS
+
+    assert "`megapack assets fetch NAME` prints paths" in _readme()
+    names = set(re.findall(r"`([\w-]+)`", _readme())) & {*ASSETS, *HF_MODELS}
+    assert {"llama3-tokenizer", "smollm2-135m-instruct"} <= names, names
     assert "~/.cache/megapack" in _readme() and "MEGAPACK_CACHE_DIR" in _readme()
 
 
