@@ -265,7 +265,7 @@ def run_quality(cfg: QualityConfig) -> Outcome | None:
     report/miniature.md rewritten after each, the figures at the end); returns what was measured."""
     import os
 
-    from megapack.demo import launch, write_run_config
+    from megapack.demo_runs import launch, write_run_config
     from megapack.model.gguf_import import fetch_hf_model
 
     if cfg.model not in MODELS:

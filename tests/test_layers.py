@@ -26,7 +26,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (9, "report", ("megapack.report",)),
     (9, "inference", ("megapack.inference",)),
     (9, "evaluation", ("megapack.evaluation",)),
-    (10, "demo", ("megapack.demo", "megapack.demo_quality")),
+    (10, "demo", ("megapack.demo", "megapack.demo_quality", "megapack.demo_runs")),
     (11, "cli", ("megapack.cli",)),
 ]
 TOP = ("megapack", "megapack.__main__")  # the package itself and `python -m megapack`: above every layer
