@@ -2,6 +2,7 @@
 what a marker selection (`bash tests/run.sh --fast`, `-m ...`) left out."""
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -74,6 +75,27 @@ def shrunk_demo(tmp_path_factory, llama3_tokenizer_path, llamafactory_data_dir) 
         assert main(["demo", "--workdir", str(workdir), "--num-samples", "24", "--seq-length", "256",
                      "--packings", "padding,greedy"]) == 0
     return workdir, printed.getvalue()
+
+
+# Folders that session-scoped fixtures make under the base temp folder and reuse across modules: never swept early.
+SESSION_DIRS = ("launchers", "demo")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sweep_module_dirs(request, tmp_path_factory):
+    """Delete the folders a module made under the base temp folder once it ends with no failure.
+
+    Checkpoints of the training tests add up to ~20 GB a run on a disk CI shares; pytest.ini's retention policy
+    removes a passing test's tmp_path, this removes the module-scoped ones, and a failing module keeps its own."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed != failed:
+        return
+    for path in set(base.iterdir()) - before:
+        if path.is_dir() and not path.name.startswith(SESSION_DIRS):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # The markers of tests/pytest.ini that `bash tests/run.sh --fast` deselects, in the order a test is counted under

@@ -69,7 +69,14 @@ def test_miniature_reports_every_arm(miniature, smollm2_dir):
     assert resolved["bfd"].replace("cross_sample_attention: false", "cross_sample_attention: true") == \
         resolved[demo_quality.CONTAMINATED].replace("/bfd-cross", "/bfd")
     report = (workdir / "report" / "miniature.md").read_text()
-    assert "## Quality" in report and "## Time" in report and "| base model (before) |" in report
+    assert "## Quality" in report and "## Time" in report
+    # the base row's validation loss: the first arm's validation before its first step (nobody else validates then)
+    first = [json.loads(line) for line in (workdir / "train" / "padding" / "metrics.jsonl").read_text().splitlines()]
+    at_start = [r["valid_loss"] for r in first if r.get("kind") == "valid" and r["step"] == 0]
+    assert at_start == [quality["base_valid_loss"]] and 0 < at_start[0] < 5
+    assert f"| base model (before) | {at_start[0]:.4f} |" in report
+    assert not any(r.get("kind") == "valid" and r["step"] == 0
+                   for r in map(json.loads, (workdir / "train" / "bfd" / "metrics.jsonl").read_text().splitlines()))
     for arm in ARMS:
         assert f"| {arm} | {runs[arm]['final_valid_loss']:.4f} |" in report
     assert f"| {quality['base']['megapack_arithmetic']:.3f} |" in report and "report: " in out
