@@ -34,24 +34,13 @@ class ModelInput:
 
 def resolve_input(path: str | Path) -> ModelInput:
     """The model at `path`, refused in one line when it is neither an HF folder nor a megapack checkpoint."""
-    from megapack.model.checkpoint import METADATA_FILE, read_metadata
-    from megapack.model.hf_import import is_hf_folder
-    from megapack.training.preflight.resume import ITER_RE, resume_checkpoint
+    from megapack.training.preflight.resume import ITER_RE, find_model
 
-    path = Path(path)
-    if not path.is_dir():
-        raise MegapackError(f"MODEL {path}: no such directory (expected a Hugging Face folder, a megapack checkpoint "
-                            f"or a run's checkpoints/ folder)")
-    if is_hf_folder(path):
-        return ModelInput(path, "hf")
-    checkpoint = path if (path / METADATA_FILE).is_file() else resume_checkpoint(path, key="MODEL")
-    if checkpoint is None:
-        raise MegapackError(f"MODEL {path}: holds no config.json + safetensors, no megapack.json, no `latest` and no "
-                            f"iter_XXXXXXX folder (expected a Hugging Face folder or a megapack checkpoint)")
-    meta = read_metadata(checkpoint)
-    match = ITER_RE.match(checkpoint.name)
-    iteration = meta.get("iteration") if meta.get("iteration") is not None else int(match[1]) if match else None
-    return ModelInput(path, "megatron", checkpoint, iteration, _run_dir(checkpoint) if match else None)
+    found = find_model(path, key="MODEL")
+    if found.kind == "hf":
+        return ModelInput(Path(path), "hf")
+    run_dir = _run_dir(found.path) if ITER_RE.match(found.path.name) else None
+    return ModelInput(Path(path), "megatron", found.path, found.iteration, run_dir)
 
 
 def _run_dir(checkpoint: Path) -> Path | None:

@@ -37,30 +37,12 @@ class ModelSource:
 
 def resolve_model(path: str | Path) -> ModelSource:
     """The model at `path`: an HF folder, a megatron checkpoint folder, or a run's checkpoints/ folder (`latest`)."""
-    from megapack.model.checkpoint import METADATA_FILE, read_metadata
     from megapack.model.config import load_hf_config
-    from megapack.model.hf_import import is_hf_folder
-    from megapack.training.preflight.resume import ITER_RE, resume_checkpoint
+    from megapack.training.preflight.resume import find_model
 
-    path = Path(path)
-    if not path.is_dir():
-        raise MegapackError(f"--checkpoint {path}: no such directory (expected a megatron checkpoint folder, a run's "
-                            f"checkpoints/ folder, or a Hugging Face folder)")
-    def iteration(folder: Path, meta: dict) -> int | None:
-        match = ITER_RE.match(folder.name)
-        return meta["iteration"] if meta.get("iteration") is not None else int(match.group(1)) if match else None
-
-    if (path / METADATA_FILE).is_file():
-        meta = read_metadata(path)
-        return ModelSource("megatron", path, meta["hf_config"], meta, iteration(path, meta))
-    if is_hf_folder(path):
-        return ModelSource("hf", path, load_hf_config(path), {})
-    found = resume_checkpoint(path, key="--checkpoint")
-    if found is None:
-        raise MegapackError(f"--checkpoint {path}: holds no megapack.json, no `latest`, no iter_XXXXXXX folder and no "
-                            f"config.json + safetensors (expected a megatron checkpoint or a Hugging Face folder)")
-    meta = read_metadata(found)
-    return ModelSource("megatron", found, meta["hf_config"], meta, iteration(found, meta), via_latest=True)
+    found = find_model(path, key="--checkpoint")
+    hf_config = found.meta["hf_config"] if found.kind == "megatron" else load_hf_config(found.path)
+    return ModelSource(found.kind, found.path, hf_config, found.meta, found.iteration, found.via_latest)
 
 
 def tokenizer_path(source: ModelSource, given: str | None) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from megapack.errors import MegapackError
@@ -118,6 +119,46 @@ def resume_checkpoint(root: str | os.PathLike, fallback: str = "refuse", key: st
     hint = f"set checkpoint.fallback=previous to resume from {older.name}" if older is not None \
         else "no older complete checkpoint exists"
     raise MegapackError(f"{key}: {newest} is incomplete ({problem}); {hint}")
+
+
+@dataclass(frozen=True)
+class FoundModel:
+    """A model folder found from what a user gave: its kind ("megatron" or "hf"), the folder to load, its
+    megapack.json ({} for an HF folder), its iteration, and whether it came from a run's checkpoints/ folder."""
+
+    kind: str
+    path: Path
+    meta: dict
+    iteration: int | None = None
+    via_latest: bool = False
+
+
+def find_model(path: str | os.PathLike, key: str) -> FoundModel:
+    """The model at `path`: a megatron checkpoint folder, an HF folder, or a run's checkpoints/ folder (its `latest`,
+    else the newest iter_); refused in one line naming `key` (the flag or argument that gave it)."""
+    from megapack.model.checkpoint import METADATA_FILE, read_metadata
+    from megapack.model.hf_import import is_hf_folder
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MegapackError(f"{key} {path}: no such directory (expected a megatron checkpoint folder, a run's "
+                            f"checkpoints/ folder, or a Hugging Face folder)")
+
+    def iteration(folder: Path, meta: dict) -> int | None:
+        match = ITER_RE.match(folder.name)
+        return meta["iteration"] if meta.get("iteration") is not None else int(match.group(1)) if match else None
+
+    if (path / METADATA_FILE).is_file():
+        meta = read_metadata(path)
+        return FoundModel("megatron", path, meta, iteration(path, meta))
+    if is_hf_folder(path):
+        return FoundModel("hf", path, {})
+    found = resume_checkpoint(path, key=key)
+    if found is None:
+        raise MegapackError(f"{key} {path}: holds no megapack.json, no `latest`, no iter_XXXXXXX folder and no "
+                            f"config.json + safetensors (expected a megatron checkpoint or a Hugging Face folder)")
+    meta = read_metadata(found)
+    return FoundModel("megatron", found, meta, iteration(found, meta), via_latest=True)
 
 
 def saved_optimizer(resume: Path, meta: dict) -> dict | None:
